@@ -1,0 +1,163 @@
+"""The Triton kernels as `torch.library` operators with autograd, so that `torch.compile` and training work.
+
+`mmattn::block_sparse_fwd` returns `(out, lse)`; its backward is the operator `mmattn::block_sparse_bwd`.
+Both are `triton_op`s: torch.compile sees through them to the Triton kernels (no graph break).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .triton import block_sparse as bs
+
+__all__ = ["block_sparse_fwd", "block_sparse_bwd"]
+
+
+def _launch_args(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int) -> dict:
+    """Compile-time kernel arguments shared by the forward and backward launches."""
+    head_dim = q.shape[-1]
+    return dict(
+        GROUPS=q.shape[1] // k.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
+        Q_BLOCK=q_block,
+        KV_BLOCK=kv_block,
+        EVEN_Q=q.shape[2] % q_block == 0,
+        EVEN_KV=k.shape[2] % kv_block == 0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+    )
+
+
+def _size_bucket(length: int) -> int:
+    """Autotuning key: lengths within one power of two share a tuned config (no re-tuning per length)."""
+    return 1 << max(0, length - 1).bit_length()
+
+
+def _index_strides(counts: torch.Tensor, indices: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a `[B|1, H|1, n]` count tensor and its `[B|1, H|1, n, width]` index; 0 on broadcast dims."""
+    def stride(t: torch.Tensor, dim: int) -> int:
+        return 0 if t.shape[dim] == 1 else t.stride(dim)
+
+    return stride(counts, 0), stride(counts, 1), stride(indices, 0), stride(indices, 1), indices.stride(2)
+
+
+@triton_op("mmattn::block_sparse_fwd", mutates_args=())
+def block_sparse_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor,
+    q_indices: torch.Tensor,
+    q_block: int,
+    kv_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention forward: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward."""
+    batch, heads, q_len, head_dim = q.shape
+    out = q.new_empty(q.shape)
+    lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+    wrap_triton(bs.fwd_kernel)[grid](
+        q, k, v, out, lse, kv_num_blocks, kv_indices,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *_index_strides(kv_num_blocks, kv_indices),
+        heads, q_len, k.shape[2], scale, _size_bucket(q_len),
+        **_launch_args(q, k, q_block, kv_block),
+    )
+    return out, lse
+
+
+@triton_op("mmattn::block_sparse_bwd", mutates_args=())
+def block_sparse_bwd(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor,
+    q_indices: torch.Tensor,
+    q_block: int,
+    kv_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-sparse attention backward: `(dq, dk, dv)`, deterministic (no atomics)."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    launch = _launch_args(q, k, q_block, kv_block)
+    delta = torch.empty_like(lse)
+    pre_block = 64
+    wrap_triton(bs.preprocess_kernel)[(triton.cdiv(q_len, pre_block), batch * heads)](
+        out, grad_out, grad_lse if grad_lse is not None else lse, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        heads, q_len,
+        HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=launch["BLOCK_D"], BLOCK_M=pre_block,
+    )
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(k.shape, device=v.device, dtype=v.dtype)
+    strides_q = (q.stride(0), q.stride(1), q.stride(2))
+    strides_k = (k.stride(0), k.stride(1), k.stride(2))
+    strides_v = (v.stride(0), v.stride(1), v.stride(2))
+    strides_do = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads)
+
+    wrap_triton(bs.dkdv_kernel)[dkdv_grid](
+        q, k, v, grad_out, lse, delta, dk, dv, q_num_blocks, q_indices,
+        *strides_q, *strides_k, *strides_v, *strides_do,
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        *_index_strides(q_num_blocks, q_indices),
+        heads, kv_heads, q_len, kv_len, scale, _size_bucket(q_len),
+        **launch,
+    )
+
+    def dq_grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+    wrap_triton(bs.dq_kernel)[dq_grid](
+        q, k, v, grad_out, lse, delta, dq, kv_num_blocks, kv_indices,
+        *strides_q, *strides_k, *strides_v, *strides_do,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *_index_strides(kv_num_blocks, kv_indices),
+        heads, q_len, kv_len, scale, _size_bucket(q_len),
+        **launch,
+    )
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices)
+    ctx.blocks = (q_block, kv_block)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+    q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = block_sparse_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+        *ctx.blocks, ctx.scale,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,1 @@
+"""Triton kernels of mmattn (imported only where triton is installed)."""

@@ -27,13 +27,16 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 
 FWD_CONFIGS = _configs(
-    [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2), (16, 16, 2, 2)]
+    [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+     (64, 32, 4, 4), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 DKDV_CONFIGS = _configs(
-    [(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
+    [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3),
+     (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 DQ_CONFIGS = _configs(
-    [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 32, 4, 2), (16, 16, 2, 2)]
+    [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2),
+     (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 
 
@@ -46,10 +49,10 @@ def prune_configs(configs, named_args, **kwargs):
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         if q_block % m or kv_block % n:
             continue
-        smem = 2 * block_d * (m + config.num_stages * 2 * n)
-        if block_d >= 256 and m * n > 64 * 64:
-            continue
-        if smem <= 200 * 1024:
+        # Shared memory: one Q tile plus (stages - 1) buffered K and V tiles of 2-byte elements; configs
+        # that still do not fit are dropped by the autotuner (OutOfResources).
+        smem = 2 * block_d * (m + (config.num_stages - 1) * 2 * n)
+        if smem <= 228 * 1024 and not (block_d >= 256 and m * n > 64 * 64):
             kept.append(config)
     return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1)]
 
@@ -72,6 +75,43 @@ def _store_tile(base, value, rows, cols, stride_row, n_rows, HEAD_DIM: tl.conste
         tl.store(ptrs, value)
     else:
         tl.store(ptrs, value, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _partial_last_block(idx_ptr, n_blocks, length, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    """1 if the last listed block is the trailing partial block (it then needs masking by position), else 0."""
+    if EVEN:
+        return 0
+    last = tl.load(idx_ptr + tl.maximum(n_blocks - 1, 0))
+    return ((n_blocks > 0) & ((last + 1) * BLOCK > length)).to(tl.int32)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_base, v_base, idx_ptr, it_begin, it_end, stride_kn, stride_vn, kv_len, qk_scale,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update over key tiles `[it_begin, it_end)` of the listed blocks; MASKED: past kv_len."""
+    TILES: tl.constexpr = KV_BLOCK // BLOCK_N
+    for it in range(it_begin, it_end):
+        start_n = tl.load(idx_ptr + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
+        cols = start_n + offs_n
+        k = _load_tile(k_base, cols, offs_d, stride_kn, kv_len, HEAD_DIM, not MASKED, BLOCK_D)
+        v = _load_tile(v_base, cols, offs_d, stride_vn, kv_len, HEAD_DIM, not MASKED, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            qk = tl.where(cols[None, :] < kv_len, qk, float("-inf"))
+        # A row with no visible key so far keeps m = -inf; it is shifted by 0 so that no inf - inf appears.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "size_bucket"])
@@ -105,26 +145,17 @@ def _fwd_kernel(
     n_blocks = tl.load(KvNum + b * stride_nb + h * stride_nh + q_blk)
     idx_ptr = KvIdx + b * stride_ib + h * stride_ih + q_blk * stride_iq
     qk_scale = sm_scale * 1.4426950408889634
+    n_full = (n_blocks - _partial_last_block(idx_ptr, n_blocks, kv_len, KV_BLOCK, EVEN_KV)) * TILES
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for it in range(n_blocks * TILES):
-        start_n = tl.load(idx_ptr + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
-        cols = start_n + offs_n
-        k = _load_tile(k_base, cols, offs_d, stride_kn, kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
-        v = _load_tile(v_base, cols, offs_d, stride_vn, kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if not EVEN_KV:
-            qk = tl.where(cols[None, :] < kv_len, qk, float("-inf"))
-        # A row with no visible key so far keeps m = -inf; it is shifted by 0 so that no inf - inf appears.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, 0, n_full, stride_kn, stride_vn, kv_len,
+                               qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, KV_BLOCK, BLOCK_N, False, DOT_PRECISION)
+    if not EVEN_KV:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, idx_ptr, n_full, n_blocks * TILES, stride_kn,
+                                   stride_vn, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, KV_BLOCK, BLOCK_N,
+                                   True, DOT_PRECISION)
 
     # Rows that attended to nothing keep l_i = 0: they get a zero output and lse = -inf.
     empty = l_i == 0.0
@@ -161,6 +192,39 @@ def _bwd_preprocess(
         dlse = tl.load(DLse + ptrs, mask=rows < q_len, other=0.0)
         delta -= tl.where(dlse == dlse, dlse, 0.0)
     tl.store(Delta + ptrs, delta, mask=rows < q_len)
+
+
+@triton.jit
+def _load_rows(ptr, rows, q_len, other, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + rows, mask=rows < q_len, other=other)
+    return tl.load(ptr + rows)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, it_begin, it_end, stride_qm, stride_dm, q_len,
+    qk_scale, offs_m, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV contributions of query tiles `[it_begin, it_end)` of the listed blocks; MASKED: past q_len."""
+    TILES: tl.constexpr = Q_BLOCK // BLOCK_M
+    for it in range(it_begin, it_end):
+        rows = tl.load(idx_ptr + it // TILES) * Q_BLOCK + (it % TILES) * BLOCK_M + offs_m
+        q = _load_tile(q_base, rows, offs_d, stride_qm, q_len, HEAD_DIM, not MASKED, BLOCK_D)
+        do = _load_tile(do_base, rows, offs_d, stride_dm, q_len, HEAD_DIM, not MASKED, BLOCK_D)
+        # Rows past q_len and empty rows (lse = -inf) must get p = 0: they take lse = +inf.
+        lse = _load_rows(lse_base, rows, q_len, float("inf"), MASKED)
+        delta = _load_rows(delta_base, rows, q_len, 0.0, MASKED)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "size_bucket"])
@@ -201,31 +265,43 @@ def _bwd_dkdv(
         row_base = (b * num_heads + h) * q_len
         n_blocks = tl.load(QNum + b * stride_nb + h * stride_nh + kv_blk)
         idx_ptr = QIdx + b * stride_ib + h * stride_ih + kv_blk * stride_iq
-        for it in range(n_blocks * TILES):
-            start_m = tl.load(idx_ptr + it // TILES) * Q_BLOCK + (it % TILES) * BLOCK_M
-            rows = start_m + offs_m
-            q = _load_tile(q_base, rows, offs_d, stride_qm, q_len, HEAD_DIM, EVEN_Q, BLOCK_D)
-            do = _load_tile(do_base, rows, offs_d, stride_dm, q_len, HEAD_DIM, EVEN_Q, BLOCK_D)
-            if EVEN_Q:
-                lse = tl.load(Lse + row_base + rows)
-                delta = tl.load(Delta + row_base + rows)
-            else:
-                lse = tl.load(Lse + row_base + rows, mask=rows < q_len, other=float("inf"))
-                delta = tl.load(Delta + row_base + rows, mask=rows < q_len, other=0.0)
-            # Rows past q_len (and empty rows, lse = -inf) must get p = 0: give them lse = +inf.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-            p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        n_full = (n_blocks - _partial_last_block(idx_ptr, n_blocks, q_len, Q_BLOCK, EVEN_Q)) * TILES
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, idx_ptr, 0, n_full,
+                             stride_qm, stride_dm, q_len, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, Q_BLOCK,
+                             BLOCK_M, False, DOT_PRECISION)
+        if not EVEN_Q:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, idx_ptr, n_full,
+                                 n_blocks * TILES, stride_qm, stride_dm, q_len, qk_scale, offs_m, offs_d, HEAD_DIM,
+                                 BLOCK_D, Q_BLOCK, BLOCK_M, True, DOT_PRECISION)
 
     dk_base = b * stride_dkb + kv_h * stride_dkh
     _store_tile(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, offs_d, stride_dkn, kv_len,
                 HEAD_DIM, EVEN_KV, BLOCK_D)
     _store_tile(DV + dk_base, dv.to(DV.dtype.element_ty), cols, offs_d, stride_dkn, kv_len, HEAD_DIM, EVEN_KV,
                 BLOCK_D)
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse2, delta, k_base, v_base, idx_ptr, it_begin, it_end, stride_kn, stride_vn, kv_len, qk_scale,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ contributions of key tiles `[it_begin, it_end)` of the listed blocks; MASKED: past kv_len."""
+    TILES: tl.constexpr = KV_BLOCK // BLOCK_N
+    for it in range(it_begin, it_end):
+        cols = tl.load(idx_ptr + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N + offs_n
+        k = _load_tile(k_base, cols, offs_d, stride_kn, kv_len, HEAD_DIM, not MASKED, BLOCK_D)
+        v = _load_tile(v_base, cols, offs_d, stride_vn, kv_len, HEAD_DIM, not MASKED, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where(cols[None, :] < kv_len, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "size_bucket"])
@@ -256,33 +332,24 @@ def _bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qm, q_len, HEAD_DIM, EVEN_Q, BLOCK_D)
     do = _load_tile(DOut + b * stride_db + h * stride_dh, rows, offs_d, stride_dm, q_len, HEAD_DIM, EVEN_Q, BLOCK_D)
-    row_ptrs = pid_bh.to(tl.int64) * q_len + rows
-    if EVEN_Q:
-        lse = tl.load(Lse + row_ptrs)
-        delta = tl.load(Delta + row_ptrs)
-    else:
-        lse = tl.load(Lse + row_ptrs, mask=rows < q_len, other=float("inf"))
-        delta = tl.load(Delta + row_ptrs, mask=rows < q_len, other=0.0)
+    row_base = pid_bh.to(tl.int64) * q_len
+    lse = _load_rows(Lse + row_base, rows, q_len, float("inf"), not EVEN_Q)
+    delta = _load_rows(Delta + row_base, rows, q_len, 0.0, not EVEN_Q)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     n_blocks = tl.load(KvNum + b * stride_nb + h * stride_nh + q_blk)
     idx_ptr = KvIdx + b * stride_ib + h * stride_ih + q_blk * stride_iq
     qk_scale = sm_scale * 1.4426950408889634
+    n_full = (n_blocks - _partial_last_block(idx_ptr, n_blocks, kv_len, KV_BLOCK, EVEN_KV)) * TILES
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for it in range(n_blocks * TILES):
-        start_n = tl.load(idx_ptr + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N
-        cols = start_n + offs_n
-        k = _load_tile(k_base, cols, offs_d, stride_kn, kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
-        v = _load_tile(v_base, cols, offs_d, stride_vn, kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if not EVEN_KV:
-            p = tl.where(cols[None, :] < kv_len, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, 0, n_full, stride_kn, stride_vn, kv_len,
+                   qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, KV_BLOCK, BLOCK_N, False, DOT_PRECISION)
+    if not EVEN_KV:
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, n_full, n_blocks * TILES, stride_kn,
+                       stride_vn, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, KV_BLOCK, BLOCK_N, True,
+                       DOT_PRECISION)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     _store_tile(dq_base, (dq * sm_scale).to(DQ.dtype.element_ty), rows, offs_d, stride_dqm, q_len, HEAD_DIM, EVEN_Q,

@@ -25,6 +25,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmattn.kernels import BlockSparseMask, block_sparse_attention  # noqa: E402
+from mmattn.kernels.triton import block_sparse as kernels  # noqa: E402
 
 SHAPES = [(1, 24, 32760, 128), (1, 12, 16384, 64), (8, 16, 4096, 128)]
 DENSITIES = [1.0, 0.5, 0.25, 0.1, 0.05]
@@ -77,7 +78,7 @@ def tflops(flops: float, ms: float) -> float:
 def run(shapes, densities, out_path: Path) -> None:
     device = torch.cuda.get_device_name()
     compiled_flex = torch.compile(flex_attention, dynamic=False)
-    rows = []
+    rows, tiles = [], []
     for batch, heads, length, head_dim in shapes:
         torch.manual_seed(0)
         q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -108,7 +109,16 @@ def run(shapes, densities, out_path: Path) -> None:
                     efficiency=(kept * ours_dense.fwd_ms / ours.fwd_ms, kept * ours_dense.fwd_bwd_ms / ours.fwd_bwd_ms),
                 ))
                 print(format_row(rows[-1]), flush=True)
-    write_table(rows, device, out_path)
+        tiles.append(f"B{batch} H{heads} L{length} D{head_dim}: " + ", ".join(
+            f"{name} {describe(kernel.best_config)}"
+            for name, kernel in (("fwd", kernels.fwd_kernel), ("dK/dV", kernels.dkdv_kernel), ("dQ", kernels.dq_kernel))
+        ))
+        print(tiles[-1], flush=True)
+    write_table(rows, tiles, device, out_path)
+
+
+def describe(config) -> str:
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
 
 
 def format_row(r) -> str:
@@ -131,7 +141,7 @@ HEADER = (
 )
 
 
-def write_table(rows, device: str, out_path: Path) -> None:
+def write_table(rows, tiles, device: str, out_path: Path) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     text = (
         "# Block-sparse attention: mmattn Triton vs FlexAttention vs cuDNN dense\n\n"
@@ -139,7 +149,9 @@ def write_table(rows, device: str, out_path: Path) -> None:
         f"bf16, block {BLOCK}x{BLOCK}, medians of `triton.testing.do_bench`.\n\n"
         "\"vs\" columns are peer time / our time (above 1: mmattn is faster). TF/s count kept blocks only "
         "(forward+backward = 3.5x the forward FLOPs). Efficiency = density x T(our all-ones mask) / T(ours).\n\n"
-        + HEADER + "\n".join(format_row(r) for r in rows) + "\n"
+        + HEADER + "\n".join(format_row(r) for r in rows) + "\n\n"
+        "Tiles picked by the autotuner (BLOCK_M x BLOCK_N, warps, stages):\n\n"
+        + "\n".join(f"- {t}" for t in tiles) + "\n"
     )
     out_path.write_text(text)
     print(f"wrote {out_path}")

@@ -30,6 +30,12 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int) 
     )
 
 
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels address rows by stride and read each row's elements contiguously (unit last stride);
+    expanded or strided tensors, such as the gradient of a `.sum()`, are copied to that layout."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _size_bucket(length: int) -> int:
     """Autotuning key: lengths within one power of two share a tuned config (no re-tuning per length)."""
     return 1 << max(0, length - 1).bit_length()
@@ -57,6 +63,7 @@ def block_sparse_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward."""
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     batch, heads, q_len, head_dim = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
@@ -95,6 +102,9 @@ def block_sparse_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block-sparse attention backward: `(dq, dk, dv)`, deterministic (no atomics)."""
+    q, k, v, out, grad_out = (_rows_contiguous(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    grad_lse = grad_lse.contiguous() if grad_lse is not None else None
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     launch = _launch_args(q, k, q_block, kv_block)

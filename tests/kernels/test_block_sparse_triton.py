@@ -99,6 +99,18 @@ def test_fully_masked_rows_are_zero_without_nan():
     assert all(torch.all(g == 0) for g in (dq, dk, dv))
 
 
+def test_expanded_upstream_gradient_of_a_sum():
+    mask = random_mask(1, 2, 40, 72, (16, 32), seed=8)
+    q, k, v = random_qkv(1, 2, 1, 40, 72, 16, torch.float32)
+    grads = []
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        block_sparse_attention(*leaves, mask, backend=backend).sum().backward()  # dO has all strides 0
+        grads.append([t.grad for t in leaves])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_backward_is_deterministic():
     mask = random_mask(1, 4, 96, 96, (32, 32), seed=9)
     q, k, v = random_qkv(1, 4, 1, 96, 96, 32, torch.float32)

@@ -1,14 +1,15 @@
 """The Triton kernels as `torch.library` operators with autograd, so that `torch.compile` and training work.
 
 `mmattn::block_sparse_fwd` returns `(out, lse)`; its backward is the operator `mmattn::block_sparse_bwd`.
-Both are `triton_op`s: torch.compile sees through them to the Triton kernels (no graph break).
+Both are custom ops with fake (shape) implementations: torch.compile keeps them as single opaque calls in a
+full graph, and the Triton autotuner, not Inductor, picks their tiles.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op
 
 from .triton import block_sparse as bs
 
@@ -49,7 +50,7 @@ def _index_strides(counts: torch.Tensor, indices: torch.Tensor) -> tuple[int, ..
     return stride(counts, 0), stride(counts, 1), stride(indices, 0), stride(indices, 1), indices.stride(2)
 
 
-@triton_op("mmattn::block_sparse_fwd", mutates_args=())
+@custom_op("mmattn::block_sparse_fwd", mutates_args=())
 def block_sparse_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,7 +72,7 @@ def block_sparse_fwd(
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
-    wrap_triton(bs.fwd_kernel)[grid](
+    bs.fwd_kernel[grid](
         q, k, v, out, lse, kv_num_blocks, kv_indices,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -84,7 +85,7 @@ def block_sparse_fwd(
     return out, lse
 
 
-@triton_op("mmattn::block_sparse_bwd", mutates_args=())
+@custom_op("mmattn::block_sparse_bwd", mutates_args=())
 def block_sparse_bwd(
     grad_out: torch.Tensor,
     grad_lse: torch.Tensor | None,
@@ -110,7 +111,7 @@ def block_sparse_bwd(
     launch = _launch_args(q, k, q_block, kv_block)
     delta = torch.empty_like(lse)
     pre_block = 64
-    wrap_triton(bs.preprocess_kernel)[(triton.cdiv(q_len, pre_block), batch * heads)](
+    bs.preprocess_kernel[(triton.cdiv(q_len, pre_block), batch * heads)](
         out, grad_out, grad_lse if grad_lse is not None else lse, delta,
         out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -128,7 +129,7 @@ def block_sparse_bwd(
     def dkdv_grid(meta):
         return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads)
 
-    wrap_triton(bs.dkdv_kernel)[dkdv_grid](
+    bs.dkdv_kernel[dkdv_grid](
         q, k, v, grad_out, lse, delta, dk, dv, q_num_blocks, q_indices,
         *strides_q, *strides_k, *strides_v, *strides_do,
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -140,7 +141,7 @@ def block_sparse_bwd(
     def dq_grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
-    wrap_triton(bs.dq_kernel)[dq_grid](
+    bs.dq_kernel[dq_grid](
         q, k, v, grad_out, lse, delta, dq, kv_num_blocks, kv_indices,
         *strides_q, *strides_k, *strides_v, *strides_do,
         dq.stride(0), dq.stride(1), dq.stride(2),
@@ -149,6 +150,16 @@ def block_sparse_bwd(
         **launch,
     )
     return dq, dk, dv
+
+
+@block_sparse_fwd.register_fake
+def _block_sparse_fwd_fake(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@block_sparse_bwd.register_fake
+def _block_sparse_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, *index_and_blocks):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:

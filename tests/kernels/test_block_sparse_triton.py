@@ -111,6 +111,31 @@ def test_expanded_upstream_gradient_of_a_sum():
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_compiles_fullgraph_with_autograd():
+    mask = random_mask(1, 2, 64, 48, (32, 16), seed=4)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 64, 48, 16, torch.float32))
+
+    def attend(q, k, v):
+        return block_sparse_attention(q, k, v, mask, backend="triton").square().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    want = attend(q, k, v)
+    for got, exp in zip(grads, torch.autograd.grad(want, (q, k, v))):
+        torch.testing.assert_close(got, exp)
+    torch.testing.assert_close(loss, want)
+
+
+def test_operator_registration_passes_opcheck():
+    from mmattn.kernels.ops import block_sparse_fwd
+
+    mask = random_mask(1, 2, 48, 64, (16, 32), seed=6)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 1, 48, 64, 16, torch.float32))
+    args = (q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices, 16, 32, 0.25)
+    torch.library.opcheck(block_sparse_fwd, args)
+
+
 def test_backward_is_deterministic():
     mask = random_mask(1, 4, 96, 96, (32, 32), seed=9)
     q, k, v = random_qkv(1, 4, 1, 96, 96, 32, torch.float32)

@@ -118,11 +118,9 @@ def block_sparse_attention(
         raise ValueError(f"scale must be finite, got {scale}")
     backend = _resolve_backend(backend, q)
     if backend == "triton":
-        from .ops import block_sparse_fwd
+        from .ops import attend
 
-        out, lse = block_sparse_fwd(
-            q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices, *mask.block_size, scale
-        )
+        out, lse = attend(q, k, v, mask, scale)
     elif backend == "flex":
         from .flex import flex_block_sparse_attention
 

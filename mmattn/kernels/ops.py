@@ -1,8 +1,10 @@
-"""The Triton kernels as `torch.library` operators with autograd, so that `torch.compile` and training work.
+"""The Triton kernels with autograd, for eager use, training and `torch.compile`.
 
-`mmattn::block_sparse_fwd` returns `(out, lse)`; its backward is the operator `mmattn::block_sparse_bwd`.
-Both are custom ops with fake (shape) implementations: torch.compile keeps them as single opaque calls in a
-full graph, and the Triton autotuner, not Inductor, picks their tiles.
+`attend(...)` is the entry point. Eagerly it runs an `autograd.Function` that launches the kernels directly
+(the custom-op dispatcher costs more host time than a sparse kernel may take on the GPU). Under torch.compile
+it calls the `torch.library` custom ops `mmattn::block_sparse_fwd` -> `(out, lse)` and `mmattn::block_sparse_bwd`,
+whose fake implementations let the compiler keep each as one opaque call in a full graph; the Triton autotuner,
+not Inductor, picks their tiles.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch.library import custom_op
 
 from .triton import block_sparse as bs
 
-__all__ = ["block_sparse_fwd", "block_sparse_bwd"]
+__all__ = ["attend", "block_sparse_fwd", "block_sparse_bwd"]
 
 
 def _launch_args(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int) -> dict:
@@ -50,20 +52,17 @@ def _index_strides(counts: torch.Tensor, indices: torch.Tensor) -> tuple[int, ..
     return stride(counts, 0), stride(counts, 1), stride(indices, 0), stride(indices, 1), indices.stride(2)
 
 
-@custom_op("mmattn::block_sparse_fwd", mutates_args=())
-def block_sparse_fwd(
+def forward_kernels(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     kv_num_blocks: torch.Tensor,
     kv_indices: torch.Tensor,
-    q_num_blocks: torch.Tensor,
-    q_indices: torch.Tensor,
     q_block: int,
     kv_block: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention forward: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward."""
+    """Launches the forward kernel: `(out, lse)`."""
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     batch, heads, q_len, head_dim = q.shape
     out = q.new_empty(q.shape)
@@ -85,8 +84,7 @@ def block_sparse_fwd(
     return out, lse
 
 
-@custom_op("mmattn::block_sparse_bwd", mutates_args=())
-def block_sparse_bwd(
+def backward_kernels(
     grad_out: torch.Tensor,
     grad_lse: torch.Tensor | None,
     q: torch.Tensor,
@@ -102,7 +100,7 @@ def block_sparse_bwd(
     kv_block: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block-sparse attention backward: `(dq, dk, dv)`, deterministic (no atomics)."""
+    """Launches the backward kernels: `(dq, dk, dv)`, deterministic (no atomics)."""
     q, k, v, out, grad_out = (_rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
     grad_lse = grad_lse.contiguous() if grad_lse is not None else None
@@ -152,6 +150,47 @@ def block_sparse_bwd(
     return dq, dk, dv
 
 
+@custom_op("mmattn::block_sparse_fwd", mutates_args=())
+def block_sparse_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor,
+    q_indices: torch.Tensor,
+    q_block: int,
+    kv_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention forward: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward."""
+    return forward_kernels(q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
+
+
+@custom_op("mmattn::block_sparse_bwd", mutates_args=())
+def block_sparse_bwd(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor,
+    q_indices: torch.Tensor,
+    q_block: int,
+    kv_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-sparse attention backward: `(dq, dk, dv)`."""
+    return backward_kernels(
+        grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block,
+        kv_block, scale,
+    )
+
+
 @block_sparse_fwd.register_fake
 def _block_sparse_fwd_fake(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -170,15 +209,43 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
-    q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = block_sparse_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-        *ctx.blocks, ctx.scale,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
+def _backward_through(launch):
+    """The autograd backward running the backward kernels through `launch` (the custom op or a direct call)."""
+
+    def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = launch(
+            grad_out, grad_lse, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+            *ctx.blocks, ctx.scale,
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+    return backward
 
 
-block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)
+block_sparse_fwd.register_autograd(_backward_through(block_sparse_bwd), setup_context=_setup_context)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """The eager path: the same forward and backward as the custom ops, without the dispatcher."""
+
+    @staticmethod
+    def forward(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale):
+        return forward_kernels(q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # an unused lse gets no gradient tensor
+        _setup_context(ctx, inputs, output)
+
+    backward = staticmethod(_backward_through(backward_kernels))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with the Triton kernels: `(out, lse)`, differentiable in q, k, v (and through lse)."""
+    args = (q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices, *mask.block_size, scale)
+    if torch.compiler.is_compiling():
+        return block_sparse_fwd(*args)
+    return _BlockSparseAttention.apply(*args)

@@ -16,7 +16,7 @@ _SUBPACKAGES = ("kernels",)  # vision, vlm and diffusion join as they land
 __all__ = ["__version__", *_SUBPACKAGES]
 
 if TYPE_CHECKING:
-    from . import kernels
+    from . import kernels  # noqa: F401
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -42,6 +42,19 @@ for _ in range(200):
 profiler.disable()
 torch.cuda.synchronize()
 pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+profiler = cProfile.Profile()
+grad = torch.randn_like(q)
+qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+for _ in range(3):
+    block_sparse_attention(qg, kg, vg, mask, backend="triton").backward(grad)
+torch.cuda.synchronize()
+start = time.perf_counter()
+profiler.enable()
+for _ in range(100):
+    block_sparse_attention(qg, kg, vg, mask, backend="triton").backward(grad)
+profiler.disable()
+print("fwd+bwd host ms/call (profiled)", (time.perf_counter() - start) * 10)
+pstats.Stats(profiler).sort_stats("tottime").print_stats(16)
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
     public()

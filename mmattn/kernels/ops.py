@@ -39,6 +39,11 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _tune_key(q: torch.Tensor, launch: dict) -> tuple:
+    """What the tuned tile depends on: dtype, length bucket and the compile-time arguments."""
+    return (q.dtype, _size_bucket(q.shape[2]), *launch.values())
+
+
 def _size_bucket(length: int) -> int:
     """Autotuning key: lengths within one power of two share a tuned config (no re-tuning per length)."""
     return 1 << max(0, length - 1).bit_length()
@@ -71,7 +76,9 @@ def forward_kernels(
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
-    bs.fwd_kernel[grid](
+    launch = _launch_args(q, k, q_block, kv_block)
+    bs.fwd_kernel.launch(
+        grid, _tune_key(q, launch),
         q, k, v, out, lse, kv_num_blocks, kv_indices,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -79,7 +86,7 @@ def forward_kernels(
         out.stride(0), out.stride(1), out.stride(2),
         *_index_strides(kv_num_blocks, kv_indices),
         heads, q_len, k.shape[2], scale, _size_bucket(q_len),
-        **_launch_args(q, k, q_block, kv_block),
+        **launch,
     )
     return out, lse
 
@@ -127,7 +134,8 @@ def backward_kernels(
     def dkdv_grid(meta):
         return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads)
 
-    bs.dkdv_kernel[dkdv_grid](
+    bs.dkdv_kernel.launch(
+        dkdv_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dk, dv, q_num_blocks, q_indices,
         *strides_q, *strides_k, *strides_v, *strides_do,
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -139,7 +147,8 @@ def backward_kernels(
     def dq_grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
-    bs.dq_kernel[dq_grid](
+    bs.dq_kernel.launch(
+        dq_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dq, kv_num_blocks, kv_indices,
         *strides_q, *strides_k, *strides_v, *strides_do,
         dq.stride(0), dq.stride(1), dq.stride(2),

@@ -373,7 +373,29 @@ def _tuned(kernel, configs):
     return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-fwd_kernel = _tuned(_fwd_kernel, FWD_CONFIGS)
-dkdv_kernel = _tuned(_bwd_dkdv, DKDV_CONFIGS)
-dq_kernel = _tuned(_bwd_dq, DQ_CONFIGS)
+class TunedKernel:
+    """An autotuned kernel launched through the autotuner once per key, then directly with the tile it picked:
+    the autotuner's own per-launch key computation costs tens of microseconds, as long as a sparse kernel runs."""
+
+    def __init__(self, autotuner) -> None:
+        self.autotuner = autotuner
+        self.picked: dict[tuple, triton.Config] = {}
+
+    @property
+    def best_config(self) -> triton.Config:
+        return self.autotuner.best_config
+
+    def launch(self, grid, key: tuple, *args, **kwargs) -> None:
+        """Runs the kernel; `key` must determine the autotuning key (shapes, dtypes and compile-time flags)."""
+        config = self.picked.get(key)
+        if config is None:
+            self.autotuner[grid](*args, **kwargs)
+            self.picked[key] = self.autotuner.best_config
+        else:
+            self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
+fwd_kernel = TunedKernel(_tuned(_fwd_kernel, FWD_CONFIGS))
+dkdv_kernel = TunedKernel(_tuned(_bwd_dkdv, DKDV_CONFIGS))
+dq_kernel = TunedKernel(_tuned(_bwd_dq, DQ_CONFIGS))
 preprocess_kernel = _bwd_preprocess

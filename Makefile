@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 		|| { echo "mmattn needs Python >= 3.10 ($(PYTHON) is older)" >&2; exit 1; }
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -c constraints.txt -e ".[test,triton]"
+	$(VPY) -m pip install -c constraints.txt -e ".[all,test]"
 	touch $@
 
 test: venv

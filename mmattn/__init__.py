@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("kernels",)  # vision, vlm and diffusion join as they land
+_SUBPACKAGES = ("kernels", "vision", "vlm", "diffusion")
 __all__ = ["__version__", *_SUBPACKAGES]
 
 if TYPE_CHECKING:
-    from . import kernels  # noqa: F401
+    from . import diffusion, kernels, vision, vlm  # noqa: F401
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -1,0 +1,1 @@
+"""Attention modules, each usable on its own in any model."""

@@ -1,0 +1,1 @@
+"""timm model families (one module per family); importing registers them with timm."""

@@ -7,13 +7,37 @@ formed for a chunk of query rows at a time, never as a full `Lq x Lk` matrix for
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 from .mask import BlockSparseMask
+from .neighborhood import Neighborhood
 
-__all__ = ["masked_attention", "block_sparse_attention"]
+__all__ = ["masked_attention", "block_sparse_attention", "neighborhood_attention"]
 
 _SCORE_BUDGET = 1 << 24
 """Scores held at once per chunk of query rows (elements, over batch and heads)."""
+
+
+def _safe_softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last axis and its log-sum-exp; rows of `-inf` give zero weights, `lse = -inf`, no NaN."""
+    row_max = scores.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(-1, keepdim=True)
+    empty = total == 0
+    safe_total = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), row_max + torch.log(safe_total))
+    return weights / safe_total, lse.squeeze(-1)
+
+
+def _upcast_and_share_heads(q, k, v):
+    """Half precision computes in float32; k/v heads repeat to the query heads (grouped-query attention)."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return q, k, v
 
 
 def masked_attention(
@@ -26,23 +50,12 @@ def masked_attention(
     key give `out = 0` and `lse = -inf`, with zero gradients (no NaN).
     """
     dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    q, k, v = _upcast_and_share_heads(q, k, v)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)
-    total = weights.sum(-1, keepdim=True)
-    empty = total == 0
-    out = torch.matmul(weights, v) / torch.where(empty, torch.ones_like(total), total)
-    safe_total = torch.where(empty, torch.ones_like(total), total)
-    lse = torch.where(empty, torch.full_like(total, float("-inf")), row_max + torch.log(safe_total))
-    return out.to(dtype), lse.squeeze(-1)
+    weights, lse = _safe_softmax(scores)
+    return torch.matmul(weights, v).to(dtype), lse
 
 
 def block_sparse_attention(
@@ -64,3 +77,57 @@ def block_sparse_attention(
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _neighbor_indices(nbhd: Neighborhood, start: int, end: int, device):
+    """For flat queries `[start, end)`: flat key indices `(C, K)`, validity `(C, K)` and per-axis bias indices."""
+    coords = torch.unravel_index(torch.arange(start, end, device=device), nbhd.shape)
+    ndim = len(nbhd.shape)
+    key_index, valid, rpb_index = 0, True, []
+    token_stride = 1
+    for axis in reversed(range(ndim)):
+        keys, ok, bias = (t[coords[axis]] for t in nbhd.axis_keys(axis, device))
+        view = [-1] + [1] * ndim
+        view[axis + 1] = nbhd.kernel_size[axis]
+        key_index = key_index + keys.view(view) * token_stride
+        valid = ok.view(view) & valid
+        rpb_index.insert(0, bias.view(view))
+        token_stride *= nbhd.shape[axis]
+    count = end - start
+    return key_index.reshape(count, -1), valid.reshape(count, -1), rpb_index
+
+
+def _neighborhood_chunk(q, k, v, rpb, nbhd: Neighborhood, start: int, scale: float):
+    key_index, valid, rpb_index = _neighbor_indices(nbhd, start, start + q.shape[2], q.device)
+    keys, values = k[:, :, key_index], v[:, :, key_index]  # (B, H, C, K, D)
+    scores = torch.einsum("bhcd,bhckd->bhck", q, keys) * scale
+    if rpb is not None:
+        scores = scores + rpb[(slice(None), *rpb_index)].flatten(2).to(scores.dtype)
+    weights, lse = _safe_softmax(scores.masked_fill(~valid, float("-inf")))
+    return torch.einsum("bhck,bhckd->bhcd", weights, values), lse
+
+
+def neighborhood_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nbhd: Neighborhood, rpb: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighborhood attention (reference) on flattened tokens `(B, H, N, D)`: gathers each query's keys.
+
+    Queries go in chunks so the gathered keys stay within a fixed budget; with autograd on, each chunk is
+    recomputed in the backward (activation checkpointing) so training memory stays bounded too.
+    Returns `(out, lse)`; see `masked_attention`.
+    """
+    dtype = q.dtype
+    q, k, v = _upcast_and_share_heads(q, k, v)
+    batch, heads, tokens, head_dim = q.shape
+    rows = max(1, _SCORE_BUDGET // (batch * heads * nbhd.num_keys * head_dim))
+    checkpointed = torch.is_grad_enabled() and rows < tokens
+    outs, lses = [], []
+    for start in range(0, tokens, rows):
+        args = (q[:, :, start : start + rows], k, v, rpb, nbhd, start, scale)
+        if checkpointed:
+            out, lse = torch.utils.checkpoint.checkpoint(_neighborhood_chunk, *args, use_reentrant=False)
+        else:
+            out, lse = _neighborhood_chunk(*args)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2).to(dtype), torch.cat(lses, dim=2)

@@ -199,3 +199,7 @@ def neighborhood_attention(
         out, lse = reference.neighborhood_attention(q, k, v, nbhd, rpb, scale)
     out = out.unflatten(2, spatial)
     return (out, lse.unflatten(2, spatial)) if return_lse else out
+
+from .routed import routed_attention
+
+__all__ += ["routed_attention"]

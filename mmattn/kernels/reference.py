@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 from .mask import BlockSparseMask
 from .neighborhood import Neighborhood
 
-__all__ = ["masked_attention", "block_sparse_attention", "neighborhood_attention"]
+__all__ = ["block_sparse_attention", "masked_attention", "neighborhood_attention", "routed_attention"]
 
 _SCORE_BUDGET = 1 << 24
 """Scores held at once per chunk of query rows (elements, over batch and heads)."""
@@ -131,3 +131,28 @@ def neighborhood_attention(
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2).to(dtype), torch.cat(lses, dim=2)
+
+
+def routed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_indices: torch.Tensor, kv_valid: torch.Tensor | None,
+    q_region: int, kv_region: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention (reference): dense attention with every non-routed key region (and every key with
+    `kv_valid` False) masked out, chunk by chunk of query regions. `region_indices` `(B|1, H|1, n_q_regions, topk)`;
+    `kv_valid` bool `(B|1, Lk)` or None. Returns `(out, lse)`; see `masked_attention`."""
+    batch, heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    key_region = torch.arange(kv_len, device=q.device) // kv_region
+    regions_per_chunk = max(1, _SCORE_BUDGET // (batch * heads * kv_len * q_region))
+    outs, lses = [], []
+    for first in range(0, q_len // q_region, regions_per_chunk):
+        routed = region_indices[:, :, first:first + regions_per_chunk]  # (B|1, H|1, n, topk)
+        allowed = (routed[..., None] == key_region).any(-2)  # (B|1, H|1, n, Lk)
+        if kv_valid is not None:
+            allowed = allowed & kv_valid[:, None, None, :]
+        token_mask = allowed.repeat_interleave(q_region, dim=2)
+        rows = slice(first * q_region, (first + routed.shape[2]) * q_region)
+        out, lse = masked_attention(q[:, :, rows], k, v, token_mask, scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

@@ -1,0 +1,210 @@
+"""Routed attention (BiFormer's bi-level routing, token-to-token level): each query region attends to the keys of
+the key regions its routing index lists.
+
+Backends: `"triton"` loads the routed regions' rows through index arithmetic, forward and deterministic backward,
+never materializing the gathered keys and values; `"torch"` is the official gather algorithm (a k-fold copy of the
+routed keys and values, then softmax attention per region), kept as the reference path; `"auto"` picks Triton
+on CUDA and torch elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op
+
+from .reference import masked_attention
+
+__all__ = ["ROUTED_BACKENDS", "routed_attention"]
+
+ROUTED_BACKENDS = ("auto", "triton", "torch")
+
+
+def _check_region_size(name: str, value: int, length: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if length % value:
+        raise ValueError(f"{name}={value} must divide the token count {length} (tokens grouped region by region)")
+    return value
+
+
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: expected batch {q.shape[0]} and head_dim {q.shape[3]} as q, got {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+
+
+def _check_indices(indices: torch.Tensor, q: torch.Tensor, n_q_regions: int) -> torch.Tensor:
+    """Returns the index as `(B|1, H|1, n_q_regions, topk)`."""
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
+        raise TypeError(f"region_indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices))}")
+    if indices.dim() == 3:
+        indices = indices.unsqueeze(1)
+    if indices.dim() != 4:
+        raise ValueError(f"region_indices must be (batch, n_q_regions, topk) or (batch, heads, n_q_regions, topk), "
+                         f"got shape {tuple(indices.shape)}")
+    batch, heads = q.shape[:2]
+    if indices.shape[0] not in (1, batch) or indices.shape[1] not in (1, heads) or indices.shape[2] != n_q_regions:
+        raise ValueError(f"region_indices: expected (1|{batch}, 1|{heads}, {n_q_regions}, topk), "
+                         f"got {tuple(indices.shape)}")
+    if indices.shape[3] < 1:
+        raise ValueError("region_indices: topk must be at least 1, got 0")
+    if indices.device != q.device:
+        raise ValueError(f"region_indices must be on {q.device}, got {indices.device}")
+    return indices
+
+
+def _check_kv_valid(kv_valid: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+    """Returns the key-padding mask as bool `(B|1, Lk)`, or None."""
+    if kv_valid is None:
+        return None
+    if not isinstance(kv_valid, torch.Tensor) or kv_valid.dtype != torch.bool:
+        raise TypeError(f"kv_valid must be a bool tensor, got {getattr(kv_valid, 'dtype', type(kv_valid))}")
+    if kv_valid.dim() == 1:
+        kv_valid = kv_valid.unsqueeze(0)
+    if kv_valid.dim() != 2 or kv_valid.shape[0] not in (1, k.shape[0]) or kv_valid.shape[1] != k.shape[2]:
+        raise ValueError(f"kv_valid: expected (1|{k.shape[0]}, {k.shape[2]}), got {tuple(kv_valid.shape)}")
+    if kv_valid.device != k.device:
+        raise ValueError(f"kv_valid must be on {k.device}, got {kv_valid.device}")
+    return kv_valid
+
+
+def gather_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None,
+    q_region: int, kv_region: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official BRA token attention: gather the routed regions' keys and values (a `topk`-fold copy), then
+    softmax attention region by region. `(out, lse)`; see `routed_attention`."""
+    batch, heads, q_len, head_dim = q.shape
+    n_q_regions, topk = q_len // q_region, indices.shape[-1]
+    if indices.shape[1] != 1 and k.shape[1] != heads:  # per-head routing over shared (GQA) keys
+        groups = heads // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    gather_heads = k.shape[1] if indices.shape[1] == 1 else heads
+    flat = indices.long().expand(batch, gather_heads, n_q_regions, topk).flatten(2)
+    select = flat[..., None, None].expand(-1, -1, -1, kv_region, head_dim)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        regions = t.unflatten(2, (-1, kv_region)).expand(batch, gather_heads, -1, -1, -1)
+        return regions.gather(2, select).reshape(batch, gather_heads, n_q_regions, topk * kv_region, head_dim)
+
+    mask = None
+    if kv_valid is not None:
+        valid = kv_valid.unflatten(1, (-1, kv_region))[:, None].expand(batch, flat.shape[1], -1, -1)
+        mask = valid.gather(2, flat[..., None].expand(-1, -1, -1, kv_region))
+        mask = mask.reshape(batch, flat.shape[1], n_q_regions, 1, topk * kv_region)
+    out, lse = masked_attention(q.unflatten(2, (n_q_regions, q_region)), gather(k), gather(v), mask, scale)
+    return out.flatten(2, 3), lse.flatten(2, 3)
+
+
+@custom_op("mmattn::routed_fwd", mutates_args=())
+def routed_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None,
+    q_region: int, kv_region: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention forward with the Triton kernel: `(out, lse)`."""
+    from .triton.routed import routed_forward
+
+    return routed_forward(q, k, v, indices, kv_valid, q_region, kv_region, scale)
+
+
+@custom_op("mmattn::routed_bwd", mutates_args=())
+def routed_bwd(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None, q_region: int,
+    kv_region: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routed attention backward with the Triton kernels: `(dq, dk, dv)`."""
+    from .triton.routed import routed_backward
+
+    return routed_backward(grad_out, grad_lse, q, k, v, out, lse, indices, kv_valid, q_region, kv_region, scale)
+
+
+@routed_fwd.register_fake
+def _routed_fwd_fake(q, k, v, indices, kv_valid, q_region, kv_region, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@routed_bwd.register_fake
+def _routed_bwd_fake(grad_out, grad_lse, q, k, v, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, indices, kv_valid, q_region, kv_region, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, indices, kv_valid)
+    ctx.sizes = (q_region, kv_region, scale)
+
+
+def _backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+    q, k, v, out, lse, indices, kv_valid = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = routed_bwd(grad_out, grad_lse, q, k, v, out, lse, indices, kv_valid, *ctx.sizes)
+    return dq, dk, dv, None, None, None, None, None
+
+
+routed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    region_indices: torch.Tensor,
+    *,
+    q_region_size: int,
+    kv_region_size: int | None = None,
+    kv_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention: the token-to-token attention of BiFormer's Bi-Level Routing Attention (BRA).
+
+    q `(B, Hq, Lq, D)` and k/v `(B, Hkv, Lk, D)` hold their tokens region by region: query region `r` is rows
+    `[r * q_region_size, (r + 1) * q_region_size)`, key region `j` rows `[j * kv_region_size, ...)` (default: the
+    query region size). `region_indices` `(B|1, n_q_regions, topk)` or `(B|1, Hq|1, n_q_regions, topk)` lists the
+    key regions each query region attends to (the routing index, e.g. `topk` of the region affinity graph);
+    entries of a row should be distinct. `kv_valid` `(B|1, Lk)` bool marks real keys: False keys (padding) are
+    never attended. Rows with no key get zeros. `scale` defaults to `D ** -0.5`.
+
+    `backend`: `"triton"` (fused, forward and deterministic backward; out-of-range indices are skipped),
+    `"torch"` (the official gather algorithm; out-of-range indices raise) or `"auto"`. With `return_lse`, also
+    returns the natural-log sum of exponentials `(B, Hq, Lq)` in float32 (`-inf` on empty rows).
+    """
+    _check_tensors(q, k, v)
+    if backend not in ROUTED_BACKENDS:
+        raise ValueError(f"backend must be one of {ROUTED_BACKENDS}, got {backend!r}")
+    q_region = _check_region_size("q_region_size", q_region_size, q.shape[2])
+    kv_region = _check_region_size("kv_region_size", q_region if kv_region_size is None else kv_region_size,
+                                   k.shape[2])
+    indices = _check_indices(region_indices, q, q.shape[2] // q_region)
+    kv_valid = _check_kv_valid(kv_valid, k)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    from . import _resolve_backend
+
+    backend = _resolve_backend(backend, q)
+    if backend == "triton":
+        valid = None if kv_valid is None else kv_valid.view(torch.uint8).contiguous()
+        out, lse = routed_fwd(q, k, v, indices.int().contiguous(), valid, q_region, kv_region, scale)
+    else:
+        n_kv_regions = k.shape[2] // kv_region
+        if not torch.compiler.is_compiling() and bool((indices < 0).any() | (indices >= n_kv_regions).any()):
+            raise ValueError(f"region_indices must lie in [0, {n_kv_regions}) (the key regions), got values outside")
+        out, lse = gather_attention(q, k, v, indices, kv_valid, q_region, kv_region, scale)
+    return (out, lse) if return_lse else out

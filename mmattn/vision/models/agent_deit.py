@@ -1,0 +1,116 @@
+"""Agent-DeiT (Agent Attention, ECCV 2024): DeiT whose first blocks use agent attention, on timm's VisionTransformer.
+
+Official code: LeapLabTHU/Agent-Attention, agent_transformer/models/agent_deit.py. The cls token gets its own agent
+biases (``ac_bias`` agent->cls, ``ca_bias`` cls->agents) and no DWC; agents are pooled from the patch queries only.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from ..layers.agent import AgentAttention, resize_grid_bias
+
+__all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
+
+
+class AgentVisionTransformer(VisionTransformer):
+    """DeiT whose first ``agent_layers`` blocks run agent attention; ``agent_num`` is one count or one per block."""
+
+    def __init__(self, *, agent_num: int | list[int] = 49, agent_layers: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        depth = len(self.blocks)
+        agent_layers = depth if agent_layers is None else agent_layers
+        if not 0 <= agent_layers <= depth:
+            raise ValueError(f"agent_layers must be in [0, {depth}], got {agent_layers}")
+        counts = [agent_num] * depth if isinstance(agent_num, int) else list(agent_num)
+        if len(counts) != depth:
+            raise ValueError(f"agent_num must be an int or {depth} ints (one per block), got {agent_num!r}")
+        dim, heads = self.embed_dim, self.blocks[0].attn.num_heads
+        for block, count in zip(self.blocks[:agent_layers], counts):
+            block.attn = AgentAttention(
+                dim,
+                heads,
+                count,
+                self.patch_embed.grid_size,
+                num_prefix_tokens=self.num_prefix_tokens,
+                qkv_bias=block.attn.qkv.bias is not None,
+                attn_drop=block.attn.attn_drop.p,
+                proj_drop=block.attn.proj_drop.p,
+            )
+            block.attn.apply(init_weights_vit_timm)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentVisionTransformer) -> dict[str, torch.Tensor]:
+    """Official Agent-DeiT checkpoint (``ckpt['model']``) -> ours: timm's ViT conversion (pos_embed resampling)
+    plus the fine-tune loader's linear resize of the row/column agent biases to the model's patch grid."""
+    state_dict = vit_checkpoint_filter_fn(state_dict, model)
+    grid = model.patch_embed.grid_size
+    return {key: resize_grid_bias(key.rsplit(".", 1)[-1], value, grid) for key, value in state_dict.items()}
+
+
+def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        AgentVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(url: str, **kwargs) -> dict:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "paper_ids": "arXiv:2312.08874",
+        **kwargs,
+    }
+
+
+def _tsinghua(file_id: str) -> str:
+    return f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1"
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "agent_deit_tiny.in1k": _cfg(_tsinghua("57e0904221824ee7b7af")),
+        "agent_deit_small.in1k": _cfg(_tsinghua("fdd43304372541db8ea7")),
+        "agent_deit_small.in1k_448": _cfg(_tsinghua("a228f86241c445f1969b"), input_size=(3, 448, 448), crop_pct=1.0),
+        "agent_deit_base.in1k": _cfg(_tsinghua("5115f15fdd7e4ab58fbc")),
+    }
+)
+
+
+@register_model
+def agent_deit_tiny(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, agent_num=49)
+    return _create_agent_deit("agent_deit_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_deit_small(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, agent_num=49, drop_path_rate=0.1)
+    return _create_agent_deit("agent_deit_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_deit_base(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    model_args = dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, agent_num=81, agent_layers=4, drop_path_rate=0.3
+    )
+    return _create_agent_deit("agent_deit_base", pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,314 @@
+"""Agent-PVT (Agent Attention, ECCV 2024): PVTv1-style pyramid with global agent attention in every block.
+
+Official code: LeapLabTHU/Agent-Attention, agent_transformer/models/agent_pvt.py (``PVT_LA_SR_RATIOS=1111``: no
+spatial reduction, attention type ``AAAA``). Each stage: patch-embed conv (4x4 s4, then 2x2 s2) + LN, a learned
+position embedding, agent blocks. There is no final norm: the head reads the mean of the stage-4 tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from torch import nn
+from torch.nn.init import trunc_normal_
+
+from ..layers.agent import AgentBlock, resize_grid_bias
+
+__all__ = ["AgentPVT", "checkpoint_filter_fn"]
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch conv + LN; pads the image to a multiple of the patch so no border pixel is dropped."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.norm = _layer_norm(dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        p = self.patch_size
+        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        x = self.proj(x)
+        return self.norm(x.flatten(2).transpose(1, 2)), (x.shape[-2], x.shape[-1])
+
+
+class AgentPVTStage(nn.Module):
+    """Patch embedding, position embedding (bilinearly resized for other grids), agent blocks; NCHW in and out."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        agent_num: int,
+        mlp_ratio: float,
+        patch_size: int,
+        grid_size: tuple[int, int],
+        drop_path: list[float],
+        qkv_bias: bool,
+        drop_rate: float,
+    ) -> None:
+        super().__init__()
+        self.grid_size = grid_size
+        self.patch_embed = PatchEmbed(in_chans, dim, patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], dim))
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.blocks = nn.ModuleList(
+            AgentBlock(
+                dim,
+                num_heads,
+                agent_num,
+                grid_size,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=dp,
+                norm_layer=_layer_norm,
+            )
+            for dp in drop_path
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, hw = self.patch_embed(x)
+        pos = self.pos_embed
+        if hw != self.grid_size:
+            pos = resample_abs_pos_embed(pos, hw, self.grid_size, num_prefix_tokens=0, interpolation="bilinear")
+        x = self.pos_drop(x + pos)
+        for block in self.blocks:
+            x = checkpoint(block, x, hw) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x, hw)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
+
+
+class AgentPVT(nn.Module):
+    """Agent-PVT classifier/backbone: ``forward_features`` gives the stage-4 map (B, C4, H/32, W/32)."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dims: tuple[int, ...] = (64, 128, 320, 512),
+        depths: tuple[int, ...] = (2, 2, 2, 2),
+        num_heads: tuple[int, ...] = (1, 2, 5, 8),
+        mlp_ratios: tuple[float, ...] = (8, 8, 4, 4),
+        agent_nums: tuple[int, ...] = (9, 16, 49, 49),
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        in_chs, reduction = in_chans, 1
+        for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
+            patch_size = 4 if i == 0 else 2
+            reduction *= patch_size
+            grid = (-(-img_size[0] // reduction), -(-img_size[1] // reduction))
+            start = sum(depths[:i])
+            self.stages.append(
+                AgentPVTStage(
+                    in_chs, dim, depth, num_heads[i], agent_nums[i], mlp_ratios[i], patch_size, grid,
+                    rates[start : start + depth], qkv_bias, drop_rate,
+                )
+            )  # fmt: skip
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
+            in_chs = dim
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"stages.{i}.pos_embed" for i in range(len(self.stages))}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stages\.0\.(patch_embed|pos_embed)", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(patch_embed|pos_embed)", (0,))])  # fmt: skip
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (NCHW) at ``indices``; the model has no norm, so ``norm`` changes nothing."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if not stop_early else self.stages[: max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPVT) -> dict[str, torch.Tensor]:
+    """Official Agent-PVT (``ckpt['model']``) -> ours: ``patch_embed{i}/pos_embed{i}/block{i}`` become
+    ``stages.{i-1}.*``, ``attn.q`` + ``attn.kv`` are fused into ``attn.qkv`` (rows q | k | v), and position
+    embeddings and row/column agent biases are resized to the model's grids."""
+    state_dict = state_dict.get("model", state_dict)
+    if not any(key.startswith("patch_embed1.") for key in state_dict):
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^(patch_embed|pos_embed|block)(\d)", lambda m: f"stages.{int(m[2]) - 1}.{m[1]}", key)
+        key = key.replace(".block.", ".blocks.").replace(".block", ".blocks")
+        if key.endswith(".attn.kv.weight") or key.endswith(".attn.kv.bias"):
+            continue
+        if ".attn.q." in key:
+            value = torch.cat([value, state_dict[_official_kv_key(key)]], dim=0)
+            key = key.replace(".attn.q.", ".attn.qkv.")
+        stage = model.stages[int(key.split(".")[1])]
+        if key.endswith(".pos_embed") and value.shape != stage.pos_embed.shape:
+            old = _square_grid(value.shape[1])
+            value = resample_abs_pos_embed(value, stage.grid_size, old, num_prefix_tokens=0, interpolation="bilinear")
+        out[key] = resize_grid_bias(key.rsplit(".", 1)[-1], value, stage.grid_size)
+    return out
+
+
+def _official_kv_key(key: str) -> str:
+    stage, rest = re.match(r"^stages\.(\d+)\.blocks(.*)$", key).groups()
+    return f"block{int(stage) + 1}{rest}".replace(".attn.q.", ".attn.kv.")
+
+
+def _square_grid(num_tokens: int) -> tuple[int, int]:
+    side = round(num_tokens**0.5)
+    return side, side
+
+
+def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPVT:
+    out_indices = kwargs.pop("out_indices", 4)
+    return build_model_with_cfg(
+        AgentPVT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(file_id: str, **kwargs) -> dict:
+    return {
+        "url": f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stages.0.patch_embed.proj",
+        "classifier": "head",
+        "paper_ids": "arXiv:2312.08874",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "agent_pvt_tiny.in1k": _cfg("13fdf0e0a7c5498c934f"),
+        "agent_pvt_small.in1k": _cfg("36b8be9a8863456685a3"),
+        "agent_pvt_medium.in1k": _cfg("4d00ecacf18b45f9b88c"),
+        "agent_pvt_medium.in1k_256": _cfg("654df734121643b19c52", input_size=(3, 256, 256), pool_size=(8, 8)),
+        "agent_pvt_large.in1k": _cfg("040cfe0cfbbe4762ad09"),
+    }
+)
+
+
+@register_model
+def agent_pvt_tiny(pretrained: bool = False, **kwargs) -> AgentPVT:
+    model_args = dict(depths=(2, 2, 2, 2), drop_path_rate=0.1)
+    return _create_agent_pvt("agent_pvt_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_pvt_small(pretrained: bool = False, **kwargs) -> AgentPVT:
+    model_args = dict(depths=(3, 4, 6, 3), drop_path_rate=0.1)
+    return _create_agent_pvt("agent_pvt_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_pvt_medium(pretrained: bool = False, **kwargs) -> AgentPVT:
+    model_args = dict(depths=(3, 4, 18, 3), drop_path_rate=0.3)
+    return _create_agent_pvt("agent_pvt_medium", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_pvt_large(pretrained: bool = False, **kwargs) -> AgentPVT:
+    model_args = dict(depths=(3, 8, 27, 3), drop_path_rate=0.3)
+    return _create_agent_pvt("agent_pvt_large", pretrained, **dict(model_args, **kwargs))

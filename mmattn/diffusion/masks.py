@@ -69,10 +69,14 @@ def _thinned_out(distance: int, tokens_per_frame: int) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _pair_blocks(row_offset: int, col_offset: int, tokens_per_frame: int, block_size: int, half_width: int) -> torch.Tensor:
+def _pair_blocks(
+    row_offset: int, col_offset: int, tokens_per_frame: int, block_size: int, half_width: int, rows_left: int
+) -> torch.Tensor:
     """Shrinks one frame pair's band |p - q| <= half_width, placed at the given offsets inside its first block.
 
-    Returns the `[ceil(S/B), ceil(S/B)]` kept-block grid; `half_width >= S` is the full pair.
+    Returns the `[ceil(S/B), ceil(S/B)]` kept-block grid; `half_width >= S` is the full pair. Column
+    densities are per block row; `rows_left` (video tokens from this pair's first block row on) makes the
+    sequence's trailing partial block count only its real rows, so it is judged like a whole block.
     """
     n = -(-tokens_per_frame // block_size)
     tile = torch.arange(n).view(n, 1, 1) * block_size
@@ -84,7 +88,8 @@ def _pair_blocks(row_offset: int, col_offset: int, tokens_per_frame: int, block_
     high = torch.minimum(last_row, q + half_width)
     counts = torch.where((q >= 0) & (q < tokens_per_frame), (high - low + 1).clamp(min=0), 0)
     nonempty = (counts > 0).sum(-1)
-    dense = (3 * counts > block_size).sum(-1)  # column density > 1/3
+    rows = torch.clamp(rows_left - tile, 1, block_size)
+    dense = (3 * counts > rows).sum(-1)  # column density > 1/3
     return 5 * dense > 3 * nonempty  # more than 60 % of the non-empty columns are dense
 
 
@@ -102,7 +107,8 @@ def radial_block_mask(
 
     Text tokens follow the video; every block row and column from `(frames * tokens_per_frame) // B` on is
     dense, as in the official mask. Where N is a multiple of `block_size` this is the official mask block for
-    block; otherwise its leading `N // B` blocks are, and the trailing partial block follows the same rule.
+    block; otherwise its leading `N // B` blocks are, and the trailing partial block follows the same rule
+    with its column densities taken over its real rows (the official floor-sized mask drops it).
     The returned tensor is cached: do not modify it in place.
     """
     frames = _positive_int("frames", frames)
@@ -124,8 +130,9 @@ def radial_block_mask(
             else:
                 half_width = min(math.floor(_window(distance, tokens_per_frame, block_size, decay_factor)), tokens_per_frame)
             row, col = i * tokens_per_frame, j * tokens_per_frame
-            blocks = _pair_blocks(row % block_size, col % block_size, tokens_per_frame, block_size, half_width)
             r, c = row // block_size, col // block_size
+            rows_left = min(video_tokens - r * block_size, per_frame * block_size)
+            blocks = _pair_blocks(row % block_size, col % block_size, tokens_per_frame, block_size, half_width, rows_left)
             canvas[r : r + per_frame, c : c + per_frame] |= blocks
     mask = canvas[:num_blocks, :num_blocks].clone()
     if text_tokens:

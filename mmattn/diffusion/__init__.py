@@ -1,0 +1,37 @@
+"""mmattn.diffusion: Radial attention and DiTCtrl for diffusers video pipelines.
+
+`radial_block_mask` / `radial_mask` build Radial attention's static mask; `apply_radial_attention(pipe,
+config)` switches a Wan / HunyuanVideo / CogVideoX / Mochi / LTX pipeline to it (`handle.remove()` undoes).
+`mmattn.diffusion.ditctrl` generates multi-prompt long videos with CogVideoX; `mmattn.diffusion.metrics`
+scores them (CSCV, PSNR/SSIM). diffusers, open_clip and decord are imported only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .config import RadialConfig, preset_names
+from .layout import VideoGrid
+from .masks import radial_block_mask, radial_mask
+from .radial import RadialHandle, apply_radial_attention
+
+__all__ = [
+    "RadialConfig",
+    "RadialHandle",
+    "VideoGrid",
+    "apply_radial_attention",
+    "ditctrl",
+    "metrics",
+    "preset_names",
+    "radial_block_mask",
+    "radial_mask",
+]
+
+_SUBMODULES = ("ditctrl", "metrics")
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,72 @@
+"""`RadialConfig`: the Radial attention hyper-parameters and the dense fallback schedule, with YAML presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .masks import MASK_RULES, check_radial_args
+
+__all__ = ["RadialConfig", "PRESET_DIR", "preset_names"]
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "diffusion"
+"""Per-model presets from the official scripts (`configs/diffusion/<name>.yaml` in the source tree)."""
+
+
+def _non_negative_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RadialConfig:
+    """Radial attention settings (paper: decay factor, dense warm-up timesteps and layers).
+
+    Attention is dense (the stock processor's call) at denoising-loop indices `< dense_steps`, at the last
+    `dense_last_steps` indices (a community fix for late-step artefacts) and in attention layers
+    `< dense_layers`; elsewhere it is block-sparse with the Radial mask. `model` picks the mask rule
+    (`"wan"`: frame-0 attention sink; `"hunyuan"`: none); `None` takes the transformer's own family.
+    `backend` is passed to `mmattn.kernels.block_sparse_attention`.
+    """
+
+    decay_factor: float = 1.0
+    dense_steps: int = 0
+    dense_layers: int = 0
+    dense_last_steps: int = 0
+    block_size: int = 128
+    model: str | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("dense_steps", "dense_layers", "dense_last_steps"):
+            _non_negative_int(name, getattr(self, name))
+        check_radial_args(self.block_size, self.decay_factor, MASK_RULES[0] if self.model is None else self.model)
+        from mmattn.kernels import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RadialConfig:
+        """Reads a preset file whose keys are this class's fields."""
+        import yaml
+
+        values = yaml.safe_load(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        if not isinstance(values, dict) or not set(values) <= known:
+            extra = sorted(set(values) - known) if isinstance(values, dict) else values
+            raise ValueError(f"{path}: expected a mapping with keys from {sorted(known)}, got {extra!r}")
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str) -> RadialConfig:
+        """The named preset, e.g. `"wan2.1-t2v-14b"`, `"hunyuan-video"`; see `preset_names()`."""
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(f"name must be one of {preset_names()}, got {name!r}")
+        return cls.from_yaml(path)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets in `PRESET_DIR`."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

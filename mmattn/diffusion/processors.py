@@ -1,0 +1,257 @@
+"""Radial attention processors for diffusers' video transformers.
+
+Each class follows its stock diffusers processor step for step (projections, QK norms, rotary embedding,
+text concatenation, output projections) and differs only in the attention call, which goes through
+`RadialAttention.attend` with the stock call as its dense fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import RadialAttention
+
+__all__ = [
+    "RadialProcessor",
+    "WanRadialAttnProcessor",
+    "HunyuanVideoRadialAttnProcessor",
+    "CogVideoXRadialAttnProcessor",
+    "MochiRadialAttnProcessor",
+    "LTXRadialAttnProcessor",
+]
+
+
+def _dispatch():
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn
+
+
+class RadialProcessor:
+    """Base: the handle's `RadialAttention` state and this layer's index (paper: dense layers come first)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, radial: RadialAttention, layer_index: int, stock=None) -> None:
+        self.radial = radial
+        self.layer_index = layer_index
+        # Keep the backend the user chose for the stock processor: the dense fallback runs on it.
+        self._attention_backend = getattr(stock, "_attention_backend", None)
+        self._parallel_config = getattr(stock, "_parallel_config", None)
+
+    def _dispatch_dense(self, query, key, value, attn_mask=None):
+        return lambda: _dispatch()(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding: each (even, odd) channel pair is rotated; cos/sin repeat per pair."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out.type_as(x)
+
+
+class WanRadialAttnProcessor(RadialProcessor):
+    """Wan 2.1/2.2 self-attention (`attn1`): video tokens only; text enters through the dense `attn2`."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None or attn.add_k_proj is not None:
+            raise ValueError("WanRadialAttnProcessor serves the self-attention attn1 only (no encoder_hidden_states)")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _rotate_interleaved(query, *rotary_emb), _rotate_interleaved(key, *rotary_emb)
+        dense = self._dispatch_dense(query, key, value, attention_mask)
+        if attention_mask is None:
+            hidden_states = self.radial.attend(query, key, value, layer_index=self.layer_index, dense=dense)
+        else:
+            hidden_states = dense()
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def _valid_prefix_lengths(key_mask: torch.Tensor, video_tokens: int) -> torch.Tensor:
+    """Per sample, the count of valid text tokens of a [B, 1, 1, N] key mask over [video | text]."""
+    key_mask = key_mask.reshape(key_mask.shape[0], -1).bool()
+    text = key_mask[:, video_tokens:]
+    counts = text.sum(-1)
+    prefix = torch.arange(text.shape[1], device=text.device) < counts.unsqueeze(-1)
+    if not bool(key_mask[:, :video_tokens].all()) or not torch.equal(text, prefix):
+        raise ValueError("attention_mask: expected all video keys valid and the valid text keys left-aligned (right padding)")
+    return counts
+
+
+class HunyuanVideoRadialAttnProcessor(RadialProcessor):
+    """HunyuanVideo double- and single-stream blocks: joint [video | text] sequence, text right-padded."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
+        if single_stream:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            if single_stream:
+                text = encoder_hidden_states.shape[1]
+                query = torch.cat([apply_rotary_emb(query[:, :-text], image_rotary_emb, sequence_dim=1), query[:, -text:]], dim=1)
+                key = torch.cat([apply_rotary_emb(key[:, :-text], image_rotary_emb, sequence_dim=1), key[:, -text:]], dim=1)
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query, key, value = torch.cat([query, text_q], 1), torch.cat([key, text_k], 1), torch.cat([value, text_v], 1)
+
+        text_tokens = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        dense = self._dispatch_dense(query, key, value, attention_mask)
+        valid = None
+        if attention_mask is not None and not self.radial.is_dense(self.layer_index):
+            valid = _valid_prefix_lengths(attention_mask, query.shape[1] - text_tokens)
+        hidden_states = self.radial.attend(
+            query, key, value, layer_index=self.layer_index, dense=dense, text_tokens=text_tokens, valid_text_tokens=valid
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+class CogVideoXRadialAttnProcessor(RadialProcessor):
+    """CogVideoX (2b, 5b, 1.5) joint attention: [text | video], RoPE on the video part (5b, 1.5)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_tokens = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size, sequence_length, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text_tokens:] = apply_rotary_emb(query[:, :, text_tokens:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_tokens:] = apply_rotary_emb(key[:, :, text_tokens:], image_rotary_emb)
+
+        def dense():
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+            return out.transpose(1, 2)
+
+        if attention_mask is None:
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+            hidden_states = self.radial.attend(
+                q, k, v, layer_index=self.layer_index, dense=dense, text_tokens=text_tokens, text_first=True
+            )
+        else:
+            hidden_states = dense()
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split([text_tokens, hidden_states.size(1) - text_tokens], dim=1)
+        return hidden_states, encoder_hidden_states
+
+
+def _rotate_pairs_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Mochi's rotary embedding: (even, odd) channel pairs rotated in float32, interleaved back."""
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    rotated_even = (even * cos - odd * sin).to(x.dtype)
+    rotated_odd = (even * sin + odd * cos).to(x.dtype)
+    return torch.stack([rotated_even, rotated_odd], dim=-1).flatten(-2)
+
+
+class MochiRadialAttnProcessor(RadialProcessor):
+    """Mochi joint attention: per sample [video | valid text] (padded prompt tokens are dropped, output zero)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        text_q, text_k, text_v = (
+            t.unflatten(2, (attn.heads, -1))
+            for t in (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states), attn.add_v_proj(encoder_hidden_states))
+        )
+        if attn.norm_added_q is not None:
+            text_q = attn.norm_added_q(text_q)
+        if attn.norm_added_k is not None:
+            text_k = attn.norm_added_k(text_k)
+        if image_rotary_emb is not None:
+            query, key = _rotate_pairs_fp32(query, *image_rotary_emb), _rotate_pairs_fp32(key, *image_rotary_emb)
+
+        video_tokens, text_tokens = query.shape[1], text_q.shape[1]
+        outputs = []
+        for b in range(query.shape[0]):
+            valid = torch.nonzero(attention_mask[b].flatten(), as_tuple=False).flatten()
+            q, k, v = (torch.cat([t[b : b + 1], u[b : b + 1, valid]], dim=1) for t, u in ((query, text_q), (key, text_k), (value, text_v)))
+
+            def dense(q=q, k=k, v=v):
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, is_causal=False)
+                return out.transpose(1, 2)
+
+            out = self.radial.attend(q, k, v, layer_index=self.layer_index, dense=dense, text_tokens=valid.numel())
+            outputs.append(F.pad(out, (0, 0, 0, 0, 0, video_tokens + text_tokens - out.shape[1])))
+        hidden_states = torch.cat(outputs, dim=0).flatten(2, 3)
+        hidden_states, encoder_hidden_states = hidden_states.split_with_sizes((video_tokens, text_tokens), dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if hasattr(attn, "to_add_out"):
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+class LTXRadialAttnProcessor(RadialProcessor):
+    """LTX-Video self-attention (`attn1`): video tokens only, RoPE before the head split."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("LTXRadialAttnProcessor serves the self-attention attn1 only (no encoder states or mask)")
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        dense = self._dispatch_dense(query, key, value)
+        hidden_states = self.radial.attend(query, key, value, layer_index=self.layer_index, dense=dense)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))

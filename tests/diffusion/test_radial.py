@@ -1,0 +1,164 @@
+"""Radial processors on tiny random diffusers transformers: fidelity to the stock processors, sparsity, removal."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmattn.diffusion import RadialConfig, VideoGrid, apply_radial_attention, radial_block_mask
+from mmattn.diffusion.attention import RadialAttention
+from mmattn.diffusion.processors import WanRadialAttnProcessor
+
+from . import tiny_models
+
+SPARSE_ANYWHERE = RadialConfig(block_size=16)
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+# (builder, grid the mask sees (frames, tokens per frame), text tokens in the joint sequence)
+FULL_DENSITY = {
+    "wan": (tiny_models.wan, {}, (2, 128)),
+    "hunyuan": (tiny_models.hunyuan, {}, (2, 256)),
+    "hunyuan_padded_text": (tiny_models.hunyuan, {"valid_text": 7, "batch": 2}, (2, 256)),
+    "cogvideox": (tiny_models.cogvideox, {}, (1, 16)),
+    "cogvideox_rope": (tiny_models.cogvideox, {"rotary": True}, (1, 16)),
+    "mochi": (tiny_models.mochi, {}, (2, 256)),
+    "ltx": (tiny_models.ltx, {}, (2, 256)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_DENSITY))
+def test_full_density_equals_stock_processor(name):
+    builder, kwargs, (frames, per_frame) = FULL_DENSITY[name]
+    model_rule = "wan" if name.startswith(("wan", "ltx")) else "hunyuan"
+    assert radial_block_mask(frames, per_frame, block_size=16, model=model_rule).all()
+    model, inputs = builder(**kwargs)
+    stock = _run(model, inputs)
+    with apply_radial_attention(model, SPARSE_ANYWHERE) as handle:
+        assert handle.radial[0].grid is None
+        radial = _run(model, inputs)
+        assert handle.radial[0].grid == VideoGrid(frames, *_hw(per_frame, name))
+    torch.testing.assert_close(radial, stock, atol=2e-5, rtol=1e-5)
+    assert torch.equal(_run(model, inputs), stock)  # removal restores the stock processors
+
+
+def _hw(per_frame, name):
+    side = int(per_frame**0.5)
+    return (8, 16) if name == "wan" else (side, side)
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan", "cogvideox", "mochi", "ltx"])
+def test_dense_layers_are_bitwise_stock_and_sparse_layers_differ(name):
+    builder = getattr(tiny_models, name)
+    model, inputs = builder(**({"frames": 2, "size": 16} if name == "cogvideox" else {"frames": 4}))
+    stock = _run(model, inputs)
+    with apply_radial_attention(model, RadialConfig(block_size=16, dense_layers=100)):
+        assert torch.equal(_run(model, inputs), stock)
+    with apply_radial_attention(model, RadialConfig(block_size=16, decay_factor=0.1)):
+        sparse = _run(model, inputs)
+    assert torch.isfinite(sparse).all()
+    assert not torch.allclose(sparse, stock, atol=1e-4)
+    assert torch.equal(_run(model, inputs), stock)
+
+
+def _token_mask(block_mask, block, q_len, kv_len):
+    expanded = block_mask.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return expanded[:q_len, :kv_len]
+
+
+def test_wan_sparse_processor_equals_masked_stock_attention():
+    """Radial output == the stock processor given the token-level expansion of the Radial block mask."""
+    model, _ = tiny_models.wan()
+    attn = model.blocks[0].attn1
+    grid = VideoGrid(6, 4, 10)  # 40 tokens per frame: frames straddle 16-token blocks
+    radial = RadialAttention(RadialConfig(block_size=16, decay_factor=0.5), "wan", None)
+    radial.set_grid(grid)
+    x = torch.randn(2, grid.tokens, attn.inner_dim)
+    cos, sin = torch.randn(1, grid.tokens, 1, 12), torch.randn(1, grid.tokens, 1, 12)
+    blocks = radial_block_mask(6, 40, block_size=16, decay_factor=0.5, model="wan")
+    assert not blocks.all()
+    token_mask = _token_mask(blocks, 16, grid.tokens, grid.tokens)
+    with torch.no_grad():
+        expected = attn.processor(attn, x, None, token_mask[None, None], (cos, sin))
+        got = WanRadialAttnProcessor(radial, layer_index=0)(attn, x, None, None, (cos, sin))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_attend_with_text_segment_and_padded_keys(text_first):
+    grid, text = VideoGrid(5, 4, 8), 11
+    radial = RadialAttention(RadialConfig(block_size=16, decay_factor=0.3), "hunyuan", None)
+    radial.set_grid(grid)
+    n = grid.tokens + text
+    q, k, v = (torch.randn(3, n, 2, 16, dtype=torch.float64) for _ in range(3))
+    valid = torch.tensor([11, 4, 11])
+    out = radial.attend(q, k, v, layer_index=0, dense=None, text_tokens=text, text_first=text_first, valid_text_tokens=valid)
+    blocks = radial_block_mask(5, 32, block_size=16, decay_factor=0.3, model="hunyuan", text_tokens=text)
+    mask = _token_mask(blocks, 16, n, n)[None].repeat(3, 1, 1)
+    mask[:, :, grid.tokens :] &= torch.arange(text)[None, None] < valid[:, None, None]
+    order = torch.cat([torch.arange(text, n), torch.arange(text)]) if text_first else torch.arange(n)
+    inverse = torch.argsort(order)
+    qs, ks, vs = (t[:, order].transpose(1, 2) for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None]).transpose(1, 2)[:, inverse]
+    torch.testing.assert_close(out, ref)
+
+
+def test_mask_follows_the_grid_of_each_call():
+    model, inputs = tiny_models.wan(frames=2)
+    with apply_radial_attention(model, SPARSE_ANYWHERE) as handle:
+        _run(model, inputs)
+        assert handle.radial[0].grid == VideoGrid(2, 8, 16)
+        other_model, other = tiny_models.wan(frames=5, height=8, width=16)
+        out = _run(model, other)
+        assert handle.radial[0].grid == VideoGrid(5, 4, 8)
+        assert out.shape == other["hidden_states"].shape
+
+
+def test_step_policy_dense_first_and_last_steps():
+    model, inputs = tiny_models.wan(frames=4)
+    stock = _run(model, inputs)
+    step = {"now": (0, 10)}
+    config = RadialConfig(block_size=16, decay_factor=0.1, dense_steps=2, dense_last_steps=1)
+    with apply_radial_attention(model, config, step_source=lambda: step["now"]):
+        results = {}
+        for index in (0, 1, 2, 8, 9):
+            step["now"] = (index, 10)
+            results[index] = _run(model, inputs)
+    for index in (0, 1, 9):
+        assert torch.equal(results[index], stock)
+    for index in (2, 8):
+        assert not torch.allclose(results[index], stock, atol=1e-4)
+
+
+def test_invalid_configs_and_targets():
+    with pytest.raises(ValueError, match="decay_factor"):
+        RadialConfig(decay_factor=0)
+    with pytest.raises(ValueError, match="block_size"):
+        RadialConfig(block_size=100)
+    with pytest.raises(ValueError, match="model"):
+        RadialConfig(model="sora")
+    with pytest.raises(ValueError, match="dense_steps"):
+        RadialConfig(dense_steps=-1)
+    with pytest.raises(ValueError, match="name"):
+        RadialConfig.preset("no-such-model")
+    model, _ = tiny_models.wan()
+    with pytest.raises(ValueError, match="step_source"):
+        apply_radial_attention(model, RadialConfig(dense_steps=3))
+    with pytest.raises(TypeError, match="transformer must be one of"):
+        apply_radial_attention(torch.nn.Linear(2, 2), RadialConfig())
+    with apply_radial_attention(model, RadialConfig()):
+        with pytest.raises(ValueError, match="already has Radial"):
+            apply_radial_attention(model, RadialConfig())
+
+
+def test_presets_load():
+    from mmattn.diffusion import preset_names
+
+    assert {"wan2.1-t2v-14b", "wan2.2-t2v-a14b", "hunyuan-video", "cogvideox", "mochi-1", "ltx-video"} <= set(preset_names())
+    wan22 = RadialConfig.preset("wan2.2-t2v-a14b")
+    assert (wan22.block_size, wan22.decay_factor, wan22.dense_steps, wan22.dense_layers) == (64, 0.8, 11, 1)
+    hunyuan = RadialConfig.preset("hunyuan-video")
+    assert (hunyuan.decay_factor, hunyuan.dense_steps, hunyuan.dense_layers, hunyuan.model) == (0.95, 12, 0, "hunyuan")

@@ -1,0 +1,351 @@
+"""NAT and DiNAT (Neighborhood Attention Transformer, CVPR 2023; Dilated NAT): hierarchical NA backbones.
+
+Official code: SHI-Labs/Neighborhood-Attention-Transformer, classification/nat.py and dinat.py. A conv tokenizer
+(two 3x3 s2 convs, no norm between, then LN), four levels of pre-norm NA blocks (optional layer scale), a
+3x3 s2 conv downsampler + LN *inside* each of the first three levels, final LN, mean pool, linear head. DiNAT is
+NAT with a dilation per block (every other block dilated to cover the whole map at 224). Module names are the
+official ones, so the official (raw) state dicts load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from torch import nn
+from torch.nn.init import trunc_normal_
+
+from ..layers.neighborhood import NeighborhoodAttention
+
+__all__ = ["NAT", "checkpoint_filter_fn"]
+
+
+class ConvTokenizer(nn.Module):
+    """Two overlapping 3x3 stride-2 convs (no norm/activation between) and a LayerNorm; NCHW in, NHWC out."""
+
+    def __init__(self, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1),
+            nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1),
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class ConvDownsampler(nn.Module):
+    """3x3 stride-2 conv (no bias) doubling the channels, then LayerNorm; NHWC in and out."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class NATBlock(nn.Module):
+    """``x += DropPath(g1 * NA(LN x)); x += DropPath(g2 * MLP(LN x))``; g1, g2 (layer scale) only if set."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int,
+        dilation: int,
+        mlp_ratio: float,
+        drop_path: float,
+        layer_scale: float | None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale is not None:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        else:
+            self.gamma1 = self.gamma2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn(self.norm1(x))
+        x = x + self.drop_path(attn if self.gamma1 is None else self.gamma1 * attn)
+        mlp = self.mlp(self.norm2(x))
+        return x + self.drop_path(mlp if self.gamma2 is None else self.gamma2 * mlp)
+
+
+class NATLevel(nn.Module):
+    """NA blocks, then (levels 0-2) the downsampler; ``forward`` returns (pre-downsample map, level output)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int,
+        dilations: list[int],
+        mlp_ratio: float,
+        drop_path: list[float],
+        layer_scale: float | None,
+        downsample: bool,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            NATBlock(dim, num_heads, kernel_size, d, mlp_ratio, dp, layer_scale) for d, dp in zip(dilations, drop_path)
+        )
+        self.downsample = ConvDownsampler(dim) if downsample else None
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for block in self.blocks:
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+        return x, (x if self.downsample is None else self.downsample(x))
+
+
+class NAT(nn.Module):
+    """NAT / DiNAT classifier and backbone. ``dilations``: one list per level (None: NAT, all 1).
+
+    ``forward_features`` returns the normalized last map, channels-last ``(B, H/32, W/32, 8C)``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 64,
+        depths: tuple[int, ...] = (3, 4, 18, 5),
+        num_heads: tuple[int, ...] = (2, 4, 8, 16),
+        kernel_size: int = 7,
+        dilations: list[list[int]] | None = None,
+        mlp_ratio: float = 3.0,
+        layer_scale: float | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        dilations = [[1] * depth for depth in depths] if dilations is None else [list(d) for d in dilations]
+        if [len(d) for d in dilations] != list(depths):
+            raise ValueError(f"dilations must hold one list of {list(depths)} dilations per level, got {dilations}")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = embed_dim * 2 ** (len(depths) - 1)
+        self.patch_embed = ConvTokenizer(in_chans, embed_dim)
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        self.levels = nn.ModuleList()
+        self.feature_info = []
+        for i, depth in enumerate(depths):
+            dim, start = embed_dim * 2**i, sum(depths[:i])
+            self.levels.append(
+                NATLevel(
+                    dim, num_heads[i], kernel_size, dilations[i], mlp_ratio, rates[start : start + depth],
+                    layer_scale, downsample=i < len(depths) - 1,
+                )
+            )  # fmt: skip
+            self.feature_info.append({"num_chs": dim, "reduction": 4 * 2**i, "module": f"levels.{i}"})
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"rpb"}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        blocks = r"^levels\.(\d+)" if coarse else [(r"^levels\.(\d+)\.blocks\.(\d+)", None), (r"^levels\.(\d+)\.downsample", (0,))]
+        return {"stem": r"^patch_embed", "blocks": blocks}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for level in self.levels:
+            level.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each level's map before its downsampler (``C * 2**i`` channels, stride ``4 * 2**i``) at ``indices``;
+        ``norm`` applies the final norm to the last level's map."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.levels), indices)
+        levels = self.levels if not stop_early else self.levels[: max_index + 1]
+        x = self.pos_drop(self.patch_embed(x))
+        intermediates = []
+        for i, level in enumerate(levels):
+            feature, x = level(x)
+            if i in take_indices:
+                if norm and i == len(self.levels) - 1:
+                    feature = self.norm(feature)
+                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.levels), indices)
+        self.levels = self.levels[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pos_drop(self.patch_embed(x))
+        for level in self.levels:
+            _, x = level(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NAT) -> dict[str, torch.Tensor]:
+    """Official NAT/DiNAT files are raw state dicts with our key names; unwrap ``model``/``state_dict`` containers
+    written by training scripts (timm's, the official one's)."""
+    return state_dict.get("state_dict_ema", state_dict.get("state_dict", state_dict.get("model", state_dict)))
+
+
+def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        NAT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
+        **kwargs,
+    )
+
+
+def _cfg(url: str, **kwargs) -> dict:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj.0",
+        "classifier": "head",
+        "license": "mit",
+        **kwargs,
+    }
+
+
+_NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth"
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth"
+# DiNAT at 224: dilated blocks alternate with plain ones, the dilation covering the level's map (56/7, 28/7, 14/7).
+_DINAT_DILATIONS_224 = ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5)
+_DINAT_MINI_DILATIONS_224 = ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5)
+
+default_cfgs = generate_default_cfgs(
+    {
+        **{f"nat_{size}.in1k": _cfg(_NAT_URL.format(f"nat_{size}")) for size in ("mini", "tiny", "small", "base")},
+        **{f"dinat_{size}.in1k": _cfg(_DINAT_URL.format(f"dinat_{size}")) for size in ("mini", "tiny", "small", "base")},
+    }
+)
+
+
+@register_model
+def nat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = {"embed_dim": 64, "depths": (3, 4, 6, 5), "num_heads": (2, 4, 8, 16), "mlp_ratio": 3}
+    return _create_nat("nat_mini", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = {"embed_dim": 64, "depths": (3, 4, 18, 5), "num_heads": (2, 4, 8, 16), "mlp_ratio": 3}
+    return _create_nat("nat_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_small(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = {"embed_dim": 96, "depths": (3, 4, 18, 5), "num_heads": (3, 6, 12, 24), "mlp_ratio": 2,
+                  "layer_scale": 1e-5, "drop_path_rate": 0.3}  # fmt: skip
+    return _create_nat("nat_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_base(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = {"embed_dim": 128, "depths": (3, 4, 18, 5), "num_heads": (4, 8, 16, 32), "mlp_ratio": 2,
+                  "layer_scale": 1e-5, "drop_path_rate": 0.5}  # fmt: skip
+    return _create_nat("nat_base", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = {"embed_dim": 64, "depths": (3, 4, 6, 5), "num_heads": (2, 4, 8, 16), "mlp_ratio": 3,
+                  "dilations": _DINAT_MINI_DILATIONS_224}  # fmt: skip
+    return _create_nat("dinat_mini", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = {"embed_dim": 64, "depths": (3, 4, 18, 5), "num_heads": (2, 4, 8, 16), "mlp_ratio": 3,
+                  "dilations": _DINAT_DILATIONS_224}  # fmt: skip
+    return _create_nat("dinat_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_small(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = {"embed_dim": 96, "depths": (3, 4, 18, 5), "num_heads": (3, 6, 12, 24), "mlp_ratio": 2,
+                  "drop_path_rate": 0.3, "dilations": _DINAT_DILATIONS_224}  # fmt: skip
+    return _create_nat("dinat_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_base(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = {"embed_dim": 128, "depths": (3, 4, 18, 5), "num_heads": (4, 8, 16, 32), "mlp_ratio": 2,
+                  "layer_scale": 1e-5, "drop_path_rate": 0.5, "dilations": _DINAT_DILATIONS_224}  # fmt: skip
+    return _create_nat("dinat_base", pretrained, **dict(model_args, **kwargs))

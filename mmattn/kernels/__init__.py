@@ -188,7 +188,7 @@ def neighborhood_attention(
     spatial = q.shape[2:-1]
     q, k, v = (t.flatten(2, -2) for t in (q, k, v))
     if backend == "triton":
-        from .ops import neighborhood_attend
+        from .na_ops import neighborhood_attend
 
         out, lse = neighborhood_attend(q, k, v, nbhd, rpb, scale)
     elif backend == "flex":

@@ -113,6 +113,24 @@ class Neighborhood:
         key_p = torch.minimum(key_p, hi[:, None])
         return key_p * d + group[:, None], valid, key_p - p[:, None] + k - 1
 
+    def neighbors(self, start: int, end: int, device: torch.device | str = "cpu"):
+        """For flat queries `[start, end)`: key indices `(C, K)`, validity `(C, K)` and per-axis bias indices
+        (broadcastable to `(C, k0, k1, ...)`), with the `K = prod(kernel_size)` slots in row-major window order."""
+        coords = torch.unravel_index(torch.arange(start, end, device=device), self.shape)
+        ndim = len(self.shape)
+        key_index, valid, rpb_index = 0, True, []
+        token_stride = 1
+        for axis in reversed(range(ndim)):
+            keys, ok, bias = (t[coords[axis]] for t in self.axis_keys(axis, device))
+            view = [-1] + [1] * ndim
+            view[axis + 1] = self.kernel_size[axis]
+            key_index = key_index + keys.view(view) * token_stride
+            valid = ok.view(view) & valid
+            rpb_index.insert(0, bias.view(view))
+            token_stride *= self.shape[axis]
+        count = end - start
+        return key_index.reshape(count, -1), valid.reshape(count, -1), rpb_index
+
     def allowed(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         """Whether flat query `q_idx` attends flat key `kv_idx` (row-major token order): a FlexAttention `mask_mod` body."""
         allowed = torch.ones_like(q_idx, dtype=torch.bool)

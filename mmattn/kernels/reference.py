@@ -79,26 +79,8 @@ def block_sparse_attention(
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _neighbor_indices(nbhd: Neighborhood, start: int, end: int, device):
-    """For flat queries `[start, end)`: flat key indices `(C, K)`, validity `(C, K)` and per-axis bias indices."""
-    coords = torch.unravel_index(torch.arange(start, end, device=device), nbhd.shape)
-    ndim = len(nbhd.shape)
-    key_index, valid, rpb_index = 0, True, []
-    token_stride = 1
-    for axis in reversed(range(ndim)):
-        keys, ok, bias = (t[coords[axis]] for t in nbhd.axis_keys(axis, device))
-        view = [-1] + [1] * ndim
-        view[axis + 1] = nbhd.kernel_size[axis]
-        key_index = key_index + keys.view(view) * token_stride
-        valid = ok.view(view) & valid
-        rpb_index.insert(0, bias.view(view))
-        token_stride *= nbhd.shape[axis]
-    count = end - start
-    return key_index.reshape(count, -1), valid.reshape(count, -1), rpb_index
-
-
 def _neighborhood_chunk(q, k, v, rpb, nbhd: Neighborhood, start: int, scale: float):
-    key_index, valid, rpb_index = _neighbor_indices(nbhd, start, start + q.shape[2], q.device)
+    key_index, valid, rpb_index = nbhd.neighbors(start, start + q.shape[2], q.device)
     keys, values = k[:, :, key_index], v[:, :, key_index]  # (B, H, C, K, D)
     scores = torch.einsum("bhcd,bhckd->bhck", q, keys) * scale
     if rpb is not None:

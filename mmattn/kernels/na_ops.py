@@ -1,0 +1,196 @@
+"""The fused neighborhood attention kernels with autograd, for eager use, training and `torch.compile`.
+
+`neighborhood_attend(...)` is the entry point: eagerly an `autograd.Function` launching the kernels, under
+torch.compile the custom ops `mmattn::neighborhood_fwd` / `mmattn::neighborhood_bwd` (opaque in a full graph).
+The pattern travels as 15 ints (`_pattern`): extents, kernel sizes, dilations, strides and causal flags,
+each padded to three axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+from torch.library import custom_op
+
+from .neighborhood import Neighborhood
+from .ops import _rows_contiguous, _size_bucket
+from .triton import neighborhood as fna
+
+__all__ = ["neighborhood_attend", "neighborhood_bwd", "neighborhood_fwd"]
+
+
+def _pattern(nbhd: Neighborhood) -> list[int]:
+    pad = 3 - len(nbhd.shape)
+    fields = (nbhd.shape, nbhd.kernel_size, nbhd.dilation, nbhd.stride, nbhd.is_causal)
+    return [int(x) for field, fill in zip(fields, (1, 1, 1, 1, 0)) for x in (fill,) * pad + tuple(field)]
+
+
+def _launch_args(q: torch.Tensor, k: torch.Tensor, pattern: list[int], has_rpb: bool) -> dict:
+    shape, kernel, dilation, stride, causal = (pattern[i : i + 3] for i in range(0, 15, 3))
+    head_dim = q.shape[-1]
+    longest_group = max(-(-n // d) for n, d in zip(shape, dilation))
+    args = {
+        "GROUPS": q.shape[1] // k.shape[1],
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+        "HAS_RPB": has_rpb,
+        "STEPS": longest_group.bit_length() + 1,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+    }
+    for name, values in zip("KDSC", (kernel, dilation, stride, causal)):
+        args.update({f"{name}{a}": (bool(v) if name == "C" else v) for a, v in enumerate(values)})
+    return args
+
+
+def _grid(pattern: list[int], tile: str, rows: int):
+    shape, dilation = pattern[0:3], pattern[6:9]
+
+    def grid(meta):
+        tiles = math.prod(triton.cdiv(triton.cdiv(n, d), meta[f"{tile}{a}"]) * d for a, (n, d) in enumerate(zip(shape, dilation)))
+        return (tiles, rows)
+
+    return grid
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def forward_kernels(q, k, v, rpb, pattern: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`."""
+    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    batch, heads, tokens, _ = q.shape
+    out = q.new_empty(q.shape)
+    lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
+    launch = _launch_args(q, k, pattern, rpb is not None)
+    fna.fwd_kernel.launch(
+        _grid(pattern, "TQ", batch * heads), (q.dtype, _size_bucket(tokens), *launch.values()),
+        q, k, v, out, lse, rpb.contiguous() if rpb is not None else q,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads, *pattern[0:3], scale, size_bucket=_size_bucket(tokens), **launch,
+    )
+    return out, lse
+
+
+def backward_kernels(grad_out, grad_lse, q, k, v, out, lse, rpb, pattern: list[int], scale: float, rpb_grad: bool):
+    """Launches the backward kernels: `(dq, dk, dv, drpb)`, drpb empty unless `rpb_grad`."""
+    q, k, v, out, grad_out = (_rows_contiguous(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    batch, heads, tokens, head_dim = q.shape
+    kv_heads = k.shape[1]
+    launch = _launch_args(q, k, pattern, rpb is not None)
+    tune_key = (q.dtype, _size_bucket(tokens), *launch.values())
+    delta = torch.empty_like(lse)
+    fna.preprocess_kernel[(triton.cdiv(tokens, 64), batch * heads)](
+        out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
+        *_strides(out), *_strides(grad_out), heads, tokens,
+        HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=launch["BLOCK_D"], BLOCK_M=64,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rpb_arg = rpb.contiguous() if rpb is not None else q
+    neighbors = math.prod(pattern[3:6])
+    ds = torch.zeros((batch, heads, tokens, neighbors), device=q.device, dtype=torch.float32) if rpb_grad else q
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    fna.dq_kernel.launch(
+        _grid(pattern, "TQ", batch * heads), tune_key,
+        q, k, v, grad_out, lse, delta, dq, rpb_arg, ds, *common, *_strides(dq),
+        heads, *pattern[0:3], scale, size_bucket=_size_bucket(tokens), WRITE_DS=rpb_grad, **launch,
+    )
+    fna.dkdv_kernel.launch(
+        _grid(pattern, "TK", batch * kv_heads), tune_key,
+        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, *common, *_strides(dk),
+        heads, kv_heads, *pattern[0:3], scale, size_bucket=_size_bucket(tokens), **launch,
+    )
+    drpb = _bias_gradient(ds, rpb, pattern) if rpb_grad else q.new_empty(0)
+    return dq, dk, dv, drpb
+
+
+def _bias_gradient(ds: torch.Tensor, rpb: torch.Tensor, pattern: list[int]) -> torch.Tensor:
+    """d rpb: dS (neighbor layout) summed over the batch and scattered to each pair's bias offset."""
+    shape, kernel, dilation, stride, causal = (pattern[i : i + 3] for i in range(0, 15, 3))
+    ndim = rpb.dim() - 1
+    nbhd = Neighborhood.create(shape[3 - ndim :], kernel[3 - ndim :], dilation[3 - ndim :], stride[3 - ndim :],
+                               [bool(c) for c in causal[3 - ndim :]])
+    _, valid, rpb_index = nbhd.neighbors(0, nbhd.num_tokens, ds.device)
+    flat = 0
+    for index, extent in zip(rpb_index, nbhd.rpb_shape):
+        flat = flat * extent + index
+    flat = flat.expand(valid.shape[0], *nbhd.kernel_size).reshape(valid.shape)
+    grad = torch.zeros((rpb.shape[0], math.prod(nbhd.rpb_shape)), device=ds.device, dtype=torch.float32)
+    grad.index_add_(1, flat[valid], ds.sum(0)[:, valid])
+    return grad.view(rpb.shape).to(rpb.dtype)
+
+
+@custom_op("mmattn::neighborhood_fwd", mutates_args=())
+def neighborhood_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, pattern: list[int], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused neighborhood attention forward on flat tokens: `(out, lse)`."""
+    return forward_kernels(q, k, v, rpb, pattern, scale)
+
+
+@custom_op("mmattn::neighborhood_bwd", mutates_args=())
+def neighborhood_bwd(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, rpb: torch.Tensor | None, pattern: list[int], scale: float, rpb_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused neighborhood attention backward: `(dq, dk, dv, drpb)`, drpb empty unless `rpb_grad`."""
+    return backward_kernels(grad_out, grad_lse, q, k, v, out, lse, rpb, pattern, scale, rpb_grad)
+
+
+@neighborhood_fwd.register_fake
+def _fwd_fake(q, k, v, rpb, pattern, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@neighborhood_bwd.register_fake
+def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, rpb, pattern, scale, rpb_grad):
+    drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpb
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, rpb, pattern, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, rpb)
+    ctx.pattern, ctx.scale = pattern, scale
+
+
+def _backward_through(launch):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, rpb = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        rpb_grad = rpb is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, drpb = launch(grad_out, grad_lse, q, k, v, out, lse, rpb, ctx.pattern, ctx.scale, rpb_grad)
+        return dq, dk, dv, drpb if rpb_grad else None, None, None
+
+    return backward
+
+
+neighborhood_fwd.register_autograd(_backward_through(neighborhood_bwd), setup_context=_setup_context)
+
+
+class _NeighborhoodAttention(torch.autograd.Function):
+    """The eager path: the custom ops' forward and backward without the dispatcher's host cost."""
+
+    @staticmethod
+    def forward(q, k, v, rpb, pattern, scale):
+        return forward_kernels(q, k, v, rpb, pattern, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        _setup_context(ctx, inputs, output)
+
+    backward = staticmethod(_backward_through(backward_kernels))
+
+
+def neighborhood_attend(q, k, v, nbhd: Neighborhood, rpb: torch.Tensor | None, scale: float):
+    """Fused neighborhood attention on flat tokens `(B, H, N, D)`: `(out, lse)`, differentiable (rpb included)."""
+    args = (q, k, v, rpb, _pattern(nbhd), scale)
+    if torch.compiler.is_compiling():
+        return neighborhood_fwd(*args)
+    return _NeighborhoodAttention.apply(*args)

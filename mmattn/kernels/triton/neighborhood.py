@@ -1,0 +1,466 @@
+"""Fused neighborhood attention (FNA) in Triton: forward and an atomic-free backward, 1D/2D/3D.
+
+Every problem is treated as 3D (missing leading axes have extent 1 and kernel 1). Tokens are row-major
+`(B, H, L0 * L1 * L2, D)`. A program owns a multi-dimensional query tile of `TQ0 x TQ1 x TQ2` positions of
+one dilation group per axis (so its keys are one strided sub-grid) and walks the bounding box of its
+queries' windows in key tiles of `TK0 x TK1 x TK2`, gathering rows by address. Windows are monotone in the
+query position, so the box is given by the first and last query of the tile, and a key tile lying inside
+every query's window ("full tile") skips the element-wise mask. The backward mirrors FlashAttention-2: dK/dV
+per key tile over the queries whose windows reach it (found by bisection), dQ per query tile as in the
+forward; no program writes another's output, so it needs no atomics. With a relative position bias (NAT's
+`rpb`) the dQ kernel also writes dS in neighbor layout `(B, H, N, prod(K))` for the bias gradient.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from .block_sparse import TunedKernel, _bwd_preprocess
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _window(p, n, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr):
+    """Inclusive window [lo, hi] of group coordinate p on a group of n positions (see `axis_window`)."""
+    if CAUSAL:
+        leader = tl.minimum(p // S * S + S - 1, n - 1)
+        lo = tl.maximum(leader - K + 1, 0)
+        hi = p
+    else:
+        leader = tl.minimum(p // S * S + S // 2, n - 1)
+        center = tl.maximum(tl.minimum(leader, n - 1 - (K // 2 + K % 2 - 1)), K // 2)
+        lo = center - K // 2
+        hi = center + (K // 2 + K % 2 - 1)
+    return lo, hi
+
+
+@triton.jit
+def _tile_origin(t, L, D: tl.constexpr, T: tl.constexpr):
+    """Tile `t` of an axis tiled per dilation group: (group, group length, first group coordinate)."""
+    tiles = tl.cdiv(tl.cdiv(L, D), T)
+    g = t // tiles
+    return g, (L - g + D - 1) // D, (t % tiles) * T
+
+
+@triton.jit
+def _num_tiles(L, D: tl.constexpr, T: tl.constexpr):
+    return tl.cdiv(tl.cdiv(L, D), T) * D
+
+
+@triton.jit
+def _split3(i, N1, N2):
+    """Row-major (i0, i1, i2) of a flat index over a (*, N1, N2) grid."""
+    return i // (N1 * N2), (i // N2) % N1, i % N2
+
+
+@triton.jit
+def _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """Flat row-major token index of group coordinates p (in groups g)."""
+    return ((p0 * D0 + g0) * L1 + (p1 * D1 + g1)) * L2 + (p2 * D2 + g2)
+
+
+@triton.jit
+def _gather(base, tokens, ok, cols, stride_n, HEAD_DIM: tl.constexpr):
+    ptrs = base + tl.where(ok, tokens, 0)[:, None].to(tl.int64) * stride_n + cols[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _scatter(base, value, tokens, ok, cols, stride_n, HEAD_DIM: tl.constexpr):
+    ptrs = base + tl.where(ok, tokens, 0)[:, None].to(tl.int64) * stride_n + cols[None, :]
+    tl.store(ptrs, value, mask=ok[:, None] & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _inside(kp0, kp1, kp2, lo0, lo1, lo2, hi0, hi1, hi2):
+    """Key coordinates kp inside the query windows [lo, hi] on all axes (arguments broadcast to 2D)."""
+    return (kp0 >= lo0) & (kp0 <= hi0) & (kp1 >= lo1) & (kp1 <= hi1) & (kp2 >= lo2) & (kp2 <= hi2)
+
+
+@triton.jit
+def _bias(Rpb, kp0, kp1, kp2, p0, p1, p2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """Relative position bias (scaled to base 2) at offset (key - query) per axis; indices clamped in range
+    (pairs outside the window are masked by the caller). Arguments broadcast to 2D."""
+    i0 = tl.minimum(tl.maximum(kp0 - p0 + K0 - 1, 0), 2 * K0 - 2)
+    i1 = tl.minimum(tl.maximum(kp1 - p1 + K1 - 1, 0), 2 * K1 - 2)
+    i2 = tl.minimum(tl.maximum(kp2 - p2 + K2 - 1, 0), 2 * K2 - 2)
+    return tl.load(Rpb + (i0 * (2 * K1 - 1) + i1) * (2 * K2 - 1) + i2).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _covers(first, last, lo_last, hi_first):
+    """A tile of keys [first, last] lies in every window of a query range (monotone windows: the last query's
+    start and the first query's end bound them all)."""
+    return (lo_last <= first) & (last <= hi_first)
+
+
+@triton.jit
+def _first_reaching(first_key, n, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr, STEPS: tl.constexpr):
+    """Smallest group coordinate p whose window ends at or after `first_key` (bisection; n if none)."""
+    lo_b = first_key * 0
+    hi_b = n
+    for _ in range(STEPS):
+        mid = (lo_b + hi_b) // 2
+        _, end = _window(mid, n, K, S, CAUSAL)
+        right = (end < first_key) & (lo_b < hi_b)
+        lo_b = tl.where(right, mid + 1, lo_b)
+        hi_b = tl.where(right | (lo_b >= hi_b), hi_b, mid)
+    return lo_b
+
+
+@triton.jit
+def _last_reaching(last_key, n, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr, STEPS: tl.constexpr):
+    """Largest group coordinate p whose window starts at or before `last_key` (bisection)."""
+    lo_b = last_key * 0
+    hi_b = n
+    for _ in range(STEPS):
+        mid = (lo_b + hi_b) // 2
+        start, _ = _window(mid, n, K, S, CAUSAL)
+        right = (start <= last_key) & (lo_b < hi_b)
+        lo_b = tl.where(right, mid + 1, lo_b)
+        hi_b = tl.where(right | (lo_b >= hi_b), hi_b, mid)
+    return lo_b - 1
+
+
+@triton.jit
+def _tile(pid, L0, L1, L2, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+          T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Tile `pid` of the grid tiled per dilation group: groups g, group lengths n, first coordinates f."""
+    t0, t1, t2 = _split3(pid, _num_tiles(L1, D1, T1), _num_tiles(L2, D2, T2))
+    g0, n0, f0 = _tile_origin(t0, L0, D0, T0)
+    g1, n1, f1 = _tile_origin(t1, L1, D1, T1)
+    g2, n2, f2 = _tile_origin(t2, L2, D2, T2)
+    return g0, g1, g2, n0, n1, n2, f0, f1, f2
+
+
+@triton.jit(do_not_specialize=["L0", "L1", "L2", "size_bucket"])
+def _fwd_kernel(
+    Q, K, V, Out, Lse, Rpb,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    num_heads, L0, L1, L2, sm_scale, size_bucket,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
+    TK2: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    kv_h = h // GROUPS
+    g0, g1, g2, n0, n1, n2, f0, f1, f2 = _tile(tl.program_id(0), L0, L1, L2, D0, D1, D2, TQ0, TQ1, TQ2)
+    l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
+    p0, p1, p2 = f0 + l0, f1 + l1, f2 + l2
+    rows_ok = (p0 < n0) & (p1 < n1) & (p2 < n2)
+    rows = _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0, D1, D2)
+    lo0, hi0 = _window(p0, n0, K0, S0, C0)
+    lo1, hi1 = _window(p1, n1, K1, S1, C1)
+    lo2, hi2 = _window(p2, n2, K2, S2, C2)
+    # Window bounds of the tile's first and last query per axis.
+    first_lo0, first_hi0 = _window(f0, n0, K0, S0, C0)
+    first_lo1, first_hi1 = _window(f1, n1, K1, S1, C1)
+    first_lo2, first_hi2 = _window(f2, n2, K2, S2, C2)
+    last_lo0, last_hi0 = _window(tl.minimum(f0 + TQ0 - 1, n0 - 1), n0, K0, S0, C0)
+    last_lo1, last_hi1 = _window(tl.minimum(f1 + TQ1 - 1, n1 - 1), n1, K1, S1, C1)
+    last_lo2, last_hi2 = _window(tl.minimum(f2 + TQ2 - 1, n2 - 1), n2, K2, S2, C2)
+    nk1 = tl.cdiv(last_hi1 - first_lo1 + 1, TK1)
+    nk2 = tl.cdiv(last_hi2 - first_lo2 + 1, TK2)
+    n_tiles = tl.cdiv(last_hi0 - first_lo0 + 1, TK0) * nk1 * nk2
+
+    offs_d = tl.arange(0, BLOCK_D)
+    m0, m1, m2 = _split3(tl.arange(0, TK0 * TK1 * TK2), TK1, TK2)
+    q = _gather(Q + b * stride_qb + h * stride_qh, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    rpb_h = Rpb + h * (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([TQ0 * TQ1 * TQ2], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([TQ0 * TQ1 * TQ2], dtype=tl.float32)
+    acc = tl.zeros([TQ0 * TQ1 * TQ2, BLOCK_D], dtype=tl.float32)
+    for it in range(n_tiles):
+        j0, j1, j2 = _split3(it, nk1, nk2)
+        s0, s1, s2 = first_lo0 + j0 * TK0, first_lo1 + j1 * TK1, first_lo2 + j2 * TK2
+        kp0, kp1, kp2 = s0 + m0, s1 + m1, s2 + m2
+        cols_ok = (kp0 <= last_hi0) & (kp1 <= last_hi1) & (kp2 <= last_hi2)
+        cols = _tokens(kp0, kp1, kp2, g0, g1, g2, L1, L2, D0, D1, D2)
+        k = _gather(k_base, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
+        v = _gather(v_base, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_RPB:
+            s += _bias(rpb_h, kp0[None, :], kp1[None, :], kp2[None, :], p0[:, None], p1[:, None], p2[:, None],
+                       K0, K1, K2)
+        full = (_covers(s0, s0 + TK0 - 1, last_lo0, first_hi0) & _covers(s1, s1 + TK1 - 1, last_lo1, first_hi1)
+                & _covers(s2, s2 + TK2 - 1, last_lo2, first_hi2))
+        if not full:
+            inside = _inside(kp0[None, :], kp1[None, :], kp2[None, :], lo0[:, None], lo1[:, None], lo2[:, None],
+                             hi0[:, None], hi1[:, None], hi2[:, None])
+            s = tl.where(inside, s, float("-inf"))
+        # Rows with no visible key so far keep m = -inf and are shifted by 0 (no inf - inf).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    _scatter(Out + b * stride_ob + h * stride_oh, out.to(Out.dtype.element_ty), rows, rows_ok, offs_d, stride_on,
+             HEAD_DIM)
+    tl.store(Lse + pid_bh.to(tl.int64) * (L0 * L1 * L2) + rows, lse, mask=rows_ok)
+
+
+@triton.jit(do_not_specialize=["L0", "L1", "L2", "size_bucket"])
+def _dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, Rpb, DS,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_dqb, stride_dqh, stride_dqn,
+    num_heads, L0, L1, L2, sm_scale, size_bucket,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    WRITE_DS: tl.constexpr, STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
+    TK2: tl.constexpr,
+):
+    """dQ per query tile (the forward's walk); with WRITE_DS also dS in neighbor layout for the bias gradient."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    kv_h = h // GROUPS
+    g0, g1, g2, n0, n1, n2, f0, f1, f2 = _tile(tl.program_id(0), L0, L1, L2, D0, D1, D2, TQ0, TQ1, TQ2)
+    l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
+    p0, p1, p2 = f0 + l0, f1 + l1, f2 + l2
+    rows_ok = (p0 < n0) & (p1 < n1) & (p2 < n2)
+    rows = _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0, D1, D2)
+    lo0, hi0 = _window(p0, n0, K0, S0, C0)
+    lo1, hi1 = _window(p1, n1, K1, S1, C1)
+    lo2, hi2 = _window(p2, n2, K2, S2, C2)
+    first_lo0, first_hi0 = _window(f0, n0, K0, S0, C0)
+    first_lo1, first_hi1 = _window(f1, n1, K1, S1, C1)
+    first_lo2, first_hi2 = _window(f2, n2, K2, S2, C2)
+    last_lo0, last_hi0 = _window(tl.minimum(f0 + TQ0 - 1, n0 - 1), n0, K0, S0, C0)
+    last_lo1, last_hi1 = _window(tl.minimum(f1 + TQ1 - 1, n1 - 1), n1, K1, S1, C1)
+    last_lo2, last_hi2 = _window(tl.minimum(f2 + TQ2 - 1, n2 - 1), n2, K2, S2, C2)
+    nk1 = tl.cdiv(last_hi1 - first_lo1 + 1, TK1)
+    nk2 = tl.cdiv(last_hi2 - first_lo2 + 1, TK2)
+    n_tiles = tl.cdiv(last_hi0 - first_lo0 + 1, TK0) * nk1 * nk2
+
+    offs_d = tl.arange(0, BLOCK_D)
+    m0, m1, m2 = _split3(tl.arange(0, TK0 * TK1 * TK2), TK1, TK2)
+    q = _gather(Q + b * stride_qb + h * stride_qh, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
+    do = _gather(DOut + b * stride_db + h * stride_dh, rows, rows_ok, offs_d, stride_dn, HEAD_DIM)
+    row_base = pid_bh.to(tl.int64) * (L0 * L1 * L2)
+    lse = tl.load(Lse + row_base + rows, mask=rows_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    rpb_h = Rpb + h * (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    ds_rows = DS + (row_base + rows.to(tl.int64)) * (K0 * K1 * K2)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([TQ0 * TQ1 * TQ2, BLOCK_D], dtype=tl.float32)
+    for it in range(n_tiles):
+        j0, j1, j2 = _split3(it, nk1, nk2)
+        s0, s1, s2 = first_lo0 + j0 * TK0, first_lo1 + j1 * TK1, first_lo2 + j2 * TK2
+        kp0, kp1, kp2 = s0 + m0, s1 + m1, s2 + m2
+        cols_ok = (kp0 <= last_hi0) & (kp1 <= last_hi1) & (kp2 <= last_hi2)
+        cols = _tokens(kp0, kp1, kp2, g0, g1, g2, L1, L2, D0, D1, D2)
+        k = _gather(k_base, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
+        v = _gather(v_base, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_RPB:
+            s += _bias(rpb_h, kp0[None, :], kp1[None, :], kp2[None, :], p0[:, None], p1[:, None], p2[:, None],
+                       K0, K1, K2)
+        inside = _inside(kp0[None, :], kp1[None, :], kp2[None, :], lo0[:, None], lo1[:, None], lo2[:, None],
+                         hi0[:, None], hi1[:, None], hi2[:, None])
+        full = (_covers(s0, s0 + TK0 - 1, last_lo0, first_hi0) & _covers(s1, s1 + TK1 - 1, last_lo1, first_hi1)
+                & _covers(s2, s2 + TK2 - 1, last_lo2, first_hi2))
+        if not full:
+            s = tl.where(inside, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if WRITE_DS:
+            slot = ((kp0[None, :] - lo0[:, None]) * K1 + (kp1[None, :] - lo1[:, None])) * K2 + (kp2[None, :] - lo2[:, None])
+            tl.store(ds_rows[:, None] + slot, ds, mask=inside & rows_ok[:, None])
+
+    _scatter(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty), rows, rows_ok, offs_d,
+             stride_dqn, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["L0", "L1", "L2", "size_bucket"])
+def _dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, Rpb,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_dkb, stride_dkh, stride_dkn,
+    num_heads, num_kv_heads, L0, L1, L2, sm_scale, size_bucket,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
+    TK2: tl.constexpr,
+):
+    """dK, dV per key tile, over the query tiles of the queries whose windows reach it (inverse neighborhood)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kv_h = (pid_bh % num_kv_heads).to(tl.int64)
+    g0, g1, g2, n0, n1, n2, f0, f1, f2 = _tile(tl.program_id(0), L0, L1, L2, D0, D1, D2, TK0, TK1, TK2)
+    m0, m1, m2 = _split3(tl.arange(0, TK0 * TK1 * TK2), TK1, TK2)
+    kp0, kp1, kp2 = f0 + m0, f1 + m1, f2 + m2
+    cols_ok = (kp0 < n0) & (kp1 < n1) & (kp2 < n2)
+    cols = _tokens(kp0, kp1, kp2, g0, g1, g2, L1, L2, D0, D1, D2)
+    e0, e1, e2 = tl.minimum(f0 + TK0 - 1, n0 - 1), tl.minimum(f1 + TK1 - 1, n1 - 1), tl.minimum(f2 + TK2 - 1, n2 - 1)
+    q_first0 = _first_reaching(f0, n0, K0, S0, C0, STEPS)
+    q_first1 = _first_reaching(f1, n1, K1, S1, C1, STEPS)
+    q_first2 = _first_reaching(f2, n2, K2, S2, C2, STEPS)
+    q_last0 = _last_reaching(e0, n0, K0, S0, C0, STEPS)
+    q_last1 = _last_reaching(e1, n1, K1, S1, C1, STEPS)
+    q_last2 = _last_reaching(e2, n2, K2, S2, C2, STEPS)
+    nq1 = tl.cdiv(q_last1 - q_first1 + 1, TQ1)
+    nq2 = tl.cdiv(q_last2 - q_first2 + 1, TQ2)
+    n_tiles = tl.cdiv(q_last0 - q_first0 + 1, TQ0) * nq1 * nq2
+
+    offs_d = tl.arange(0, BLOCK_D)
+    l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
+    k = _gather(K + b * stride_kb + kv_h * stride_kh, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
+    v = _gather(V + b * stride_vb + kv_h * stride_vh, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([TK0 * TK1 * TK2, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([TK0 * TK1 * TK2, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUPS):
+        h = kv_h * GROUPS + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_db + h * stride_dh
+        row_base = (b * num_heads + h) * (L0 * L1 * L2)
+        rpb_h = Rpb + h * (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+        for it in range(n_tiles):
+            j0, j1, j2 = _split3(it, nq1, nq2)
+            s0, s1, s2 = q_first0 + j0 * TQ0, q_first1 + j1 * TQ1, q_first2 + j2 * TQ2
+            p0, p1, p2 = s0 + l0, s1 + l1, s2 + l2
+            rows_ok = (p0 <= q_last0) & (p1 <= q_last1) & (p2 <= q_last2)
+            rows = _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0, D1, D2)
+            q = _gather(q_base, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
+            do = _gather(do_base, rows, rows_ok, offs_d, stride_dn, HEAD_DIM)
+            # Rows outside the range (and empty rows, lse = -inf) take lse = +inf: p = 0.
+            lse = tl.load(Lse + row_base + rows, mask=rows_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            if HAS_RPB:
+                s_t += _bias(rpb_h, kp0[:, None], kp1[:, None], kp2[:, None], p0[None, :], p1[None, :], p2[None, :],
+                             K0, K1, K2)
+            last_lo0, _ = _window(tl.minimum(s0 + TQ0 - 1, q_last0), n0, K0, S0, C0)
+            last_lo1, _ = _window(tl.minimum(s1 + TQ1 - 1, q_last1), n1, K1, S1, C1)
+            last_lo2, _ = _window(tl.minimum(s2 + TQ2 - 1, q_last2), n2, K2, S2, C2)
+            _, first_hi0 = _window(s0, n0, K0, S0, C0)
+            _, first_hi1 = _window(s1, n1, K1, S1, C1)
+            _, first_hi2 = _window(s2, n2, K2, S2, C2)
+            full = (_covers(f0, f0 + TK0 - 1, last_lo0, first_hi0) & _covers(f1, f1 + TK1 - 1, last_lo1, first_hi1)
+                    & _covers(f2, f2 + TK2 - 1, last_lo2, first_hi2))
+            if not full:
+                lo0, hi0 = _window(p0, n0, K0, S0, C0)
+                lo1, hi1 = _window(p1, n1, K1, S1, C1)
+                lo2, hi2 = _window(p2, n2, K2, S2, C2)
+                inside = _inside(kp0[:, None], kp1[:, None], kp2[:, None], lo0[None, :], lo1[None, :], lo2[None, :],
+                                 hi0[None, :], hi1[None, :], hi2[None, :])
+                s_t = tl.where(inside, s_t, float("-inf"))
+            p_t = tl.math.exp2(s_t - lse2[None, :])
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    dk_base = b * stride_dkb + kv_h * stride_dkh
+    _scatter(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, cols_ok, offs_d, stride_dkn, HEAD_DIM)
+    _scatter(DV + dk_base, dv.to(DV.dtype.element_ty), cols, cols_ok, offs_d, stride_dkn, HEAD_DIM)
+
+
+def _config(tq: tuple[int, int, int], tk: tuple[int, int, int], warps: int, stages: int) -> triton.Config:
+    names = ("TQ0", "TQ1", "TQ2", "TK0", "TK1", "TK2")
+    return triton.Config(dict(zip(names, (*tq, *tk))), num_warps=warps, num_stages=stages)
+
+
+# Tile shapes per dimensionality, best first (H100, head dim 32-128). 2D and 3D tiles are near-square in
+# group coordinates, so the bounding box of a tile's windows wastes the least.
+CONFIGS = [
+    _config((1, 1, 128), (1, 1, 64), 4, 3), _config((1, 1, 128), (1, 1, 128), 8, 3),
+    _config((1, 1, 64), (1, 1, 64), 4, 3),
+    _config((1, 8, 16), (1, 8, 16), 8, 3), _config((1, 16, 8), (1, 8, 16), 8, 3),
+    _config((1, 8, 16), (1, 8, 8), 4, 3), _config((1, 8, 8), (1, 8, 8), 4, 3),
+    _config((1, 16, 16), (1, 8, 16), 8, 2),
+    _config((2, 8, 8), (2, 8, 8), 8, 3), _config((2, 8, 8), (1, 8, 16), 8, 3), _config((4, 4, 8), (2, 8, 8), 8, 3),
+    _config((2, 4, 8), (2, 4, 8), 4, 3), _config((1, 8, 16), (2, 4, 8), 4, 3),
+]
+INTERPRETER_CONFIGS = [_config((1, 1, 16), (1, 1, 16), 4, 1), _config((1, 4, 4), (1, 4, 4), 4, 1),
+                       _config((2, 2, 4), (2, 2, 4), 4, 1)]
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _fallback_tile(extents: list[int]) -> tuple[int, int, int]:
+    """A tile of 16 to 64 positions for grids no listed tile fits (e.g. a tiny axis): filled from the last axis."""
+    tile = [1, 1, 1]
+    for a in (2, 1, 0):
+        tile[a] = min(_pow2_at_least(extents[a]), max(1, 64 // (tile[0] * tile[1] * tile[2])))
+    while tile[0] * tile[1] * tile[2] < 16:
+        tile[2] *= 2
+    return tuple(tile)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Keeps the tiles that suit this problem's axes (1 on unit axes, no longer than a dilation group) and fit
+    in shared memory."""
+    args = {**named_args, **kwargs}
+    extents = [-(-args[f"L{a}"] // args[f"D{a}"]) for a in range(3)]
+    kept = []
+    for config in configs:
+        tq = [config.kwargs[f"TQ{a}"] for a in range(3)]
+        tk = [config.kwargs[f"TK{a}"] for a in range(3)]
+        if any(e == 1 and (q, k) != (1, 1) or q > _pow2_at_least(e) for e, q, k in zip(extents, tq, tk)):
+            continue
+        m, n = tq[0] * tq[1] * tq[2], tk[0] * tk[1] * tk[2]
+        if 2 * args["BLOCK_D"] * (m + (config.num_stages - 1) * 2 * n) <= 228 * 1024:
+            kept.append(config)
+    if not kept:
+        tile = _fallback_tile(extents)
+        kept = [_config(tile, tile, 4, 2)]
+    return kept
+
+
+_TUNE_KEY = ["HEAD_DIM", "GROUPS", "HAS_RPB", "K0", "K1", "K2", "D0", "D1", "D2", "S0", "S1", "S2", "C0", "C1", "C2",
+             "size_bucket"]
+
+
+def _first_fitting(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args, **kwargs)[:1]
+
+
+def _tuned(kernel) -> TunedKernel:
+    """`kernel` autotuned over the tile shapes; under the interpreter or with MMATTN_AUTOTUNE=0 the first
+    fitting one is taken untimed."""
+    untimed = INTERPRETED or os.environ.get("MMATTN_AUTOTUNE") == "0"
+    configs = INTERPRETER_CONFIGS if INTERPRETED else CONFIGS
+    prune = _first_fitting if untimed else prune_configs
+    return TunedKernel(triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel))
+
+
+fwd_kernel = _tuned(_fwd_kernel)
+dq_kernel = _tuned(_dq_kernel)
+dkdv_kernel = _tuned(_dkdv_kernel)
+preprocess_kernel = _bwd_preprocess

@@ -16,7 +16,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.nn.init import trunc_normal_
 
-__all__ = ["AgentAttention", "AgentBlock", "AGENT_BACKENDS", "resize_grid_bias"]
+__all__ = ["AGENT_BACKENDS", "AgentAttention", "AgentBlock", "resize_grid_bias"]
 
 AGENT_BACKENDS = ("auto", "torch")
 _BLOCK_BIAS_SIZE = 7

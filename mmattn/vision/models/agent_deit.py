@@ -10,7 +10,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
-from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+from timm.models.vision_transformer import (
+    checkpoint_filter_fn as vit_checkpoint_filter_fn,
+)
 
 from ..layers.agent import AgentAttention, resize_grid_bias
 
@@ -59,7 +61,7 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
         **kwargs,
     )
 
@@ -98,19 +100,19 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def agent_deit_tiny(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, agent_num=49)
+    model_args = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3, "agent_num": 49}
     return _create_agent_deit("agent_deit_tiny", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_deit_small(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, agent_num=49, drop_path_rate=0.1)
+    model_args = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "agent_num": 49, "drop_path_rate": 0.1}
     return _create_agent_deit("agent_deit_small", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_deit_base(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    model_args = dict(
-        patch_size=16, embed_dim=768, depth=12, num_heads=12, agent_num=81, agent_layers=4, drop_path_rate=0.3
-    )
+    model_args = {
+        "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "agent_num": 81, "agent_layers": 4, "drop_path_rate": 0.3
+    }
     return _create_agent_deit("agent_deit_base", pretrained, **dict(model_args, **kwargs))

@@ -132,7 +132,7 @@ class AgentPVT(nn.Module):
                     rates[start : start + depth], qkv_bias, drop_rate,
                 )
             )  # fmt: skip
-            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
+            self.feature_info.append({"num_chs": dim, "reduction": reduction, "module": f"stages.{i}"})
             in_chs = dim
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -151,8 +151,8 @@ class AgentPVT(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stages\.0\.(patch_embed|pos_embed)", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(patch_embed|pos_embed)", (0,))])  # fmt: skip
+        return {"stem": r"^stages\.0\.(patch_embed|pos_embed)", "blocks": r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(patch_embed|pos_embed)", (0,))]}  # fmt: skip
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -227,7 +227,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPVT) -
     for key, value in state_dict.items():
         key = re.sub(r"^(patch_embed|pos_embed|block)(\d)", lambda m: f"stages.{int(m[2]) - 1}.{m[1]}", key)
         key = key.replace(".block.", ".blocks.").replace(".block", ".blocks")
-        if key.endswith(".attn.kv.weight") or key.endswith(".attn.kv.bias"):
+        if key.endswith((".attn.kv.weight", ".attn.kv.bias")):
             continue
         if ".attn.q." in key:
             value = torch.cat([value, state_dict[_official_kv_key(key)]], dim=0)
@@ -257,7 +257,7 @@ def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> Agent
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices, feature_cls="getter"),
+        feature_cfg={"flatten_sequential": True, "out_indices": out_indices, "feature_cls": "getter"},
         **kwargs,
     )
 
@@ -292,23 +292,23 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def agent_pvt_tiny(pretrained: bool = False, **kwargs) -> AgentPVT:
-    model_args = dict(depths=(2, 2, 2, 2), drop_path_rate=0.1)
+    model_args = {"depths": (2, 2, 2, 2), "drop_path_rate": 0.1}
     return _create_agent_pvt("agent_pvt_tiny", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_pvt_small(pretrained: bool = False, **kwargs) -> AgentPVT:
-    model_args = dict(depths=(3, 4, 6, 3), drop_path_rate=0.1)
+    model_args = {"depths": (3, 4, 6, 3), "drop_path_rate": 0.1}
     return _create_agent_pvt("agent_pvt_small", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_pvt_medium(pretrained: bool = False, **kwargs) -> AgentPVT:
-    model_args = dict(depths=(3, 4, 18, 3), drop_path_rate=0.3)
+    model_args = {"depths": (3, 4, 18, 3), "drop_path_rate": 0.3}
     return _create_agent_pvt("agent_pvt_medium", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_pvt_large(pretrained: bool = False, **kwargs) -> AgentPVT:
-    model_args = dict(depths=(3, 8, 27, 3), drop_path_rate=0.3)
+    model_args = {"depths": (3, 8, 27, 3), "drop_path_rate": 0.3}
     return _create_agent_pvt("agent_pvt_large", pretrained, **dict(model_args, **kwargs))

@@ -19,7 +19,11 @@ from functools import partial
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args
+from timm.models._efficientnet_builder import (
+    decode_arch_def,
+    resolve_act_layer,
+    resolve_bn_args,
+)
 from timm.models.efficientnet import EfficientNet, _create_effnet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn

@@ -1,0 +1,397 @@
+"""Agent-Swin (Agent Attention, ECCV 2024): Swin-v1 whose first blocks per stage use global agent attention.
+
+Official code: LeapLabTHU/Agent-Attention, agent_transformer/models/agent_swin.py. Agent ('A') blocks clamp the
+56-token window to the stage's map, i.e. one global window; the other ('B') blocks are Swin W-MSA / SW-MSA with a
+7x7 window and relative position bias. ``agent_depths`` gives the number of leading agent blocks per stage
+(T: AAAB, S: AABB, B: AA, AA, 2 of 18, B). Maps that are not a multiple of the window are padded with the padded
+keys masked, not attended.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from torch import nn
+from torch.nn.init import trunc_normal_
+
+from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
+
+__all__ = ["AgentSwinTransformer", "checkpoint_filter_fn"]
+
+
+def _window_labels(size: int, window: int, shift: int) -> torch.Tensor:
+    """Swin's shifted-window region label of every position of one padded axis (0 everywhere without shift)."""
+    labels = torch.zeros(size, dtype=torch.long)
+    if shift:
+        labels[size - window : size - shift] = 1
+        labels[size - shift :] = 2
+    return labels
+
+
+class WindowAttention(nn.Module):
+    """Swin (shifted) window attention with relative position bias; padded keys are masked, not attended.
+
+    Keys ``qkv``, ``proj``, ``relative_position_bias_table`` as in Swin v1. ``backend``: "auto" (fused SDPA with
+    the bias as mask) or "torch" (explicit softmax, the official path).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.window_size, self.shift_size = num_heads, window_size, shift_size
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = "auto"
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in AGENT_BACKENDS:
+            raise ValueError(f"backend must be one of {AGENT_BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def _relative_bias(self, wh: int, ww: int, device: torch.device) -> torch.Tensor:
+        """(heads, wh*ww, wh*ww) bias from the table of the trained window (smaller windows use its centre)."""
+        ys, xs = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        span = 2 * self.window_size - 1
+        index = (ys[:, None] - ys[None] + self.window_size - 1) * span + (xs[:, None] - xs[None] + self.window_size - 1)
+        return self.relative_position_bias_table[index].permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        b, n, c = x.shape
+        (h, w), m = hw, self.num_heads
+        wh, ww = min(self.window_size, h), min(self.window_size, w)  # Swin clamps windows to small maps
+        sh = self.shift_size if h > self.window_size else 0
+        sw = self.shift_size if w > self.window_size else 0
+        hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+        x = F.pad(x.reshape(b, h, w, c), (0, 0, 0, wp - w, 0, hp - h))
+        x = torch.roll(x, (-sh, -sw), dims=(1, 2))
+        windows = x.reshape(b, hp // wh, wh, wp // ww, ww, c).transpose(2, 3).reshape(b, -1, wh * ww, c)
+        num_windows = windows.shape[1]
+        q, k, v = self.qkv(windows).reshape(b, num_windows, wh * ww, 3, m, c // m).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = self._relative_bias(wh, ww, x.device).unsqueeze(0)  # (1, heads, N, N)
+        if sh or sw or hp != h or wp != w:
+            bias = bias.masked_fill(~self._allowed(h, w, hp, wp, wh, ww, sh, sw, x.device).unsqueeze(1), float("-inf"))
+        q, k, v = (t.reshape(b, num_windows * m, wh * ww, -1) for t in (q, k, v))
+        bias = bias.expand(num_windows, m, -1, -1).reshape(1, num_windows * m, wh * ww, wh * ww)
+        if self.backend == "torch":
+            out = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + bias, dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        out = out.reshape(b, num_windows, m, wh * ww, -1).transpose(2, 3).reshape(b, hp // wh, wp // ww, wh, ww, c)
+        out = torch.roll(out.transpose(2, 3).reshape(b, hp, wp, c), (sh, sw), dims=(1, 2))
+        return self.proj(out[:, :h, :w].reshape(b, n, c))
+
+    def _allowed(self, h, w, hp, wp, wh, ww, sh, sw, device) -> torch.Tensor:
+        """(windows, N, N): same shifted-window region, and a real key unless the query itself is padding."""
+        labels = _window_labels(hp, wh, sh)[:, None] * 3 + _window_labels(wp, ww, sw)[None]
+        real = torch.zeros(hp, wp, dtype=torch.bool)
+        real[:h, :w] = True
+        real = torch.roll(real, (-sh, -sw), dims=(0, 1))
+
+        def windows(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(hp // wh, wh, wp // ww, ww).transpose(1, 2).reshape(-1, wh * ww)
+
+        labels, real = windows(labels).to(device), windows(real).to(device)
+        same_region = labels[:, :, None] == labels[:, None, :]
+        return same_region & (real[:, None, :] | ~real[:, :, None])
+
+
+class SwinBlock(nn.Module):
+    """Swin-v1 block: ``x += DropPath(W-MSA(LN x)); x += DropPath(MLP(LN x))``."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, shift_size)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Swin-v1 merging: concat the 2x2 neighbours (order (0,0), (1,0), (0,1), (1,1)), LN(4C), Linear(4C, 2C)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        b, _, c = x.shape
+        h, w = hw
+        x = F.pad(x.reshape(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        hw = (x.shape[1], x.shape[2])
+        return self.reduction(self.norm(x.reshape(b, -1, 4 * c))), hw
+
+
+class AgentSwinStage(nn.Module):
+    """``agent_depth`` agent blocks, then Swin blocks (shift on odd block indices), then (optionally) merging."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        agent_depth: int,
+        num_heads: int,
+        agent_num: int,
+        grid_size: tuple[int, int],
+        window_size: int,
+        mlp_ratio: float,
+        drop_path: list[float],
+        downsample: bool,
+    ) -> None:
+        super().__init__()
+        blocks = []
+        for i in range(depth):
+            if i < agent_depth:
+                blocks.append(AgentBlock(dim, num_heads, agent_num, grid_size, mlp_ratio=mlp_ratio, drop_path=drop_path[i]))
+            else:
+                shift = 0 if i % 2 == 0 or min(grid_size) <= window_size else window_size // 2
+                blocks.append(SwinBlock(dim, num_heads, window_size, shift, mlp_ratio, drop_path[i]))
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = PatchMerging(dim) if downsample else None
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Returns (stage map before merging, stage output, output grid)."""
+        for block in self.blocks:
+            x = checkpoint(block, x, hw) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x, hw)
+        if self.downsample is None:
+            return x, x, hw
+        return (x, *self.downsample(x, hw))
+
+
+class AgentSwinTransformer(nn.Module):
+    """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized tokens ``(B, H*W/1024, 8C)``."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        agent_depths: tuple[int, ...] = (2, 2, 6, 0),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        agent_nums: tuple[int, ...] = (9, 16, 49, 49),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if any(a > d for a, d in zip(agent_depths, depths)):
+            raise ValueError(f"agent_depths must not exceed depths {depths}, got {agent_depths}")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = embed_dim * 2 ** (len(depths) - 1)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, 4, stride=4)
+        self.patch_embed.norm = nn.LayerNorm(embed_dim)
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        self.layers = nn.ModuleList()
+        self.feature_info = []
+        for i, depth in enumerate(depths):
+            grid = -(-img_size // (4 * 2**i))
+            start = sum(depths[:i])
+            self.layers.append(
+                AgentSwinStage(
+                    embed_dim * 2**i, depth, agent_depths[i], num_heads[i], agent_nums[i], (grid, grid), window_size,
+                    mlp_ratio, rates[start : start + depth], downsample=i < len(depths) - 1,
+                )
+            )  # fmt: skip
+            self.feature_info.append({"num_chs": embed_dim * 2**i, "reduction": 4 * 2**i, "module": f"layers.{i}"})
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"relative_position_bias_table"}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        blocks = r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.blocks\.(\d+)", None), (r"^layers\.(\d+)\.downsample", (0,))]
+        return {"stem": r"^patch_embed", "blocks": blocks}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.patch_embed.proj(F.pad(x, (0, -x.shape[-1] % 4, 0, -x.shape[-2] % 4)))
+        hw = (x.shape[-2], x.shape[-1])
+        return self.pos_drop(self.patch_embed.norm(x.flatten(2).transpose(1, 2))), hw
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each stage's map before merging (``C * 2**i`` channels, stride ``4 * 2**i``) at ``indices``."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        layers = self.layers if not stop_early else self.layers[: max_index + 1]
+        x, hw = self._embed(x)
+        intermediates = []
+        for i, layer in enumerate(layers):
+            feature, x, next_hw = layer(x, hw)
+            if i in take_indices:
+                if norm and i == len(self.layers) - 1:
+                    feature = self.norm(feature)
+                feature = feature.reshape(x.shape[0], *hw, -1)
+                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
+            hw = next_hw
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, hw = self._embed(x)
+        for layer in self.layers:
+            _, x, hw = layer(x, hw)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTransformer) -> dict[str, torch.Tensor]:
+    """Official Agent-Swin (``ckpt['model']``) -> ours: drop the ``relative_position_index`` / ``attn_mask``
+    buffers (recomputed here) and resize the row/column agent biases to the model's grids."""
+    state_dict = state_dict.get("model", state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        if key.startswith("layers.") and ".attn." in key:
+            layer = model.layers[int(key.split(".")[1])]
+            block = layer.blocks[int(key.split(".")[3])]
+            if isinstance(block, AgentBlock):
+                value = resize_grid_bias(key.rsplit(".", 1)[-1], value, block.attn.grid_size)
+        out[key] = value
+    return out
+
+
+def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        AgentSwinTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
+        **kwargs,
+    )
+
+
+def _cfg(file_id: str, **kwargs) -> dict:
+    return {
+        "url": f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "paper_ids": "arXiv:2312.08874",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "agent_swin_tiny.in1k": _cfg("a2ddc1190c224f768a41"),
+        "agent_swin_small.in1k": _cfg("f607172c9fea4d6e99bb"),
+        "agent_swin_base.in1k": _cfg("4fcd2d0114bb490483c3"),
+    }
+)
+
+
+@register_model
+def agent_swin_tiny(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    model_args = {"embed_dim": 96, "depths": (2, 2, 6, 2), "agent_depths": (2, 2, 6, 0), "num_heads": (3, 6, 12, 24),
+                  "drop_path_rate": 0.2}  # fmt: skip
+    return _create_agent_swin("agent_swin_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_small(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    model_args = {"embed_dim": 96, "depths": (2, 2, 18, 2), "agent_depths": (2, 2, 0, 0), "num_heads": (3, 6, 12, 24),
+                  "drop_path_rate": 0.3}  # fmt: skip
+    return _create_agent_swin("agent_swin_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_base(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    model_args = {"embed_dim": 128, "depths": (2, 2, 18, 2), "agent_depths": (2, 2, 2, 0), "num_heads": (4, 8, 16, 32),
+                  "drop_path_rate": 0.5}  # fmt: skip
+    return _create_agent_swin("agent_swin_base", pretrained, **dict(model_args, **kwargs))

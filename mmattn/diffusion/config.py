@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .masks import MASK_RULES, check_radial_args
 
-__all__ = ["RadialConfig", "PRESET_DIR", "preset_names"]
+__all__ = ["PRESET_DIR", "RadialConfig", "preset_names"]
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "diffusion"
 """Per-model presets from the official scripts (`configs/diffusion/<name>.yaml` in the source tree)."""

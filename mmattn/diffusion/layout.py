@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VideoGrid", "grid_from_forward", "grid_capture_hook", "GRID_HOOK_NAME", "GRID_READERS"]
+__all__ = ["GRID_HOOK_NAME", "GRID_READERS", "VideoGrid", "grid_capture_hook", "grid_from_forward"]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from mmattn.kernels import BlockSparseMask
 from mmattn.kernels.mask import BLOCK_MULTIPLE, MIN_BLOCK
 
-__all__ = ["MASK_RULES", "radial_block_mask", "radial_mask", "check_radial_args"]
+__all__ = ["MASK_RULES", "check_radial_args", "radial_block_mask", "radial_mask"]
 
 MASK_RULES = ("wan", "hunyuan")
 """`wan`: frame 0 is an attention sink for every query frame; `hunyuan`: no sink (official rules at HEAD)."""

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from .attention import RadialAttention
 
 __all__ = [
+    "CogVideoXRadialAttnProcessor",
+    "HunyuanVideoRadialAttnProcessor",
+    "LTXRadialAttnProcessor",
+    "MochiRadialAttnProcessor",
     "RadialProcessor",
     "WanRadialAttnProcessor",
-    "HunyuanVideoRadialAttnProcessor",
-    "CogVideoXRadialAttnProcessor",
-    "MochiRadialAttnProcessor",
-    "LTXRadialAttnProcessor",
 ]
 
 

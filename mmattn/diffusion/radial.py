@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from typing_extensions import Self
 
 from ._extras import require
 from .attention import RadialAttention, StepSource
@@ -26,7 +27,7 @@ from .processors import (
     WanRadialAttnProcessor,
 )
 
-__all__ = ["apply_radial_attention", "RadialHandle", "SUPPORTED_TRANSFORMERS", "pipeline_step"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "RadialHandle", "apply_radial_attention", "pipeline_step"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class RadialHandle:
             HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(GRID_HOOK_NAME, recurse=False)
         self._stock, self._hooked, self.radial = [], [], []
 
-    def __enter__(self) -> RadialHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -160,7 +161,7 @@ def apply_radial_attention(
     transformers = _transformers_of(pipe_or_transformer)
     if step_source is None and not isinstance(pipe_or_transformer, torch.nn.Module):
         pipe = pipe_or_transformer
-        step_source = lambda: pipeline_step(pipe)  # noqa: E731
+        step_source = lambda: pipeline_step(pipe)
     if step_source is None and (config.dense_steps or config.dense_last_steps):
         raise ValueError(
             f"step_source is required with a bare transformer when config has dense steps "

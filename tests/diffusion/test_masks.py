@@ -18,7 +18,7 @@ def _token_level_pair(i, j, S, B, decay, model):
         w = S
     else:
         w = 2 ** S.bit_length() / 2 ** d.bit_length() * decay
-        w = w if w >= B else B
+        w = max(w, B)
     idx = torch.arange(S)
     band = (idx[None, :] - idx[:, None]).abs() <= w
     base = 2 ** S.bit_length() / 2 ** d.bit_length()
@@ -112,7 +112,7 @@ def test_per_pair_counts_and_thinning():
     """Spec 1.2 table, S = 3840 (30 x 30 blocks per pair, no offsets), delta = 1.0, hunyuan rule."""
     S, F, B = 3840, 70, 128
     mask = radial_block_mask(F, S, block_size=B, decay_factor=1.0, model="hunyuan")
-    pair = lambda i, j: int(mask[30 * i : 30 * i + 30, 30 * j : 30 * j + 30].sum())  # noqa: E731
+    pair = lambda i, j: int(mask[30 * i : 30 * i + 30, 30 * j : 30 * j + 30].sum())
     expected = {0: 900, 1: 900, 2: 438, 3: 438, 4: 250, 7: 250, 8: 144, 15: 144, 16: 88, 31: 88, 32: 88, 34: 88, 33: 0, 35: 0}
     for d, count in expected.items():
         assert pair(d, 0) == count, d

@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmattn.diffusion import RadialConfig, VideoGrid, apply_radial_attention, radial_block_mask
+from mmattn.diffusion import (
+    RadialConfig,
+    VideoGrid,
+    apply_radial_attention,
+    radial_block_mask,
+)
 from mmattn.diffusion.attention import RadialAttention
 from mmattn.diffusion.processors import WanRadialAttnProcessor
 
@@ -111,7 +116,7 @@ def test_mask_follows_the_grid_of_each_call():
     with apply_radial_attention(model, SPARSE_ANYWHERE) as handle:
         _run(model, inputs)
         assert handle.radial[0].grid == VideoGrid(2, 8, 16)
-        other_model, other = tiny_models.wan(frames=5, height=8, width=16)
+        _other_model, other = tiny_models.wan(frames=5, height=8, width=16)
         out = _run(model, other)
         assert handle.radial[0].grid == VideoGrid(5, 4, 8)
         assert out.shape == other["hidden_states"].shape
@@ -149,9 +154,8 @@ def test_invalid_configs_and_targets():
         apply_radial_attention(model, RadialConfig(dense_steps=3))
     with pytest.raises(TypeError, match="transformer must be one of"):
         apply_radial_attention(torch.nn.Linear(2, 2), RadialConfig())
-    with apply_radial_attention(model, RadialConfig()):
-        with pytest.raises(ValueError, match="already has Radial"):
-            apply_radial_attention(model, RadialConfig())
+    with apply_radial_attention(model, RadialConfig()), pytest.raises(ValueError, match="already has Radial"):
+        apply_radial_attention(model, RadialConfig())
 
 
 def test_presets_load():

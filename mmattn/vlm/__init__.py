@@ -1,0 +1,26 @@
+"""Training-free attention interventions for LVLMs on Hugging Face transformers: VAR, GIFT and visual-token pruning
+(FastV, VFlowOpt, PyramidDrop), switched on and off with one call.
+
+    with mmattn.vlm.apply(model, VAR(), FastV(k=2, ratio=0.5)):
+        model.generate(**inputs)
+"""
+
+from __future__ import annotations
+
+try:
+    import transformers  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("mmattn.vlm needs transformers: pip install 'mmattn[vlm]'") from error
+
+from .handle import InterventionHandle, apply
+from .interventions.base import Intervention
+from .interventions.gift import GIFT
+from .interventions.pruning import FastV, PruneStage, PruningPlan, PyramidDrop, VFlowOpt
+from .interventions.var import VAR, find_sink_dims
+from .interventions.words import content_words, spacy_content_words
+from .layout import FAMILIES, TokenLayout
+
+__all__ = [
+    "FAMILIES", "GIFT", "VAR", "FastV", "Intervention", "InterventionHandle", "PruneStage", "PruningPlan",
+    "PyramidDrop", "TokenLayout", "VFlowOpt", "apply", "content_words", "find_sink_dims", "spacy_content_words",
+]

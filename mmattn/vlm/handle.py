@@ -1,0 +1,180 @@
+"""`apply(model, *interventions)`: install interventions on a transformers LVLM through its own extension points."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from types import TracebackType
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .attention import AttentionRows, additive_mask_rows, eager_attention, explicit_probabilities, repeat_kv
+from .interventions.base import CallState, Intervention, ModelContext, Runtime
+from .layout import TokenLayout, resolve_family
+
+__all__ = ["InterventionHandle", "apply"]
+
+_handle_ids = itertools.count()
+
+
+class InterventionHandle:
+    """Installed interventions on one model. A context manager; `remove()` restores the model bit for bit.
+
+    The text decoder runs the attention function registered under `attention_name` (with the mask function of the
+    model's original implementation); decoder-layer pre-hooks observe or shorten the sequence. State of the current
+    generate call lives in `call` and is rebuilt at every prefill.
+    """
+
+    def __init__(self, model: nn.Module, interventions: tuple[Intervention, ...]) -> None:
+        family, image_token_id = resolve_family(model)
+        text_model = model.model.language_model
+        self.model = model
+        self.context = ModelContext(model, family, image_token_id, text_model)
+        self.runtimes: list[Runtime] = [intervention.bind(self.context) for intervention in interventions]
+        self.call: CallState | None = None
+        self.original_implementation = text_model.config._attn_implementation
+        self.eager_base = self.original_implementation == "eager"
+        self.attention_name = f"mmattn_{next(_handle_ids)}"
+        AttentionInterface.register(self.attention_name, self._attention)
+        AttentionMaskInterface.register(self.attention_name, eager_mask if self.eager_base else sdpa_mask)
+        model.set_attn_implementation({"text_config": self.attention_name})
+        hooks = self.context.hooks
+        hooks.append(model.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        hooks.append(text_model.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
+        for index, layer in enumerate(text_model.layers):
+            hooks.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+
+    def remove(self) -> None:
+        """Remove every hook, restore the original attention implementation and unregister the function."""
+        for hook in self.context.hooks:
+            hook.remove()
+        self.context.hooks.clear()
+        if self.attention_name in AttentionInterface._global_mapping:
+            self.model.set_attn_implementation({"text_config": self.original_implementation})
+            del AttentionInterface._global_mapping[self.attention_name]
+            del AttentionMaskInterface._global_mapping[self.attention_name]
+        self.call = None
+
+    def __enter__(self) -> InterventionHandle:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.remove()
+
+    # -- hooks -----------------------------------------------------------------------------------------------------
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            if self.call is None:
+                raise ValueError("past_key_values: the cache was filled before the interventions were applied")
+            self.call.decoding = True
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("input_ids: the interventions locate image tokens by id, got inputs_embeds only")
+        layout = TokenLayout.from_input_ids(
+            input_ids, kwargs.get("attention_mask"), self.context.image_token_id, self.context.family
+        )
+        positions = torch.arange(layout.prompt_len, device=input_ids.device).expand(input_ids.shape[0], -1)
+        self.call = CallState(layout=layout, lm_positions=positions)
+        for runtime in self.runtimes:
+            runtime.start_call(self.call)
+
+    def _before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for runtime in self.runtimes:
+            kwargs = runtime.shorten_decoder_inputs(kwargs, self.call)
+        return args, kwargs
+
+    def _layer_hook(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            for runtime in self.runtimes:
+                hidden, kwargs = runtime.shorten_layer_inputs(layer, hidden, kwargs, self.call)
+            for runtime in self.runtimes:
+                runtime.before_layer(layer, hidden, self.call)
+            return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    # -- attention -------------------------------------------------------------------------------------------------
+    def _attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        call, layer = self.call, module.layer_idx
+        scaling = module.scaling if scaling is None else scaling
+        users = [] if call is None else [rt for rt in self.runtimes if rt.wants_attention(layer, call)]
+        if users:
+            q_len, kv_len = query.shape[2], key.shape[2]
+            kv_positions = call.kv_positions(layer, kv_len)
+            row_positions = kv_positions[:, kv_len - q_len :]
+            wanted = [rt.attention_rows(layer, call, row_positions) for rt in users]
+            rows = torch.stack(wanted).any(0).any(0).nonzero().flatten()
+            if rows.numel():
+                view = AttentionRows(layer, query.new_empty(0), row_positions[:, rows], kv_positions)
+
+                def edit(probs: torch.Tensor) -> None:
+                    view.probs = probs
+                    for runtime, selected in zip(users, wanted):
+                        runtime.on_attention(view, selected[:, rows])
+
+                return self._edited_attention(module, query, key, value, attention_mask, scaling, rows, edit, kwargs)
+        if self.eager_base:
+            return eager_attention(module, query, key, value, attention_mask, scaling, lambda probs: None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    def _edited_attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        rows: torch.Tensor,
+        edit: Callable[[torch.Tensor], None],
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.eager_base:
+
+            def edit_rows(weights: torch.Tensor) -> None:
+                selected = weights[:, :, rows]
+                edit(selected)
+                weights[:, :, rows] = selected
+
+            return eager_attention(module, query, key, value, attention_mask, scaling, edit_rows)
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        key = repeat_kv(key, module.num_key_value_groups)
+        value = repeat_kv(value, module.num_key_value_groups)
+        mask_rows = additive_mask_rows(attention_mask, rows, query.shape[2], key.shape[2], query.dtype)
+        probs = explicit_probabilities(query[:, :, rows], key, mask_rows, scaling)
+        edit(probs)
+        output[:, rows] = torch.matmul(probs, value).transpose(1, 2).to(output.dtype)
+        return output, None
+
+
+def apply(model: nn.Module, *interventions: Intervention) -> InterventionHandle:
+    """Install `interventions` (VAR, GIFT, FastV, VFlowOpt, PyramidDrop, ...) on a loaded transformers LVLM.
+
+    Supported: LlavaForConditionalGeneration (LLaVA-1.5, llava-interleave, OneVision-style configs),
+    LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration. Works
+    with `generate` (greedy and sampling, KV cache, left-padded batches). Returns a handle; use it as a context manager
+    or call `.remove()`.
+    """
+    if not interventions:
+        raise ValueError("interventions: expected at least one intervention, got none")
+    for intervention in interventions:
+        if not isinstance(intervention, Intervention):
+            raise TypeError(f"interventions: expected Intervention objects, got {type(intervention).__name__}")
+    return InterventionHandle(model, interventions)

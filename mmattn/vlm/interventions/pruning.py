@@ -1,0 +1,417 @@
+"""Visual-token pruning engine shared by FastV, PyramidDrop and VFlowOpt.
+
+A plan says where the sequence shrinks (stages: the first decoder layer that runs on fewer image tokens, 0 = before
+the LLM), how many image tokens each stage keeps, where the token scores come from, whether pruned tokens are merged
+into kept ones (recycling), and which rotary positions the kept tokens get. Pruning happens once, in the prefill;
+layers >= a stage cache only the kept tokens, so the KV cache and the attention cost really shrink, and decode tokens
+attend the fixed kept set.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import AttentionRows, repeat_kv
+from .base import CallState, Intervention, ModelContext, Runtime
+from .gather import take_mask, take_tokens
+from .vision_importance import context_relevance, patch_entropy, vit_attention_map
+
+__all__ = ["FastV", "PruneStage", "PruningPlan", "PyramidDrop", "VFLOWOPT_PRESETS", "VFlowOpt", "VisionImportance"]
+
+SCORE_SOURCES = ("previous_layer", "own_layer", "vision")
+POSITION_POLICIES = ("keep", "reindex")
+
+
+@dataclass(frozen=True)
+class PruneStage:
+    """From decoder layer `layer` on, a fraction `keep` of the prompt's image tokens remains."""
+
+    layer: int
+    keep: float
+
+
+@dataclass(frozen=True)
+class VisionImportance:
+    """VFlowOpt's ViT-side importance: attention of ViT layer `vit_layer` (None: the layer whose output feeds the
+    projector), global-token threshold t, entropy weight α_v."""
+
+    vit_layer: int | None = None
+    threshold: float = 39.26
+    entropy_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """stages: ascending layers, non-increasing keep. score: "previous_layer" (FastV: last prompt row of the
+    attention of layer K-1, head mean), "own_layer" (PyramidDrop: the stage layer's own q/k of the last prompt row),
+    "vision" (VFlowOpt: `importance`). positions: "keep" original rotary positions (gaps allowed; Qwen2-VL's
+    multi-axis positions are gathered) or "reindex" contiguously. recycle_cell: VFlowOpt's cell side m for merging
+    the pruned tokens of a layer-0 stage (None: drop them)."""
+
+    stages: tuple[PruneStage, ...]
+    score: str = "previous_layer"
+    positions: str = "keep"
+    recycle_cell: float | None = None
+    importance: VisionImportance | None = None
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("stages: expected at least one PruneStage, got none")
+        layers = [stage.layer for stage in self.stages]
+        keeps = [stage.keep for stage in self.stages]
+        if layers != sorted(set(layers)) or layers[0] < 0:
+            raise ValueError(f"stages: expected strictly ascending layers >= 0, got {layers}")
+        if any(not 0.0 <= keep <= 1.0 for keep in keeps) or keeps != sorted(keeps, reverse=True):
+            raise ValueError(f"stages: expected non-increasing keep fractions in [0, 1], got {keeps}")
+        if self.score not in SCORE_SOURCES:
+            raise ValueError(f"score: expected one of {SCORE_SOURCES}, got {self.score!r}")
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(f"positions: expected one of {POSITION_POLICIES}, got {self.positions!r}")
+        if layers[0] == 0 and self.score != "vision":
+            raise ValueError(f"stages: a stage at layer 0 needs score='vision' (no LLM attention yet), got {self.score!r}")
+        if (self.score == "vision") != (self.importance is not None):
+            raise ValueError("importance: give a VisionImportance exactly when score='vision'")
+        if self.recycle_cell is not None and (layers[0] != 0 or self.recycle_cell < 1):
+            raise ValueError(f"recycle_cell: expected m >= 1 with a layer-0 stage, got {self.recycle_cell}, {layers}")
+
+
+class _PruningIntervention(Intervention):
+    def plan(self) -> PruningPlan:
+        raise NotImplementedError
+
+    def bind(self, context: ModelContext) -> Runtime:
+        plan = self.plan()
+        if plan.stages[-1].layer >= context.num_layers:
+            raise ValueError(f"stages: layer {plan.stages[-1].layer} >= the model's {context.num_layers} layers")
+        if plan.positions == "reindex" and context.family.multi_axis_rope:
+            raise ValueError(
+                f"positions: {context.family.name}'s multi-axis rotary positions must be gathered, not renumbered; "
+                "use positions='keep'"
+            )
+        if plan.score == "vision" and context.family.name not in ("llava", "llava_onevision"):
+            raise ValueError(
+                f"score: the ViT importance map is implemented for single-crop LLaVA (CLIP/SigLIP), "
+                f"got family {context.family.name!r}"
+            )
+        return _PruningRuntime(plan, context)
+
+
+class _PruningRuntime(Runtime):
+    def __init__(self, plan: PruningPlan, context: ModelContext) -> None:
+        self.plan, self.context = plan, context
+        self.stages = {stage.layer: stage for stage in plan.stages}
+        self.first_layer = plan.stages[0].layer
+        self.call: CallState | None = None
+        self.image_count = 0
+        self.scores: dict[int, torch.Tensor] = {}
+        self.importance: torch.Tensor | None = None
+        self.relevance: torch.Tensor | None = None
+        self.pixel_values: torch.Tensor | None = None
+        if plan.score == "vision":
+            self._install_vision_hook()
+
+    # -- per call ------------------------------------------------------------------------------------------------
+    def start_call(self, call: CallState) -> None:
+        counts = call.layout.image_counts.unique()
+        if counts.numel() != 1:
+            raise ValueError(
+                f"input_ids: pruning needs the same number of image tokens in every batch row, got {counts.tolist()}"
+            )
+        self.call, self.image_count, self.scores, self.importance = call, int(counts), {}, None
+
+    def _kept_count(self, stage: PruneStage) -> int:
+        return round(self.image_count * stage.keep)
+
+    # -- scores --------------------------------------------------------------------------------------------------
+    def wants_attention(self, layer: int, call: CallState) -> bool:
+        return self.plan.score == "previous_layer" and not call.decoding and layer + 1 in self.stages
+
+    def attention_rows(self, layer: int, call: CallState, row_positions: torch.Tensor) -> torch.Tensor:
+        rows = torch.zeros_like(row_positions, dtype=torch.bool)
+        rows[:, -1] = True
+        return rows
+
+    def on_attention(self, rows: AttentionRows, selected: torch.Tensor) -> None:
+        self.scores[rows.layer + 1] = rows.probs[:, :, -1].float().mean(1)
+
+    def _own_layer_scores(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """PyramidDrop: softmax attention of the last prompt row from the stage layer's own input-normed q and k."""
+        module = self.context.layers[layer]
+        attention = module.self_attn
+        x = module.input_layernorm(hidden)
+        batch, length, _ = x.shape
+        query = attention.q_proj(x[:, -1:]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+        key = attention.k_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        cos, sin = kwargs["position_embeddings"]
+        query, _ = rotate(query, query, cos[..., -1:, :], sin[..., -1:, :])
+        key, _ = rotate(key, key, cos, sin)
+        logits = query @ repeat_kv(key, attention.num_key_value_groups).transpose(2, 3) * attention.scaling
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            last = mask[..., -1:, :]
+            logits = logits + (last.to(logits.dtype) if last.dtype != torch.bool else
+                               torch.zeros_like(logits).masked_fill(~last, torch.finfo(logits.dtype).min))
+        return logits.float().softmax(-1)[:, :, -1].mean(1)
+
+    def _install_vision_hook(self) -> None:
+        model = self.context.model
+        vision = model.model.vision_tower
+        encoder_layers = vision.vision_model.encoder.layers if hasattr(vision, "vision_model") else vision.encoder.layers
+        feature_layer = model.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise ValueError(f"vision_feature_layer: VFlowOpt needs a single feature layer, got {feature_layer}")
+        vit_layer = self.plan.importance.vit_layer
+        if vit_layer is None:
+            vit_layer = len(encoder_layers) + feature_layer if feature_layer < 0 else feature_layer - 1
+        if not 0 <= vit_layer < len(encoder_layers):
+            raise ValueError(f"vit_layer: expected a ViT layer in [0, {len(encoder_layers)}), got {vit_layer}")
+        self.context.hooks.append(encoder_layers[vit_layer].register_forward_pre_hook(self._vision_hook))
+        self.context.hooks.append(vision.register_forward_pre_hook(self._pixels_hook, with_kwargs=True))
+
+    def _pixels_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+
+    def _vision_hook(self, module: nn.Module, args: tuple) -> None:
+        """Runs inside the vision tower, which transformers may call before the first decoder forward (generate
+        pre-encodes images), so the map waits in `relevance` until the prefill's layout is known."""
+        settings, model = self.plan.importance, self.context.model
+        relevance = context_relevance(vit_attention_map(module, args[0]), settings.threshold)
+        if model.config.vision_feature_select_strategy == "default":
+            relevance = relevance[:, 1:]
+        if settings.entropy_weight:
+            entropy = patch_entropy(self.pixel_values, model.config.vision_config.patch_size)
+            relevance = relevance + settings.entropy_weight * entropy.softmax(-1)
+        self.relevance = relevance.flatten()
+
+    def _importance(self) -> torch.Tensor:
+        """[B, P] importance at the image-token positions of the prompt (images fill them in order)."""
+        if self.importance is None:
+            image = self.call.layout.image
+            if self.relevance is None or self.relevance.numel() != int(image.sum()):
+                count = None if self.relevance is None else self.relevance.numel()
+                raise ValueError(f"pixel_values: {count} ViT patches do not match {int(image.sum())} image tokens")
+            importance = torch.zeros(image.shape, dtype=self.relevance.dtype, device=image.device)
+            self.importance = importance.masked_scatter(image, self.relevance)
+        return self.importance
+
+    def _stage_scores(self, layer: int, hidden: torch.Tensor, kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
+        if self.plan.score == "previous_layer":
+            return self.scores.pop(layer)
+        if self.plan.score == "own_layer":
+            return self._own_layer_scores(layer, hidden, kwargs)
+        return self.call.lookup(self._importance(), positions, fill=0.0)
+
+    # -- selection -----------------------------------------------------------------------------------------------
+    def _select(self, scores: torch.Tensor, image: torch.Tensor, kept: int) -> torch.Tensor | None:
+        """Sorted local indices [B, n] keeping every non-image token and the `kept` best image tokens."""
+        if kept >= int(image[0].sum()):
+            return None
+        top = scores.float().masked_fill(~image, float("-inf")).topk(kept, dim=1).indices
+        keep = ~image
+        keep.scatter_(1, top, True)
+        return keep.nonzero()[:, 1].view(image.shape[0], -1)
+
+    def _recycle(self, hidden: torch.Tensor, scores: torch.Tensor, image: torch.Tensor, kept: int) -> torch.Tensor:
+        """VFlowOpt recycling: outside the top (kept - N/m²) image tokens, each m×m cell of the image grid becomes one
+        token, the importance-weighted mean of its members, written at its most important member. Returns the kept
+        mask [B, L]; `hidden` is edited in place."""
+        side = math.isqrt(self.image_count)
+        if side * side != self.image_count:
+            raise ValueError(f"recycle_cell: needs a square image grid, got {self.image_count} image tokens")
+        cell = self.plan.recycle_cell
+        outright = max(kept - round(self.image_count / cell**2), 0)
+        keep = ~image
+        for row in range(hidden.shape[0]):
+            positions = image[row].nonzero().flatten()
+            order = scores[row, positions].float().argsort(descending=True)
+            keep[row, positions[order[:outright]]] = True
+            rest = order[outright:]
+            cells = (rest // side / cell).floor() * side + (rest % side / cell).floor()
+            for value in cells.unique():
+                members = positions[rest[cells == value]]
+                weights = scores[row, members].float().clamp_min(0)
+                weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(weights))
+                target = members[scores[row, members].argmax()]
+                hidden[row, target] = (weights[:, None] * hidden[row, members].float()).sum(0).to(hidden.dtype)
+                keep[row, target] = True
+        return keep
+
+    # -- the decoder's inputs (stage at layer 0) -----------------------------------------------------------------
+    def shorten_decoder_inputs(self, kwargs: dict, call: CallState) -> dict:
+        if self.first_layer != 0:
+            return kwargs
+        if call.decoding:
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                tail = torch.arange(call.layout.prompt_len, mask.shape[1], device=mask.device)
+                columns = torch.cat([call.lm_positions, tail.expand(mask.shape[0], -1)], 1)
+                kwargs["attention_mask"] = take_mask(mask, None, columns)
+            return kwargs
+        embeds = kwargs["inputs_embeds"].clone()
+        stage = self.stages[0]
+        image = call.layout.image
+        scores = self._importance()
+        if self.plan.recycle_cell is not None:
+            keep = self._recycle(embeds, scores, image, self._kept_count(stage))
+            local = keep.nonzero()[:, 1].view(image.shape[0], -1)
+        else:
+            local = self._select(scores, image, self._kept_count(stage))
+        if local is None:
+            return kwargs
+        kwargs["inputs_embeds"] = take_tokens(embeds, local, 1)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            kwargs["attention_mask"] = take_mask(mask, local if mask.dim() == 4 else None, local)
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
+        kwargs["position_ids"] = take_tokens(kwargs["position_ids"], local, -1)
+        call.lm_positions = local
+        return kwargs
+
+    # -- decoder layers ------------------------------------------------------------------------------------------
+    def shorten_layer_inputs(
+        self, layer: int, hidden: torch.Tensor, kwargs: dict, call: CallState
+    ) -> tuple[torch.Tensor, dict]:
+        if layer < max(self.first_layer, 1):
+            return hidden, kwargs
+        if call.decoding:
+            return hidden, self._decode_inputs(layer, hidden, kwargs, call)
+        current = call.keep.get(layer - 1)
+        if layer in self.stages and layer > 0:
+            layer_kwargs = self._gathered(kwargs, current, hidden)
+            positions = call.kv_positions(layer - 1, hidden.shape[1])
+            image = call.lookup(call.layout.image, positions)
+            scores = self._stage_scores(layer, hidden, layer_kwargs, positions)
+            local = self._select(scores, image, self._kept_count(self.stages[layer]))
+            if local is not None:
+                hidden = take_tokens(hidden, local, 1)
+                current = local if current is None else current.gather(1, local)
+        if current is None:
+            return hidden, kwargs
+        call.keep[layer] = current
+        return hidden, self._gathered(kwargs, current, hidden)
+
+    def _gathered(self, kwargs: dict, keep: torch.Tensor | None, hidden: torch.Tensor) -> dict:
+        """The layer kwargs of the full prefill restricted to the kept tokens (rows and columns of the mask)."""
+        if keep is None:
+            return kwargs
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = take_mask(kwargs.get("attention_mask"), keep, keep)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            position_ids = take_tokens(position_ids, keep, -1)
+        cos, sin = kwargs["position_embeddings"]
+        if self.plan.positions == "reindex":
+            dropped_before = keep - torch.arange(keep.shape[1], device=keep.device)
+            position_ids = position_ids - dropped_before
+            kwargs["position_embeddings"] = self.context.text_model.rotary_emb(hidden, position_ids)
+        else:
+            kwargs["position_embeddings"] = (take_tokens(cos, keep, -2), take_tokens(sin, keep, -2))
+        kwargs["position_ids"] = position_ids
+        return kwargs
+
+    def _decode_inputs(self, layer: int, hidden: torch.Tensor, kwargs: dict, call: CallState) -> dict:
+        keep = call.keep.get(layer)
+        if keep is None:
+            return kwargs
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        lm_length = call.lm_positions.shape[1]
+        if mask is not None:
+            tail = torch.arange(lm_length, mask.shape[-1], device=mask.device).expand(keep.shape[0], -1)
+            kwargs["attention_mask"] = take_mask(mask, None, torch.cat([keep, tail], 1))
+        if self.plan.positions == "reindex":
+            position_ids = kwargs["position_ids"] - (lm_length - keep.shape[1])
+            kwargs["position_ids"] = position_ids
+            kwargs["position_embeddings"] = self.context.text_model.rotary_emb(hidden, position_ids)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class FastV(_PruningIntervention):
+    """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024), KV-cache variant.
+
+    After layer K-1 the image tokens are ranked by the head-mean attention of the last prompt token (the official
+    code's score; the paper text says attention received from all tokens); from layer K on only round(N·(1-R))
+    remain, at their original rotary positions.
+    """
+
+    k: int = 2
+    ratio: float = 0.5
+
+    def plan(self) -> PruningPlan:
+        if self.k < 1:
+            raise ValueError(f"k: expected a layer >= 1 (scores come from layer K-1), got {self.k}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio: expected the pruned fraction R in [0, 1], got {self.ratio}")
+        return PruningPlan(stages=(PruneStage(self.k, 1.0 - self.ratio),), score="previous_layer")
+
+
+@dataclass(frozen=True)
+class PyramidDrop(_PruningIntervention):
+    """PyramidDrop (Xing et al., CVPR 2025): at each stage boundary layer the image tokens are ranked by that layer's
+    own attention of the last instruction token and cut to λ^s of the original count (1 -> 0.5 -> 0.25 -> 0.125 at
+    layers 8/16/24 for LLaVA-1.5-7B); positions are re-indexed contiguously after each drop."""
+
+    layers: tuple[int, ...] = (8, 16, 24)
+    ratio: float = 0.5
+    positions: str = "reindex"
+
+    def plan(self) -> PruningPlan:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio: expected λ in (0, 1], got {self.ratio}")
+        stages = tuple(PruneStage(layer, self.ratio ** (index + 1)) for index, layer in enumerate(self.layers))
+        return PruningPlan(stages=stages, score="own_layer", positions=self.positions)
+
+
+#: Released VFlowOpt presets (keep = kept fraction): (t, α_v, m, r_v, llm ratios at layers 9 and 18).
+VFLOWOPT_PRESETS: dict[float, tuple[float, float, float, float, tuple[float, float]]] = {
+    0.1: (39.26, 0.0, 17.39, 0.1166, (1.0, 0.6011)),
+    0.25: (34.76, 0.0, 15.58, 0.2651, (0.9833, 0.8773)),
+    0.5: (28.68, 0.0, 11.76, 0.7233, (0.7487, 0.487)),
+}
+
+
+@dataclass(frozen=True)
+class VFlowOpt(_PruningIntervention):
+    """VFlowOpt (Yang et al., ICCV 2025): ViT-derived importance (context relevance + patch entropy) prunes the image
+    tokens before the LLM, recycling the pruned ones into one token per m×m cell, then again at LLM layers 9 and 18
+    with the same importance. `keep` picks a released preset (0.1, 0.25, 0.5); explicit fields override it.
+
+    The ViT-output prune is applied to the decoder's input embeddings (same tokens, original rotary positions rather
+    than the official contiguous re-numbering of the shortened input).
+    """
+
+    keep: float = 0.1
+    threshold: float | None = None
+    entropy_weight: float | None = None
+    cell: float | None = None
+    vit_ratio: float | None = None
+    llm_ratios: tuple[float, ...] | None = None
+    llm_layers: Sequence[int] = (9, 18)
+    vit_layer: int | None = None
+
+    def plan(self) -> PruningPlan:
+        if self.keep not in VFLOWOPT_PRESETS:
+            raise ValueError(f"keep: expected a preset in {sorted(VFLOWOPT_PRESETS)}, got {self.keep}")
+        threshold, entropy_weight, cell, vit_ratio, llm_ratios = VFLOWOPT_PRESETS[self.keep]
+        threshold = threshold if self.threshold is None else self.threshold
+        entropy_weight = entropy_weight if self.entropy_weight is None else self.entropy_weight
+        cell = cell if self.cell is None else self.cell
+        vit_ratio = vit_ratio if self.vit_ratio is None else self.vit_ratio
+        llm_ratios = llm_ratios if self.llm_ratios is None else tuple(self.llm_ratios)
+        if len(llm_ratios) != len(self.llm_layers):
+            raise ValueError(f"llm_ratios: expected one ratio per llm layer {tuple(self.llm_layers)}, got {llm_ratios}")
+        stages, kept = [PruneStage(0, vit_ratio)], vit_ratio
+        for layer, ratio in zip(self.llm_layers, llm_ratios):
+            kept *= ratio
+            stages.append(PruneStage(layer, kept))
+        importance = VisionImportance(self.vit_layer, threshold, entropy_weight)
+        return PruningPlan(tuple(stages), score="vision", recycle_cell=cell, importance=importance)

@@ -1,0 +1,149 @@
+"""VAR, Visual Attention Redistribution (Kang et al., "See What You Are Told: Visual Attention Sink in Large
+Multimodal Models", ICLR 2025).
+
+Visual sink tokens carry massive activations in a few fixed "sink dimensions" of the residual stream; image-centric
+heads waste attention on them. VAR moves a share `p` of the sink tokens' attention to the non-sink image tokens of the
+image-centric heads, in proportion to the attention those tokens already receive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import AttentionRows
+from .base import CallState, Intervention, ModelContext, Runtime
+
+__all__ = ["KNOWN_SINK_DIMS", "VAR", "find_sink_dims", "sink_scores"]
+
+#: Sink dimensions per (text model_type, hidden size). LLaMA-2 values from the official code (src/logic/constants.py);
+#: the Qwen2-VL-7B value is a third-party port's, not verified: check it with `find_sink_dims` before relying on it.
+KNOWN_SINK_DIMS: Mapping[tuple[str, int], tuple[int, ...]] = {
+    ("llama", 4096): (2533, 1415),
+    ("llama", 5120): (2100, 4743),
+    ("qwen2_vl", 3584): (458, 2570),
+}
+_DETECTION_START_LAYER = 2
+
+
+def sink_scores(hidden: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """phi(x) = max_{d in D_sink} |x_d| / RMS(x), RMS without weight and eps 1e-6, in fp32: [..., tokens]."""
+    hidden = hidden.float()
+    rms = hidden.pow(2).mean(-1).add(1e-6).sqrt()
+    return hidden[..., list(dims)].abs().amax(-1) / rms
+
+
+@dataclass(frozen=True)
+class VAR(Intervention):
+    """Visual attention sink detection and redistribution.
+
+    Args:
+        p: share of the sinks' attention REMOVED and redistributed (the paper's convention, Eq. 4: a_sink <- (1-p)
+            a_sink). The official code's `p` is the share kept, so its default p=0.6 moves 40 %; p=0 is the identity.
+        tau: sink threshold on phi (strict `>`, as the code).
+        rho: image-centric head rule, visual non-sink ratio sum_{V\\sink} A / sum_V A >= rho (paper Eq. 3; equals the
+            code's rule `portion <= rho` at the default 0.5).
+        min_visual_mass: a (head, row) also needs sum_V A >= this (the code's `summ`).
+        sink_dims: D_sink; None looks the backbone up in KNOWN_SINK_DIMS.
+        except_last_layer: leave the last layer unmodified, as the paper states (the released code's flag is dead).
+    Sinks are detected in the prefill from layer 2 on and reused while decoding; the sinks' attention (visual and text
+    sinks, as the code) is reduced and only non-sink image tokens receive the budget. Rows edited: prompt tokens after
+    the last image and every decoded token, per (batch, head, row).
+    """
+
+    p: float = 0.6
+    tau: float = 20.0
+    rho: float = 0.5
+    min_visual_mass: float = 0.2
+    sink_dims: tuple[int, ...] | None = None
+    except_last_layer: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("p", "rho"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
+        if self.sink_dims is not None and not self.sink_dims:
+            raise ValueError("sink_dims: expected at least one dimension, got an empty sequence")
+
+    def bind(self, context: ModelContext) -> Runtime:
+        config = context.text_model.config
+        dims = self.sink_dims
+        if dims is None:
+            key = (config.model_type.removesuffix("_text"), config.hidden_size)
+            if key not in KNOWN_SINK_DIMS:
+                raise ValueError(
+                    f"sink_dims: no known sink dimensions for {key}; find them with find_sink_dims(model, inputs)"
+                )
+            dims = KNOWN_SINK_DIMS[key]
+        bad = [d for d in dims if not 0 <= d < config.hidden_size]
+        if bad:
+            raise ValueError(f"sink_dims: expected indices in [0, {config.hidden_size}), got {bad}")
+        last = context.num_layers - 1 if self.except_last_layer else context.num_layers
+        return _VARRuntime(self, tuple(dims), range(_DETECTION_START_LAYER, last))
+
+
+class _VARRuntime(Runtime):
+    def __init__(self, settings: VAR, dims: tuple[int, ...], layers: range) -> None:
+        self.settings, self.dims, self.layers = settings, dims, layers
+        self.call: CallState | None = None
+        self.sinks: dict[int, torch.Tensor] = {}
+
+    def start_call(self, call: CallState) -> None:
+        self.call, self.sinks = call, {}
+
+    def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
+        if call.decoding or layer not in self.layers:
+            return
+        positions = call.kv_positions(layer, hidden.shape[1])
+        sinks = torch.zeros_like(call.layout.valid)
+        sinks.scatter_(1, positions, sink_scores(hidden, self.dims) > self.settings.tau)
+        self.sinks[layer] = sinks & call.layout.valid
+
+    def wants_attention(self, layer: int, call: CallState) -> bool:
+        return layer in self.sinks
+
+    def attention_rows(self, layer: int, call: CallState, row_positions: torch.Tensor) -> torch.Tensor:
+        return call.lookup(call.layout.after_last_image(), row_positions, fill=True)
+
+    def on_attention(self, rows: AttentionRows, selected: torch.Tensor) -> None:
+        settings, call = self.settings, self.call
+        image = call.lookup(call.layout.image, rows.kv_positions)[:, None, None, :]
+        sink = call.lookup(self.sinks[rows.layer], rows.kv_positions)[:, None, None, :]
+        probs = rows.probs.float()
+        receivers = image & ~sink
+        visual_mass = (probs * image).sum(-1, keepdim=True)
+        receiver_mass = (probs * receivers).sum(-1, keepdim=True)
+        image_centric = (receiver_mass >= settings.rho * visual_mass) & (visual_mass >= settings.min_visual_mass)
+        image_centric &= (receiver_mass > 0) & selected[:, None, :, None]
+        budget = settings.p * (probs * sink).sum(-1, keepdim=True)
+        share = probs * receivers / receiver_mass.clamp_min(torch.finfo(torch.float32).tiny)
+        redistributed = torch.where(sink, (1.0 - settings.p) * probs, probs) + budget * share
+        rows.probs.copy_(torch.where(image_centric, redistributed, probs))
+
+
+@torch.no_grad()
+def find_sink_dims(model: nn.Module, inputs: Mapping[str, torch.Tensor], top: int = 2) -> list[int]:
+    """The `top` residual-stream dimensions with the most massive activations, for a backbone without known D_sink.
+
+    Scans max_tokens |h_d| / RMS(h) over the inputs of decoder layers >= 2 (where the paper finds the massive
+    activations), ignoring padding; returns dimension indices, largest first.
+    """
+    if top < 1:
+        raise ValueError(f"top: expected a positive count, got {top}")
+    outputs = model(**inputs, output_hidden_states=True)
+    valid = inputs.get("attention_mask")
+    scores = None
+    for hidden in outputs.hidden_states[_DETECTION_START_LAYER:-1]:
+        hidden = hidden.float()
+        ratio = hidden.abs() / hidden.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        if valid is not None:
+            ratio = ratio * valid[..., None].to(ratio.dtype)
+        layer_scores = ratio.flatten(0, 1).amax(0)
+        scores = layer_scores if scores is None else torch.maximum(scores, layer_scores)
+    if scores is None:
+        raise ValueError(f"model: needs more than {_DETECTION_START_LAYER + 1} decoder layers to scan, got fewer")
+    return scores.topk(top).indices.tolist()

@@ -1,0 +1,102 @@
+"""Token layout of an LVLM prompt: where the image tokens and the user's query sit, per batch row.
+
+Spans come from the config's image token id of each model family (spec vlm.md section 5.2), never from fixed offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["FamilySpec", "FAMILIES", "TokenLayout", "resolve_family"]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What an intervention needs to know about one model family.
+
+    `query_skip` / `query_suffix`: tokens between the last image token and the query, and the chat-template tokens
+    after it (assistant header); the GIFT reference code uses these template offsets (LLaVA qs = ve+3, Qwen qs = ve+2,
+    qe = len-6).
+    """
+
+    name: str
+    image_token_attrs: tuple[str, ...]
+    default_image_token_id: int | None
+    multi_axis_rope: bool
+    query_skip: int
+    query_suffix: int
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llava": FamilySpec("llava", ("image_token_id", "image_token_index"), 32000, False, 2, 5),
+    "llava_next": FamilySpec("llava_next", ("image_token_id", "image_token_index"), 32000, False, 2, 5),
+    "llava_onevision": FamilySpec("llava_onevision", ("image_token_id", "image_token_index"), 151646, False, 2, 5),
+    "qwen2_vl": FamilySpec("qwen2_vl", ("image_token_id",), 151655, True, 1, 5),
+    "qwen2_5_vl": FamilySpec("qwen2_5_vl", ("image_token_id",), 151655, True, 1, 5),
+}
+
+
+def resolve_family(model: nn.Module) -> tuple[FamilySpec, int]:
+    """The family of a loaded `transformers` LVLM and its image token id; ValueError for anything else."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model: expected a transformers LVLM of type {sorted(FAMILIES)}, got {type(model).__name__} "
+            f"(model_type={model_type!r})"
+        )
+    family = FAMILIES[model_type]
+    for attr in family.image_token_attrs:
+        token_id = getattr(config, attr, None)
+        if isinstance(token_id, int):
+            return family, token_id
+    raise ValueError(f"model: config of type {model_type!r} has no image token id ({' / '.join(family.image_token_attrs)})")
+
+
+@dataclass
+class TokenLayout:
+    """Per-row masks over the (left-padded) prompt of one generate call.
+
+    image: [B, P] bool, the image-token positions V; query: [B, P] bool, the user's query span after the last image;
+    valid: [B, P] bool, non-padding tokens; input_ids: [B, P] the prompt.
+    """
+
+    image: torch.Tensor
+    query: torch.Tensor
+    valid: torch.Tensor
+    input_ids: torch.Tensor
+
+    @property
+    def prompt_len(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def image_counts(self) -> torch.Tensor:
+        return self.image.sum(1)
+
+    def after_last_image(self) -> torch.Tensor:
+        """[B, P] bool: valid tokens after the row's last image token (the text that reads the image)."""
+        positions = torch.arange(self.prompt_len, device=self.image.device)
+        last = torch.where(self.image, positions, -1).amax(1, keepdim=True)
+        return (positions > last) & self.valid & (last >= 0)
+
+    @classmethod
+    def from_input_ids(
+        cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int, family: FamilySpec
+    ) -> TokenLayout:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, tokens], got shape {tuple(input_ids.shape)}")
+        image = input_ids == image_token_id
+        valid = torch.ones_like(image) if attention_mask is None else attention_mask.to(torch.bool)
+        missing = (~image.any(1)).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(
+                f"input_ids: rows {missing} hold no image token (id {image_token_id}); the interventions need an image"
+            )
+        positions = torch.arange(image.shape[1], device=image.device)
+        last_image = torch.where(image, positions, -1).amax(1, keepdim=True)
+        query = (positions > last_image + family.query_skip) & (positions < image.shape[1] - family.query_suffix)
+        return cls(image=image, query=query & valid, valid=valid, input_ids=input_ids)

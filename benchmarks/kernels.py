@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import bench, environment, tflops  # noqa: E402
+
 from mmattn.kernels import BlockSparseMask, block_sparse_attention  # noqa: E402
 from mmattn.kernels.triton import block_sparse as kernels  # noqa: E402
 
@@ -49,34 +48,7 @@ def random_blocks(heads: int, n: int, density: float, seed: int = 0) -> torch.Te
     return torch.zeros(1, heads, n, n, dtype=torch.bool).scatter_(-1, picks, True)
 
 
-@dataclass
-class Timing:
-    fwd_ms: float
-    fwd_bwd_ms: float
-
-
-def bench(fn_fwd, q, k, v) -> Timing:
-    """Median times of the forward and of forward+backward (warm-up first)."""
-    grad = torch.randn_like(q)
-
-    def fwd_bwd():
-        out = fn_fwd(q, k, v)
-        out.backward(grad)
-
-    with torch.no_grad():
-        fwd_ms = triton.testing.do_bench(lambda: fn_fwd(q, k, v), warmup=50, rep=200, return_mode="median")
-    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    fwd_bwd_ms = triton.testing.do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=[q, k, v], return_mode="median")
-    q.requires_grad_(False), k.requires_grad_(False), v.requires_grad_(False)
-    return Timing(fwd_ms, fwd_bwd_ms)
-
-
-def tflops(flops: float, ms: float) -> float:
-    return flops / ms / 1e9
-
-
 def run(shapes, densities, out_path: Path) -> None:
-    device = torch.cuda.get_device_name()
     compiled_flex = torch.compile(flex_attention, dynamic=False)
     rows, tiles = [], []
     for batch, heads, length, head_dim in shapes:
@@ -114,7 +86,7 @@ def run(shapes, densities, out_path: Path) -> None:
             for name, kernel in (("fwd", kernels.fwd_kernel), ("dK/dV", kernels.dkdv_kernel), ("dQ", kernels.dq_kernel))
         ))
         print(tiles[-1], flush=True)
-    write_table(rows, tiles, device, out_path)
+    write_table(rows, tiles, out_path)
 
 
 def describe(config) -> str:
@@ -141,12 +113,11 @@ HEADER = (
 )
 
 
-def write_table(rows, tiles, device: str, out_path: Path) -> None:
+def write_table(rows, tiles, out_path: Path) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     text = (
         "# Block-sparse attention: mmattn Triton vs FlexAttention vs cuDNN dense\n\n"
-        f"Device: {device}; torch {torch.__version__}; triton {triton.__version__}; Python {platform.python_version()}; "
-        f"bf16, block {BLOCK}x{BLOCK}, medians of `triton.testing.do_bench`.\n\n"
+        f"{environment()}; bf16, block {BLOCK}x{BLOCK}, medians of `triton.testing.do_bench`.\n\n"
         "\"vs\" columns are peer time / our time (above 1: mmattn is faster). TF/s count kept blocks only "
         "(forward+backward = 3.5x the forward FLOPs). Efficiency = density x T(our all-ones mask) / T(ours).\n\n"
         + HEADER + "\n".join(format_row(r) for r in rows) + "\n\n"

@@ -50,8 +50,8 @@ def test_segment_plan_rejects_bad_arguments(kwargs):
 def test_kv_sharing_target_reads_source_keys_and_values():
     state = _KVSharingState(KVSharingConfig(start_step=0, end_step=5, start_layer=1, end_layer=3), step=2)
     q, k, v = (torch.randn(4, 20, 2, 8, dtype=torch.float64) for _ in range(3))  # [u_s, u_t, c_s, c_t]
-    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)  # noqa: E731
-    dense = lambda: sdpa(q, k, v)  # noqa: E731
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    dense = lambda: sdpa(q, k, v)
     out = state.attend(q, k, v, layer_index=1, dense=dense, text_tokens=4)
     for source, target in ((0, 1), (2, 3)):
         torch.testing.assert_close(out[source], sdpa(q[source : source + 1], k[source : source + 1], v[source : source + 1])[0])

@@ -80,7 +80,7 @@ def _embeds(prompts):
 def test_multi_prompt_pipeline_end_to_end(scheduler, rotary):
     pipe = _tiny_pipe(scheduler, rotary)
     embeds, negative = _embeds(2)
-    common = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=3, overlap=1, transitions=1)
+    common = {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "num_inference_steps": 3, "overlap": 1, "transitions": 1}
     stock_processors = [b.attn1.processor for b in pipe.transformer.transformer_blocks]
     plain = generate_multi_prompt(pipe, kv_sharing=KVSharingConfig(end_step=0), generator=torch.Generator().manual_seed(0), **common)
     shared = generate_multi_prompt(pipe, kv_sharing=KVSharingConfig(start_step=0, end_step=3, start_layer=0, end_layer=2), generator=torch.Generator().manual_seed(0), **common)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["AttentionRows", "additive_mask_rows", "explicit_probabilities", "eager_attention", "repeat_kv"]
+__all__ = ["AttentionRows", "additive_mask_rows", "eager_attention", "explicit_probabilities", "repeat_kv"]
 
 
 @dataclass

@@ -9,11 +9,18 @@ from types import TracebackType
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .attention import AttentionRows, additive_mask_rows, eager_attention, explicit_probabilities, repeat_kv
+from .attention import (
+    AttentionRows,
+    additive_mask_rows,
+    eager_attention,
+    explicit_probabilities,
+    repeat_kv,
+)
 from .interventions.base import CallState, Intervention, ModelContext, Runtime
+from .interventions.pruning import _PruningIntervention
 from .layout import TokenLayout, resolve_family
 
 __all__ = ["InterventionHandle", "apply"]
@@ -177,4 +184,7 @@ def apply(model: nn.Module, *interventions: Intervention) -> InterventionHandle:
     for intervention in interventions:
         if not isinstance(intervention, Intervention):
             raise TypeError(f"interventions: expected Intervention objects, got {type(intervention).__name__}")
+    shortening = [type(iv).__name__ for iv in interventions if isinstance(iv, _PruningIntervention)]
+    if len(shortening) > 1:
+        raise ValueError(f"interventions: expected at most one token-pruning intervention, got {shortening}")
     return InterventionHandle(model, interventions)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["FamilySpec", "FAMILIES", "TokenLayout", "resolve_family"]
+__all__ = ["FAMILIES", "FamilySpec", "TokenLayout", "resolve_family"]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 LLAVA_IMAGE_ID = 99
 QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_VISION_START, QWEN_VISION_END = 190, 191, 192, 193
@@ -52,7 +57,8 @@ def tiny_qwen2vl(layers: int = 3, attn_implementation: str = "eager") -> Qwen2VL
     config = Qwen2VLConfig(
         text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": layers, "num_attention_heads": 4,
                      "num_key_value_heads": 2, "vocab_size": 200, "max_position_embeddings": 512,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4}},
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
+                     "bos_token_id": 1, "eos_token_id": 199},
         vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 4,
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
         image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,

@@ -22,7 +22,7 @@ from .base import CallState, Intervention, ModelContext, Runtime
 from .gather import take_mask, take_tokens
 from .vision_importance import context_relevance, patch_entropy, vit_attention_map
 
-__all__ = ["FastV", "PruneStage", "PruningPlan", "PyramidDrop", "VFLOWOPT_PRESETS", "VFlowOpt", "VisionImportance"]
+__all__ = ["VFLOWOPT_PRESETS", "FastV", "PruneStage", "PruningPlan", "PyramidDrop", "VFlowOpt", "VisionImportance"]
 
 SCORE_SOURCES = ("previous_layer", "own_layer", "vision")
 POSITION_POLICIES = ("keep", "reindex")
@@ -188,7 +188,7 @@ class _PruningRuntime(Runtime):
         if settings.entropy_weight:
             entropy = patch_entropy(self.pixel_values, model.config.vision_config.patch_size)
             relevance = relevance + settings.entropy_weight * entropy.softmax(-1)
-        self.relevance = relevance.flatten()
+        self.relevance = relevance.flatten().detach()
 
     def _importance(self) -> torch.Tensor:
         """[B, P] importance at the image-token positions of the prompt (images fill them in order)."""

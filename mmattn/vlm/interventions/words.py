@@ -16,11 +16,7 @@ CONTENT_POS = frozenset({"NOUN", "PROPN", "VERB", "ADJ", "ADV", "NUM"})
 
 #: English function words (determiners, pronouns, auxiliaries, prepositions, conjunctions, question words).
 STOPWORDS = frozenset(
-    "a an the this that these those there here it its it's i me my we our you your he him his she her they them their "
-    "is are was were be been being am do does did doing have has had having will would shall should can could may "
-    "might must of in on at to for from by with about as into onto over under above below between through during "
-    "and or but nor so if then than because while what which who whom whose where when why how any some all each "
-    "every no not yes please image picture photo describe detail details tell me question answer".split()
+    ["a", "an", "the", "this", "that", "these", "those", "there", "here", "it", "its", "it's", "i", "me", "my", "we", "our", "you", "your", "he", "him", "his", "she", "her", "they", "them", "their", "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "doing", "have", "has", "had", "having", "will", "would", "shall", "should", "can", "could", "may", "might", "must", "of", "in", "on", "at", "to", "for", "from", "by", "with", "about", "as", "into", "onto", "over", "under", "above", "below", "between", "through", "during", "and", "or", "but", "nor", "so", "if", "then", "than", "because", "while", "what", "which", "who", "whom", "whose", "where", "when", "why", "how", "any", "some", "all", "each", "every", "no", "not", "yes", "please", "image", "picture", "photo", "describe", "detail", "details", "tell", "me", "question", "answer"]
 )
 _WORD_STARTS = ("▁", "Ġ", " ")
 

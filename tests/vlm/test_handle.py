@@ -1,0 +1,134 @@
+"""apply/remove on tiny random LLaVA and Qwen2-VL: identity settings, bit-identical removal, batching, errors."""
+
+import pytest
+import torch
+
+from mmattn import vlm
+
+from .tiny_models import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen2vl
+
+IDENTITY = [
+    vlm.VAR(p=0.0, tau=0.5, rho=0.0, min_visual_mass=0.0, sink_dims=(0, 1), except_last_layer=False),
+    vlm.GIFT(alpha=0.0, beta=1.0, saliency_layers=(1,), enhance_layers=(2, 3)),
+    vlm.FastV(k=2, ratio=0.0),
+]
+
+
+def generate(model, inputs, **kwargs):
+    kwargs.setdefault("do_sample", False)
+    return model.generate(**inputs, max_new_tokens=6, **kwargs)
+
+
+def split(inputs, row, family):
+    if family == "qwen":
+        per_image = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
+        rows = {k: v[row : row + 1] for k, v in inputs.items() if k != "pixel_values"}
+        rows["pixel_values"] = inputs["pixel_values"][row * per_image : (row + 1) * per_image]
+    else:
+        rows = {k: v[row : row + 1] for k, v in inputs.items()}
+    keep = rows["attention_mask"][0].bool()
+    return {k: (v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in rows.items()}
+
+
+@pytest.mark.parametrize("intervention", IDENTITY, ids=lambda iv: type(iv).__name__)
+def test_identity_settings_match_no_hook_bit_for_bit(intervention):
+    model = tiny_llava()
+    inputs = llava_inputs(model, prompts=2, pad=(2,))
+    logits, tokens = model(**inputs).logits, generate(model, inputs)
+    with vlm.apply(model, intervention):
+        assert torch.equal(model(**inputs).logits, logits)
+        assert torch.equal(generate(model, inputs), tokens)
+
+
+def test_no_edit_sdpa_matches_within_float_tolerance():
+    model = tiny_llava(attn_implementation="sdpa")
+    inputs = llava_inputs(model, prompts=2, pad=(2,))
+    logits = model(**inputs).logits
+    with vlm.apply(model, IDENTITY[0]):
+        torch.testing.assert_close(model(**inputs).logits, logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_remove_restores_bit_identical_outputs(impl):
+    model = tiny_llava(attn_implementation=impl)
+    inputs = llava_inputs(model, prompts=2, pad=(1,))
+    logits = model(**inputs).logits
+    handle = vlm.apply(model, vlm.VAR(p=0.9, tau=0.5, rho=0.0, min_visual_mass=0.0, sink_dims=(0,)), vlm.FastV(k=1))
+    assert not torch.equal(model(**inputs).logits[:, -1], logits[:, -1])
+    handle.remove()
+    assert model.config.text_config._attn_implementation == impl
+    assert torch.equal(model(**inputs).logits, logits)
+    from transformers import AttentionInterface
+
+    assert handle.attention_name not in AttentionInterface._global_mapping
+
+
+INTERVENTIONS = {
+    "VAR": lambda: vlm.VAR(p=0.6, tau=1.0, rho=0.0, min_visual_mass=0.0, sink_dims=(0, 1)),
+    "GIFT": lambda: vlm.GIFT(alpha=4.0, saliency_layers=(1,), enhance_layers=(0, 2)),
+    "FastV": lambda: vlm.FastV(k=1, ratio=0.5),
+    "PyramidDrop": lambda: vlm.PyramidDrop(layers=(1, 2), ratio=0.5, positions="keep"),
+}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("name", sorted(INTERVENTIONS))
+def test_batched_generation_equals_per_prompt_generation(family, name):
+    if family == "llava":
+        model = tiny_llava(layers=3)
+        inputs = llava_inputs(model, prompts=2, pad=(2,))
+    else:
+        model = tiny_qwen2vl()
+        inputs = qwen_inputs(prompts=2)
+    with vlm.apply(model, INTERVENTIONS[name]()):
+        batched = generate(model, inputs)
+        for row in range(2):
+            single = generate(model, split(inputs, row, family))
+            assert torch.equal(single[0, -6:], batched[row, -6:])
+
+
+def test_sampling_and_state_reset_between_calls():
+    model = tiny_llava()
+    first, second = llava_inputs(model, seed=1), llava_inputs(model, seed=2)
+    with vlm.apply(model, INTERVENTIONS["GIFT"]()) as handle:
+        torch.manual_seed(0)
+        sampled = generate(model, first, do_sample=True, top_k=5)
+        generate(model, second)
+        layout_second = handle.call.layout.input_ids.clone()
+        torch.manual_seed(0)
+        assert torch.equal(generate(model, first, do_sample=True, top_k=5), sampled)
+    assert torch.equal(layout_second, second["input_ids"])
+
+
+def test_unsupported_family_is_rejected():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        vlm.apply(text_only, vlm.FastV())
+
+
+def test_prompt_without_image_tokens_is_rejected():
+    model = tiny_llava()
+    inputs = llava_inputs(model)
+    no_image = {"input_ids": inputs["input_ids"].masked_fill(inputs["input_ids"] == 99, 5),
+                "attention_mask": inputs["attention_mask"]}
+    with vlm.apply(model, vlm.FastV(k=1)), pytest.raises(ValueError, match="no image token"):
+        model(**no_image)
+
+
+def test_bad_arguments_name_themselves():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="p:"):
+        vlm.VAR(p=1.5)
+    with pytest.raises(ValueError, match="sink_dims"):
+        vlm.apply(model, vlm.VAR())  # a 32-wide llama has no known sink dims
+    with pytest.raises(ValueError, match="k:"):
+        vlm.apply(model, vlm.FastV(k=0))
+    with pytest.raises(ValueError, match="stages"):
+        vlm.apply(model, vlm.FastV(k=9))
+    with pytest.raises(TypeError, match="interventions"):
+        vlm.apply(model, "FastV")
+    with pytest.raises(ValueError, match="positions"):
+        vlm.apply(tiny_qwen2vl(), vlm.PyramidDrop(layers=(1,), positions="reindex"))

@@ -1,0 +1,120 @@
+"""The pruning engine: kept indices, KV lengths per layer, positions, recycling."""
+
+import math
+
+import pytest
+import torch
+
+from mmattn import vlm
+
+from .tiny_models import llava_inputs, tiny_llava
+
+LAYERS = 4
+
+
+def recorder(store, name, pick):
+    def hook(module, args, kwargs):
+        store.setdefault(name, pick(args, kwargs))
+
+    return hook
+
+
+def cache_lengths(model, inputs):
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    return [layer.keys.shape[2] for layer in out.past_key_values.layers], out
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize(("k", "ratio"), [(1, 0.5), (2, 0.75)])
+def test_fastv_kv_lengths_per_layer(impl, k, ratio):
+    model = tiny_llava(layers=LAYERS, attn_implementation=impl, image_tokens=16)
+    inputs = llava_inputs(model, prompts=2, pad=(2,))
+    full, _ = cache_lengths(model, inputs)
+    with vlm.apply(model, vlm.FastV(k=k, ratio=ratio)):
+        pruned, _ = cache_lengths(model, inputs)
+    dropped = 16 - round(16 * (1 - ratio))
+    assert pruned == [length - (dropped if layer >= k else 0) for layer, length in enumerate(full)]
+
+
+def test_fastv_keeps_official_topk_of_last_row_attention_at_original_positions():
+    model = tiny_llava(layers=LAYERS, image_tokens=16)
+    inputs = llava_inputs(model)
+    attentions = model(**inputs, output_attentions=True).attentions
+    image = (inputs["input_ids"][0] == 99).nonzero().flatten()
+    scores = attentions[0][0, :, -1].float().mean(0)[image]
+    expected = image[scores.topk(8).indices].sort().values
+    with vlm.apply(model, vlm.FastV(k=1, ratio=0.5)) as handle:
+        model(**inputs)
+        keep = handle.call.keep[1][0]
+        kept_image = keep[(inputs["input_ids"][0, keep] == 99)]
+        assert torch.equal(kept_image, expected)
+        positions = handle.call.kv_positions(3, keep.numel())[0]
+        assert torch.equal(positions, keep)  # original positions, gaps allowed
+
+
+def test_pyramiddrop_schedule_and_reindexed_positions():
+    model = tiny_llava(layers=LAYERS, image_tokens=16)
+    inputs = llava_inputs(model)
+    full, _ = cache_lengths(model, inputs)
+    seen = {}
+    layer = model.model.language_model.layers[3]
+    with vlm.apply(model, vlm.PyramidDrop(layers=(1, 2, 3), ratio=0.5)):
+        hook = layer.register_forward_pre_hook(recorder(seen, "ids", lambda a, kw: kw["position_ids"]), with_kwargs=True)
+        pruned, _ = cache_lengths(model, inputs)
+    hook.remove()
+    assert [f - p for f, p in zip(full, pruned)] == [0, 8, 12, 14]
+    assert torch.equal(seen["ids"][0], torch.arange(seen["ids"].shape[1]))  # contiguous after each drop
+
+
+def test_vflowopt_preset_keeps_the_budget_and_recycles_into_the_cell_argmax():
+    model = tiny_llava(layers=LAYERS, image_tokens=16)
+    inputs = llava_inputs(model)
+    full, _ = cache_lengths(model, inputs)
+    iv = vlm.VFlowOpt(keep=0.25, llm_layers=(2, 3), cell=2.0)
+    with vlm.apply(model, iv) as handle:
+        pruned, _ = cache_lengths(model, inputs)
+        runtime = handle.runtimes[0]
+        kept_first = runtime.call.lm_positions[0]
+    vit_ratio, llm = 0.2651, (0.9833, 0.8773)
+    outright = round(16 * vit_ratio) - round(16 / 4)
+    kept_image = int((inputs["input_ids"][0, kept_first] == 99).sum())
+    assert outright <= kept_image <= outright + 4  # one recycled token per non-empty 2x2 cell
+    assert full[0] - pruned[0] == 16 - kept_image
+    assert full[3] - pruned[3] == 16 - round(16 * vit_ratio * llm[0] * llm[1])
+
+
+def test_recycled_token_is_the_importance_weighted_mean():
+    model = tiny_llava(layers=2, image_tokens=16)
+    inputs = llava_inputs(model)
+    captured = {}
+    layer0 = model.model.language_model.layers[0]
+    with vlm.apply(model, vlm.VFlowOpt(keep=0.1, llm_layers=(), llm_ratios=(), cell=4.0)) as handle:
+        hook = layer0.register_forward_pre_hook(recorder(captured, "h", lambda a, kw: a[0]), with_kwargs=True)
+        embeds = {}
+        # registered after the handle's hook: sees the recycled, shortened embeddings; record the input instead
+        first = model.model.language_model.register_forward_pre_hook(
+            recorder(embeds, "e", lambda a, kw: kw["inputs_embeds"].clone()), with_kwargs=True, prepend=True)
+        model(**inputs)
+        hook.remove()
+        first.remove()
+        importance = handle.runtimes[0].importance[0]
+        kept = handle.call.lm_positions[0]
+    image = (inputs["input_ids"][0] == 99).nonzero().flatten()
+    outright = max(round(16 * 0.1166) - round(16 / 16), 0)
+    order = importance[image].argsort(descending=True)
+    rest = image[order[outright:]]
+    weights = importance[rest] / importance[rest].sum()
+    merged = (weights[:, None] * embeds["e"][0, rest]).sum(0)
+    target = rest[importance[rest].argmax()]
+    assert target in kept
+    torch.testing.assert_close(captured["h"][0, (kept == target).nonzero().item()], merged)
+    assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-6)
+
+
+def test_two_pruners_and_ragged_image_counts_are_rejected():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="at most one"):
+        vlm.apply(model, vlm.FastV(k=1), vlm.PyramidDrop(layers=(2,)))
+    with pytest.raises(ValueError, match="stages"):
+        vlm.PruneStage  # noqa: B018
+        vlm.PruningPlan(stages=(vlm.PruneStage(2, 0.5), vlm.PruneStage(1, 0.25)))

@@ -48,7 +48,7 @@ def run(cases, out_path: Path) -> None:
             return neighborhood_attention(q, k, v, kernel_size, dilation=dilation, backend="triton")
 
         def flat(fn):
-            return lambda q, k, v: fn(q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2))
+            return lambda q, k, v: fn(q.flatten(2, -2), k.flatten(2, -2), v.flatten(2, -2)).view(q.shape)
 
         ours = bench(ours_fn, q, k, v)
         flex = bench(flat(lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)), q, k, v)

@@ -397,12 +397,12 @@ def _config(tq: tuple[int, int, int], tk: tuple[int, int, int], warps: int, stag
 # Tile shapes per dimensionality, best first (H100, head dim 32-128). 2D and 3D tiles are near-square in
 # group coordinates, so the bounding box of a tile's windows wastes the least.
 CONFIGS = [
-    _config((1, 1, 128), (1, 1, 64), 4, 3), _config((1, 1, 128), (1, 1, 128), 8, 3),
+    _config((1, 1, 128), (1, 1, 64), 4, 3), _config((1, 1, 128), (1, 1, 128), 8, 3), _config((1, 1, 128), (1, 1, 64), 8, 2),
     _config((1, 1, 64), (1, 1, 64), 4, 3),
-    _config((1, 8, 16), (1, 8, 16), 8, 3), _config((1, 16, 8), (1, 8, 16), 8, 3),
+    _config((1, 8, 16), (1, 8, 16), 8, 3), _config((1, 8, 16), (1, 8, 16), 8, 2), _config((1, 16, 8), (1, 8, 16), 8, 3),
     _config((1, 8, 16), (1, 8, 8), 4, 3), _config((1, 8, 8), (1, 8, 8), 4, 3),
     _config((1, 16, 16), (1, 8, 16), 8, 2),
-    _config((2, 8, 8), (2, 8, 8), 8, 3), _config((2, 8, 8), (1, 8, 16), 8, 3), _config((4, 4, 8), (2, 8, 8), 8, 3),
+    _config((2, 8, 8), (2, 8, 8), 8, 3), _config((2, 8, 8), (2, 8, 8), 8, 2), _config((2, 8, 8), (1, 8, 16), 8, 2), _config((4, 4, 8), (2, 8, 8), 8, 3),
     _config((2, 4, 8), (2, 4, 8), 4, 3), _config((1, 8, 16), (2, 4, 8), 4, 3),
 ]
 INTERPRETER_CONFIGS = [_config((1, 1, 16), (1, 1, 16), 4, 1), _config((1, 4, 4), (1, 4, 4), 4, 1),
@@ -435,7 +435,9 @@ def prune_configs(configs, named_args, **kwargs):
         if any(e == 1 and (q, k) != (1, 1) or q > _pow2_at_least(e) for e, q, k in zip(extents, tq, tk)):
             continue
         m, n = tq[0] * tq[1] * tq[2], tk[0] * tk[1] * tk[2]
-        if 2 * args["BLOCK_D"] * (m + (config.num_stages - 1) * 2 * n) <= 228 * 1024:
+        # Shared memory (2-byte elements): the Q tile and `stages` buffered K and V tiles plus one for the
+        # transposed operand; conservative, so the untimed first pick never fails to launch.
+        if 2 * args["BLOCK_D"] * (m + (config.num_stages + 1) * 2 * n) <= 227 * 1024:
             kept.append(config)
     if not kept:
         tile = _fallback_tile(extents)

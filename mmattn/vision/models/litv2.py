@@ -1,0 +1,262 @@
+"""LITv2: Fast Vision Transformers with HiLo Attention (Pan et al., NeurIPS 2022), as timm models.
+
+Stages 1-2 are attention-free (LN + MLP with a 3x3 depthwise conv); stage 3 uses HiLo attention with window 2 and
+alpha 0.9; stage 4 is HiLo with window 1, i.e. plain multi-head self-attention. Stages are joined by deformable
+token merging (DTM: a 2x2 stride-2 deformable conv + BN + GELU, offsets from a zero-initialized 2x2 conv), done
+with torchvision's `deform_conv2d`. `checkpoint_filter_fn` loads the official `ziplab/LITv2` checkpoints.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+)
+from torch import nn
+from torchvision.ops import deform_conv2d
+
+from ..layers.hilo import HiLoAttention
+
+__all__ = ["DeformableTokenMerging", "LITv2", "checkpoint_filter_fn"]
+
+
+class DeformableTokenMerging(nn.Module):
+    """DTM: `GELU(BN(DeformConv2x2_s2(x)))` on an NCHW map; odd sides are zero-padded to even first."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 2, stride=2)
+        self.conv_offset = nn.Conv2d(in_dim, 2 * 2 * 2, 2, stride=2)  # (dy, dx) for each of the 2x2 taps
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+        self.norm = nn.BatchNorm2d(out_dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+        x = deform_conv2d(x, self.conv_offset(x), self.conv.weight, self.conv.bias, stride=2)
+        return self.act(self.norm(x))
+
+
+class DWMlp(nn.Module):
+    """`fc1 -> DWConv3x3 -> GELU -> fc2` on an NHWC map."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(self.fc1(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.fc2(self.act(x))
+
+
+class LITv2Block(nn.Module):
+    """`x + DropPath(HiLo(LN x))` (when `attn` is set) and `x + DropPath(DWMlp(LN x))`, NHWC."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, alpha: float, mlp_ratio: float, drop_path: float,
+                 has_attn: bool, attn_backend: str) -> None:
+        super().__init__()
+        if has_attn:
+            self.norm1 = nn.LayerNorm(dim)
+            self.attn = HiLoAttention(dim, num_heads, qkv_bias=True, window_size=window_size, alpha=alpha,
+                                      attn_backend=attn_backend)
+        self.has_attn = has_attn
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = DWMlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_attn:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class LITv2Stage(nn.Module):
+    """DTM from the previous stage (none in stage 1), then the blocks; NCHW in and out."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int, alpha: float,
+                 mlp_ratio: float, drop_path: list[float], attn_backend: str) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = nn.Identity() if in_dim == dim else DeformableTokenMerging(in_dim, dim)
+        self.blocks = nn.Sequential(*(
+            LITv2Block(dim, num_heads, window_size, alpha, mlp_ratio, drop_path[i], window_size > 0, attn_backend)
+            for i in range(depth)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x).permute(0, 2, 3, 1)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x.permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """4x4 stride-4 conv, then LayerNorm over channels; NCHW out."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, 4, stride=4)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LITv2(nn.Module):
+    """LITv2 backbone and classifier (NCHW input of any size; stage maps at strides 4, 8, 16, 32)."""
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        window_sizes: tuple[int, ...] = (0, 0, 2, 1),
+        alpha: float = 0.9,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.patch_embed = PatchEmbed(in_chans, embed_dim)
+        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # stochastic depth decay
+        stages, self.feature_info = [], []
+        for i, depth in enumerate(depths):
+            stages.append(LITv2Stage(dims[max(0, i - 1)], dims[i], depth, num_heads[i], window_sizes[i], alpha,
+                                     mlp_ratio, rates[sum(depths[:i]):sum(depths[:i + 1])], attn_backend))
+            self.feature_info.append({"num_chs": dims[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"})
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^patch_embed", "blocks": r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm-ed map, NCHW."""
+        x = self.stages(self.patch_embed(x))
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _official_rename(key: str) -> str:
+    """One official LITv2 key -> this model's key (the official DTM after stage i is our stage i+1's downsample)."""
+    match = re.match(r"^layers\.(\d+)\.downsample\.(.*)$", key)
+    if match:
+        rest = re.sub(r"^dconv\.conv_offset\.", "conv_offset.", match.group(2))
+        rest = re.sub(r"^dconv\.", "conv.", rest)
+        rest = re.sub(r"^norm_layer\.", "norm.", rest)
+        return f"stages.{int(match.group(1)) + 1}.downsample.{rest}"
+    key = re.sub(r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks.", key)
+    return re.sub(r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv.", key)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: LITv2) -> dict[str, torch.Tensor]:
+    """Converts an official LITv2 checkpoint (`{"model": state_dict}` or the bare state dict) to this model."""
+    state_dict = state_dict.get("model", state_dict)
+    if "patch_embed.proj.weight" in state_dict and any(k.startswith("stages.") for k in state_dict):
+        return state_dict  # already in this model's layout
+    return {_official_rename(key): value for key, value in state_dict.items()}
+
+
+def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
+    return build_model_with_cfg(
+        LITv2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": (0, 1, 2, 3), "flatten_sequential": True}, **kwargs)
+
+
+def _cfg(url: str, **kwargs) -> dict:
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
+        "paper_ids": "arXiv:2205.13213", **kwargs,
+    }
+
+
+_RELEASES = "https://github.com/ziplab/LITv2/releases/download/v1.0/"
+default_cfgs = generate_default_cfgs({
+    "litv2_small.in1k": _cfg(_RELEASES + "litv2_s.pth"),
+    "litv2_medium.in1k": _cfg(_RELEASES + "litv2_m.pth"),
+    "litv2_base.in1k": _cfg(_RELEASES + "litv2_b.pth"),
+    "litv2_base.in1k_384": _cfg(_RELEASES + "litv2_b_384.pth", input_size=(3, 384, 384), pool_size=(12, 12),
+                                crop_pct=1.0),
+})
+
+
+@register_model
+def litv2_small(pretrained: bool = False, **kwargs) -> LITv2:
+    args = {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24)}
+    return _create_litv2("litv2_small", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def litv2_medium(pretrained: bool = False, **kwargs) -> LITv2:
+    args = {"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24)}
+    return _create_litv2("litv2_medium", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def litv2_base(pretrained: bool = False, **kwargs) -> LITv2:
+    args = {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32)}
+    return _create_litv2("litv2_base", pretrained, **{**args, **kwargs})

@@ -224,14 +224,15 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPVT) -
     if not any(key.startswith("patch_embed1.") for key in state_dict):
         return state_dict
     out = {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^(patch_embed|pos_embed|block)(\d)", lambda m: f"stages.{int(m[2]) - 1}.{m[1]}", key)
-        key = key.replace(".block.", ".blocks.").replace(".block", ".blocks")
-        if key.endswith((".attn.kv.weight", ".attn.kv.bias")):
+    for official, value in state_dict.items():
+        if official.endswith((".attn.kv.weight", ".attn.kv.bias")):
             continue
-        if ".attn.q." in key:
-            value = torch.cat([value, state_dict[_official_kv_key(key)]], dim=0)
-            key = key.replace(".attn.q.", ".attn.qkv.")
+        if ".attn.q." in official:
+            value = torch.cat([value, state_dict[official.replace(".attn.q.", ".attn.kv.")]], dim=0)
+        key = re.sub(r"^(patch_embed|pos_embed|block)(\d)", _stage_prefix, official).replace(".attn.q.", ".attn.qkv.")
+        if not key.startswith("stages."):
+            out[key] = value
+            continue
         stage = model.stages[int(key.split(".")[1])]
         if key.endswith(".pos_embed") and value.shape != stage.pos_embed.shape:
             old = _square_grid(value.shape[1])
@@ -240,9 +241,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPVT) -
     return out
 
 
-def _official_kv_key(key: str) -> str:
-    stage, rest = re.match(r"^stages\.(\d+)\.blocks(.*)$", key).groups()
-    return f"block{int(stage) + 1}{rest}".replace(".attn.q.", ".attn.kv.")
+def _stage_prefix(match: re.Match) -> str:
+    name = "blocks" if match[1] == "block" else match[1]
+    return f"stages.{int(match[2]) - 1}.{name}"
 
 
 def _square_grid(num_tokens: int) -> tuple[int, int]:

@@ -1,0 +1,254 @@
+"""Agent attention against the paper's equations, and Agent-DeiT / Agent-PVT / Agent-Swin as timm models."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm")
+import mmattn.vision  # noqa: F401
+from mmattn.vision.layers.agent import AgentAttention
+from mmattn.vision.models.agent_swin import WindowAttention
+
+
+def agent_attention_oracle(module: AgentAttention, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Spec 4.1 written out step by step, one head at a time, for a module trained on an h x w grid."""
+    b, _n, c = x.shape
+    m, a, p = module.num_heads, module.agent_num, module.num_prefix_tokens
+    d = c // m
+    q, k, v = module.qkv(x).split(c, dim=-1)
+    pooled = F.adaptive_avg_pool2d(q[:, p:].transpose(1, 2).reshape(b, c, h, w), module.agent_pool)
+    agents = pooled.reshape(b, c, a).transpose(1, 2)  # (b, a, c)
+    an = F.interpolate(module.an_bias, size=(h, w), mode="bilinear", align_corners=False)
+    na = F.interpolate(module.na_bias, size=(h, w), mode="bilinear", align_corners=False)
+    outs = []
+    for head in range(m):
+        cols = slice(head * d, (head + 1) * d)
+        pb = (an[head] + module.ah_bias[0, head] + module.aw_bias[0, head]).reshape(a, h * w)
+        ab = (na[head].reshape(a, h * w).T + (module.ha_bias[0, head] + module.wa_bias[0, head]).reshape(h * w, a))
+        if p:
+            pb = torch.cat([module.ac_bias[0, head], pb], dim=1)
+            ab = torch.cat([module.ca_bias[0, head], ab], dim=0)
+        qa = agents[..., cols] * d**-0.5
+        agent_v = torch.softmax(qa @ k[..., cols].transpose(1, 2) + pb, -1) @ v[..., cols]
+        outs.append(torch.softmax(q[..., cols] * d**-0.5 @ agents[..., cols].transpose(1, 2) + ab, -1) @ agent_v)
+    out = torch.cat(outs, dim=-1)
+    dwc = module.dwc(v[:, p:].transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+    out = torch.cat([out[:, :p], out[:, p:] + dwc], dim=1)
+    return module.proj(out)
+
+
+@pytest.mark.parametrize(("prefix", "grid"), [(0, (6, 6)), (1, (5, 5)), (0, (4, 7))])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_agent_attention_equals_the_paper_equations(prefix, grid, backend):
+    torch.manual_seed(0)
+    module = AgentAttention(32, 4, 9, grid, num_prefix_tokens=prefix, backend=backend).double()
+    x = torch.randn(2, prefix + grid[0] * grid[1], 32, dtype=torch.float64)
+    torch.testing.assert_close(module(x, grid), agent_attention_oracle(module, x, *grid))
+
+
+def test_other_grids_resize_the_biases_bilinearly_and_fast_path_gradients_match():
+    torch.manual_seed(0)
+    module = AgentAttention(32, 2, 4, (6, 6)).double()
+    x = torch.randn(1, 24, 32, dtype=torch.float64, requires_grad=True)
+    out = module(x, (4, 6))
+    reference = AgentAttention(32, 2, 4, (4, 6)).double()
+    state = module.state_dict()
+    for name, size in (("ah_bias", (4, 1)), ("aw_bias", (1, 6)), ("ha_bias", (4, 1)), ("wa_bias", (1, 6))):
+        bias = state[name][0]
+        bias = bias.permute(0, 3, 1, 2) if name[1] == "a" else bias
+        bias = F.interpolate(bias, size=size, mode="bilinear", align_corners=False)
+        state[name] = (bias.permute(0, 2, 3, 1) if name[1] == "a" else bias)[None]
+    reference.load_state_dict(state)
+    torch.testing.assert_close(out, reference(x, (4, 6)))
+    grads = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+    module.backend = "torch"
+    want = torch.autograd.grad(module(x, (4, 6)).square().sum(), [x, *module.parameters()])
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp)
+
+
+def test_bad_arguments_raise_naming_them():
+    with pytest.raises(ValueError, match="agent_num"):
+        AgentAttention(32, 2, 10, (4, 4))
+    with pytest.raises(ValueError, match="backend"):
+        AgentAttention(32, 2, 9, (4, 4), backend="flash")
+    with pytest.raises(ValueError, match="hw"):
+        AgentAttention(32, 2, 9, (4, 4))(torch.randn(1, 16, 32), (3, 4))
+    with pytest.raises(ValueError, match="square"):
+        AgentAttention(32, 2, 9, (4, 4))(torch.randn(1, 15, 32))
+
+
+PARAMS = {  # spec section 4.2 (computed from the official module definitions)
+    "agent_deit_tiny": 6_015_640, "agent_deit_small": 22_647_112, "agent_deit_base": 87_204_904,
+    "agent_pvt_tiny": 11_570_352, "agent_pvt_small": 20_635_066, "agent_pvt_medium": 35_921_746,
+    "agent_pvt_large": 48_738_180, "agent_swin_tiny": 28_902_964, "agent_swin_small": 49_666_684,
+    "agent_swin_base": 88_095_096,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_parameter_counts_match_the_released_models(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+
+
+def test_parameter_counts_of_the_other_released_resolutions():
+    with torch.device("meta"):
+        assert sum(p.numel() for p in timm.create_model("agent_deit_small", img_size=448).parameters()) == 23_070_472
+        assert sum(p.numel() for p in timm.create_model("agent_pvt_medium", img_size=256).parameters()) == 36_083_682
+
+
+@pytest.mark.parametrize("name", ["agent_pvt_tiny", "agent_swin_tiny", "agent_swin_base"])
+@pytest.mark.parametrize("size", [(224, 224), (200, 264)])
+def test_stage_maps_at_224_and_at_a_size_not_a_multiple_of_the_window(name, size):
+    with torch.device("meta"):
+        features = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3))
+        shapes = [tuple(f.shape) for f in features(torch.empty(2, 3, *size))]
+    dims = features.feature_info.channels()
+    h, w = -(-size[0] // 4), -(-size[1] // 4)
+    want = []
+    for dim in dims:
+        want.append((2, dim, h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    assert shapes == want
+
+
+def test_deit_tokens_at_224_and_448():
+    with torch.device("meta"):
+        for size in (224, 448):
+            model = timm.create_model("agent_deit_small", img_size=size)
+            assert model.forward_features(torch.empty(1, 3, size, size)).shape == (1, 1 + (size // 16) ** 2, 384)
+            assert model.blocks[0].attn.grid_size == (size // 16, size // 16)
+    assert isinstance(timm.create_model("agent_deit_base", depth=6, embed_dim=48, num_heads=2).blocks[3].attn, AgentAttention)
+    assert not isinstance(timm.create_model("agent_deit_base", depth=6, embed_dim=48, num_heads=2).blocks[4].attn, AgentAttention)
+
+
+def test_swin_window_attention_masks_padding_and_shifted_regions():
+    """Each real query attends exactly the real tokens of its (shifted) window and region, with the RPB."""
+    torch.manual_seed(0)
+    attn = WindowAttention(16, 2, 3, 1).double()
+    h, w = 5, 4
+    x = torch.randn(1, h * w, 16, dtype=torch.float64)
+    q, k, v = attn.qkv(x).reshape(1, h * w, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    hp, wp = 6, 6
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ry, rx = (ys - 1) % hp, (xs - 1) % wp  # positions after the cyclic shift by -1
+
+    def region(pos, size):
+        return torch.where(pos < size - 3, 0, torch.where(pos < size - 1, 1, 2))
+
+    win = (ry // 3) * 2 + rx // 3
+    label = region(ry, hp) * 3 + region(rx, wp)
+    same = (win.flatten()[:, None] == win.flatten()[None]) & (label.flatten()[:, None] == label.flatten()[None])
+    dy = ry.flatten()[:, None] - ry.flatten()[None] + 2  # Swin: query minus key
+    dx = rx.flatten()[:, None] - rx.flatten()[None] + 2
+    table = attn.relative_position_bias_table
+    bias = table[(dy.clamp(0, 4) * 5 + dx.clamp(0, 4))].permute(2, 0, 1).masked_fill(~same, float("-inf"))
+    out = torch.softmax(q * 8**-0.5 @ k.transpose(-1, -2) + bias, -1) @ v
+    want = attn.proj(out.transpose(1, 2).reshape(1, h * w, 16))
+    for backend in ("auto", "torch"):
+        attn.backend = backend
+        torch.testing.assert_close(attn(x, (h, w)), want)
+
+
+TINY = {
+    "agent_deit_tiny": {"depth": 2, "embed_dim": 48, "num_heads": 2, "img_size": 64, "agent_num": 4},
+    "agent_pvt_tiny": {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 2, 4)},
+    "agent_swin_tiny": {"depths": (2, 2, 2, 2), "agent_depths": (2, 1, 0, 0), "embed_dim": 16, "num_heads": (1, 2, 2, 4),
+                        "img_size": 96, "window_size": 3},
+}  # fmt: skip
+TINY_INPUT = {"agent_deit_tiny": (64, 64), "agent_pvt_tiny": (70, 90), "agent_swin_tiny": (92, 100)}
+
+
+def _set_backend(model, backend):
+    for module in model.modules():
+        if isinstance(module, (AgentAttention, WindowAttention)):
+            module.backend = backend
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_training_step_fast_path_matches_the_reference_gradients(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, drop_path_rate=0.0, **TINY[name]).double()
+    x = torch.randn(2, 3, *TINY_INPUT[name], dtype=torch.float64)
+    params = [p for p in model.parameters()]
+    loss = F.cross_entropy(model(x), torch.tensor([1, 3]))
+    grads = torch.autograd.grad(loss, params)
+    _set_backend(model, "torch")
+    want = torch.autograd.grad(F.cross_entropy(model(x), torch.tensor([1, 3])), params)
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_timm_interface(name):
+    model = timm.create_model(name, **TINY[name])
+    x = torch.randn(1, 3, *TINY_INPUT[name])
+    pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert pre.shape == (1, model.num_features)
+    model.reset_classifier(7)
+    assert model(x).shape == (1, 7)
+    model.set_grad_checkpointing(True)
+    model.train()
+    model(x).sum().backward()
+    assert model.no_weight_decay() and all(isinstance(n, str) for n in model.no_weight_decay())
+
+
+def _to_official_pvt(state):
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^stages\.(\d)\.(patch_embed|pos_embed|blocks)", lambda m: f"{m[2]}{int(m[1]) + 1}", key)
+        key = re.sub(r"^blocks(\d)", r"block\1", key)
+        if ".attn.qkv." in key:
+            dim = value.shape[0] // 3
+            out[key.replace(".qkv.", ".q.")], out[key.replace(".qkv.", ".kv.")] = value[:dim], value[dim:]
+        else:
+            out[key] = value
+    return out
+
+
+def _to_official_swin(state):
+    out = dict(state)
+    for key in state:
+        if key.endswith("relative_position_bias_table"):
+            out[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(9, 9, dtype=torch.long)
+    return out
+
+
+OFFICIAL = {"agent_deit_tiny": dict, "agent_pvt_tiny": _to_official_pvt, "agent_swin_tiny": _to_official_swin}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_official_checkpoint_round_trip_loads_strict(name, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **TINY[name]).eval()
+    official = OFFICIAL[name](model.state_dict())
+    if name == "agent_pvt_tiny":
+        assert "block1.0.attn.q.weight" in official and "patch_embed1.proj.weight" in official
+    torch.save({"model": official}, tmp_path / "ckpt.pth")
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "ckpt.pth")}, **TINY[name]).eval()
+    x = torch.randn(1, 3, *TINY_INPUT[name])
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_checkpoint_at_another_resolution_resizes_pos_embed_and_agent_biases(tmp_path):
+    args = dict(TINY["agent_pvt_tiny"])
+    torch.save({"model": _to_official_pvt(timm.create_model("agent_pvt_tiny", **args).state_dict())}, tmp_path / "c.pth")
+    model = timm.create_model("agent_pvt_tiny", img_size=256, pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "c.pth")}, **args)
+    assert model.stages[0].pos_embed.shape == (1, 64 * 64, 16) and model.stages[0].blocks[0].attn.ah_bias.shape[3] == 64
+
+
+def test_features_only_out_indices():
+    features = timm.create_model("agent_pvt_tiny", features_only=True, out_indices=(1, 3), **TINY["agent_pvt_tiny"])
+    assert [f.shape[1] for f in features(torch.randn(1, 3, 64, 64))] == [32, 64] == features.feature_info.channels()
+
+
+def test_compiles():
+    torch.manual_seed(0)
+    model = timm.create_model("agent_pvt_tiny", **TINY["agent_pvt_tiny"]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x))

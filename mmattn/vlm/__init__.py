@@ -19,8 +19,9 @@ from .interventions.pruning import FastV, PruneStage, PruningPlan, PyramidDrop, 
 from .interventions.var import VAR, find_sink_dims
 from .interventions.words import content_words, spacy_content_words
 from .layout import FAMILIES, TokenLayout
+from .presets import load_preset
 
 __all__ = [
     "FAMILIES", "GIFT", "VAR", "FastV", "Intervention", "InterventionHandle", "PruneStage", "PruningPlan",
-    "PyramidDrop", "TokenLayout", "VFlowOpt", "apply", "content_words", "find_sink_dims", "spacy_content_words",
+    "PyramidDrop", "TokenLayout", "VFlowOpt", "apply", "load_preset", "content_words", "find_sink_dims", "spacy_content_words",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from typing_extensions import Self
 
 from .attention import (
     AttentionRows,
@@ -66,10 +67,12 @@ class InterventionHandle:
             del AttentionMaskInterface._global_mapping[self.attention_name]
         self.call = None
 
-    def __enter__(self) -> InterventionHandle:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         self.remove()
 
     # -- hooks -----------------------------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ class _PruningRuntime(Runtime):
         encoder_layers = vision.vision_model.encoder.layers if hasattr(vision, "vision_model") else vision.encoder.layers
         feature_layer = model.config.vision_feature_layer
         if not isinstance(feature_layer, int):
-            raise ValueError(f"vision_feature_layer: VFlowOpt needs a single feature layer, got {feature_layer}")
+            raise TypeError(f"vision_feature_layer: VFlowOpt needs a single feature layer, got {feature_layer}")
         vit_layer = self.plan.importance.vit_layer
         if vit_layer is None:
             vit_layer = len(encoder_layers) + feature_layer if feature_layer < 0 else feature_layer - 1

@@ -1,0 +1,33 @@
+"""Per-model intervention presets in configs/vlm/*.yaml (the spec's defaults per model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .interventions.base import Intervention
+from .interventions.gift import GIFT
+from .interventions.pruning import FastV, PyramidDrop, VFlowOpt
+from .interventions.var import VAR
+
+__all__ = ["PRESET_DIR", "load_preset"]
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "vlm"
+_METHODS = {"var": VAR, "gift": GIFT, "fastv": FastV, "pyramiddrop": PyramidDrop, "vflowopt": VFlowOpt}
+_TUPLE_FIELDS = ("sink_dims", "saliency_layers", "enhance_layers", "layers", "llm_layers", "llm_ratios")
+
+
+def load_preset(model: str | Path, method: str, **overrides: object) -> Intervention:
+    """The `method` intervention ("var", "gift", "fastv", "pyramiddrop", "vflowopt") with the settings of preset
+    `model` (a name in configs/vlm such as "llava-1.5-7b", or a YAML path); keyword overrides win."""
+    path = Path(model) if str(model).endswith(".yaml") else PRESET_DIR / f"{model}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ValueError(f"model: expected a preset in {names} or a YAML path, got {str(model)!r}")
+    settings = yaml.safe_load(path.read_text())
+    if method not in _METHODS or method not in settings:
+        raise ValueError(f"method: expected one of {sorted(settings)} for {path.stem}, got {method!r}")
+    values = {**settings[method], **overrides}
+    values = {k: tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v for k, v in values.items()}
+    return _METHODS[method](**values)

@@ -22,6 +22,20 @@ from .layout import FAMILIES, TokenLayout
 from .presets import load_preset
 
 __all__ = [
-    "FAMILIES", "GIFT", "VAR", "FastV", "Intervention", "InterventionHandle", "PruneStage", "PruningPlan",
-    "PyramidDrop", "TokenLayout", "VFlowOpt", "apply", "load_preset", "content_words", "find_sink_dims", "spacy_content_words",
+    "FAMILIES",
+    "GIFT",
+    "VAR",
+    "FastV",
+    "Intervention",
+    "InterventionHandle",
+    "PruneStage",
+    "PruningPlan",
+    "PyramidDrop",
+    "TokenLayout",
+    "VFlowOpt",
+    "apply",
+    "content_words",
+    "find_sink_dims",
+    "load_preset",
+    "spacy_content_words",
 ]

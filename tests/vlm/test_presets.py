@@ -1,6 +1,6 @@
 import pytest
 
-import mmattn.vlm as vlm
+from mmattn import vlm
 from mmattn.vlm.presets import PRESET_DIR, load_preset
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-import mmattn.vlm as vlm
+from mmattn import vlm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vlm.md"
 
@@ -129,10 +129,12 @@ def main() -> None:
     lines = [
         "# LVLM interventions: overhead and pruning speed-up",
         "",
-        f"LLaVA-1.5-7B-shaped random model ({'tiny --quick config' if args.quick else 'full size'}), {dtype}, "
-        f"{batch['input_ids'].shape[1]}-token prompt with 576 image tokens, greedy, {new_tokens} new tokens, "
-        f"median of {repeats}. Device {device_name}; torch {torch.__version__}, triton {triton_version}, "
-        f"transformers {transformers.__version__}. Ratios are to `none` (plain greedy, SDPA) in the same process.",
+        (
+            f"LLaVA-1.5-7B-shaped random model ({'tiny --quick config' if args.quick else 'full size'}), {dtype}, "
+            f"{batch['input_ids'].shape[1]}-token prompt with 576 image tokens, greedy, {new_tokens} new tokens, "
+            f"median of {repeats}. Device {device_name}; torch {torch.__version__}, triton {triton_version}, "
+            f"transformers {transformers.__version__}. Ratios are to `none` (plain greedy, SDPA) in the same process."
+        ),
         "",
         "| method | prefill ms | x none | decode tok/s | total latency x none | KV cache MiB | KV x none |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -143,8 +145,11 @@ def main() -> None:
             f"{row['decode_tok_s']:.1f} | {row['total_ms'] / base['total_ms']:.2f} | {row['kv_mib']:.1f} | "
             f"{row['kv_mib'] / base['kv_mib']:.2f} |"
         )
-    lines += ["", "Goals: VAR total latency <= 1.2x, GIFT <= 1.15x; pruning 90 % of visual tokens: prefill >= 3x "
-              "faster (x none <= 0.33), KV cache >= 85 % smaller (KV x none <= 0.15)."]
+    goals = (
+        "Goals: VAR total latency <= 1.2x, GIFT <= 1.15x; pruning 90 % of visual tokens: prefill >= 3x "
+        "faster (x none <= 0.33), KV cache >= 85 % smaller (KV x none <= 0.15)."
+    )
+    lines += ["", goals]
     if not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text("\n".join(lines) + "\n")

@@ -41,7 +41,12 @@ class DeformableTokenMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
-        x = deform_conv2d(x, self.conv_offset(x), self.conv.weight, self.conv.bias, stride=2)
+        offset = self.conv_offset(x)
+        # torchvision's deform_conv2d has no bfloat16 kernels: half-precision maps are merged in float32.
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            x = deform_conv2d(x.to(dtype), offset.to(dtype), self.conv.weight.to(dtype), self.conv.bias.to(dtype),
+                              stride=2)
         return self.act(self.norm(x))
 
 

@@ -1,0 +1,78 @@
+"""Training the mmattn models with timm's training stack on a tiny synthetic ImageFolder (ecosystem.md 1).
+
+timm's `train.py` is not shipped in the timm wheel nor in its sdist; `test_train_py_runs_one_step` runs it when
+TIMM_TRAIN_PY names a checkout's `train.py` (e.g. `git clone -b v1.0.31 .../pytorch-image-models`). The other test
+drives the same pieces train.py uses (dataset, loader, optimizer, scheduler, loss) for one step, always.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+import mmattn.vision  # noqa: F401  (registers the models)
+
+TINY_BIFORMER = {"depths": (1, 1, 1, 1), "embed_dims": (32, 64, 96, 128), "num_heads": (1, 2, 3, 8)}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """`train/` and `validation/` splits of two classes, two 40x40 RGB images each."""
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "validation"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(2):
+                pixels = torch.randint(0, 256, (40, 40, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("name, kwargs", [("biformer_tiny", TINY_BIFORMER),
+                                          ("litv2_small", {"embed_dim": 16, "depths": (1, 1, 1, 1),
+                                                           "num_heads": (1, 2, 4, 4)})])
+def test_one_step_with_timms_training_stack(image_folder, name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=2, drop_path_rate=0.1, **kwargs)
+    model.set_grad_checkpointing(True)
+    config = resolve_data_config({"input_size": (3, 64, 64)}, model=model)
+    dataset = create_dataset("", root=str(image_folder), split="train", is_training=True)
+    loader = create_loader(dataset, input_size=config["input_size"], batch_size=2, is_training=True,
+                           mean=config["mean"], std=config["std"], num_workers=0, device=torch.device("cpu"))
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    images, targets = next(iter(loader))
+    loss = LabelSmoothingCrossEntropy(0.1)(model(images), targets)
+    loss.backward()
+    optimizer.step()
+    scheduler.step(1)
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(before, model.parameters())) > len(before) // 2
+
+
+@pytest.mark.skipif(not os.environ.get("TIMM_TRAIN_PY"), reason="set TIMM_TRAIN_PY to timm's train.py (repo only)")
+def test_train_py_runs_one_step(image_folder, tmp_path):
+    """The README's command: timm's train.py with `--device-modules mmattn.vision`, one epoch of one batch."""
+    command = [
+        sys.executable, os.environ["TIMM_TRAIN_PY"], "--data-dir", str(image_folder), "--model", "biformer_tiny",
+        "--device-modules", "mmattn.vision", "--device", "cpu", "--num-classes", "2", "--epochs", "1", "-b", "4",
+        "--workers", "0", "--input-size", "3", "64", "64", "--output", str(tmp_path), "--model-kwargs",
+        "depths=(1,1,1,1)", "embed_dims=(32,64,96,128)", "num_heads=(1,2,3,8)",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600, env=env,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.glob("*/summary.csv")), "train.py wrote no summary.csv"

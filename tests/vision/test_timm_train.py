@@ -76,3 +76,29 @@ def test_train_py_runs_one_step(image_folder, tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.glob("*/summary.csv")), "train.py wrote no summary.csv"
+
+
+@pytest.mark.parametrize("name, kwargs", [("biformer_tiny", TINY_BIFORMER),
+                                          ("litv2_small", {"embed_dim": 16, "depths": (1, 1, 1, 1),
+                                                           "num_heads": (1, 2, 4, 4)})])
+def test_timm_model_conventions(name, kwargs):
+    """What timm's tests/test_models.py checks: pooled/unpooled heads, classifier reset, grad checkpointing."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape[1] == model.num_features and features.shape[2:] == (2, 2)
+        assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
+        logits = model(x)
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model(x), logits, rtol=1e-4, atol=1e-5)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.num_features)
+        model.reset_classifier(0, "")
+        assert model(x).shape == features.shape
+    assert isinstance(model.no_weight_decay(), set)
+    cfg = model.pretrained_cfg
+    assert cfg["url"] and hasattr(model, cfg["classifier"]) and cfg["pool_size"] == (7, 7)
+    unpooled = timm.create_model(name, num_classes=0, global_pool="", **kwargs)
+    assert unpooled(x).dim() == 4

@@ -196,10 +196,11 @@ class AgentBlock(nn.Module):
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = AgentAttention(dim, num_heads, agent_num, grid_size, qkv_bias=qkv_bias)
+        self.attn = AgentAttention(dim, num_heads, agent_num, grid_size, qkv_bias=qkv_bias, backend=backend)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

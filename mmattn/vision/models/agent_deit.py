@@ -20,9 +20,19 @@ __all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
 
 
 class AgentVisionTransformer(VisionTransformer):
-    """DeiT whose first ``agent_layers`` blocks run agent attention; ``agent_num`` is one count or one per block."""
+    """DeiT whose first ``agent_layers`` blocks run agent attention; ``agent_num`` is one count or one per block.
 
-    def __init__(self, *, agent_num: int | list[int] = 49, agent_layers: int | None = None, **kwargs) -> None:
+    ``attn_backend`` of the agent blocks: "auto" (fused SDPA) or "torch" (the official explicit softmax).
+    """
+
+    def __init__(
+        self,
+        *,
+        agent_num: int | list[int] = 49,
+        agent_layers: int | None = None,
+        attn_backend: str = "auto",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         depth = len(self.blocks)
         agent_layers = depth if agent_layers is None else agent_layers
@@ -42,6 +52,7 @@ class AgentVisionTransformer(VisionTransformer):
                 qkv_bias=block.attn.qkv.bias is not None,
                 attn_drop=block.attn.attn_drop.p,
                 proj_drop=block.attn.proj_drop.p,
+                backend=attn_backend,
             )
             block.attn.apply(init_weights_vit_timm)
 

@@ -60,6 +60,7 @@ class AgentPVTStage(nn.Module):
         drop_path: list[float],
         qkv_bias: bool,
         drop_rate: float,
+        attn_backend: str,
     ) -> None:
         super().__init__()
         self.grid_size = grid_size
@@ -77,6 +78,7 @@ class AgentPVTStage(nn.Module):
                 qkv_bias=qkv_bias,
                 drop_path=dp,
                 norm_layer=_layer_norm,
+                backend=attn_backend,
             )
             for dp in drop_path
         )
@@ -94,7 +96,10 @@ class AgentPVTStage(nn.Module):
 
 
 class AgentPVT(nn.Module):
-    """Agent-PVT classifier/backbone: ``forward_features`` gives the stage-4 map (B, C4, H/32, W/32)."""
+    """Agent-PVT classifier/backbone: ``forward_features`` gives the stage-4 map (B, C4, H/32, W/32).
+
+    ``attn_backend``: "auto" (fused SDPA) or "torch" (the official explicit softmax).
+    """
 
     def __init__(
         self,
@@ -110,6 +115,7 @@ class AgentPVT(nn.Module):
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        attn_backend: str = "auto",
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -129,7 +135,7 @@ class AgentPVT(nn.Module):
             self.stages.append(
                 AgentPVTStage(
                     in_chs, dim, depth, num_heads[i], agent_nums[i], mlp_ratios[i], patch_size, grid,
-                    rates[start : start + depth], qkv_bias, drop_rate,
+                    rates[start : start + depth], qkv_bias, drop_rate, attn_backend,
                 )
             )  # fmt: skip
             self.feature_info.append({"num_chs": dim, "reduction": reduction, "module": f"stages.{i}"})

@@ -40,7 +40,9 @@ class WindowAttention(nn.Module):
     the bias as mask) or "torch" (explicit softmax, the official path).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, window_size: int, shift_size: int, qkv_bias: bool = True, backend: str = "auto"
+    ) -> None:
         super().__init__()
         self.num_heads, self.window_size, self.shift_size = num_heads, window_size, shift_size
         self.scale = (dim // num_heads) ** -0.5
@@ -48,7 +50,7 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.backend = "auto"
+        self.backend = backend
 
     @property
     def backend(self) -> str:
@@ -111,10 +113,19 @@ class WindowAttention(nn.Module):
 class SwinBlock(nn.Module):
     """Swin-v1 block: ``x += DropPath(W-MSA(LN x)); x += DropPath(MLP(LN x))``."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float, drop_path: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float,
+        drop_path: float,
+        attn_backend: str = "auto",
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, shift_size)
+        self.attn = WindowAttention(dim, num_heads, window_size, shift_size, backend=attn_backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -156,15 +167,19 @@ class AgentSwinStage(nn.Module):
         mlp_ratio: float,
         drop_path: list[float],
         downsample: bool,
+        attn_backend: str = "auto",
     ) -> None:
         super().__init__()
         blocks = []
         for i in range(depth):
             if i < agent_depth:
-                blocks.append(AgentBlock(dim, num_heads, agent_num, grid_size, mlp_ratio=mlp_ratio, drop_path=drop_path[i]))
+                blocks.append(
+                    AgentBlock(dim, num_heads, agent_num, grid_size, mlp_ratio=mlp_ratio, drop_path=drop_path[i],
+                               backend=attn_backend)
+                )  # fmt: skip
             else:
                 shift = 0 if i % 2 == 0 or min(grid_size) <= window_size else window_size // 2
-                blocks.append(SwinBlock(dim, num_heads, window_size, shift, mlp_ratio, drop_path[i]))
+                blocks.append(SwinBlock(dim, num_heads, window_size, shift, mlp_ratio, drop_path[i], attn_backend))
         self.blocks = nn.ModuleList(blocks)
         self.downsample = PatchMerging(dim) if downsample else None
         self.grad_checkpointing = False
@@ -179,7 +194,10 @@ class AgentSwinStage(nn.Module):
 
 
 class AgentSwinTransformer(nn.Module):
-    """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized tokens ``(B, H*W/1024, 8C)``."""
+    """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized tokens ``(B, H*W/1024, 8C)``.
+
+    ``attn_backend``: "auto" (fused SDPA for agent and window attention) or "torch" (the official explicit softmax).
+    """
 
     def __init__(
         self,
@@ -196,6 +214,7 @@ class AgentSwinTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
+        attn_backend: str = "auto",
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -217,7 +236,7 @@ class AgentSwinTransformer(nn.Module):
             self.layers.append(
                 AgentSwinStage(
                     embed_dim * 2**i, depth, agent_depths[i], num_heads[i], agent_nums[i], (grid, grid), window_size,
-                    mlp_ratio, rates[start : start + depth], downsample=i < len(depths) - 1,
+                    mlp_ratio, rates[start : start + depth], downsample=i < len(depths) - 1, attn_backend=attn_backend,
                 )
             )  # fmt: skip
             self.feature_info.append({"num_chs": embed_dim * 2**i, "reduction": 4 * 2**i, "module": f"layers.{i}"})

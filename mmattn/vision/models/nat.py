@@ -62,10 +62,11 @@ class NATBlock(nn.Module):
         mlp_ratio: float,
         drop_path: float,
         layer_scale: float | None,
+        attn_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation)
+        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation, backend=attn_backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -95,10 +96,12 @@ class NATLevel(nn.Module):
         drop_path: list[float],
         layer_scale: float | None,
         downsample: bool,
+        attn_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            NATBlock(dim, num_heads, kernel_size, d, mlp_ratio, dp, layer_scale) for d, dp in zip(dilations, drop_path)
+            NATBlock(dim, num_heads, kernel_size, d, mlp_ratio, dp, layer_scale, attn_backend)
+            for d, dp in zip(dilations, drop_path)
         )
         self.downsample = ConvDownsampler(dim) if downsample else None
         self.grad_checkpointing = False
@@ -110,7 +113,8 @@ class NATLevel(nn.Module):
 
 
 class NAT(nn.Module):
-    """NAT / DiNAT classifier and backbone. ``dilations``: one list per level (None: NAT, all 1).
+    """NAT / DiNAT classifier and backbone. ``dilations``: one list per level (None: NAT, all 1). ``attn_backend``:
+    the ``neighborhood_attention`` backend ("auto": fused Triton on CUDA; "flex"; "torch": the unfused reference).
 
     ``forward_features`` returns the normalized last map, channels-last ``(B, H/32, W/32, 8C)``.
     """
@@ -129,6 +133,7 @@ class NAT(nn.Module):
         layer_scale: float | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
+        attn_backend: str = "auto",
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -148,7 +153,7 @@ class NAT(nn.Module):
             self.levels.append(
                 NATLevel(
                     dim, num_heads[i], kernel_size, dilations[i], mlp_ratio, rates[start : start + depth],
-                    layer_scale, downsample=i < len(depths) - 1,
+                    layer_scale, downsample=i < len(depths) - 1, attn_backend=attn_backend,
                 )
             )  # fmt: skip
             self.feature_info.append({"num_chs": dim, "reduction": 4 * 2**i, "module": f"levels.{i}"})

@@ -39,6 +39,8 @@ class Case:
     ours: dict = field(default_factory=dict)
 
 
+NA_FLEX = {"attn_backend": "flex"} if torch.cuda.is_available() else None  # FlexAttention has no CPU backward
+
 CASES = [
     Case("BiFormer", "biformer_tiny"),
     Case("BiFormer", "biformer_small"),
@@ -46,6 +48,14 @@ CASES = [
     Case("LITv2", "litv2_small"),
     Case("LITv2", "litv2_medium"),
     Case("LITv2", "litv2_base"),
+    Case("NAT", "nat_mini", flex=NA_FLEX),
+    Case("NAT", "nat_tiny", flex=NA_FLEX),
+    Case("NAT", "nat_base", flex=NA_FLEX),
+    Case("DiNAT", "dinat_tiny", flex=NA_FLEX),
+    Case("DiNAT", "dinat_base", flex=NA_FLEX),
+    Case("Agent", "agent_deit_small"),
+    Case("Agent", "agent_pvt_small"),
+    Case("Agent", "agent_swin_tiny"),
 ]
 
 

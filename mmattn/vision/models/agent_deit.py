@@ -67,6 +67,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentVision
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
+    kwargs.setdefault("dynamic_img_size", True)  # square inputs of any size; agent biases follow the grid
     return build_model_with_cfg(
         AgentVisionTransformer,
         variant,
@@ -85,7 +86,6 @@ def _cfg(url: str, **kwargs) -> dict:
         "pool_size": None,
         "crop_pct": 0.875,
         "interpolation": "bicubic",
-        "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj",

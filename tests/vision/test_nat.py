@@ -165,3 +165,18 @@ def test_compiles():
     x = torch.randn(1, 3, 64, 64)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled Triton NA kernel in bf16")
+@pytest.mark.parametrize("name", ["nat_tiny", "dinat_tiny"])
+def test_gpu_bf16_training_step_matches_the_reference_path(name):
+    torch.manual_seed(0)
+    x, target = torch.randn(4, 3, 224, 224, device="cuda"), torch.arange(4, device="cuda")
+    grads = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        model = timm.create_model(name, attn_backend=backend, drop_path_rate=0.0).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            F.cross_entropy(model(x), target).backward()
+        grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 2e-2

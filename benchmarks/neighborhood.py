@@ -66,7 +66,7 @@ def run(cases, out_path: Path) -> None:
             for part, kernel in (("fwd", kernels.fwd_kernel), ("dQ", kernels.dq_kernel), ("dK/dV", kernels.dkdv_kernel))
         ))
         print(tiles[-1], flush=True)
-    write_table(rows, tiles, out_path)
+        write_table(rows, tiles, out_path)  # after every case: a long run cut short keeps what it measured
 
 
 def describe(config) -> str:
@@ -105,7 +105,7 @@ def write_table(rows, tiles, out_path: Path) -> None:
         "Tiles picked by the autotuner (query tile, key tile, warps, stages):\n\n"
         + "\n".join(f"- {t}" for t in tiles) + "\n"
     )
-    print(f"wrote {out_path}")
+    print(f"wrote {out_path}", flush=True)
 
 
 def main() -> None:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import re
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 from mmattn import __version__
@@ -68,8 +72,118 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Serve the Gradio demo (Vision, VLM and Video tabs) until interrupted."""
+    try:
+        import demos
+    except ImportError as error:
+        print(f"error: {error} (the demos/ package ships with the source tree; run from a checkout installed with "
+              "pip install -e '.[all]')", file=sys.stderr)
+        return 1
+    demos.launch(args.host, args.port, args.share)
+    return 0
+
+
+BENCHMARKS = ("kernels", "neighborhood", "vision", "vlm", "diffusion")
+_WROTE = re.compile(r"^wrote (.+)$")
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=BENCHMARKS, help="which benchmarks/<name>.py to run")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (runs on the CPU)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run benchmarks/<name>.py with a progress line per result row, then print its results table."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name}.py"
+    if not script.is_file():
+        print(f"error: {script} not found (benchmarks ship with the source tree)", file=sys.stderr)
+        return 1
+    command = [sys.executable, str(script), *(["--quick"] if args.quick else [])]
+    start, rows, output = time.monotonic(), 0, []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        for line in process.stdout:
+            output.append(line.rstrip("\n"))
+            rows += 1
+            print(f"\r[{args.name}] {time.monotonic() - start:6.1f}s  {rows} lines  {line.strip()[:60]:<60}",
+                  end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if process.returncode:
+        print("\n".join(output[-20:]), file=sys.stderr)
+        print(f"error: {script.name} exited with status {process.returncode}", file=sys.stderr)
+        return process.returncode
+    written = [match[1] for match in map(_WROTE.match, output) if match]
+    if written and Path(written[-1]).is_file():
+        print(Path(written[-1]).read_text().rstrip())
+        print(f"\n(results in {written[-1]})")
+    else:
+        print("\n".join(line for line in output if line.startswith("|")))
+    return 0
+
+
+def _masks_arguments(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    radial = kinds.add_parser("radial", help="Radial attention's block mask of a video (Wan / HunyuanVideo rule)")
+    radial.add_argument("--frames", type=int, required=True, help="latent frames")
+    radial.add_argument("--tokens-per-frame", type=int, required=True, help="tokens per latent frame")
+    radial.add_argument("--block-size", type=int, default=128)
+    radial.add_argument("--decay-factor", type=float, default=1.0)
+    radial.add_argument("--model", choices=("wan", "hunyuan"), default="wan", help="mask rule (wan: frame-0 sink)")
+    radial.add_argument("--text-tokens", type=int, default=0, help="text tokens after the video (dense rows/columns)")
+    neighborhood = kinds.add_parser("neighborhood", help="the token mask of 2-D neighborhood attention (NAT / DiNAT)")
+    neighborhood.add_argument("--height", type=int, required=True)
+    neighborhood.add_argument("--width", type=int, required=True)
+    neighborhood.add_argument("--kernel-size", type=int, default=7)
+    neighborhood.add_argument("--dilation", type=int, default=1)
+    for kind in (radial, neighborhood):
+        kind.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+
+def _mask(args: argparse.Namespace):
+    import torch
+
+    if args.kind == "radial":
+        from mmattn.diffusion import radial_block_mask
+
+        mask = radial_block_mask(args.frames, args.tokens_per_frame, block_size=args.block_size,
+                                 decay_factor=args.decay_factor, model=args.model, text_tokens=args.text_tokens)
+        return mask, f"radial {args.frames}x{args.tokens_per_frame}, {mask.shape[0]}x{mask.shape[1]} blocks of {args.block_size}"
+    from mmattn.kernels import Neighborhood
+
+    nbhd = Neighborhood.create((args.height, args.width), args.kernel_size, args.dilation)
+    tokens = torch.arange(args.height * args.width)
+    mask = nbhd.allowed(tokens[:, None], tokens[None, :])
+    return mask, f"neighborhood {args.height}x{args.width}, kernel {args.kernel_size}, dilation {args.dilation}"
+
+
+def _masks(args: argparse.Namespace) -> int:
+    """Render a mask to PNG and print its size and density."""
+    from demos.rendering import mask_image
+
+    if args.out.suffix.lower() != ".png":
+        print(f"error: --out must end in .png, got {args.out}", file=sys.stderr)
+        return 2
+    try:
+        mask, description = _mask(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    mask_image(mask).save(args.out)
+    print(f"{description}: density {mask.float().mean():.4f}, wrote {args.out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "info": Command("print versions, the device and the usable kernel backends", _info_arguments, _info),
+    "demo": Command("serve the Gradio demo (Vision, VLM, Video tabs) on 127.0.0.1", _demo_arguments, _demo),
+    "bench": Command("run a benchmark script and print its results table", _bench_arguments, _bench),
+    "masks": Command("render an attention mask (radial, neighborhood) to PNG", _masks_arguments, _masks),
 }
 
 

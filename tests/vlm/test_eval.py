@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import (
+    CLIPImageProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
 
 from mmattn.vlm.eval import (
     CocoObjectVocabulary,
@@ -20,9 +27,14 @@ from mmattn.vlm.eval import (
     parse_pope_answer,
     pope_scores,
 )
-from mmattn.vlm.eval.runner import main
+from mmattn.vlm.eval.runner import (
+    GenerationSettings,
+    generate_answers,
+    load_model,
+    main,
+)
 
-from .tiny_models import LLAVA_IMAGE_ID, tiny_llava
+from .tiny_models import LLAVA_IMAGE_ID, QWEN_IMAGE_ID, tiny_llava, tiny_qwen2vl
 
 VOCABULARY = CocoObjectVocabulary.coco()
 
@@ -179,21 +191,43 @@ COCO_IMAGES = {1: {"person", "dog", "car"}, 2: {"person", "cat", "cup", "bowl"},
                4: {"pizza", "cup", "dining table"}, 5: {"dog", "bench", "kite"}}
 
 
-def _tiny_processor() -> LlavaProcessor:
-    words = ["<pad>", "<s>", "</s>", "<unk>", "USER", "ASSISTANT", ":", "Is", "there", "a", "in", "the", "image", "?",
-             "Please", "describe", "this", "detail", ".", "yes", "no", "Yes", "No", ","] + OBJECT_WORDS
-    words += [f"w{i}" for i in range(len(words), LLAVA_IMAGE_ID)] + ["<image>"]
+def _word_tokenizer(words: list[str], special: dict[str, str], **tokens: str) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over `words` (ids in order)."""
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer.decoder = decoders.WordPiece()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}USER : {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
-                "{% if add_generation_prompt %} ASSISTANT :{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", extra_special_tokens=special, **tokens)
+
+
+def _chat_template(image: str) -> str:
+    return ("{% for m in messages %}USER : {% for c in m['content'] %}{% if c['type'] == 'image' %}" + image +
+            " {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT :"
+            "{% endif %}")
+
+
+TEXT_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "USER", "ASSISTANT", ":", "Is", "there", "a", "in", "the", "image", "?",
+              "Please", "describe", "this", "detail", ".", "yes", "no", "Yes", "No", ","]
+
+
+def _tiny_processor() -> LlavaProcessor:
+    words = TEXT_WORDS + OBJECT_WORDS
+    words += [f"w{i}" for i in range(len(words), LLAVA_IMAGE_ID)] + ["<image>"]
+    tokenizer = _word_tokenizer(words, {"image_token": "<image>"}, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=14, num_additional_image_tokens=1,
-                          vision_feature_select_strategy="default", chat_template=template)
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, num_additional_image_tokens=1,
+                          vision_feature_select_strategy="default", chat_template=_chat_template("<image>"))
+
+
+def _tiny_qwen_processor() -> Qwen2VLProcessor:
+    special = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    words = TEXT_WORDS + [f"w{i}" for i in range(len(TEXT_WORDS), QWEN_IMAGE_ID)]
+    words += ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    words += [f"w{i}" for i in range(len(words), 199)] + ["<|endoftext|>"]
+    tokenizer = _word_tokenizer(words, special, pad_token="<pad>", eos_token="<|endoftext|>")
+    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 84, patch_size=14, merge_size=2)
+    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                            chat_template=_chat_template("<|vision_start|> <|image_pad|> <|vision_end|>"))
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +249,8 @@ def coco_dir(tmp_path_factory):
     images, instances, captions = [], [], []
     for image_id, names in COCO_IMAGES.items():
         file_name = f"COCO_val2014_{image_id:012d}.jpg"
-        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(root / "val2014" / file_name)
-        images.append({"id": image_id, "file_name": file_name, "height": 30, "width": 40})
+        Image.fromarray(rng.integers(0, 255, (28 * image_id, 60, 3), dtype=np.uint8)).save(root / "val2014" / file_name)
+        images.append({"id": image_id, "file_name": file_name, "height": 28 * image_id, "width": 60})
         for name in sorted(names):
             instances.append({"id": len(instances) + 1, "image_id": image_id, "category_id": category_id[name]})
         captions.append({"id": image_id, "image_id": image_id, "caption": f"A photo with a {min(names)}."})
@@ -296,3 +330,17 @@ def test_runner_errors_name_the_argument(model_dir, coco_dir, tmp_path):
              "--override", "var.p=0.5")
     with pytest.raises(SystemExit):
         _run("pope", model_dir, coco_dir, tmp_path, "--questions", "x.jsonl")
+
+
+def test_qwen2vl_batched_answers_equal_single_prompt_answers(coco_dir, tmp_path):
+    tiny_qwen2vl().save_pretrained(tmp_path)
+    _tiny_qwen_processor().save_pretrained(tmp_path)
+    model, processor = load_model(tmp_path)
+    coco = CocoSplit.from_folder(coco_dir)
+    questions = ["Is there a dog in the image?", "Is there a cat?", "Please describe this image in detail."]
+    requests = [(coco.image_path(name), question) for name, question in zip(coco.file_names, questions)]
+    batched = generate_answers(model, processor, requests, GenerationSettings(5, batch_size=3))
+    assert batched == generate_answers(model, processor, requests, GenerationSettings(5, batch_size=1))
+    assert all(batched)
+    grids = processor.image_processor([Image.open(path).convert("RGB") for path, _ in requests])["image_grid_thw"]
+    assert len({int(grid.prod()) for grid in grids}) > 1  # rows differ in image tokens: left padding

@@ -120,6 +120,8 @@ def run_pope(
 ) -> dict:
     """POPE per split (questions built from `coco`'s annotations, or read from an official `questions_file`), with
     the mean F1 over the splits when several run."""
+    if questions_file is not None and len(splits) != 1:
+        raise ValueError(f"splits: expected the one split of questions_file {questions_file}, got {list(splits)}")
     results: dict = {}
     for split in splits:
         if questions_file is not None:

@@ -1,0 +1,61 @@
+"""Video tab: Radial mask and density, DiTCtrl plan, video reading and the tiny Wan run, through the app."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+
+from demos import video_tab
+from demos.rendering import write_video
+from mmattn.diffusion import radial_block_mask
+
+
+def test_radial_through_the_app(client) -> None:
+    image, summary, plot = client.predict(12, 256, 64, 1.0, "wan", api_name="/video_radial")
+    expected = radial_block_mask(12, 256, block_size=64, decay_factor=1.0, model="wan")
+    assert f"density **{expected.float().mean():.3f}**" in summary
+    assert f"{expected.shape[0]}x{expected.shape[1]} blocks" in summary
+    assert image and plot
+
+
+def test_density_curve_follows_the_mask() -> None:
+    figure = video_tab.density_curve(24, 256, 64, 1.0, "hunyuan")
+    (line,) = figure.axes[0].get_lines()
+    for frames, density in zip(*line.get_data()):
+        mask = radial_block_mask(int(frames), 256, block_size=64, model="hunyuan")
+        assert density == pytest.approx(mask.float().mean().item())
+    assert line.get_ydata()[-1] < line.get_ydata()[0]  # sparser as the video grows
+
+
+def test_plan_bars_follow_segment_plan(client) -> None:
+    from mmattn.diffusion.ditctrl import segment_plan
+
+    plan = segment_plan(3, segment_frames=13, overlap=9, transitions=2)
+    bars = video_tab.plan_figure(3, 13, 9, 2).axes[0].patches
+    assert [(bar.get_x(), bar.get_width()) for bar in bars] == [(start, 13) for start in plan.starts]
+    assert client.predict(3, 13, 9, 2, api_name="/video_plan")
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="overlap must be"):
+        client.predict(3, 13, 13, 2, api_name="/video_plan")
+
+
+def test_video_grid_from_a_clip(tmp_path) -> None:
+    frames = np.random.default_rng(0).integers(0, 255, (9, 48, 64, 3), dtype=np.uint8)
+    path = write_video(frames, tmp_path / "clip.mp4")
+    read = video_tab.read_video(str(path))
+    assert read.shape == frames.shape
+    assert video_tab.wan_grid(read) == (3, 12)  # (9-1)//4+1 latent frames, (48/16)*(64/16) tokens
+    with pytest.raises(ValueError, match="video must be a local file"):
+        video_tab.read_video(str(tmp_path / "missing.mp4"))
+
+
+def test_tiny_run_through_the_app(client) -> None:
+    video, note = client.predict(5, 2, True, api_name="/video_run")
+    frames = video_tab.read_video(video if isinstance(video, str) else video["video"])
+    assert frames.shape[0] == 2 and frames.shape[-1] == 3  # (5-1)//4+1 latent frames
+    assert re.search(r"Radial attention\), 2 latent", note)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_info() -> None:
@@ -51,3 +51,53 @@ def test_lazy_subpackage_attribute() -> None:
     result = _run("-c", "import mmattn; print(mmattn.kernels.__name__); print('kernels' in dir(mmattn))")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["mmattn.kernels", "True"]
+
+
+def test_masks_radial_png(tmp_path) -> None:
+    from PIL import Image
+
+    from mmattn.diffusion import radial_block_mask
+
+    out = tmp_path / "mask.png"
+    result = _run("-m", "mmattn", "masks", "radial", "--frames", "21", "--tokens-per-frame", "1560", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    expected = radial_block_mask(21, 1560)
+    assert f"density {expected.float().mean():.4f}" in result.stdout
+    picture = Image.open(out)
+    assert picture.size[0] % expected.shape[1] == 0 and picture.size[0] // expected.shape[1] >= 1
+
+
+def test_masks_neighborhood_png(tmp_path) -> None:
+    out = tmp_path / "na.png"
+    result = _run("-m", "mmattn", "masks", "neighborhood", "--height", "8", "--width", "8", "--kernel-size", "3",
+                  "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "density 0.1406" in result.stdout  # every token attends 3x3 = 9 of 64 keys
+    assert out.is_file()
+
+
+def test_masks_bad_arguments_name_them(tmp_path) -> None:
+    result = _run("-m", "mmattn", "masks", "radial", "--frames", "0", "--tokens-per-frame", "4", "--out",
+                  str(tmp_path / "m.png"))
+    assert result.returncode == 2 and "frames" in result.stderr
+    result = _run("-m", "mmattn", "masks", "radial", "--frames", "2", "--tokens-per-frame", "4", "--out",
+                  str(tmp_path / "m.jpg"))
+    assert result.returncode == 2 and "--out must end in .png" in result.stderr
+
+
+def test_bench_quick_prints_the_table() -> None:
+    result = _run("-m", "mmattn", "bench", "diffusion", "--quick")
+    assert result.returncode == 0, result.stderr
+    assert "| tiny wan |" in result.stdout and "[diffusion]" in result.stderr  # rows of the table, progress on stderr
+
+
+def test_bench_unknown_name() -> None:
+    result = _run("-m", "mmattn", "bench", "nope")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_demo_help() -> None:
+    result = _run("-m", "mmattn", "demo", "--help")
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--share"):
+        assert option in result.stdout

@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 test: venv
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -ra tests
 
-# For now `mmattn info`; later the Gradio demo.
+# The Gradio demo on embedded defaults (no download): http://127.0.0.1:7860
 demo: venv
-	$(VENV)/bin/mmattn info
+	$(VENV)/bin/mmattn demo --host 127.0.0.1 --port 7860
 
 # No venv dependency: the GPU machine keeps its own torch/triton (constraints.txt pins the CPU pair).
 bench:

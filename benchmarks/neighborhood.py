@@ -111,11 +111,15 @@ def write_table(rows, tiles, out_path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the NAT stage shapes only")
+    parser.add_argument("--only", help="comma-separated case names (e.g. 'NAT stage 1,video 3D')")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "neighborhood.md")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/neighborhood.py needs a CUDA GPU")
-    run(CASES[:3] if args.quick else CASES, args.out)
+    cases = CASES[:3] if args.quick else CASES
+    if args.only:
+        cases = [case for case in CASES if case[0] in args.only.split(",")]
+    run(cases, args.out)
 
 
 if __name__ == "__main__":

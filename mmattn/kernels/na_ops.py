@@ -8,6 +8,7 @@ each padded to three axes.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,23 +22,30 @@ from .triton import neighborhood as fna
 __all__ = ["neighborhood_attend", "neighborhood_bwd", "neighborhood_fwd"]
 
 
-def _pattern(nbhd: Neighborhood) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def _pattern(nbhd: Neighborhood) -> tuple[int, ...]:
     pad = 3 - len(nbhd.shape)
     fields = (nbhd.shape, nbhd.kernel_size, nbhd.dilation, nbhd.stride, nbhd.is_causal)
-    return [int(x) for field, fill in zip(fields, (1, 1, 1, 1, 0)) for x in (fill,) * pad + tuple(field)]
+    return tuple(int(x) for field, fill in zip(fields, (1, 1, 1, 1, 0)) for x in (fill,) * pad + tuple(field))
 
 
 def _launch_args(q: torch.Tensor, k: torch.Tensor, pattern: list[int], has_rpb: bool) -> dict:
+    ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return _compile_time_args(tuple(pattern), q.shape[1] // k.shape[1], q.shape[-1], has_rpb, ieee)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_time_args(pattern: tuple[int, ...], groups: int, head_dim: int, has_rpb: bool, ieee: bool) -> dict:
+    """The kernels' compile-time arguments (cached: they are rebuilt on every call otherwise)."""
     shape, kernel, dilation, stride, causal = (pattern[i : i + 3] for i in range(0, 15, 3))
-    head_dim = q.shape[-1]
     longest_group = max(-(-n // d) for n, d in zip(shape, dilation))
     args = {
-        "GROUPS": q.shape[1] // k.shape[1],
+        "GROUPS": groups,
         "HEAD_DIM": head_dim,
         "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
         "HAS_RPB": has_rpb,
         "STEPS": longest_group.bit_length() + 1,
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        "DOT_PRECISION": "ieee" if ieee else "tf32",
     }
     for name, values in zip("KDSC", (kernel, dilation, stride, causal)):
         args.update({f"{name}{a}": (bool(v) if name == "C" else v) for a, v in enumerate(values)})
@@ -190,7 +198,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
 
 def neighborhood_attend(q, k, v, nbhd: Neighborhood, rpb: torch.Tensor | None, scale: float):
     """Fused neighborhood attention on flat tokens `(B, H, N, D)`: `(out, lse)`, differentiable (rpb included)."""
-    args = (q, k, v, rpb, _pattern(nbhd), scale)
+    args = (q, k, v, rpb, list(_pattern(nbhd)), scale)
     if torch.compiler.is_compiling():
         return neighborhood_fwd(*args)
     return _NeighborhoodAttention.apply(*args)

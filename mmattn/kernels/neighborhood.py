@@ -10,6 +10,7 @@ keys of its group. In several dimensions the neighborhood is the Cartesian produ
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,8 +58,17 @@ class Neighborhood:
 
     @classmethod
     def create(cls, shape, kernel_size, dilation=1, stride=1, is_causal=False) -> Neighborhood:
-        """Validate and broadcast the arguments (an int/bool applies to every axis); errors name the argument."""
-        shape = tuple(int(s) for s in shape)
+        """Validate and broadcast the arguments (an int/bool applies to every axis); errors name the argument.
+
+        Patterns are cached by their arguments: a model calls this with the same ones at every layer."""
+        def frozen(value):
+            return tuple(value) if isinstance(value, (list, tuple)) else value
+
+        return cls._create(tuple(int(s) for s in shape), *map(frozen, (kernel_size, dilation, stride, is_causal)))
+
+    @classmethod
+    @functools.lru_cache(maxsize=512)
+    def _create(cls, shape, kernel_size, dilation, stride, is_causal) -> Neighborhood:
         ndim = len(shape)
         if ndim not in (1, 2, 3):
             raise ValueError(f"neighborhood attention takes 1, 2 or 3 spatial axes, got {ndim} (shape {shape})")

@@ -39,6 +39,14 @@ def _window(p, n, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _window_box(f, n, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr, T: tl.constexpr):
+    """Windows of the first and last query of a tile starting at f: (first lo, first hi, last lo, last hi)."""
+    first_lo, first_hi = _window(f, n, K, S, CAUSAL)
+    last_lo, last_hi = _window(tl.minimum(f + T - 1, n - 1), n, K, S, CAUSAL)
+    return first_lo, first_hi, last_lo, last_hi
+
+
+@triton.jit
 def _tile_origin(t, L, D: tl.constexpr, T: tl.constexpr):
     """Tile `t` of an axis tiled per dilation group: (group, group length, first group coordinate)."""
     tiles = tl.cdiv(tl.cdiv(L, D), T)
@@ -163,12 +171,9 @@ def _fwd_kernel(
     lo1, hi1 = _window(p1, n1, K1, S1, C1)
     lo2, hi2 = _window(p2, n2, K2, S2, C2)
     # Window bounds of the tile's first and last query per axis.
-    first_lo0, first_hi0 = _window(f0, n0, K0, S0, C0)
-    first_lo1, first_hi1 = _window(f1, n1, K1, S1, C1)
-    first_lo2, first_hi2 = _window(f2, n2, K2, S2, C2)
-    last_lo0, last_hi0 = _window(tl.minimum(f0 + TQ0 - 1, n0 - 1), n0, K0, S0, C0)
-    last_lo1, last_hi1 = _window(tl.minimum(f1 + TQ1 - 1, n1 - 1), n1, K1, S1, C1)
-    last_lo2, last_hi2 = _window(tl.minimum(f2 + TQ2 - 1, n2 - 1), n2, K2, S2, C2)
+    first_lo0, first_hi0, last_lo0, last_hi0 = _window_box(f0, n0, K0, S0, C0, TQ0)
+    first_lo1, first_hi1, last_lo1, last_hi1 = _window_box(f1, n1, K1, S1, C1, TQ1)
+    first_lo2, first_hi2, last_lo2, last_hi2 = _window_box(f2, n2, K2, S2, C2, TQ2)
     nk1 = tl.cdiv(last_hi1 - first_lo1 + 1, TK1)
     nk2 = tl.cdiv(last_hi2 - first_lo2 + 1, TK2)
     n_tiles = tl.cdiv(last_hi0 - first_lo0 + 1, TK0) * nk1 * nk2
@@ -245,12 +250,9 @@ def _dq_kernel(
     lo0, hi0 = _window(p0, n0, K0, S0, C0)
     lo1, hi1 = _window(p1, n1, K1, S1, C1)
     lo2, hi2 = _window(p2, n2, K2, S2, C2)
-    first_lo0, first_hi0 = _window(f0, n0, K0, S0, C0)
-    first_lo1, first_hi1 = _window(f1, n1, K1, S1, C1)
-    first_lo2, first_hi2 = _window(f2, n2, K2, S2, C2)
-    last_lo0, last_hi0 = _window(tl.minimum(f0 + TQ0 - 1, n0 - 1), n0, K0, S0, C0)
-    last_lo1, last_hi1 = _window(tl.minimum(f1 + TQ1 - 1, n1 - 1), n1, K1, S1, C1)
-    last_lo2, last_hi2 = _window(tl.minimum(f2 + TQ2 - 1, n2 - 1), n2, K2, S2, C2)
+    first_lo0, first_hi0, last_lo0, last_hi0 = _window_box(f0, n0, K0, S0, C0, TQ0)
+    first_lo1, first_hi1, last_lo1, last_hi1 = _window_box(f1, n1, K1, S1, C1, TQ1)
+    first_lo2, first_hi2, last_lo2, last_hi2 = _window_box(f2, n2, K2, S2, C2, TQ2)
     nk1 = tl.cdiv(last_hi1 - first_lo1 + 1, TK1)
     nk2 = tl.cdiv(last_hi2 - first_lo2 + 1, TK2)
     n_tiles = tl.cdiv(last_hi0 - first_lo0 + 1, TK0) * nk1 * nk2

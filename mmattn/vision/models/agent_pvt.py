@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_
 
 from ..layers.agent import AgentBlock, resize_grid_bias
+from ._classifier import PooledClassifierMixin
 
 __all__ = ["AgentPVT", "checkpoint_filter_fn"]
 
@@ -95,7 +96,7 @@ class AgentPVTStage(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
 
 
-class AgentPVT(nn.Module):
+class AgentPVT(PooledClassifierMixin, nn.Module):
     """Agent-PVT classifier/backbone: ``forward_features`` gives the stage-4 map (B, C4, H/32, W/32).
 
     ``attn_backend``: "auto" (fused SDPA) or "torch" (the official explicit softmax).
@@ -144,13 +145,6 @@ class AgentPVT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i in range(len(self.stages))}
@@ -164,18 +158,6 @@ class AgentPVT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
         self,
@@ -211,15 +193,6 @@ class AgentPVT(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPVT) -> dict[str, torch.Tensor]:

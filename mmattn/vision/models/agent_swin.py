@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_
 
 from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
+from ._classifier import PooledClassifierMixin
 
 __all__ = ["AgentSwinTransformer", "checkpoint_filter_fn"]
 
@@ -193,11 +194,13 @@ class AgentSwinStage(nn.Module):
         return (x, *self.downsample(x, hw))
 
 
-class AgentSwinTransformer(nn.Module):
+class AgentSwinTransformer(PooledClassifierMixin, nn.Module):
     """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized tokens ``(B, H*W/1024, 8C)``.
 
     ``attn_backend``: "auto" (fused SDPA for agent and window attention) or "torch" (the official explicit softmax).
     """
+
+    pool_dims = (1,)
 
     def __init__(
         self,
@@ -245,13 +248,6 @@ class AgentSwinTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return {"relative_position_bias_table"}
@@ -269,18 +265,6 @@ class AgentSwinTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for layer in self.layers:
             layer.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.patch_embed.proj(F.pad(x, (0, -x.shape[-1] % 4, 0, -x.shape[-2] % 4)))
@@ -329,15 +313,6 @@ class AgentSwinTransformer(nn.Module):
         for layer in self.layers:
             _, x, hw = layer(x, hw)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTransformer) -> dict[str, torch.Tensor]:

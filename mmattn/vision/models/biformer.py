@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import torch
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from timm.models import (
     build_model_with_cfg,
     checkpoint_seq,
@@ -20,6 +20,7 @@ from timm.models import (
 from torch import nn
 
 from ..layers.bra import BiLevelRoutingAttention, GlobalAttentionLePE
+from ._classifier import PooledClassifierMixin
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
 
@@ -66,7 +67,7 @@ class BiFormerStage(nn.Module):
         return self.blocks(x)
 
 
-class BiFormer(nn.Module):
+class BiFormer(PooledClassifierMixin, nn.Module):
     """BiFormer backbone and classifier (NCHW input of any size; stage maps at strides 4, 8, 16, 32)."""
 
     def __init__(
@@ -108,13 +109,6 @@ class BiFormer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -129,29 +123,8 @@ class BiFormer(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 _OFFICIAL_RENAMES = (

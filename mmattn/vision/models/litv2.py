@@ -12,7 +12,7 @@ import re
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from timm.models import (
     build_model_with_cfg,
     checkpoint_seq,
@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 from ..layers.hilo import HiLoAttention
+from ._classifier import PooledClassifierMixin
 
 __all__ = ["DeformableTokenMerging", "LITv2", "checkpoint_filter_fn"]
 
@@ -119,7 +120,7 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class LITv2(nn.Module):
+class LITv2(PooledClassifierMixin, nn.Module):
     """LITv2 backbone and classifier (NCHW input of any size; stage maps at strides 4, 8, 16, 32)."""
 
     def __init__(
@@ -156,13 +157,6 @@ class LITv2(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -177,31 +171,10 @@ class LITv2(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final LayerNorm-ed map, NCHW."""
         x = self.stages(self.patch_embed(x))
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _official_rename(key: str) -> str:

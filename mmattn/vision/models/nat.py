@@ -16,9 +16,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
-from torch.nn.init import trunc_normal_
 
 from ..layers.neighborhood import NeighborhoodAttention
+from ._classifier import PooledClassifierMixin
 
 __all__ = ["NAT", "checkpoint_filter_fn"]
 
@@ -112,12 +112,14 @@ class NATLevel(nn.Module):
         return x, (x if self.downsample is None else self.downsample(x))
 
 
-class NAT(nn.Module):
+class NAT(PooledClassifierMixin, nn.Module):
     """NAT / DiNAT classifier and backbone. ``dilations``: one list per level (None: NAT, all 1). ``attn_backend``:
     the ``neighborhood_attention`` backend ("auto": fused Triton on CUDA; "flex"; "torch": the unfused reference).
 
     ``forward_features`` returns the normalized last map, channels-last ``(B, H/32, W/32, 8C)``.
     """
+
+    pool_dims = (1, 2)
 
     def __init__(
         self,
@@ -162,13 +164,6 @@ class NAT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return {"rpb"}
@@ -186,18 +181,6 @@ class NAT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for level in self.levels:
             level.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
         self,
@@ -242,15 +225,6 @@ class NAT(nn.Module):
         for level in self.levels:
             _, x = level(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NAT) -> dict[str, torch.Tensor]:

@@ -39,10 +39,11 @@ def _window(p, n, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _window_box(f, n, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr, T: tl.constexpr):
-    """Windows of the first and last query of a tile starting at f: (first lo, first hi, last lo, last hi)."""
+def _window_box(f, end, n, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr, T: tl.constexpr):
+    """Windows of the first and last query of a tile starting at f and cut at `end`:
+    (first lo, first hi, last lo, last hi)."""
     first_lo, first_hi = _window(f, n, K, S, CAUSAL)
-    last_lo, last_hi = _window(tl.minimum(f + T - 1, n - 1), n, K, S, CAUSAL)
+    last_lo, last_hi = _window(tl.minimum(f + T - 1, end), n, K, S, CAUSAL)
     return first_lo, first_hi, last_lo, last_hi
 
 
@@ -145,6 +146,66 @@ def _tile(pid, L0, L1, L2, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     return g0, g1, g2, n0, n1, n2, f0, f1, f2
 
 
+@triton.jit
+def _query_rows(f0, f1, f2, g0, g1, g2, n0, n1, n2, L1, L2,
+                K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                D2: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, C0: tl.constexpr,
+                C1: tl.constexpr, C2: tl.constexpr, TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr):
+    """A query tile's group coordinates p, which rows exist, their tokens and their windows [lo, hi]."""
+    l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
+    p0, p1, p2 = f0 + l0, f1 + l1, f2 + l2
+    rows_ok = (p0 < n0) & (p1 < n1) & (p2 < n2)
+    rows = _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0, D1, D2)
+    lo0, hi0 = _window(p0, n0, K0, S0, C0)
+    lo1, hi1 = _window(p1, n1, K1, S1, C1)
+    lo2, hi2 = _window(p2, n2, K2, S2, C2)
+    return p0, p1, p2, rows_ok, rows, lo0, lo1, lo2, hi0, hi1, hi2
+
+
+@triton.jit
+def _tile_count(first0, first1, first2, last0, last1, last2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Tiles of T covering the box [first, last] per axis: (tiles on axis 1, tiles on axis 2, total)."""
+    n1 = tl.cdiv(last1 - first1 + 1, T1)
+    n2 = tl.cdiv(last2 - first2 + 1, T2)
+    return n1, n2, tl.cdiv(last0 - first0 + 1, T0) * n1 * n2
+
+
+@triton.jit
+def _nth_tile(it, n1, n2, first0, first1, first2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Start coordinates of tile `it` of a box walked row-major from `first`."""
+    j0, j1, j2 = _split3(it, n1, n2)
+    return first0 + j0 * T0, first1 + j1 * T1, first2 + j2 * T2
+
+
+@triton.jit
+def _row_statistics(Lse, Delta, row_base, rows, rows_ok):
+    """The backward's per-row log2-sum-exp and delta. Missing rows and empty rows (lse = -inf) take +inf, so
+    their probabilities are 0."""
+    lse = tl.load(Lse + row_base + rows, mask=rows_ok, other=float("inf"))
+    delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+
+
+@triton.jit
+def _full(s0, s1, s2, last_lo0, last_lo1, last_lo2, first_hi0, first_hi1, first_hi2,
+          T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """The key tile starting at s lies inside every window of the query range (see `_covers`), on all axes."""
+    return (_covers(s0, s0 + T0 - 1, last_lo0, first_hi0) & _covers(s1, s1 + T1 - 1, last_lo1, first_hi1)
+            & _covers(s2, s2 + T2 - 1, last_lo2, first_hi2))
+
+
+@triton.jit
+def _key_tile(k_base, v_base, s0, s1, s2, m0, m1, m2, last_hi0, last_hi1, last_hi2, g0, g1, g2, L1, L2, offs_d,
+              stride_kn, stride_vn, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """Gathers the key tile starting at s (positions past the box's end read as zeros): (kp0, kp1, kp2, k, v)."""
+    kp0, kp1, kp2 = s0 + m0, s1 + m1, s2 + m2
+    cols_ok = (kp0 <= last_hi0) & (kp1 <= last_hi1) & (kp2 <= last_hi2)
+    cols = _tokens(kp0, kp1, kp2, g0, g1, g2, L1, L2, D0, D1, D2)
+    k = _gather(k_base, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
+    v = _gather(v_base, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
+    return kp0, kp1, kp2, k, v
+
+
 @triton.jit(do_not_specialize=["L0", "L1", "L2", "size_bucket"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, Rpb,
@@ -163,20 +224,13 @@ def _fwd_kernel(
     h = (pid_bh % num_heads).to(tl.int64)
     kv_h = h // GROUPS
     g0, g1, g2, n0, n1, n2, f0, f1, f2 = _tile(tl.program_id(0), L0, L1, L2, D0, D1, D2, TQ0, TQ1, TQ2)
-    l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
-    p0, p1, p2 = f0 + l0, f1 + l1, f2 + l2
-    rows_ok = (p0 < n0) & (p1 < n1) & (p2 < n2)
-    rows = _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0, D1, D2)
-    lo0, hi0 = _window(p0, n0, K0, S0, C0)
-    lo1, hi1 = _window(p1, n1, K1, S1, C1)
-    lo2, hi2 = _window(p2, n2, K2, S2, C2)
+    p0, p1, p2, rows_ok, rows, lo0, lo1, lo2, hi0, hi1, hi2 = _query_rows(
+        f0, f1, f2, g0, g1, g2, n0, n1, n2, L1, L2, K0, K1, K2, D0, D1, D2, S0, S1, S2, C0, C1, C2, TQ0, TQ1, TQ2)
     # Window bounds of the tile's first and last query per axis.
-    first_lo0, first_hi0, last_lo0, last_hi0 = _window_box(f0, n0, K0, S0, C0, TQ0)
-    first_lo1, first_hi1, last_lo1, last_hi1 = _window_box(f1, n1, K1, S1, C1, TQ1)
-    first_lo2, first_hi2, last_lo2, last_hi2 = _window_box(f2, n2, K2, S2, C2, TQ2)
-    nk1 = tl.cdiv(last_hi1 - first_lo1 + 1, TK1)
-    nk2 = tl.cdiv(last_hi2 - first_lo2 + 1, TK2)
-    n_tiles = tl.cdiv(last_hi0 - first_lo0 + 1, TK0) * nk1 * nk2
+    first_lo0, first_hi0, last_lo0, last_hi0 = _window_box(f0, n0 - 1, n0, K0, S0, C0, TQ0)
+    first_lo1, first_hi1, last_lo1, last_hi1 = _window_box(f1, n1 - 1, n1, K1, S1, C1, TQ1)
+    first_lo2, first_hi2, last_lo2, last_hi2 = _window_box(f2, n2 - 1, n2, K2, S2, C2, TQ2)
+    nk1, nk2, n_tiles = _tile_count(first_lo0, first_lo1, first_lo2, last_hi0, last_hi1, last_hi2, TK0, TK1, TK2)
 
     offs_d = tl.arange(0, BLOCK_D)
     m0, m1, m2 = _split3(tl.arange(0, TK0 * TK1 * TK2), TK1, TK2)
@@ -190,19 +244,14 @@ def _fwd_kernel(
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], dtype=tl.float32)
     acc = tl.zeros([TQ0 * TQ1 * TQ2, BLOCK_D], dtype=tl.float32)
     for it in range(n_tiles):
-        j0, j1, j2 = _split3(it, nk1, nk2)
-        s0, s1, s2 = first_lo0 + j0 * TK0, first_lo1 + j1 * TK1, first_lo2 + j2 * TK2
-        kp0, kp1, kp2 = s0 + m0, s1 + m1, s2 + m2
-        cols_ok = (kp0 <= last_hi0) & (kp1 <= last_hi1) & (kp2 <= last_hi2)
-        cols = _tokens(kp0, kp1, kp2, g0, g1, g2, L1, L2, D0, D1, D2)
-        k = _gather(k_base, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
-        v = _gather(v_base, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
+        s0, s1, s2 = _nth_tile(it, nk1, nk2, first_lo0, first_lo1, first_lo2, TK0, TK1, TK2)
+        kp0, kp1, kp2, k, v = _key_tile(k_base, v_base, s0, s1, s2, m0, m1, m2, last_hi0, last_hi1, last_hi2,
+                                        g0, g1, g2, L1, L2, offs_d, stride_kn, stride_vn, HEAD_DIM, D0, D1, D2)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_RPB:
             s += _bias(rpb_h, kp0[None, :], kp1[None, :], kp2[None, :], p0[:, None], p1[:, None], p2[:, None],
                        K0, K1, K2)
-        full = (_covers(s0, s0 + TK0 - 1, last_lo0, first_hi0) & _covers(s1, s1 + TK1 - 1, last_lo1, first_hi1)
-                & _covers(s2, s2 + TK2 - 1, last_lo2, first_hi2))
+        full = _full(s0, s1, s2, last_lo0, last_lo1, last_lo2, first_hi0, first_hi1, first_hi2, TK0, TK1, TK2)
         if not full:
             inside = _inside(kp0[None, :], kp1[None, :], kp2[None, :], lo0[:, None], lo1[:, None], lo2[:, None],
                              hi0[:, None], hi1[:, None], hi2[:, None])
@@ -243,28 +292,19 @@ def _dq_kernel(
     h = (pid_bh % num_heads).to(tl.int64)
     kv_h = h // GROUPS
     g0, g1, g2, n0, n1, n2, f0, f1, f2 = _tile(tl.program_id(0), L0, L1, L2, D0, D1, D2, TQ0, TQ1, TQ2)
-    l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
-    p0, p1, p2 = f0 + l0, f1 + l1, f2 + l2
-    rows_ok = (p0 < n0) & (p1 < n1) & (p2 < n2)
-    rows = _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0, D1, D2)
-    lo0, hi0 = _window(p0, n0, K0, S0, C0)
-    lo1, hi1 = _window(p1, n1, K1, S1, C1)
-    lo2, hi2 = _window(p2, n2, K2, S2, C2)
-    first_lo0, first_hi0, last_lo0, last_hi0 = _window_box(f0, n0, K0, S0, C0, TQ0)
-    first_lo1, first_hi1, last_lo1, last_hi1 = _window_box(f1, n1, K1, S1, C1, TQ1)
-    first_lo2, first_hi2, last_lo2, last_hi2 = _window_box(f2, n2, K2, S2, C2, TQ2)
-    nk1 = tl.cdiv(last_hi1 - first_lo1 + 1, TK1)
-    nk2 = tl.cdiv(last_hi2 - first_lo2 + 1, TK2)
-    n_tiles = tl.cdiv(last_hi0 - first_lo0 + 1, TK0) * nk1 * nk2
+    p0, p1, p2, rows_ok, rows, lo0, lo1, lo2, hi0, hi1, hi2 = _query_rows(
+        f0, f1, f2, g0, g1, g2, n0, n1, n2, L1, L2, K0, K1, K2, D0, D1, D2, S0, S1, S2, C0, C1, C2, TQ0, TQ1, TQ2)
+    first_lo0, first_hi0, last_lo0, last_hi0 = _window_box(f0, n0 - 1, n0, K0, S0, C0, TQ0)
+    first_lo1, first_hi1, last_lo1, last_hi1 = _window_box(f1, n1 - 1, n1, K1, S1, C1, TQ1)
+    first_lo2, first_hi2, last_lo2, last_hi2 = _window_box(f2, n2 - 1, n2, K2, S2, C2, TQ2)
+    nk1, nk2, n_tiles = _tile_count(first_lo0, first_lo1, first_lo2, last_hi0, last_hi1, last_hi2, TK0, TK1, TK2)
 
     offs_d = tl.arange(0, BLOCK_D)
     m0, m1, m2 = _split3(tl.arange(0, TK0 * TK1 * TK2), TK1, TK2)
     q = _gather(Q + b * stride_qb + h * stride_qh, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
     do = _gather(DOut + b * stride_db + h * stride_dh, rows, rows_ok, offs_d, stride_dn, HEAD_DIM)
     row_base = pid_bh.to(tl.int64) * (L0 * L1 * L2)
-    lse = tl.load(Lse + row_base + rows, mask=rows_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+    lse2, delta = _row_statistics(Lse, Delta, row_base, rows, rows_ok)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     rpb_h = Rpb + h * (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
@@ -273,21 +313,16 @@ def _dq_kernel(
 
     dq = tl.zeros([TQ0 * TQ1 * TQ2, BLOCK_D], dtype=tl.float32)
     for it in range(n_tiles):
-        j0, j1, j2 = _split3(it, nk1, nk2)
-        s0, s1, s2 = first_lo0 + j0 * TK0, first_lo1 + j1 * TK1, first_lo2 + j2 * TK2
-        kp0, kp1, kp2 = s0 + m0, s1 + m1, s2 + m2
-        cols_ok = (kp0 <= last_hi0) & (kp1 <= last_hi1) & (kp2 <= last_hi2)
-        cols = _tokens(kp0, kp1, kp2, g0, g1, g2, L1, L2, D0, D1, D2)
-        k = _gather(k_base, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
-        v = _gather(v_base, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
+        s0, s1, s2 = _nth_tile(it, nk1, nk2, first_lo0, first_lo1, first_lo2, TK0, TK1, TK2)
+        kp0, kp1, kp2, k, v = _key_tile(k_base, v_base, s0, s1, s2, m0, m1, m2, last_hi0, last_hi1, last_hi2,
+                                        g0, g1, g2, L1, L2, offs_d, stride_kn, stride_vn, HEAD_DIM, D0, D1, D2)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_RPB:
             s += _bias(rpb_h, kp0[None, :], kp1[None, :], kp2[None, :], p0[:, None], p1[:, None], p2[:, None],
                        K0, K1, K2)
         inside = _inside(kp0[None, :], kp1[None, :], kp2[None, :], lo0[:, None], lo1[:, None], lo2[:, None],
                          hi0[:, None], hi1[:, None], hi2[:, None])
-        full = (_covers(s0, s0 + TK0 - 1, last_lo0, first_hi0) & _covers(s1, s1 + TK1 - 1, last_lo1, first_hi1)
-                & _covers(s2, s2 + TK2 - 1, last_lo2, first_hi2))
+        full = _full(s0, s1, s2, last_lo0, last_lo1, last_lo2, first_hi0, first_hi1, first_hi2, TK0, TK1, TK2)
         if not full:
             s = tl.where(inside, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
@@ -331,9 +366,7 @@ def _dkdv_kernel(
     q_last0 = _last_reaching(e0, n0, K0, S0, C0, STEPS)
     q_last1 = _last_reaching(e1, n1, K1, S1, C1, STEPS)
     q_last2 = _last_reaching(e2, n2, K2, S2, C2, STEPS)
-    nq1 = tl.cdiv(q_last1 - q_first1 + 1, TQ1)
-    nq2 = tl.cdiv(q_last2 - q_first2 + 1, TQ2)
-    n_tiles = tl.cdiv(q_last0 - q_first0 + 1, TQ0) * nq1 * nq2
+    nq1, nq2, n_tiles = _tile_count(q_first0, q_first1, q_first2, q_last0, q_last1, q_last2, TQ0, TQ1, TQ2)
 
     offs_d = tl.arange(0, BLOCK_D)
     l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
@@ -350,29 +383,21 @@ def _dkdv_kernel(
         row_base = (b * num_heads + h) * (L0 * L1 * L2)
         rpb_h = Rpb + h * (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
         for it in range(n_tiles):
-            j0, j1, j2 = _split3(it, nq1, nq2)
-            s0, s1, s2 = q_first0 + j0 * TQ0, q_first1 + j1 * TQ1, q_first2 + j2 * TQ2
+            s0, s1, s2 = _nth_tile(it, nq1, nq2, q_first0, q_first1, q_first2, TQ0, TQ1, TQ2)
             p0, p1, p2 = s0 + l0, s1 + l1, s2 + l2
             rows_ok = (p0 <= q_last0) & (p1 <= q_last1) & (p2 <= q_last2)
             rows = _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0, D1, D2)
             q = _gather(q_base, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
             do = _gather(do_base, rows, rows_ok, offs_d, stride_dn, HEAD_DIM)
-            # Rows outside the range (and empty rows, lse = -inf) take lse = +inf: p = 0.
-            lse = tl.load(Lse + row_base + rows, mask=rows_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+            lse2, delta = _row_statistics(Lse, Delta, row_base, rows, rows_ok)
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
             if HAS_RPB:
                 s_t += _bias(rpb_h, kp0[:, None], kp1[:, None], kp2[:, None], p0[None, :], p1[None, :], p2[None, :],
                              K0, K1, K2)
-            last_lo0, _ = _window(tl.minimum(s0 + TQ0 - 1, q_last0), n0, K0, S0, C0)
-            last_lo1, _ = _window(tl.minimum(s1 + TQ1 - 1, q_last1), n1, K1, S1, C1)
-            last_lo2, _ = _window(tl.minimum(s2 + TQ2 - 1, q_last2), n2, K2, S2, C2)
-            _, first_hi0 = _window(s0, n0, K0, S0, C0)
-            _, first_hi1 = _window(s1, n1, K1, S1, C1)
-            _, first_hi2 = _window(s2, n2, K2, S2, C2)
-            full = (_covers(f0, f0 + TK0 - 1, last_lo0, first_hi0) & _covers(f1, f1 + TK1 - 1, last_lo1, first_hi1)
-                    & _covers(f2, f2 + TK2 - 1, last_lo2, first_hi2))
+            _, first_hi0, last_lo0, _ = _window_box(s0, q_last0, n0, K0, S0, C0, TQ0)
+            _, first_hi1, last_lo1, _ = _window_box(s1, q_last1, n1, K1, S1, C1, TQ1)
+            _, first_hi2, last_lo2, _ = _window_box(s2, q_last2, n2, K2, S2, C2, TQ2)
+            full = _full(f0, f1, f2, last_lo0, last_lo1, last_lo2, first_hi0, first_hi1, first_hi2, TK0, TK1, TK2)
             if not full:
                 lo0, hi0 = _window(p0, n0, K0, S0, C0)
                 lo1, hi1 = _window(p1, n1, K1, S1, C1)

@@ -16,8 +16,9 @@ import triton
 from torch.library import custom_op
 
 from .neighborhood import Neighborhood
-from .ops import _rows_contiguous, _size_bucket
+from .triton import block_sparse as bs
 from .triton import neighborhood as fna
+from .triton.launch import dot_precision, head_dim_block, rows_contiguous, size_bucket
 
 __all__ = ["neighborhood_attend", "neighborhood_bwd", "neighborhood_fwd"]
 
@@ -30,22 +31,21 @@ def _pattern(nbhd: Neighborhood) -> tuple[int, ...]:
 
 
 def _launch_args(q: torch.Tensor, k: torch.Tensor, pattern: list[int], has_rpb: bool) -> dict:
-    ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    return _compile_time_args(tuple(pattern), q.shape[1] // k.shape[1], q.shape[-1], has_rpb, ieee)
+    return _compile_time_args(tuple(pattern), q.shape[1] // k.shape[1], q.shape[-1], has_rpb, dot_precision(q.dtype))
 
 
 @functools.lru_cache(maxsize=256)
-def _compile_time_args(pattern: tuple[int, ...], groups: int, head_dim: int, has_rpb: bool, ieee: bool) -> dict:
+def _compile_time_args(pattern: tuple[int, ...], groups: int, head_dim: int, has_rpb: bool, precision: str) -> dict:
     """The kernels' compile-time arguments (cached: they are rebuilt on every call otherwise)."""
     shape, kernel, dilation, stride, causal = (pattern[i : i + 3] for i in range(0, 15, 3))
     longest_group = max(-(-n // d) for n, d in zip(shape, dilation))
     args = {
         "GROUPS": groups,
         "HEAD_DIM": head_dim,
-        "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+        "BLOCK_D": head_dim_block(head_dim),
         "HAS_RPB": has_rpb,
         "STEPS": longest_group.bit_length() + 1,
-        "DOT_PRECISION": "ieee" if ieee else "tf32",
+        "DOT_PRECISION": precision,
     }
     for name, values in zip("KDSC", (kernel, dilation, stride, causal)):
         args.update({f"{name}{a}": (bool(v) if name == "C" else v) for a, v in enumerate(values)})
@@ -68,34 +68,29 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def forward_kernels(q, k, v, rpb, pattern: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`."""
-    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    q, k, v = (rows_contiguous(t) for t in (q, k, v))
     batch, heads, tokens, _ = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     launch = _launch_args(q, k, pattern, rpb is not None)
     fna.fwd_kernel.launch(
-        _grid(pattern, "TQ", batch * heads), (q.dtype, _size_bucket(tokens), *launch.values()),
+        _grid(pattern, "TQ", batch * heads), (q.dtype, size_bucket(tokens), *launch.values()),
         q, k, v, out, lse, rpb.contiguous() if rpb is not None else q,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, *pattern[0:3], scale, size_bucket=_size_bucket(tokens), **launch,
+        heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), **launch,
     )
     return out, lse
 
 
 def backward_kernels(grad_out, grad_lse, q, k, v, out, lse, rpb, pattern: list[int], scale: float, rpb_grad: bool):
     """Launches the backward kernels: `(dq, dk, dv, drpb)`, drpb empty unless `rpb_grad`."""
-    q, k, v, out, grad_out = (_rows_contiguous(t) for t in (q, k, v, out, grad_out))
+    q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
     batch, heads, tokens, head_dim = q.shape
     kv_heads = k.shape[1]
     launch = _launch_args(q, k, pattern, rpb is not None)
-    tune_key = (q.dtype, _size_bucket(tokens), *launch.values())
-    delta = torch.empty_like(lse)
-    fna.preprocess_kernel[(triton.cdiv(tokens, 64), batch * heads)](
-        out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
-        *_strides(out), *_strides(grad_out), heads, tokens,
-        HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=launch["BLOCK_D"], BLOCK_M=64,
-    )
+    tune_key = (q.dtype, size_bucket(tokens), *launch.values())
+    delta = bs.backward_delta(out, grad_out, grad_lse, lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     rpb_arg = rpb.contiguous() if rpb is not None else q
     neighbors = math.prod(pattern[3:6])
@@ -104,12 +99,12 @@ def backward_kernels(grad_out, grad_lse, q, k, v, out, lse, rpb, pattern: list[i
     fna.dq_kernel.launch(
         _grid(pattern, "TQ", batch * heads), tune_key,
         q, k, v, grad_out, lse, delta, dq, rpb_arg, ds, *common, *_strides(dq),
-        heads, *pattern[0:3], scale, size_bucket=_size_bucket(tokens), WRITE_DS=rpb_grad, **launch,
+        heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), WRITE_DS=rpb_grad, **launch,
     )
     fna.dkdv_kernel.launch(
         _grid(pattern, "TK", batch * kv_heads), tune_key,
         q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, *common, *_strides(dk),
-        heads, kv_heads, *pattern[0:3], scale, size_bucket=_size_bucket(tokens), **launch,
+        heads, kv_heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), **launch,
     )
     drpb = _bias_gradient(ds, rpb, pattern) if rpb_grad else q.new_empty(0)
     return dq, dk, dv, drpb

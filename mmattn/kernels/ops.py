@@ -14,6 +14,7 @@ import triton
 from torch.library import custom_op
 
 from .triton import block_sparse as bs
+from .triton.launch import dot_precision, head_dim_block, rows_contiguous, size_bucket
 
 __all__ = ["attend", "block_sparse_fwd", "block_sparse_bwd"]
 
@@ -24,29 +25,18 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int) 
     return dict(
         GROUPS=q.shape[1] // k.shape[1],
         HEAD_DIM=head_dim,
-        BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
+        BLOCK_D=head_dim_block(head_dim),
         Q_BLOCK=q_block,
         KV_BLOCK=kv_block,
         EVEN_Q=q.shape[2] % q_block == 0,
         EVEN_KV=k.shape[2] % kv_block == 0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
     )
-
-
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """The kernels address rows by stride and read each row's elements contiguously (unit last stride);
-    expanded or strided tensors, such as the gradient of a `.sum()`, are copied to that layout."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _tune_key(q: torch.Tensor, launch: dict) -> tuple:
     """What the tuned tile depends on: dtype, length bucket and the compile-time arguments."""
-    return (q.dtype, _size_bucket(q.shape[2]), *launch.values())
-
-
-def _size_bucket(length: int) -> int:
-    """Autotuning key: lengths within one power of two share a tuned config (no re-tuning per length)."""
-    return 1 << max(0, length - 1).bit_length()
+    return (q.dtype, size_bucket(q.shape[2]), *launch.values())
 
 
 def _index_strides(counts: torch.Tensor, indices: torch.Tensor) -> tuple[int, ...]:
@@ -68,7 +58,7 @@ def forward_kernels(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel: `(out, lse)`."""
-    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     batch, heads, q_len, head_dim = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
@@ -85,7 +75,7 @@ def forward_kernels(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *_index_strides(kv_num_blocks, kv_indices),
-        heads, q_len, k.shape[2], scale, _size_bucket(q_len),
+        heads, q_len, k.shape[2], scale, size_bucket(q_len),
         **launch,
     )
     return out, lse
@@ -108,21 +98,12 @@ def backward_kernels(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the backward kernels: `(dq, dk, dv)`, deterministic (no atomics)."""
-    q, k, v, out, grad_out = (_rows_contiguous(t) for t in (q, k, v, out, grad_out))
+    q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
-    grad_lse = grad_lse.contiguous() if grad_lse is not None else None
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     launch = _launch_args(q, k, q_block, kv_block)
-    delta = torch.empty_like(lse)
-    pre_block = 64
-    bs.preprocess_kernel[(triton.cdiv(q_len, pre_block), batch * heads)](
-        out, grad_out, grad_lse if grad_lse is not None else lse, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        heads, q_len,
-        HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=launch["BLOCK_D"], BLOCK_M=pre_block,
-    )
+    delta = bs.backward_delta(out, grad_out, grad_lse, lse)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(k.shape, device=v.device, dtype=v.dtype)
@@ -140,7 +121,7 @@ def backward_kernels(
         *strides_q, *strides_k, *strides_v, *strides_do,
         dk.stride(0), dk.stride(1), dk.stride(2),
         *_index_strides(q_num_blocks, q_indices),
-        heads, kv_heads, q_len, kv_len, scale, _size_bucket(q_len),
+        heads, kv_heads, q_len, kv_len, scale, size_bucket(q_len),
         **launch,
     )
 
@@ -153,7 +134,7 @@ def backward_kernels(
         *strides_q, *strides_k, *strides_v, *strides_do,
         dq.stride(0), dq.stride(1), dq.stride(2),
         *_index_strides(kv_num_blocks, kv_indices),
-        heads, q_len, kv_len, scale, _size_bucket(q_len),
+        heads, q_len, kv_len, scale, size_bucket(q_len),
         **launch,
     )
     return dq, dk, dv

@@ -12,14 +12,13 @@ the block sides). Rows and columns past the true lengths are masked by position.
 
 from __future__ import annotations
 
-import os
-
+import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .launch import head_dim_block, tuned
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
 
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -359,43 +358,24 @@ def _bwd_dq(
 _TUNE_KEY = ["Q_BLOCK", "KV_BLOCK", "HEAD_DIM", "GROUPS", "size_bucket"]
 
 
-def _first_fitting(configs, named_args, **kwargs):
-    return prune_configs(configs, named_args, **kwargs)[:1]
+# Under the interpreter: tiles small enough for tiny test shapes.
+_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+                        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
+dkdv_kernel = tuned(_bwd_dkdv, DKDV_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
+dq_kernel = tuned(_bwd_dq, DQ_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 
 
-def _tuned(kernel, configs):
-    """The kernel autotuned over `configs` (each list starts with the tile that is best on an H100 for head dim
-    128). Under the interpreter, or with MMATTN_AUTOTUNE=0, the first fitting tile is taken without timing."""
-    if INTERPRETED:
-        configs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-                   triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    prune = _first_fitting if INTERPRETED or os.environ.get("MMATTN_AUTOTUNE") == "0" else prune_configs
-    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
-
-
-class TunedKernel:
-    """An autotuned kernel launched through the autotuner once per key, then directly with the tile it picked:
-    the autotuner's own per-launch key computation costs tens of microseconds, as long as a sparse kernel runs."""
-
-    def __init__(self, autotuner) -> None:
-        self.autotuner = autotuner
-        self.picked: dict[tuple, triton.Config] = {}
-
-    @property
-    def best_config(self) -> triton.Config:
-        return self.autotuner.best_config
-
-    def launch(self, grid, key: tuple, *args, **kwargs) -> None:
-        """Runs the kernel; `key` must determine the autotuning key (shapes, dtypes and compile-time flags)."""
-        config = self.picked.get(key)
-        if config is None:
-            self.autotuner[grid](*args, **kwargs)
-            self.picked[key] = self.autotuner.best_config
-        else:
-            self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
-
-
-fwd_kernel = TunedKernel(_tuned(_fwd_kernel, FWD_CONFIGS))
-dkdv_kernel = TunedKernel(_tuned(_bwd_dkdv, DKDV_CONFIGS))
-dq_kernel = TunedKernel(_tuned(_bwd_dq, DQ_CONFIGS))
-preprocess_kernel = _bwd_preprocess
+def backward_delta(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None,
+                   lse: torch.Tensor) -> torch.Tensor:
+    """FlashAttention's backward row term D = rowsum(dO * O) - dLSE, `(B, H, L)` float32, for `(B, H, L, D)`
+    outputs with unit last stride (shared by every kernel family's backward)."""
+    batch, heads, length, head_dim = out.shape
+    delta = torch.empty_like(lse)
+    _bwd_preprocess[(triton.cdiv(length, 64), batch * heads)](
+        out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
+        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        heads, length,
+        HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=64,
+    )
+    return delta

@@ -13,14 +13,10 @@ forward; no program writes another's output, so it needs no atomics. With a rela
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-from .block_sparse import TunedKernel, _bwd_preprocess
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .launch import tuned
 
 
 @triton.jit
@@ -478,20 +474,6 @@ _TUNE_KEY = ["HEAD_DIM", "GROUPS", "HAS_RPB", "K0", "K1", "K2", "D0", "D1", "D2"
              "size_bucket"]
 
 
-def _first_fitting(configs, named_args, **kwargs):
-    return prune_configs(configs, named_args, **kwargs)[:1]
-
-
-def _tuned(kernel) -> TunedKernel:
-    """`kernel` autotuned over the tile shapes; under the interpreter or with MMATTN_AUTOTUNE=0 the first
-    fitting one is taken untimed."""
-    untimed = INTERPRETED or os.environ.get("MMATTN_AUTOTUNE") == "0"
-    configs = INTERPRETER_CONFIGS if INTERPRETED else CONFIGS
-    prune = _first_fitting if untimed else prune_configs
-    return TunedKernel(triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel))
-
-
-fwd_kernel = _tuned(_fwd_kernel)
-dq_kernel = _tuned(_dq_kernel)
-dkdv_kernel = _tuned(_dkdv_kernel)
-preprocess_kernel = _bwd_preprocess
+fwd_kernel = tuned(_fwd_kernel, CONFIGS, _TUNE_KEY, prune_configs, INTERPRETER_CONFIGS)
+dq_kernel = tuned(_dq_kernel, CONFIGS, _TUNE_KEY, prune_configs, INTERPRETER_CONFIGS)
+dkdv_kernel = tuned(_dkdv_kernel, CONFIGS, _TUNE_KEY, prune_configs, INTERPRETER_CONFIGS)

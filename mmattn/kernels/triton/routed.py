@@ -17,17 +17,14 @@ group, so no program writes another's output.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import block_sparse as bs
+from .launch import dot_precision, head_dim_block, rows_contiguous, tuned
 
 __all__ = ["routed_backward", "routed_forward"]
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -54,20 +51,8 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2)]
 
 
-def _first_fitting(configs, named_args, **kwargs):
-    return _prune(configs, named_args, **kwargs)[:1]
-
-
 _TUNE_KEY = ["Q_REGION", "KV_REGION", "TOPK", "HEAD_DIM", "GROUPS"]
-
-
-def _tuned(kernel, configs) -> bs.TunedKernel:
-    """Autotuned over `configs`; the interpreter (and MMATTN_AUTOTUNE=0) takes the first fitting tile untimed."""
-    if INTERPRETED:
-        configs = _configs([(16, 32, 4, 1), (16, 16, 4, 1)])
-    prune = _first_fitting if INTERPRETED or os.environ.get("MMATTN_AUTOTUNE") == "0" else _prune
-    return bs.TunedKernel(triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
-        kernel))
+_INTERPRETER_CONFIGS = _configs([(16, 32, 4, 1), (16, 16, 4, 1)])
 
 
 @triton.jit
@@ -273,13 +258,9 @@ def _dkdv_kernel(
     _store_rows(DV + dk_base, dv.to(DV.dtype.element_ty), cols, col_in, offs_d, stride_dkn, HEAD_DIM)
 
 
-fwd_kernel = _tuned(_fwd_kernel, FWD_CONFIGS)
-dq_kernel = _tuned(_dq_kernel, DQ_CONFIGS)
-dkdv_kernel = _tuned(_dkdv_kernel, DKDV_CONFIGS)
-
-
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _prune, _INTERPRETER_CONFIGS)
+dq_kernel = tuned(_dq_kernel, DQ_CONFIGS, _TUNE_KEY, _prune, _INTERPRETER_CONFIGS)
+dkdv_kernel = tuned(_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY, _prune, _INTERPRETER_CONFIGS)
 
 
 def _broadcast_stride(t: torch.Tensor, dim: int) -> int:
@@ -290,9 +271,9 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, q_region: int, kv_region: int
                  has_valid: bool) -> dict:
     head_dim = q.shape[-1]
     return {
-        "GROUPS": q.shape[1] // k.shape[1], "HEAD_DIM": head_dim, "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+        "GROUPS": q.shape[1] // k.shape[1], "HEAD_DIM": head_dim, "BLOCK_D": head_dim_block(head_dim),
         "Q_REGION": q_region, "KV_REGION": kv_region, "TOPK": topk, "HAS_VALID": has_valid,
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        "DOT_PRECISION": dot_precision(q.dtype),
         "N_TILE_ROWS": topk * kv_region,
     }
 
@@ -314,7 +295,7 @@ def routed_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(out, lse)` of routed attention. `indices` int32 `(B|1, H|1, n_q_regions, topk)`; `kv_valid` uint8
     `(B|1, Lk)` or None."""
-    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     batch, heads, q_len, _ = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
@@ -360,24 +341,15 @@ def routed_backward(
     kv_region: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(dq, dk, dv)` of routed attention, deterministic (no atomics)."""
-    q, k, v, out, grad_out = (_rows_contiguous(t) for t in (q, k, v, out, grad_out))
+    q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
-    grad_lse = grad_lse.contiguous() if grad_lse is not None else None
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     n_kv_regions = kv_len // kv_region
     launch = _launch_args(q, k, q_region, kv_region, indices.shape[-1], kv_valid is not None)
     valid, stride_valid = _valid_args(kv_valid, k)
 
-    delta = torch.empty_like(lse)
-    pre_block = 64
-    bs.preprocess_kernel[(triton.cdiv(q_len, pre_block), batch * heads)](
-        out, grad_out, grad_lse if grad_lse is not None else lse, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        heads, q_len,
-        HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=launch["BLOCK_D"], BLOCK_M=pre_block,
-    )
+    delta = bs.backward_delta(out, grad_out, grad_lse, lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
+from .backends import resolve_backend
 from .reference import masked_attention
+from .validation import check_qkv, resolve_scale
 
 __all__ = ["ROUTED_BACKENDS", "routed_attention"]
 
@@ -25,26 +27,6 @@ def _check_region_size(name: str, value: int, length: int) -> int:
     if length % value:
         raise ValueError(f"{name}={value} must divide the token count {length} (tokens grouped region by region)")
     return value
-
-
-def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"k: expected batch {q.shape[0]} and head_dim {q.shape[3]} as q, got {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
 
 
 def _check_indices(indices: torch.Tensor, q: torch.Tensor, n_q_regions: int) -> torch.Tensor:
@@ -187,18 +169,14 @@ def routed_attention(
     `"torch"` (the official gather algorithm; out-of-range indices raise) or `"auto"`. With `return_lse`, also
     returns the natural-log sum of exponentials `(B, Hq, Lq)` in float32 (`-inf` on empty rows).
     """
-    _check_tensors(q, k, v)
-    if backend not in ROUTED_BACKENDS:
-        raise ValueError(f"backend must be one of {ROUTED_BACKENDS}, got {backend!r}")
+    check_qkv(q, k, v, (4,), "(batch, heads, tokens, head_dim)")
     q_region = _check_region_size("q_region_size", q_region_size, q.shape[2])
     kv_region = _check_region_size("kv_region_size", q_region if kv_region_size is None else kv_region_size,
                                    k.shape[2])
     indices = _check_indices(region_indices, q, q.shape[2] // q_region)
     kv_valid = _check_kv_valid(kv_valid, k)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    from . import _resolve_backend
-
-    backend = _resolve_backend(backend, q)
+    scale = resolve_scale(scale, q.shape[-1])
+    backend = resolve_backend(backend, q, ROUTED_BACKENDS)
     if backend == "triton":
         valid = None if kv_valid is None else kv_valid.view(torch.uint8).contiguous()
         out, lse = routed_fwd(q, k, v, indices.int().contiguous(), valid, q_region, kv_region, scale)

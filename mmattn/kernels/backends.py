@@ -1,0 +1,60 @@
+"""Which kernel backend runs where: `backend_info` for users, `resolve_backend` for the public functions."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "backend_info", "resolve_backend"]
+
+BACKENDS = ("auto", "triton", "flex", "torch")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_HEAD_DIMS = range(16, 257)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Cheap enough to be traced by torch.compile: no imports, no device queries."""
+    return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _TRITON_INTERPRETED))
+
+
+def backend_info(device: str | torch.device | None = None) -> dict[str, tuple[bool, str]]:
+    """For each backend, whether it can run on `device` (default: CUDA if present, else CPU) and why (not)."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    info: dict[str, tuple[bool, str]] = {}
+    if not _HAS_TRITON:
+        info["triton"] = (False, "triton is not installed (pip install 'mmattn[triton]')")
+    elif device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        usable = major >= 8
+        info["triton"] = (usable, f"compute capability {major}.{minor}" + ("" if usable else " < 8.0"))
+    elif _triton_runs_on(device):
+        info["triton"] = (True, "Triton interpreter (TRITON_INTERPRET=1): exact but slow")
+    else:
+        info["triton"] = (False, f"needs a CUDA GPU, or TRITON_INTERPRET=1 on {device.type}")
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        info["flex"] = (False, f"torch {torch.__version__} has no FlexAttention (needs >= 2.5)")
+    else:
+        info["flex"] = (True, "compiled FlexAttention" if device.type == "cuda" else "eager FlexAttention (unfused)")
+    info["torch"] = (True, "exact reference, memory-bounded")
+    return info
+
+
+def resolve_backend(backend: str, q: torch.Tensor, backends: tuple[str, ...] = BACKENDS) -> str:
+    """The backend to run: `"auto"` picks Triton for CUDA tensors of a Triton dtype, else torch; an explicit
+    choice that cannot run here is a clear error."""
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if q.is_cuda and q.dtype in _TRITON_DTYPES and _triton_runs_on(q.device) else "torch"
+    if backend == "triton":
+        if not _triton_runs_on(q.device):
+            raise ValueError(f"backend='triton' cannot run here: {backend_info(q.device)['triton'][1]}")
+        if q.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 inputs, got {q.dtype}")
+        if q.shape[-1] not in _TRITON_HEAD_DIMS or q.shape[-1] % 8:
+            raise ValueError(f"backend='triton' takes head_dim a multiple of 8 in [16, 256], got {q.shape[-1]}")
+    return backend

@@ -35,8 +35,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: tuple[int
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
-    """The softmax scale: `head_dim ** -0.5` by default; it must be finite."""
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
+    """The softmax scale: `head_dim ** -0.5` by default; a given one must be finite (checked eagerly: under
+    torch.compile a float may be symbolic)."""
+    if scale is None:
+        return head_dim ** -0.5
+    scale = float(scale)
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale

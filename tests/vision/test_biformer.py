@@ -71,14 +71,6 @@ def test_training_step_through_the_triton_kernel_matches_the_gather_path():
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("name, params", [
-    ("biformer_tiny", 13_142_760), ("biformer_small", 25_536_232), ("biformer_base", 56_804_968)])
-def test_exact_parameter_counts(name, params):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    assert sum(p.numel() for p in model.parameters()) == params
-
-
 def test_stage_shapes_at_224_and_at_a_size_not_divisible_by_the_regions():
     model = timm.create_model("biformer_tiny", features_only=True).eval()
     assert model.feature_info.channels() == [64, 128, 256, 512]

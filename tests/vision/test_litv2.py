@@ -91,14 +91,6 @@ def test_training_step_through_the_triton_kernel_matches_the_reference_path():
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("name, params", [
-    ("litv2_small", 27_844_000), ("litv2_medium", 48_830_368), ("litv2_base", 86_520_704)])
-def test_exact_parameter_counts(name, params):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    assert sum(p.numel() for p in model.parameters()) == params
-
-
 def test_stage_shapes_at_224_and_at_an_odd_size():
     model = timm.create_model("litv2_small", features_only=True).eval()
     assert model.feature_info.channels() == [96, 192, 384, 768]

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import backward_lse2, online_softmax_step, softmax_output
 from .launch import head_dim_block, tuned
 
 LOG2E = 1.4426950408889634
@@ -99,17 +100,10 @@ def _fwd_tiles(
         cols = start_n + offs_n
         k = _load_tile(k_base, cols, offs_d, stride_kn, kv_len, HEAD_DIM, not MASKED, BLOCK_D)
         v = _load_tile(v_base, cols, offs_d, stride_vn, kv_len, HEAD_DIM, not MASKED, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            qk = tl.where(cols[None, :] < kv_len, qk, float("-inf"))
-        # A row with no visible key so far keeps m = -inf; it is shifted by 0 so that no inf - inf appears.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+            s = tl.where(cols[None, :] < kv_len, s, float("-inf"))
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -156,10 +150,7 @@ def _fwd_kernel(
                                    stride_vn, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, KV_BLOCK, BLOCK_N,
                                    True, DOT_PRECISION)
 
-    # Rows that attended to nothing keep l_i = 0: they get a zero output and lse = -inf.
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    out, lse = softmax_output(acc, l_i, m_i)
     o_base = Out + b * stride_ob + h * stride_oh
     _store_tile(o_base, out.to(Out.dtype.element_ty), rows, offs_d, stride_om, q_len, HEAD_DIM, EVEN_Q, BLOCK_D)
     lse_ptrs = Lse + pid_bh.to(tl.int64) * q_len + rows
@@ -216,7 +207,7 @@ def _dkdv_tiles(
         # Rows past q_len and empty rows (lse = -inf) must get p = 0: they take lse = +inf.
         lse = _load_rows(lse_base, rows, q_len, float("inf"), MASKED)
         delta = _load_rows(delta_base, rows, q_len, 0.0, MASKED)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = backward_lse2(lse)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -334,7 +325,7 @@ def _bwd_dq(
     row_base = pid_bh.to(tl.int64) * q_len
     lse = _load_rows(Lse + row_base, rows, q_len, float("inf"), not EVEN_Q)
     delta = _load_rows(Delta + row_base, rows, q_len, 0.0, not EVEN_Q)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = backward_lse2(lse)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     n_blocks = tl.load(KvNum + b * stride_nb + h * stride_nh + q_blk)

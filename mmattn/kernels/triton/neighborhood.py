@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .common import backward_lse2, load_rows, online_softmax_step, softmax_output, store_rows
 from .launch import tuned
 
 
@@ -66,18 +67,6 @@ def _split3(i, N1, N2):
 def _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
     """Flat row-major token index of group coordinates p (in groups g)."""
     return ((p0 * D0 + g0) * L1 + (p1 * D1 + g1)) * L2 + (p2 * D2 + g2)
-
-
-@triton.jit
-def _gather(base, tokens, ok, cols, stride_n, HEAD_DIM: tl.constexpr):
-    ptrs = base + tl.where(ok, tokens, 0)[:, None].to(tl.int64) * stride_n + cols[None, :]
-    return tl.load(ptrs, mask=ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
-
-
-@triton.jit
-def _scatter(base, value, tokens, ok, cols, stride_n, HEAD_DIM: tl.constexpr):
-    ptrs = base + tl.where(ok, tokens, 0)[:, None].to(tl.int64) * stride_n + cols[None, :]
-    tl.store(ptrs, value, mask=ok[:, None] & (cols[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -178,8 +167,7 @@ def _row_statistics(Lse, Delta, row_base, rows, rows_ok):
     """The backward's per-row log2-sum-exp and delta. Missing rows and empty rows (lse = -inf) take +inf, so
     their probabilities are 0."""
     lse = tl.load(Lse + row_base + rows, mask=rows_ok, other=float("inf"))
-    delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+    return backward_lse2(lse), tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
 
 
 @triton.jit
@@ -197,8 +185,8 @@ def _key_tile(k_base, v_base, s0, s1, s2, m0, m1, m2, last_hi0, last_hi1, last_h
     kp0, kp1, kp2 = s0 + m0, s1 + m1, s2 + m2
     cols_ok = (kp0 <= last_hi0) & (kp1 <= last_hi1) & (kp2 <= last_hi2)
     cols = _tokens(kp0, kp1, kp2, g0, g1, g2, L1, L2, D0, D1, D2)
-    k = _gather(k_base, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
-    v = _gather(v_base, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
+    k = load_rows(k_base, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
+    v = load_rows(v_base, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
     return kp0, kp1, kp2, k, v
 
 
@@ -230,7 +218,7 @@ def _fwd_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     m0, m1, m2 = _split3(tl.arange(0, TK0 * TK1 * TK2), TK1, TK2)
-    q = _gather(Q + b * stride_qb + h * stride_qh, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     rpb_h = Rpb + h * (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
@@ -252,19 +240,10 @@ def _fwd_kernel(
             inside = _inside(kp0[None, :], kp1[None, :], kp2[None, :], lo0[:, None], lo1[:, None], lo2[:, None],
                              hi0[:, None], hi1[:, None], hi2[:, None])
             s = tl.where(inside, s, float("-inf"))
-        # Rows with no visible key so far keep m = -inf and are shifted by 0 (no inf - inf).
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    _scatter(Out + b * stride_ob + h * stride_oh, out.to(Out.dtype.element_ty), rows, rows_ok, offs_d, stride_on,
+    out, lse = softmax_output(acc, l_i, m_i)
+    store_rows(Out + b * stride_ob + h * stride_oh, out.to(Out.dtype.element_ty), rows, rows_ok, offs_d, stride_on,
              HEAD_DIM)
     tl.store(Lse + pid_bh.to(tl.int64) * (L0 * L1 * L2) + rows, lse, mask=rows_ok)
 
@@ -297,8 +276,8 @@ def _dq_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     m0, m1, m2 = _split3(tl.arange(0, TK0 * TK1 * TK2), TK1, TK2)
-    q = _gather(Q + b * stride_qb + h * stride_qh, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
-    do = _gather(DOut + b * stride_db + h * stride_dh, rows, rows_ok, offs_d, stride_dn, HEAD_DIM)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
+    do = load_rows(DOut + b * stride_db + h * stride_dh, rows, rows_ok, offs_d, stride_dn, HEAD_DIM)
     row_base = pid_bh.to(tl.int64) * (L0 * L1 * L2)
     lse2, delta = _row_statistics(Lse, Delta, row_base, rows, rows_ok)
     k_base = K + b * stride_kb + kv_h * stride_kh
@@ -329,7 +308,7 @@ def _dq_kernel(
             slot = ((kp0[None, :] - lo0[:, None]) * K1 + (kp1[None, :] - lo1[:, None])) * K2 + (kp2[None, :] - lo2[:, None])
             tl.store(ds_rows[:, None] + slot, ds, mask=inside & rows_ok[:, None])
 
-    _scatter(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty), rows, rows_ok, offs_d,
+    store_rows(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty), rows, rows_ok, offs_d,
              stride_dqn, HEAD_DIM)
 
 
@@ -366,8 +345,8 @@ def _dkdv_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
-    k = _gather(K + b * stride_kb + kv_h * stride_kh, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
-    v = _gather(V + b * stride_vb + kv_h * stride_vh, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
+    k = load_rows(K + b * stride_kb + kv_h * stride_kh, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
+    v = load_rows(V + b * stride_vb + kv_h * stride_vh, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
     qk_scale = sm_scale * 1.4426950408889634
 
     dk = tl.zeros([TK0 * TK1 * TK2, BLOCK_D], dtype=tl.float32)
@@ -383,8 +362,8 @@ def _dkdv_kernel(
             p0, p1, p2 = s0 + l0, s1 + l1, s2 + l2
             rows_ok = (p0 <= q_last0) & (p1 <= q_last1) & (p2 <= q_last2)
             rows = _tokens(p0, p1, p2, g0, g1, g2, L1, L2, D0, D1, D2)
-            q = _gather(q_base, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
-            do = _gather(do_base, rows, rows_ok, offs_d, stride_dn, HEAD_DIM)
+            q = load_rows(q_base, rows, rows_ok, offs_d, stride_qn, HEAD_DIM)
+            do = load_rows(do_base, rows, rows_ok, offs_d, stride_dn, HEAD_DIM)
             lse2, delta = _row_statistics(Lse, Delta, row_base, rows, rows_ok)
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
             if HAS_RPB:
@@ -408,8 +387,8 @@ def _dkdv_kernel(
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk_base = b * stride_dkb + kv_h * stride_dkh
-    _scatter(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, cols_ok, offs_d, stride_dkn, HEAD_DIM)
-    _scatter(DV + dk_base, dv.to(DV.dtype.element_ty), cols, cols_ok, offs_d, stride_dkn, HEAD_DIM)
+    store_rows(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, cols_ok, offs_d, stride_dkn, HEAD_DIM)
+    store_rows(DV + dk_base, dv.to(DV.dtype.element_ty), cols, cols_ok, offs_d, stride_dkn, HEAD_DIM)
 
 
 def _config(tq: tuple[int, int, int], tk: tuple[int, int, int], warps: int, stages: int) -> triton.Config:

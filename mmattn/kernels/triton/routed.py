@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import block_sparse as bs
+from .common import backward_lse2, load_rows, online_softmax_step, softmax_output, store_rows
 from .launch import dot_precision, head_dim_block, rows_contiguous, tuned
 
 __all__ = ["routed_backward", "routed_forward"]
@@ -69,18 +70,6 @@ def _routed_keys(idx_ptr, valid_ptr, n, n_kv_regions, KV_REGION: tl.constexpr, T
     return rows, ok
 
 
-@triton.jit
-def _load_rows(base, rows, ok, cols, stride_row, HEAD_DIM: tl.constexpr):
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
-    return tl.load(ptrs, mask=ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
-
-
-@triton.jit
-def _store_rows(base, value, rows, ok, cols, stride_row, HEAD_DIM: tl.constexpr):
-    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
-    tl.store(ptrs, value, mask=ok[:, None] & (cols[None, :] < HEAD_DIM))
-
-
 @triton.jit(do_not_specialize=["n_kv_regions"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, Idx, Valid,
@@ -106,7 +95,7 @@ def _fwd_kernel(
     rows = region * Q_REGION + local
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, offs_d, stride_qm, HEAD_DIM)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, offs_d, stride_qm, HEAD_DIM)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     idx_ptr = Idx + b * stride_ib + h * stride_ih + region * stride_ir
@@ -118,23 +107,14 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, TOPK * KV_REGION, BLOCK_N):
         key_rows, key_ok = _routed_keys(idx_ptr, valid_ptr, start + offs_n, n_kv_regions, KV_REGION, TOPK, HAS_VALID)
-        k = _load_rows(k_base, key_rows, key_ok, offs_d, stride_kn, HEAD_DIM)
-        v = _load_rows(v_base, key_rows, key_ok, offs_d, stride_vn, HEAD_DIM)
+        k = load_rows(k_base, key_rows, key_ok, offs_d, stride_kn, HEAD_DIM)
+        v = load_rows(v_base, key_rows, key_ok, offs_d, stride_vn, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk = tl.where(key_ok[None, :], qk * qk_scale, float("-inf"))
-        # A row with no visible key so far keeps m = -inf; it is shifted by 0 so that no inf - inf appears.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(qk - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    _store_rows(Out + b * stride_ob + h * stride_oh, out.to(Out.dtype.element_ty), rows, row_ok, offs_d, stride_om,
+    out, lse = softmax_output(acc, l_i, m_i)
+    store_rows(Out + b * stride_ob + h * stride_oh, out.to(Out.dtype.element_ty), rows, row_ok, offs_d, stride_om,
                 HEAD_DIM)
     tl.store(Lse + pid_bh.to(tl.int64) * q_len + rows, lse, mask=row_ok)
 
@@ -165,12 +145,12 @@ def _dq_kernel(
     rows = region * Q_REGION + local
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, offs_d, stride_qm, HEAD_DIM)
-    do = _load_rows(DOut + b * stride_db + h * stride_dh, rows, row_ok, offs_d, stride_dm, HEAD_DIM)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, offs_d, stride_qm, HEAD_DIM)
+    do = load_rows(DOut + b * stride_db + h * stride_dh, rows, row_ok, offs_d, stride_dm, HEAD_DIM)
     row_base = pid_bh.to(tl.int64) * q_len
     # Rows past the region and empty rows (lse = -inf) must get p = 0: they take lse = +inf.
     lse = tl.load(Lse + row_base + rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = backward_lse2(lse)
     delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
@@ -181,14 +161,14 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, TOPK * KV_REGION, BLOCK_N):
         key_rows, key_ok = _routed_keys(idx_ptr, valid_ptr, start + offs_n, n_kv_regions, KV_REGION, TOPK, HAS_VALID)
-        k = _load_rows(k_base, key_rows, key_ok, offs_d, stride_kn, HEAD_DIM)
-        v = _load_rows(v_base, key_rows, key_ok, offs_d, stride_vn, HEAD_DIM)
+        k = load_rows(k_base, key_rows, key_ok, offs_d, stride_kn, HEAD_DIM)
+        v = load_rows(v_base, key_rows, key_ok, offs_d, stride_vn, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.where(key_ok[None, :], tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    _store_rows(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty), rows, row_ok, offs_d,
+    store_rows(DQ + b * stride_dqb + h * stride_dqh, (dq * sm_scale).to(DQ.dtype.element_ty), rows, row_ok, offs_d,
                 stride_dqm, HEAD_DIM)
 
 
@@ -221,8 +201,8 @@ def _dkdv_kernel(
         col_ok = col_ok & (tl.load(Valid + b * stride_valid_b + cols, mask=col_in, other=0) != 0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + kv_h * stride_kh, cols, col_in, offs_d, stride_kn, HEAD_DIM)
-    v = _load_rows(V + b * stride_vb + kv_h * stride_vh, cols, col_in, offs_d, stride_vn, HEAD_DIM)
+    k = load_rows(K + b * stride_kb + kv_h * stride_kh, cols, col_in, offs_d, stride_kn, HEAD_DIM)
+    v = load_rows(V + b * stride_vb + kv_h * stride_vh, cols, col_in, offs_d, stride_vn, HEAD_DIM)
     qk_scale = sm_scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -241,10 +221,10 @@ def _dkdv_kernel(
             local_m = (it % M_TILES) * BLOCK_M + offs_m
             row_ok = local_m < Q_REGION
             rows = q_region * Q_REGION + local_m
-            q = _load_rows(q_base, rows, row_ok, offs_d, stride_qm, HEAD_DIM)
-            do = _load_rows(do_base, rows, row_ok, offs_d, stride_dm, HEAD_DIM)
+            q = load_rows(q_base, rows, row_ok, offs_d, stride_qm, HEAD_DIM)
+            do = load_rows(do_base, rows, row_ok, offs_d, stride_dm, HEAD_DIM)
             lse = tl.load(Lse + row_base + rows, mask=row_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2 = backward_lse2(lse)
             delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
             p_t = tl.where(col_ok[:, None], tl.math.exp2(qk_t * qk_scale - lse2[None, :]), 0.0)
@@ -254,8 +234,8 @@ def _dkdv_kernel(
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk_base = b * stride_dkb + kv_h * stride_dkh
-    _store_rows(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, col_in, offs_d, stride_dkn, HEAD_DIM)
-    _store_rows(DV + dk_base, dv.to(DV.dtype.element_ty), cols, col_in, offs_d, stride_dkn, HEAD_DIM)
+    store_rows(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, col_in, offs_d, stride_dkn, HEAD_DIM)
+    store_rows(DV + dk_base, dv.to(DV.dtype.element_ty), cols, col_in, offs_d, stride_dkn, HEAD_DIM)
 
 
 fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _prune, _INTERPRETER_CONFIGS)

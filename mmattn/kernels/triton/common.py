@@ -1,0 +1,48 @@
+"""Triton building blocks shared by the block-sparse, neighborhood and routed kernels: FlashAttention-2's online
+softmax in base 2, its finish, the backward's row term, and row gathers/scatters by token index."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
+    """Folds one key tile into the running (acc, row sum, row max): `s` are base-2 logits (-inf where masked).
+    A row with no visible key so far keeps m = -inf and is shifted by 0, so no inf - inf appears."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def softmax_output(acc, l_i, m_i):
+    """(out, natural-log lse); rows that attended to nothing get out = 0 and lse = -inf."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    return out, lse
+
+
+@triton.jit
+def backward_lse2(lse):
+    """The forward's lse in base 2 for recomputing probabilities; empty rows (-inf) take +inf, so p = 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def load_rows(base, rows, ok, cols, stride_row, HEAD_DIM: tl.constexpr):
+    """`[rows, cols]` of a row-strided tensor with unit last stride; zero where `ok` is False or past HEAD_DIM."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def store_rows(base, value, rows, ok, cols, stride_row, HEAD_DIM: tl.constexpr):
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
+    tl.store(ptrs, value, mask=ok[:, None] & (cols[None, :] < HEAD_DIM))

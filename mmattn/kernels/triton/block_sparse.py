@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import backward_lse2, online_softmax_step, softmax_output
+from .common import backward_lse2, online_softmax_step, program_heads, softmax_output
 from .launch import head_dim_block, tuned
 
 LOG2E = 1.4426950408889634
@@ -123,9 +123,7 @@ def _fwd_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    kv_h = h // GROUPS
+    b, h, kv_h = program_heads(pid_bh, num_heads, GROUPS)
     q_blk = start_m // Q_BLOCK
     TILES: tl.constexpr = KV_BLOCK // BLOCK_N
 
@@ -311,9 +309,7 @@ def _bwd_dq(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    kv_h = h // GROUPS
+    b, h, kv_h = program_heads(pid_bh, num_heads, GROUPS)
     q_blk = start_m // Q_BLOCK
     TILES: tl.constexpr = KV_BLOCK // BLOCK_N
 

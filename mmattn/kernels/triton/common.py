@@ -8,6 +8,15 @@ import triton.language as tl
 
 
 @triton.jit
+def program_heads(pid_bh, num_heads, GROUPS: tl.constexpr):
+    """(batch, head, key head) of a program over `batch x num_heads` (grouped-query attention: GROUPS query heads
+    share one key head), as int64 for address arithmetic."""
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    return b, h, h // GROUPS
+
+
+@triton.jit
 def online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
     """Folds one key tile into the running (acc, row sum, row max): `s` are base-2 logits (-inf where masked).
     A row with no visible key so far keeps m = -inf and is shifted by 0, so no inf - inf appears."""

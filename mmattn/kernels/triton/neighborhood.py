@@ -16,7 +16,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import backward_lse2, load_rows, online_softmax_step, softmax_output, store_rows
+from .common import (
+    backward_lse2,
+    load_rows,
+    online_softmax_step,
+    program_heads,
+    softmax_output,
+    store_rows,
+)
 from .launch import tuned
 
 
@@ -204,9 +211,7 @@ def _fwd_kernel(
     TK2: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    kv_h = h // GROUPS
+    b, h, kv_h = program_heads(pid_bh, num_heads, GROUPS)
     g0, g1, g2, n0, n1, n2, f0, f1, f2 = _tile(tl.program_id(0), L0, L1, L2, D0, D1, D2, TQ0, TQ1, TQ2)
     p0, p1, p2, rows_ok, rows, lo0, lo1, lo2, hi0, hi1, hi2 = _query_rows(
         f0, f1, f2, g0, g1, g2, n0, n1, n2, L1, L2, K0, K1, K2, D0, D1, D2, S0, S1, S2, C0, C1, C2, TQ0, TQ1, TQ2)
@@ -263,9 +268,7 @@ def _dq_kernel(
 ):
     """dQ per query tile (the forward's walk); with WRITE_DS also dS in neighbor layout for the bias gradient."""
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    kv_h = h // GROUPS
+    b, h, kv_h = program_heads(pid_bh, num_heads, GROUPS)
     g0, g1, g2, n0, n1, n2, f0, f1, f2 = _tile(tl.program_id(0), L0, L1, L2, D0, D1, D2, TQ0, TQ1, TQ2)
     p0, p1, p2, rows_ok, rows, lo0, lo1, lo2, hi0, hi1, hi2 = _query_rows(
         f0, f1, f2, g0, g1, g2, n0, n1, n2, L1, L2, K0, K1, K2, D0, D1, D2, S0, S1, S2, C0, C1, C2, TQ0, TQ1, TQ2)

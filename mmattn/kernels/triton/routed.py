@@ -22,7 +22,14 @@ import triton
 import triton.language as tl
 
 from . import block_sparse as bs
-from .common import backward_lse2, load_rows, online_softmax_step, softmax_output, store_rows
+from .common import (
+    backward_lse2,
+    load_rows,
+    online_softmax_step,
+    program_heads,
+    softmax_output,
+    store_rows,
+)
 from .launch import dot_precision, head_dim_block, rows_contiguous, tuned
 
 __all__ = ["routed_backward", "routed_forward"]
@@ -70,6 +77,15 @@ def _routed_keys(idx_ptr, valid_ptr, n, n_kv_regions, KV_REGION: tl.constexpr, T
     return rows, ok
 
 
+@triton.jit
+def _region_rows(pid, Q_REGION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query tile `pid` (regions split into tiles of BLOCK_M rows): (region, rows, which rows are in the region)."""
+    M_TILES: tl.constexpr = (Q_REGION + BLOCK_M - 1) // BLOCK_M
+    region = pid // M_TILES
+    local = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return region, region * Q_REGION + local, local < Q_REGION
+
+
 @triton.jit(do_not_specialize=["n_kv_regions"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, Idx, Valid,
@@ -83,16 +99,9 @@ def _fwd_kernel(
     KV_REGION: tl.constexpr, TOPK: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
     N_TILE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    M_TILES: tl.constexpr = (Q_REGION + BLOCK_M - 1) // BLOCK_M
-    region = tl.program_id(0) // M_TILES
+    region, rows, row_ok = _region_rows(tl.program_id(0), Q_REGION, BLOCK_M)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    kv_h = h // GROUPS
-
-    local = (tl.program_id(0) % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = local < Q_REGION
-    rows = region * Q_REGION + local
+    b, h, kv_h = program_heads(pid_bh, num_heads, GROUPS)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, offs_d, stride_qm, HEAD_DIM)
@@ -133,16 +142,9 @@ def _dq_kernel(
     KV_REGION: tl.constexpr, TOPK: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
     N_TILE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    M_TILES: tl.constexpr = (Q_REGION + BLOCK_M - 1) // BLOCK_M
-    region = tl.program_id(0) // M_TILES
+    region, rows, row_ok = _region_rows(tl.program_id(0), Q_REGION, BLOCK_M)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    kv_h = h // GROUPS
-
-    local = (tl.program_id(0) % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = local < Q_REGION
-    rows = region * Q_REGION + local
+    b, h, kv_h = program_heads(pid_bh, num_heads, GROUPS)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, offs_d, stride_qm, HEAD_DIM)

@@ -18,7 +18,7 @@ from torch.library import custom_op
 from .neighborhood import Neighborhood
 from .triton import block_sparse as bs
 from .triton import neighborhood as fna
-from .triton.launch import dot_precision, head_dim_block, rows_contiguous, size_bucket
+from .triton.launch import dot_precision, head_dim_block, row_strides, rows_contiguous, size_bucket
 
 __all__ = ["neighborhood_attend", "neighborhood_bwd", "neighborhood_fwd"]
 
@@ -62,10 +62,6 @@ def _grid(pattern: list[int], tile: str, rows: int):
     return grid
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def forward_kernels(q, k, v, rpb, pattern: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`."""
     q, k, v = (rows_contiguous(t) for t in (q, k, v))
@@ -76,7 +72,7 @@ def forward_kernels(q, k, v, rpb, pattern: list[int], scale: float) -> tuple[tor
     fna.fwd_kernel.launch(
         _grid(pattern, "TQ", batch * heads), (q.dtype, size_bucket(tokens), *launch.values()),
         q, k, v, out, lse, rpb.contiguous() if rpb is not None else q,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        *row_strides(q, k, v, out),
         heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), **launch,
     )
     return out, lse
@@ -95,15 +91,15 @@ def backward_kernels(grad_out, grad_lse, q, k, v, out, lse, rpb, pattern: list[i
     rpb_arg = rpb.contiguous() if rpb is not None else q
     neighbors = math.prod(pattern[3:6])
     ds = torch.zeros((batch, heads, tokens, neighbors), device=q.device, dtype=torch.float32) if rpb_grad else q
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    common = row_strides(q, k, v, grad_out)
     fna.dq_kernel.launch(
         _grid(pattern, "TQ", batch * heads), tune_key,
-        q, k, v, grad_out, lse, delta, dq, rpb_arg, ds, *common, *_strides(dq),
+        q, k, v, grad_out, lse, delta, dq, rpb_arg, ds, *common, *row_strides(dq),
         heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), WRITE_DS=rpb_grad, **launch,
     )
     fna.dkdv_kernel.launch(
         _grid(pattern, "TK", batch * kv_heads), tune_key,
-        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, *common, *_strides(dk),
+        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, *common, *row_strides(dk),
         heads, kv_heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), **launch,
     )
     drpb = _bias_gradient(ds, rpb, pattern) if rpb_grad else q.new_empty(0)

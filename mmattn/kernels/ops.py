@@ -14,7 +14,7 @@ import triton
 from torch.library import custom_op
 
 from .triton import block_sparse as bs
-from .triton.launch import dot_precision, head_dim_block, rows_contiguous, size_bucket
+from .triton.launch import dot_precision, head_dim_block, row_strides, rows_contiguous, size_bucket
 
 __all__ = ["attend", "block_sparse_fwd", "block_sparse_bwd"]
 
@@ -70,10 +70,7 @@ def forward_kernels(
     bs.fwd_kernel.launch(
         grid, _tune_key(q, launch),
         q, k, v, out, lse, kv_num_blocks, kv_indices,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *row_strides(q, k, v, out),
         *_index_strides(kv_num_blocks, kv_indices),
         heads, q_len, k.shape[2], scale, size_bucket(q_len),
         **launch,
@@ -107,10 +104,7 @@ def backward_kernels(
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(k.shape, device=v.device, dtype=v.dtype)
-    strides_q = (q.stride(0), q.stride(1), q.stride(2))
-    strides_k = (k.stride(0), k.stride(1), k.stride(2))
-    strides_v = (v.stride(0), v.stride(1), v.stride(2))
-    strides_do = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    strides = row_strides(q, k, v, grad_out)
 
     def dkdv_grid(meta):
         return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads)
@@ -118,8 +112,8 @@ def backward_kernels(
     bs.dkdv_kernel.launch(
         dkdv_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dk, dv, q_num_blocks, q_indices,
-        *strides_q, *strides_k, *strides_v, *strides_do,
-        dk.stride(0), dk.stride(1), dk.stride(2),
+        *strides,
+        *row_strides(dk),
         *_index_strides(q_num_blocks, q_indices),
         heads, kv_heads, q_len, kv_len, scale, size_bucket(q_len),
         **launch,
@@ -131,8 +125,8 @@ def backward_kernels(
     bs.dq_kernel.launch(
         dq_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dq, kv_num_blocks, kv_indices,
-        *strides_q, *strides_k, *strides_v, *strides_do,
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        *strides,
+        *row_strides(dq),
         *_index_strides(kv_num_blocks, kv_indices),
         heads, q_len, kv_len, scale, size_bucket(q_len),
         **launch,

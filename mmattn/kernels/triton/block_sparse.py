@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import backward_lse2, online_softmax_step, program_heads, softmax_output
-from .launch import head_dim_block, tuned
+from .launch import head_dim_block, row_strides, tuned
 
 LOG2E = 1.4426950408889634
 
@@ -361,8 +361,7 @@ def backward_delta(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Te
     delta = torch.empty_like(lse)
     _bwd_preprocess[(triton.cdiv(length, 64), batch * heads)](
         out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
-        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        heads, length,
+        *row_strides(out, grad_out), heads, length,
         HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=64,
     )
     return delta

@@ -8,7 +8,8 @@ import os
 import torch
 import triton
 
-__all__ = ["INTERPRETED", "TunedKernel", "dot_precision", "head_dim_block", "rows_contiguous", "size_bucket", "tuned"]
+__all__ = ["INTERPRETED", "TunedKernel", "dot_precision", "head_dim_block", "row_strides", "rows_contiguous", "size_bucket",
+           "tuned"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -53,6 +54,11 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels address rows by stride and read each row's elements contiguously (unit last stride);
     expanded or strided tensors, such as the gradient of a `.sum()`, are copied to that layout."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def row_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """Batch, head and row strides of `(B, H, L, D)` tensors, concatenated (the kernels' stride arguments)."""
+    return tuple(s for t in tensors for s in t.stride()[:3])
 
 
 def size_bucket(length: int) -> int:

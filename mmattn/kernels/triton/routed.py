@@ -30,7 +30,7 @@ from .common import (
     softmax_output,
     store_rows,
 )
-from .launch import dot_precision, head_dim_block, rows_contiguous, tuned
+from .launch import dot_precision, head_dim_block, row_strides, rows_contiguous, tuned
 
 __all__ = ["routed_backward", "routed_forward"]
 
@@ -291,10 +291,7 @@ def routed_forward(
     fwd_kernel.launch(
         grid, _tune_key(q, launch),
         q, k, v, out, lse, indices, valid,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *row_strides(q, k, v, out),
         _broadcast_stride(indices, 0), _broadcast_stride(indices, 1), indices.stride(2), stride_valid,
         heads, q_len, k.shape[2] // kv_region, scale,
         **launch,
@@ -333,8 +330,7 @@ def routed_backward(
 
     delta = bs.backward_delta(out, grad_out, grad_lse, lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    strides = row_strides(q, k, v, grad_out)
 
     def dq_grid(meta):
         return ((q_len // q_region) * triton.cdiv(q_region, meta["BLOCK_M"]), batch * heads)
@@ -342,7 +338,7 @@ def routed_backward(
     dq_kernel.launch(
         dq_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dq, indices, valid, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        *row_strides(dq),
         _broadcast_stride(indices, 0), _broadcast_stride(indices, 1), indices.stride(2), stride_valid,
         heads, q_len, n_kv_regions, scale,
         **launch,
@@ -356,7 +352,7 @@ def routed_backward(
     dkdv_kernel.launch(
         dkdv_grid, _tune_key(q, {**launch, "N_TILE_ROWS": kv_region}),
         q, k, v, grad_out, lse, delta, dk, dv, starts, counts, query_regions, valid, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2),
+        *row_strides(dk),
         _broadcast_stride(starts, 0), _broadcast_stride(starts, 1),
         _broadcast_stride(query_regions, 0), _broadcast_stride(query_regions, 1), stride_valid,
         heads, kv_heads, q_len, n_kv_regions, scale,

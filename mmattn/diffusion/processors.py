@@ -79,7 +79,9 @@ class WanRadialAttnProcessor(RadialProcessor):
             query, key = _rotate_interleaved(query, *rotary_emb), _rotate_interleaved(key, *rotary_emb)
         dense = self._dispatch_dense(query, key, value, attention_mask)
         if attention_mask is None:
-            hidden_states = self.radial.attend(query, key, value, layer_index=self.layer_index, dense=dense)
+            hidden_states = self.radial.attend(
+                query, key, value, layer_index=self.layer_index, dense=dense, parallel_config=self._parallel_config
+            )
         else:
             hidden_states = dense()
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
@@ -136,7 +138,8 @@ class HunyuanVideoRadialAttnProcessor(RadialProcessor):
         if attention_mask is not None and not self.radial.is_dense(self.layer_index):
             valid = _valid_prefix_lengths(attention_mask, query.shape[1] - text_tokens)
         hidden_states = self.radial.attend(
-            query, key, value, layer_index=self.layer_index, dense=dense, text_tokens=text_tokens, valid_text_tokens=valid
+            query, key, value, layer_index=self.layer_index, dense=dense, text_tokens=text_tokens,
+            valid_text_tokens=valid, parallel_config=self._parallel_config,
         )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
@@ -252,6 +255,8 @@ class LTXRadialAttnProcessor(RadialProcessor):
             query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         dense = self._dispatch_dense(query, key, value)
-        hidden_states = self.radial.attend(query, key, value, layer_index=self.layer_index, dense=dense)
+        hidden_states = self.radial.attend(
+            query, key, value, layer_index=self.layer_index, dense=dense, parallel_config=self._parallel_config
+        )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](hidden_states))

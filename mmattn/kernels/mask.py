@@ -239,6 +239,35 @@ class BlockSparseMask:
         kept = (self.to_dense().double() * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()
         return float(kept) / (self.q_len * self.kv_len)
 
+    def crop(
+        self, q_range: tuple[int, int], kv_range: tuple[int, int], heads: tuple[int, int] | None = None
+    ) -> BlockSparseMask:
+        """The mask of query tokens `[q_start, q_end)` against key tokens `[kv_start, kv_end)` (and query heads
+        `[h_start, h_end)` of a per-head mask), e.g. one (query shard, key shard) pair of ring attention.
+
+        Starts must lie on block boundaries; ends on a block boundary or at `q_len` / `kv_len`.
+        """
+        blocks = self.to_dense()
+        spans = []
+        for name, (start, end), size, length in (
+            ("q_range", q_range, self.block_size[0], self.q_len),
+            ("kv_range", kv_range, self.block_size[1], self.kv_len),
+        ):
+            if not (0 <= start < end <= length) or start % size or (end % size and end != length):
+                raise ValueError(
+                    f"{name}: expected 0 <= start < end <= {length} with start a multiple of {size} and end a "
+                    f"multiple of {size} or {length}, got ({start}, {end})"
+                )
+            spans.append(slice(start // size, math.ceil(end / size)))
+        blocks = blocks[..., spans[0], spans[1]]
+        if heads is not None and blocks.shape[1] > 1:
+            if not 0 <= heads[0] < heads[1] <= blocks.shape[1]:
+                raise ValueError(f"heads: expected 0 <= start < end <= {blocks.shape[1]}, got {heads}")
+            blocks = blocks[:, heads[0] : heads[1]]
+        return BlockSparseMask.from_dense(
+            blocks, self.block_size, q_len=q_range[1] - q_range[0], kv_len=kv_range[1] - kv_range[0]
+        )
+
     def to(self, device: torch.device | str) -> BlockSparseMask:
         return BlockSparseMask(
             self.kv_num_blocks.to(device), self.kv_indices.to(device), self.block_size, self.q_len, self.kv_len

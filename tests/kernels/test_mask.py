@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from mmattn.kernels import BlockSparseMask
 
+from .helpers import random_mask
+
 
 def random_blocks(shape, density=0.5, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -152,3 +154,21 @@ def test_csr_and_dense_views_agree(batch, heads, q_len, kv_len, q_block, kv_bloc
     transposed = BlockSparseMask.from_dense(blocks.transpose(-1, -2), (kv_block, q_block), kv_len, q_len)
     assert torch.equal(transposed.kv_num_blocks, mask.q_num_blocks)
     assert math.isclose(mask.density(), mask.to_token_mask().double().mean().item(), abs_tol=1e-12)
+
+
+def test_crop_keeps_the_blocks_of_the_window():
+    mask = random_mask(2, 3, 100, 90, (16, 32), density=0.5)
+    part = mask.crop((32, 100), (64, 90), heads=(1, 3))
+    assert (part.q_len, part.kv_len, part.shape) == (68, 26, (2, 2, 5, 1))
+    torch.testing.assert_close(part.to_dense(), mask.to_dense()[:, 1:3, 2:, 2:])
+    assert torch.equal(part.to_token_mask(), mask.to_token_mask(32, 100)[:, 1:3, :, 64:90])
+
+
+def test_crop_rejects_unaligned_ranges():
+    mask = random_mask(1, 1, 100, 90, (16, 32))
+    with pytest.raises(ValueError, match="q_range: expected"):
+        mask.crop((8, 100), (0, 90))
+    with pytest.raises(ValueError, match="kv_range: expected"):
+        mask.crop((0, 100), (0, 70))
+    with pytest.raises(ValueError, match="heads: expected"):
+        random_mask(1, 2, 100, 90, (16, 32)).crop((0, 100), (0, 90), heads=(1, 3))

@@ -41,6 +41,31 @@ WAN_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config
 WAN_TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64, num_layers=2)
 
 
+def wan_step(quick: bool, device, dtype) -> tuple[torch.nn.Module, dict]:
+    """Wan2.1-1.3B (random weights, seed 0) and the inputs of one denoising step at 720p 81 frames: latent
+    21 x 90 x 160, 75,600 tokens (quick: the tiny config on 4 x 16 x 16)."""
+    from diffusers import WanTransformer3DModel
+
+    config = WAN_TINY if quick else WAN_1_3B
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(**config).to(dtype).eval()
+    latent = (1, config["in_channels"], 4, 16, 16) if quick else (1, 16, 21, 90, 160)
+    inputs = {
+        "hidden_states": torch.randn(latent, device=device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(1, 512, config["text_dim"], device=device, dtype=dtype),
+        "timestep": torch.tensor([500], device=device),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def sparse_step_config(quick: bool) -> RadialConfig:
+    """Preset `wan2.1-t2v-1.3b` on a sparse step (layer 0 stays dense); quick: 16-token blocks, torch backend."""
+    preset = dataclasses.replace(RadialConfig.preset("wan2.1-t2v-1.3b"), dense_steps=0)
+    return dataclasses.replace(preset, block_size=16, backend="torch") if quick else preset
+
+
 def timer(quick: bool):
     """Median milliseconds of a callable: do_bench on the GPU, a plain wall clock in --quick mode."""
     if quick:
@@ -85,26 +110,12 @@ def attention_rows(cases, quick: bool) -> list[str]:
 
 @torch.no_grad()
 def wan_step_rows(quick: bool) -> list[str]:
-    from diffusers import WanTransformer3DModel
-
     device, dtype = ("cpu", torch.float32) if quick else ("cuda", torch.bfloat16)
-    config = WAN_TINY if quick else WAN_1_3B
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**config).to(device, dtype).eval()
-    # 720p 81 frames -> latent 21 x 90 x 160 (75,600 tokens); quick: 4 x 16 x 16
-    latent = (1, config["in_channels"], 4, 16, 16) if quick else (1, 16, 21, 90, 160)
-    inputs = {
-        "hidden_states": torch.randn(latent, device=device, dtype=dtype),
-        "encoder_hidden_states": torch.randn(1, 512, config["text_dim"], device=device, dtype=dtype),
-        "timestep": torch.tensor([500], device=device),
-        "return_dict": False,
-    }
+    model, inputs = wan_step(quick, device, dtype)
+    latent = inputs["hidden_states"].shape
     measure = timer(quick)
     dense = measure(lambda: model(**inputs))
-    preset = dataclasses.replace(RadialConfig.preset("wan2.1-t2v-1.3b"), dense_steps=0)  # a sparse step
-    if quick:
-        preset = dataclasses.replace(preset, block_size=16, backend="torch")
-    with apply_radial_attention(model, preset):
+    with apply_radial_attention(model, sparse_step_config(quick)):
         radial = measure(lambda: model(**inputs))
     tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
     row = f"| Wan2.1-1.3B step, {tokens:,} tokens | {dense:.1f} | {radial:.1f} | {dense / radial:.2f}x (goal 1.8x) |"

@@ -302,6 +302,9 @@ class AgentSwinTransformer(PooledClassifierMixin, nn.Module):
     ) -> list[int]:
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[: max_index + 1]
+        # the kept last layer's downsampler fed the layers just removed: its output would go unused and its
+        # parameters get no gradient, which DistributedDataParallel rejects (unless find_unused_parameters)
+        self.layers[-1].downsample = None
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:

@@ -214,6 +214,9 @@ class NAT(PooledClassifierMixin, nn.Module):
     ) -> list[int]:
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
         self.levels = self.levels[: max_index + 1]
+        # the kept last level's downsampler fed the levels just removed: its output would go unused and its
+        # parameters get no gradient, which DistributedDataParallel rejects (unless find_unused_parameters)
+        self.levels[-1].downsample = None
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:

@@ -13,6 +13,7 @@ count), the slowest rank's.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -24,16 +25,16 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffusion import environment, sparse_step_config, wan_step  # noqa: E402  (benchmarks/diffusion.py)
+from diffusion import environment, sparse_step_config, wan_step
 
-from mmattn.diffusion import apply_radial_attention, radial_mask  # noqa: E402
-from mmattn.kernels import block_sparse_attention  # noqa: E402
-from mmattn.kernels.distributed import context_parallel_attention  # noqa: E402
+from mmattn.diffusion import apply_radial_attention, radial_mask
+from mmattn.kernels import block_sparse_attention
+from mmattn.kernels.distributed import context_parallel_attention
 
 # name, frames, tokens per frame, heads (radial decay 0.2, Wan mask rule, block 128, head_dim 128)
 CASES = [("Wan 720p 81f (1.3B heads)", 21, 45 * 80, 12), ("Wan 720p 81f (14B heads)", 21, 45 * 80, 40)]
 QUICK_CASES = [("tiny wan", 4, 64, 2)]
-SCHEMES = {"Ulysses": dict(ulysses_degree=2), "ring": dict(ring_degree=2)}
+SCHEMES = {"Ulysses": {"ulysses_degree": 2}, "ring": {"ring_degree": 2}}
 DENSE_BACKEND = "_native_cudnn"  # diffusers' ring template needs the log-sum-exp, which its "native" cannot give
 
 
@@ -89,15 +90,18 @@ def attention_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> lis
         shard = slice(rank * tokens // world, (rank + 1) * tokens // world)
         local = [t[:, :, shard].contiguous() for t in (q, k, v)]
         local_bshd = [t.transpose(1, 2).contiguous() for t in local]
-        radial_one = timed(lambda: block_sparse_attention(q, k, v, mask, backend=backend), quick)
+        radial_one = timed(functools.partial(block_sparse_attention, q, k, v, mask, backend=backend), quick)
         with sdpa_kernel([SDPBackend.MATH if quick else SDPBackend.CUDNN_ATTENTION]):
-            dense_one = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), quick)
+            dense_one = timed(functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v), quick)
         for scheme, config in configs.items():
             cp = config.context_parallel_config
-            groups = dict(ulysses_group=cp._ulysses_mesh.get_group(), ring_group=cp._ring_mesh.get_group())
-            radial_two = timed(lambda: context_parallel_attention(*local, mask, backend=backend, **groups), quick)
+            groups = {"ulysses_group": cp._ulysses_mesh.get_group(), "ring_group": cp._ring_mesh.get_group()}
+            radial_two = timed(
+                functools.partial(context_parallel_attention, *local, mask, backend=backend, **groups), quick
+            )
             dense_two = timed(
-                lambda: dispatch_attention_fn(*local_bshd, backend=dense_backend, parallel_config=config), quick
+                functools.partial(dispatch_attention_fn, *local_bshd, backend=dense_backend, parallel_config=config),
+                quick,
             )
             rows.append(
                 f"| {name} | {tokens:,} | {scheme} | {radial_one:.2f} | {radial_two:.2f} | "
@@ -120,18 +124,18 @@ def step_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list[str
             model.set_attention_backend(DENSE_BACKEND)  # before Radial: its dense fallback keeps the stock backend
         return model, inputs
 
-    model, inputs = build()
-    one = {"dense": timed(lambda: model(**inputs), quick)}
-    with apply_radial_attention(model, config):
-        one["radial"] = timed(lambda: model(**inputs), quick)
-    del model
+    def step_times(model, inputs) -> dict[str, float]:
+        times = {"dense": timed(functools.partial(model, **inputs), quick)}
+        with apply_radial_attention(model, config):
+            times["radial"] = timed(functools.partial(model, **inputs), quick)
+        return times
+
+    one = step_times(*build())
     rows = []
     for scheme, degrees in schemes(quick).items():
-        model, _ = build()
+        model, inputs = build()
         model.enable_parallelism(config=ContextParallelConfig(**degrees))  # cannot be undone: a fresh model each
-        two = {"dense": timed(lambda: model(**inputs), quick)}
-        with apply_radial_attention(model, config):
-            two["radial"] = timed(lambda: model(**inputs), quick)
+        two = step_times(model, inputs)
         del model
         for attention in ("radial", "dense"):
             goal = " (goal 1.7x)" if attention == "radial" else ""

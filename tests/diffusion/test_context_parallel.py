@@ -4,8 +4,7 @@ the parallel output equals the single-process output on a tiny Wan transformer."
 import pytest
 import torch
 
-from mmattn.diffusion import RadialConfig, VideoGrid, apply_radial_attention
-from mmattn.diffusion import attention
+from mmattn.diffusion import RadialConfig, VideoGrid, apply_radial_attention, attention
 from mmattn.diffusion.masks import radial_mask
 
 from ..gloo import run_gloo
@@ -14,7 +13,7 @@ from .tiny_models import wan
 diffusers = pytest.importorskip("diffusers")
 
 CONFIG = RadialConfig(block_size=16, decay_factor=0.5)
-GRID = dict(frames=5, height=16, width=32)  # 5 frames x 128 tokens: shards of 320 or 160 tokens
+GRID = {"frames": 5, "height": 16, "width": 32}  # 5 frames x 128 tokens: shards of 320 or 160 tokens
 # LTX, the other transformer with a diffusers context-parallel plan, cannot run it on the CPU: under Ulysses its
 # masked cross-attention hits diffusers' unsharded mask heads (huggingface/diffusers#14316), and ring needs the
 # log-sum-exp that diffusers' only CPU backend ("native") does not give.
@@ -41,7 +40,7 @@ def _parallel_equals_single_process(rank, world, family, degrees):
     torch.testing.assert_close(sharded, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("degrees", [dict(ulysses_degree=2), dict(ring_degree=2)], ids=["ulysses", "ring"])
+@pytest.mark.parametrize("degrees", [{"ulysses_degree": 2}, {"ring_degree": 2}], ids=["ulysses", "ring"])
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_context_parallel_radial_matches_one_process(family, degrees):
     run_gloo(_parallel_equals_single_process, 2, family, degrees)
@@ -49,7 +48,7 @@ def test_context_parallel_radial_matches_one_process(family, degrees):
 
 def _sharded_tokens_must_match_the_grid(rank, world):
     torch.accelerator.device_count = lambda: 1
-    model, inputs = wan(**GRID)
+    model, _ = wan(**GRID)
     with apply_radial_attention(model, CONFIG):
         model.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=2))
         radial = model.blocks[1].attn1.processor.radial

@@ -10,31 +10,25 @@ per-rank BatchNorm statistics are what DDP computes (SyncBatchNorm, timm's `--sy
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import mmattn.vision  # noqa: F401  (registers the models)
 
+from ..gloo import run_gloo
+
 WORLD = 2
 STEPS = 2  # DDP reports a parameter without gradient at the forward after the step that left it out
 PER_RANK = 2
 NUM_CLASSES = 3
 SIZE = 64
-COLLECTIVE_TIMEOUT_S = 60
-JOB_TIMEOUT_S = 240
 
 # name -> (timm model, kwargs, extra run options); tiny widths, drop path off (its masks are random per rank)
 CASES: dict[str, tuple[str, dict, dict]] = {
@@ -108,40 +102,16 @@ def _train_ddp(case: dict, batches: list, rank: int) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _rank_main(rank: int, port: int, job_path: str, out_dir: str) -> None:
+def _rank_main(rank: int, world: int, job_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        job = torch.load(job_path, weights_only=False)
-        results = {}
-        for key, case in job["cases"].items():
-            try:
-                results[key] = {"params": _train_ddp(case, job["batches"], rank)}
-            except Exception:  # noqa: BLE001  (reported per case by the test; the next case still runs)
-                results[key] = {"error": traceback.format_exc()}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn(job_path: Path, out_dir: Path) -> None:
-    """Runs `_rank_main` in WORLD spawned processes; a crash fails, a hang is killed after JOB_TIMEOUT_S."""
-    context = mp.start_processes(_rank_main, args=(_free_port(), str(job_path), str(out_dir)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            raise TimeoutError(f"the {WORLD} gloo ranks did not finish in {JOB_TIMEOUT_S} s")
+    job = torch.load(job_path, weights_only=False)
+    results = {}
+    for key, case in job["cases"].items():
+        try:
+            results[key] = {"params": _train_ddp(case, job["batches"], rank)}
+        except Exception:  # noqa: BLE001  (reported per case by the test; the next case still runs)
+            results[key] = {"error": traceback.format_exc()}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
 def _train_single_process(case: dict, batches: list) -> dict[str, torch.Tensor]:
@@ -182,7 +152,7 @@ def ddp_run(tmp_path_factory):
                       "grad_checkpointing": options.get("grad_checkpointing", False)}
     batches = _batches()
     torch.save({"cases": cases, "batches": batches}, root / "job.pt")
-    _spawn(root / "job.pt", root)
+    run_gloo(_rank_main, WORLD, str(root / "job.pt"), str(root))
     ranks = {rank: torch.load(root / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)}
     return cases, batches, ranks
 

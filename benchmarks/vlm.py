@@ -20,20 +20,28 @@ from mmattn import vlm
 RESULTS = Path(__file__).resolve().parent / "results" / "vlm.md"
 
 
-def build(quick: bool, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    if quick:
-        vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "image_size": 336, "patch_size": 14, "projection_dim": 32}
-        text = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32064}
-    else:  # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 + Vicuna-7B
-        vision = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
-                  "projection_dim": 768}
-        text = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064}
-    config = LlavaConfig(vision_config=vision, text_config={**text, "max_position_embeddings": 4096, "pad_token_id": 0},
-                         image_token_index=32000, image_seq_length=576, vision_feature_layer=-2)
+#: Model sizes: "full" is llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14-336 + Vicuna-7B); "proxy" keeps its 576 image tokens
+#: and prompt but shrinks widths and depth for CPU measurements; "host" keeps the 32 layers with tiny widths, so CPU
+#: time is mostly host overhead (the regime of HF decoding on a GPU); "quick" is a smoke test.
+SIZES = {
+    "full": ({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+             {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}),
+    "proxy": ({"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4},
+              {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 16, "num_attention_heads": 8}),
+    "host": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+             {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 32, "num_attention_heads": 4}),
+    "quick": ({"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
+              {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4}),
+}
+
+
+def build(size: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    vision, text = SIZES[size]
+    vision = {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14, "projection_dim": 768, **vision}
+    text = {"model_type": "llama", "num_key_value_heads": text["num_attention_heads"], "vocab_size": 32064,
+            "max_position_embeddings": 4096, "pad_token_id": 0, **text}
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
+                         vision_feature_layer=-2)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -87,12 +95,16 @@ def measure(model, batch: dict, device: str, new_tokens: int, repeats: int) -> d
             "decode_tok_s": (new_tokens - 1) / max(total_s - prefill_s, 1e-9), "kv_mib": kv_bytes / 2**20}
 
 
-def methods(quick: bool) -> dict:
-    layers = 4 if quick else 32
-    var = vlm.VAR(sink_dims=(3, 7)) if quick else vlm.load_preset("llava-1.5-7b", "var")
-    gift = vlm.GIFT(saliency_layers=(1,), enhance_layers=(2, 3)) if quick else vlm.load_preset("llava-1.5-7b", "gift")
-    llm_layers = (2, 3) if quick else (9, 18)
-    assert layers > max(llm_layers)
+def methods(size: str) -> dict:
+    """The compared interventions; layer settings scale with depth (the LLaVA-1.5-7B presets at 32 layers)."""
+    layers = SIZES[size][1]["num_hidden_layers"]
+    if size == "full":
+        var, gift = vlm.load_preset("llava-1.5-7b", "var"), vlm.load_preset("llava-1.5-7b", "gift")
+    else:
+        saliency = max(round(11 * layers / 32), 1)
+        var = vlm.VAR(sink_dims=(3, 7))
+        gift = vlm.GIFT(saliency_layers=(saliency,), enhance_layers=tuple(range(saliency + 1, round(23 * layers / 32))))
+    llm_layers = (round(9 * layers / 32), round(18 * layers / 32))
     return {"none": None, "VAR": var, "GIFT": gift, "FastV K=2 R=0.75": vlm.FastV(k=2, ratio=0.75),
             "VFlowOpt keep 10%": vlm.VFlowOpt(keep=0.1, llm_layers=llm_layers)}
 
@@ -106,10 +118,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     new_tokens, repeats = (8, 1) if args.quick else (args.new_tokens, args.repeats)
-    model = build(args.quick, device, dtype)
+    size = "quick" if args.quick else "full"
+    model = build(size, device, dtype)
     batch = inputs(device, dtype)
     rows = {}
-    for name, intervention in methods(args.quick).items():
+    for name, intervention in methods(size).items():
         if intervention is None:
             rows[name] = measure(model, batch, device, new_tokens, repeats)
         else:

@@ -1,8 +1,12 @@
 """The attention function mmattn registers with transformers' `AttentionInterface`.
 
-Layers and rows that no intervention touches run the model's own implementation (eager or SDPA) unchanged. Rows an
-intervention needs are recomputed as explicit post-softmax probabilities A (fp32 softmax, as transformers' eager),
-handed to the interventions for reading or in-place editing, and multiplied with V.
+Layers and rows that no intervention touches run the model's own implementation (eager or SDPA) unchanged. The last
+rows an intervention needs are recomputed as explicit post-softmax probabilities A in fp32 (transformers' eager
+softmax), handed to the interventions for reading or in-place editing, cast to the model dtype and multiplied with V.
+
+Edits are column scalings of A: every intervention here multiplies the probabilities of a few sets of prompt columns
+(image tokens, sinks, query tokens) by per-row factors. So one batched matmul of A with the 0/1 column sets gives each
+row's masses over them, and one more applies `A_j <- A_j (1 + sum_k c_k S_kj)`, whatever the number of columns.
 """
 
 from __future__ import annotations
@@ -13,21 +17,48 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["AttentionRows", "additive_mask_rows", "eager_attention", "explicit_probabilities", "repeat_kv"]
+__all__ = [
+    "AttentionRows",
+    "column_masses",
+    "eager_attention",
+    "explicit_probabilities",
+    "repeat_kv",
+    "rows_attention",
+    "scale_columns",
+]
 
 
 @dataclass
 class AttentionRows:
-    """Post-softmax attention A[b, h, r, k] of the selected query rows of one layer call.
+    """Post-softmax attention A[b, h, r, k] (fp32, contiguous) of the last R query rows of one layer call.
 
-    row_positions / kv_positions: [B, R] / [B, kv] positions of the rows and keys in the original prompt (decode
-    tokens continue after the prompt), so interventions can look up the token layout whatever was pruned.
+    selected: [B, R] bool, the rows the intervention asked for per batch row (None: all of them). prompt_len: the
+    first `prompt_len` keys are the prompt tokens this layer holds (the rest are decoded tokens).
     """
 
     layer: int
     probs: torch.Tensor
-    row_positions: torch.Tensor
-    kv_positions: torch.Tensor
+    selected: torch.Tensor | None
+    prompt_len: int
+
+    def prompt(self) -> torch.Tensor:
+        """[B, H*R, prompt_len] view of the probabilities of the prompt columns."""
+        batch, heads, rows, _ = self.probs.shape
+        return self.probs[..., : self.prompt_len].reshape(batch, heads * rows, self.prompt_len)
+
+
+def column_masses(rows: AttentionRows, columns: torch.Tensor) -> torch.Tensor:
+    """sum_j A[b, h, r, j] S[b, j, k] over the prompt columns, for column sets `columns` [B, P, K]: [B, H, R, K]."""
+    batch, heads, count, _ = rows.probs.shape
+    return torch.bmm(rows.prompt(), columns).view(batch, heads, count, -1)
+
+
+def scale_columns(rows: AttentionRows, coefficients: torch.Tensor, columns: torch.Tensor) -> None:
+    """A[b, h, r, j] *= 1 + sum_k c[b, h, r, k] S[b, k, j] in place, for column sets `columns` [B, K, P]; all-zero
+    coefficients leave A bit for bit unchanged."""
+    prompt = rows.prompt()
+    batch, heads, count, kinds = coefficients.shape
+    prompt.addcmul_(prompt, torch.bmm(coefficients.reshape(batch, heads * count, kinds), columns))
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -38,26 +69,56 @@ def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states[:, :, None].expand(batch, heads, groups, tokens, dim).reshape(batch, heads * groups, tokens, dim)
 
 
-def additive_mask_rows(
-    attention_mask: torch.Tensor | None, rows: torch.Tensor, q_len: int, kv_len: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The additive mask [B|1, 1, R, kv] of query `rows`, from transformers' float, bool or absent (causal) mask."""
+def _grouped(states: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, R, X] -> [B, H_kv, (H / H_kv) R, X]: the query heads of one kv head side by side (no key copies)."""
+    batch, heads, rows, width = states.shape
+    return states.reshape(batch, kv_heads, heads // kv_heads * rows, width)
+
+
+def _tail_mask(
+    attention_mask: torch.Tensor | None, tail: int, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The additive fp32 mask [B|1, 1, tail, kv] of the last `tail` query rows (None when they see every key)."""
     if attention_mask is None:
-        absolute = rows + (kv_len - q_len)
-        allowed = torch.arange(kv_len, device=rows.device)[None, :] <= absolute[:, None]
-        return torch.zeros((), dtype=dtype, device=rows.device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
-    mask = attention_mask[..., rows, :kv_len]
-    if mask.dtype == torch.bool:
-        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask.to(dtype)
+        if tail == 1:
+            return None
+        rows = torch.arange(kv_len - tail, kv_len, device=device)
+        allowed = torch.arange(kv_len, device=device) <= rows[:, None]
+    else:
+        allowed = attention_mask[..., q_len - tail : q_len, :kv_len]
+        if allowed.dtype != torch.bool:
+            return allowed.float()
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
 
 
 def explicit_probabilities(
-    query: torch.Tensor, key: torch.Tensor, mask_rows: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """softmax(q k^T * scaling + mask) in fp32, cast back to the query dtype (transformers' eager convention)."""
-    logits = torch.matmul(query, key.transpose(2, 3)) * scaling + mask_rows
-    return nn.functional.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    """softmax(q k^T * scaling + mask) in fp32: [B, H, R, kv], keys [B, H_kv, kv, D] shared by their query heads."""
+    batch, heads, count, _ = query.shape
+    logits = torch.matmul(_grouped(query, key.shape[1]), key.transpose(2, 3)).view(batch, heads, count, -1)
+    logits = logits * scaling if mask is None else torch.add(mask, logits, alpha=scaling)
+    return nn.functional.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def rows_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    tail: int,
+    edit: Callable[[torch.Tensor], None],
+) -> torch.Tensor:
+    """The attention output [B, tail, H, D] of the last `tail` query rows, with `edit` applied to their fp32
+    probabilities [B, H, tail, kv] in place before A·V."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = _tail_mask(attention_mask, tail, q_len, kv_len, query.device)
+    probs = explicit_probabilities(query[:, :, q_len - tail :], key, mask, scaling)
+    edit(probs)
+    batch, heads = probs.shape[:2]
+    output = torch.matmul(_grouped(probs.to(value.dtype), value.shape[1]), value)
+    return output.view(batch, heads, tail, -1).transpose(1, 2)
 
 
 def eager_attention(
@@ -67,16 +128,28 @@ def eager_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float,
-    edit: Callable[[torch.Tensor], None],
+    tail: int = 0,
+    edit: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' eager attention op for op (bit-identical when `edit` changes nothing), with `edit` applied to
-    the probabilities [B, H, q, kv] in place before A·V."""
+    """transformers' eager attention op for op (bit-identical when `edit` changes nothing), with `edit` applied in
+    place to the fp32 probabilities [B, H, tail, kv] of the last `tail` rows before the cast and A·V."""
     key = repeat_kv(key, module.num_key_value_groups)
     value = repeat_kv(value, module.num_key_value_groups)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask[..., : key.shape[-2]]
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    edit(weights)
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32)
+    if edit is not None:
+        _edit_last_rows(weights, tail, edit)
+    weights = weights.to(query.dtype)
     output = torch.matmul(weights, value)
     return output.transpose(1, 2).contiguous(), weights
+
+
+def _edit_last_rows(weights: torch.Tensor, tail: int, edit: Callable[[torch.Tensor], None]) -> None:
+    if tail == weights.shape[2]:
+        edit(weights)
+        return
+    rows = weights[:, :, -tail:].contiguous()
+    edit(rows)
+    weights[:, :, -tail:] = rows

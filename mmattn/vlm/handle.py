@@ -13,13 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from typing_extensions import Self
 
-from .attention import (
-    AttentionRows,
-    additive_mask_rows,
-    eager_attention,
-    explicit_probabilities,
-    repeat_kv,
-)
+from .attention import AttentionRows, eager_attention, rows_attention
 from .interventions.base import CallState, Intervention, ModelContext, Runtime
 from .interventions.pruning import _PruningIntervention
 from .layout import TokenLayout, resolve_family
@@ -125,52 +119,28 @@ class InterventionHandle:
         call, layer = self.call, module.layer_idx
         scaling = module.scaling if scaling is None else scaling
         users = [] if call is None else [rt for rt in self.runtimes if rt.wants_attention(layer, call)]
-        if users:
-            q_len, kv_len = query.shape[2], key.shape[2]
-            kv_positions = call.kv_positions(layer, kv_len)
-            row_positions = kv_positions[:, kv_len - q_len :]
-            wanted = [rt.attention_rows(layer, call, row_positions) for rt in users]
-            rows = torch.stack(wanted).any(0).any(0).nonzero().flatten()
-            if rows.numel():
-                view = AttentionRows(layer, query.new_empty(0), row_positions[:, rows], kv_positions)
+        selections = [runtime.attention_rows(layer, call) for runtime in users]
+        tail = max((selection.tail for selection in selections), default=0)
+        if not tail:
+            if self.eager_base:
+                return eager_attention(module, query, key, value, attention_mask, scaling)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        prompt_len = call.prompt_len(layer)
 
-                def edit(probs: torch.Tensor) -> None:
-                    view.probs = probs
-                    for runtime, selected in zip(users, wanted):
-                        runtime.on_attention(view, selected[:, rows])
+        def edit(probs: torch.Tensor) -> None:
+            for runtime, selection in zip(users, selections):
+                selected = selection.within(tail, probs.shape[0], probs.device)
+                runtime.on_attention(AttentionRows(layer, probs, selected, prompt_len))
 
-                return self._edited_attention(module, query, key, value, attention_mask, scaling, rows, edit, kwargs)
         if self.eager_base:
-            return eager_attention(module, query, key, value, attention_mask, scaling, lambda probs: None)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-    def _edited_attention(
-        self,
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float,
-        rows: torch.Tensor,
-        edit: Callable[[torch.Tensor], None],
-        kwargs: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.eager_base:
-
-            def edit_rows(weights: torch.Tensor) -> None:
-                selected = weights[:, :, rows]
-                edit(selected)
-                weights[:, :, rows] = selected
-
-            return eager_attention(module, query, key, value, attention_mask, scaling, edit_rows)
+            return eager_attention(module, query, key, value, attention_mask, scaling, tail, edit)
+        rows = rows_attention(query, key, value, attention_mask, scaling, tail, edit)
+        if tail == query.shape[2]:
+            return rows.contiguous(), None
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        key = repeat_kv(key, module.num_key_value_groups)
-        value = repeat_kv(value, module.num_key_value_groups)
-        mask_rows = additive_mask_rows(attention_mask, rows, query.shape[2], key.shape[2], query.dtype)
-        probs = explicit_probabilities(query[:, :, rows], key, mask_rows, scaling)
-        edit(probs)
-        output[:, rows] = torch.matmul(probs, value).transpose(1, 2).to(output.dtype)
+        output[:, -tail:] = rows
         return output, None
 
 

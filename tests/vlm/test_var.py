@@ -14,8 +14,9 @@ P, IMAGE = 10, slice(2, 7)  # prompt of 10 tokens, image tokens 2..6, BOS at 0
 
 
 def runtime_with_sinks(p, rho=0.5):
+    """VAR's runtime after detecting sinks at layer 2 on planted hidden states: BOS (0) and image token 3."""
     model = tiny_llava()
-    handle = vlm.apply(model, vlm.VAR(p=p, rho=rho, sink_dims=(0,)))
+    handle = vlm.apply(model, vlm.VAR(p=p, rho=rho, tau=2.0, sink_dims=(0,)))
     runtime = handle.runtimes[0]
     image = torch.zeros(1, P, dtype=torch.bool)
     image[0, IMAGE] = True
@@ -23,9 +24,12 @@ def runtime_with_sinks(p, rho=0.5):
                          input_ids=torch.zeros(1, P, dtype=torch.long))
     call = CallState(layout=layout, lm_positions=torch.arange(P)[None])
     runtime.start_call(call)
+    hidden = torch.ones(1, P, 32)
+    hidden[0, [0, 3], 0] = 100.0  # phi = 100 / RMS > tau: a text sink (BOS) and a visual sink
+    runtime.before_layer(2, hidden, call)
     sinks = torch.zeros(1, P, dtype=torch.bool)
-    sinks[0, [0, 3]] = True  # a text sink (BOS) and a visual sink
-    runtime.sinks[2] = sinks
+    sinks[0, [0, 3]] = True
+    assert torch.equal(runtime.sinks[2], sinks)
     return handle, runtime
 
 
@@ -38,8 +42,7 @@ def test_redistribution_preserves_rows_and_moves_p_of_sink_mass_to_image_tokens(
     probs[0, 2, :, IMAGE] *= 0.01  # head 2: too little attention on the image
     probs = probs / probs.sum(-1, keepdim=True)
     before = probs.clone()
-    rows = AttentionRows(2, probs, torch.tensor([[8, 9]]), torch.arange(P)[None])
-    runtime.on_attention(rows, torch.ones(1, 2, dtype=torch.bool))
+    runtime.on_attention(AttentionRows(2, probs, torch.ones(1, 2, dtype=torch.bool), P))
     torch.testing.assert_close(probs.sum(-1), before.sum(-1))
     visual = before[..., IMAGE].sum(-1)
     receivers = visual - before[..., 3]

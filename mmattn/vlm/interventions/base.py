@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from ..attention import AttentionRows
 from ..layout import FamilySpec, TokenLayout
 
-__all__ = ["CallState", "Intervention", "ModelContext", "Runtime"]
+__all__ = ["LAST_ROW", "CallState", "Intervention", "ModelContext", "RowSelection", "Runtime"]
 
 
 @dataclass
@@ -41,6 +41,38 @@ class ModelContext:
         return self.text_model.config.hidden_size
 
 
+@dataclass(frozen=True)
+class RowSelection:
+    """The query rows an intervention reads or edits: the last `tail` rows of a layer call, `selected` [B, tail]
+    per batch row (None: all of them).
+
+    Every intervention's rows lie after the prompt's last image token (the text that reads the image, decoded
+    tokens); pruning removes image tokens only, so these rows keep their distance from the end in every layer.
+    """
+
+    tail: int
+    selected: torch.Tensor | None = None
+
+    @classmethod
+    def from_prompt(cls, wanted: torch.Tensor) -> RowSelection:
+        """The rows marked in `wanted` [B, P] (prompt positions); one host read per call."""
+        rows = wanted.any(0).nonzero()
+        tail = wanted.shape[1] - int(rows[0]) if rows.numel() else 0
+        return cls(tail, wanted[:, wanted.shape[1] - tail :])
+
+    def within(self, tail: int, batch: int, device: torch.device) -> torch.Tensor | None:
+        """`selected` as [B, tail] for the last `tail` >= self.tail rows; None when that is every row."""
+        if self.selected is None:
+            if tail == self.tail:
+                return None
+            return torch.arange(tail, device=device).expand(batch, -1) >= tail - self.tail
+        return F.pad(self.selected, (tail - self.tail, 0), value=False)
+
+
+#: The single query row of a decoding step (and the last prompt row), for every batch row.
+LAST_ROW = RowSelection(1)
+
+
 @dataclass
 class CallState:
     """Everything one generate (or forward) call accumulates; rebuilt at every prefill.
@@ -53,28 +85,35 @@ class CallState:
     lm_positions: torch.Tensor
     keep: dict[int, torch.Tensor] = field(default_factory=dict)
     decoding: bool = False
-    _positions: dict = field(default_factory=dict)
+    _positions: tuple = (None, None)
+
+    def prompt_len(self, layer: int) -> int:
+        """How many prompt tokens layer `layer` (and its KV cache) holds."""
+        keep = self.keep.get(layer)
+        return self.lm_positions.shape[1] if keep is None else keep.shape[1]
+
+    def prompt_positions(self, layer: int) -> torch.Tensor | None:
+        """[B, n] original positions of the prompt tokens layer `layer` holds; None when that is the whole prompt."""
+        keep = self.keep.get(layer)
+        if keep is None:
+            return None if self.lm_positions.shape[1] == self.layout.prompt_len else self.lm_positions
+        if self._positions[0] is not keep:
+            self._positions = (keep, self.lm_positions.gather(1, keep))
+        return self._positions[1]
+
+    def at_layer(self, layer: int, per_token: torch.Tensor) -> torch.Tensor:
+        """per_token [B, P] (over the prompt) read at the prompt tokens layer `layer` holds: [B, n]."""
+        positions = self.prompt_positions(layer)
+        return per_token if positions is None else per_token.gather(1, positions)
 
     def kv_positions(self, layer: int, kv_len: int) -> torch.Tensor:
         """[B, kv] original positions of layer `layer`'s keys; decode tokens continue after the prompt."""
-        keep = self.keep.get(layer)
-        cache_key = (None if keep is None else id(keep), kv_len)
-        if cache_key not in self._positions:
-            lm_len = self.lm_positions.shape[1]
-            batch, device = self.lm_positions.shape[0], self.lm_positions.device
-            if keep is None:
-                lm_index = torch.arange(kv_len, device=device).expand(batch, -1)
-            else:
-                tail = torch.arange(lm_len, lm_len + kv_len - keep.shape[1], device=device).expand(batch, -1)
-                lm_index = torch.cat([keep, tail], 1)
-            original = torch.where(
-                lm_index < lm_len,
-                self.lm_positions.gather(1, lm_index.clamp(max=lm_len - 1)),
-                self.layout.prompt_len + lm_index - lm_len,
-            )
-            self._positions = {k: v for k, v in self._positions.items() if k[1] == kv_len}
-            self._positions[cache_key] = original
-        return self._positions[cache_key]
+        prompt = self.prompt_positions(layer)
+        batch, device = self.lm_positions.shape[0], self.lm_positions.device
+        if prompt is None:
+            return torch.arange(kv_len, device=device).expand(batch, -1)
+        tail = torch.arange(self.layout.prompt_len, self.layout.prompt_len + kv_len - prompt.shape[1], device=device)
+        return torch.cat([prompt, tail.expand(batch, -1)], 1)
 
     def lookup(self, per_token: torch.Tensor, positions: torch.Tensor, fill: float | bool = False) -> torch.Tensor:
         """per_token [B, P] read at original `positions` [B, n]; positions past the prompt read `fill`."""
@@ -92,12 +131,12 @@ class Runtime:
         """Whether this layer's attention call needs explicit probabilities for this intervention."""
         return False
 
-    def attention_rows(self, layer: int, call: CallState, row_positions: torch.Tensor) -> torch.Tensor:
-        """[B, q] bool: the query rows (original positions given) this intervention reads or edits."""
+    def attention_rows(self, layer: int, call: CallState) -> RowSelection:
+        """The query rows this intervention reads or edits in this layer call."""
         raise NotImplementedError
 
-    def on_attention(self, rows: AttentionRows, selected: torch.Tensor) -> None:
-        """Read or edit rows.probs in place; `selected` [B, R] marks the rows this intervention asked for."""
+    def on_attention(self, rows: AttentionRows) -> None:
+        """Read or edit rows.probs in place (rows.selected marks the rows this intervention asked for)."""
 
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
         """Observe the residual stream entering decoder layer `layer` (after any pruning)."""

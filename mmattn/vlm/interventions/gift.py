@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import AttentionRows
-from .base import CallState, Intervention, ModelContext, Runtime
+from ..attention import AttentionRows, column_masses, scale_columns
+from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
 from .words import WordSelector, content_words
 
 __all__ = ["GIFT"]
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class _SaliencyReady(Exception):
@@ -66,7 +68,10 @@ class _GIFTRuntime(Runtime):
         self.call = call
         self.saliency_sum: torch.Tensor | None = None
         self.multiplier: torch.Tensor | None = None
+        self.columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.informative = call.layout.query & self._informative_tokens(call)
+        before_informative = torch.nn.functional.pad(self.informative[:, 1:], (0, 1), value=False)
+        self.saliency_rows = RowSelection.from_prompt(self.informative | before_informative)
 
     def _informative_tokens(self, call: CallState) -> torch.Tensor:
         tokenizer, layout = self.settings.tokenizer, call.layout
@@ -104,74 +109,77 @@ class _GIFTRuntime(Runtime):
     def wants_attention(self, layer: int, call: CallState) -> bool:
         if self._collects_saliency(layer, call):
             return True
-        return layer in self.enhance_layers and not self.in_saliency_pass
+        return layer in self.enhance_layers and self.multiplier is not None and not self.in_saliency_pass
 
-    def attention_rows(self, layer: int, call: CallState, row_positions: torch.Tensor) -> torch.Tensor:
-        if self._collects_saliency(layer, call):
-            query = call.lookup(self.informative, row_positions)
-            before_query = call.lookup(self.informative, row_positions + 1)
-            return query | before_query
-        rows = torch.zeros_like(row_positions, dtype=torch.bool)
-        rows[:, -1] = True
-        return rows
+    def attention_rows(self, layer: int, call: CallState) -> RowSelection:
+        return self.saliency_rows if self._collects_saliency(layer, call) else LAST_ROW
 
-    def on_attention(self, rows: AttentionRows, selected: torch.Tensor) -> None:
+    def on_attention(self, rows: AttentionRows) -> None:
         if self._collects_saliency(rows.layer, self.call):
             self._collect(rows)
             if rows.layer == max(self.saliency_layers):
                 self._finish_saliency()
-        elif rows.layer in self.enhance_layers:
-            self._enhance(rows, selected)
+        else:
+            self._enhance(rows)
 
     def _collect(self, rows: AttentionRows) -> None:
-        """Gaze shifts D = max(A[i] - A[i-1], 0) on image columns of informative query rows, top H//2 heads."""
+        """Gaze shifts D = max(A[i] - A[i-1], 0) on image columns of informative query rows, top H//2 heads.
+
+        The rows are the prompt's last ones, from the row before its first informative token on."""
         call = self.call
-        probs = rows.probs.float()
-        image = call.lookup(call.layout.image, rows.kv_positions)[:, None, None, :]
-        positions = rows.row_positions
-        consecutive = positions[:, 1:] == positions[:, :-1] + 1
-        counted = (call.lookup(self.informative, positions[:, 1:]) & consecutive)[:, None, :, None]
+        probs = rows.probs[..., : rows.prompt_len]
+        image = call.at_layer(rows.layer, call.layout.image)[:, None, None, :]
+        counted = self.informative[:, call.layout.prompt_len - probs.shape[2] + 1 :][:, None, :, None]
         shifts = (probs[:, :, 1:] - probs[:, :, :-1]).clamp_min(0) * image * counted
-        heads = shifts.sum((2, 3)).topk(probs.shape[1] // 2 or 1, dim=1).indices
-        kept = torch.zeros(probs.shape[:2], dtype=torch.bool, device=probs.device).scatter_(1, heads, True)
+        kept = top_half_heads(shifts.sum((2, 3)))
         per_column = (shifts * kept[:, :, None, None]).sum((1, 2))
         count = (kept.sum(1) * counted.sum((1, 2, 3))).clamp_min(1)[:, None]
-        saliency = torch.zeros(call.layout.image.shape, device=probs.device)
-        saliency.scatter_(1, rows.kv_positions.clamp(max=call.layout.prompt_len - 1), per_column / count)
+        saliency = per_column / count
+        positions = call.prompt_positions(rows.layer)
+        if positions is not None:
+            saliency = torch.zeros(call.layout.image.shape, device=probs.device).scatter_(1, positions, saliency)
         self.saliency_sum = saliency if self.saliency_sum is None else self.saliency_sum + saliency
 
     def _finish_saliency(self) -> None:
         """Clamp to mean ± 3σ over each row's image tokens, min-max scale, M = exp(α Ŝ); 1 off the image."""
         image = self.call.layout.image
-        multiplier = torch.ones(image.shape, device=image.device)
-        for row in range(image.shape[0]):
-            values = self.saliency_sum[row, image[row]] / len(self.saliency_layers)
-            mean, std = values.mean(), values.std(unbiased=False)
-            values = values.clamp(mean - 3 * std, mean + 3 * std)
-            spread = values.max() - values.min()
-            scaled = (values - values.min()) / spread if spread > 0 else torch.zeros_like(values)
-            multiplier[row, image[row]] = torch.exp(self.settings.alpha * scaled)
-        self.multiplier = multiplier
+        values = self.saliency_sum / len(self.saliency_layers)
+        count = image.sum(1, keepdim=True)
+        mean = (values * image).sum(1, keepdim=True) / count
+        std = (((values - mean) * image).pow(2).sum(1, keepdim=True) / count).sqrt()
+        values = values.clamp(mean - 3 * std, mean + 3 * std)
+        low = values.masked_fill(~image, float("inf")).amin(1, keepdim=True)
+        spread = values.masked_fill(~image, float("-inf")).amax(1, keepdim=True) - low
+        scaled = torch.where(spread > 0, (values - low) / spread, 0.0)
+        self.multiplier = torch.where(image, torch.exp(self.settings.alpha * scaled), 1.0)
 
-    def _enhance(self, rows: AttentionRows, selected: torch.Tensor) -> None:
-        if self.multiplier is None:
-            return
-        call, beta = self.call, self.settings.beta
-        probs = rows.probs.float()
-        image = call.lookup(call.layout.image, rows.kv_positions)[:, None, None, :]
-        query = call.lookup(call.layout.query, rows.kv_positions)[:, None, None, :]
-        multiplier = call.lookup(self.multiplier, rows.kv_positions, fill=1.0)[:, None, None, :]
-        half = probs.shape[1] // 2 or 1
+    def _enhance_columns(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`masses` [B, P, 3] (image, image·(M-1), query) and `moves` [B, 2, P] (image·(M-1), query) of a layer."""
+        if layer not in self.columns:
+            call = self.call
+            image = call.at_layer(layer, call.layout.image).float()
+            query = call.at_layer(layer, call.layout.query).float()
+            boost = image * (call.at_layer(layer, self.multiplier) - 1)
+            self.columns[layer] = torch.stack([image, boost, query], -1), torch.stack([boost, query], 1)
+        return self.columns[layer]
 
-        def top_heads(mass: torch.Tensor) -> torch.Tensor:
-            indices = mass.topk(half, dim=1).indices
-            return torch.zeros_like(mass, dtype=torch.bool).scatter_(1, indices, True)[..., None]
+    def _enhance(self, rows: AttentionRows) -> None:
+        """Vision heads (top H//2 by image mass) scale image column j by M_j; query heads (top H//2 by query mass)
+        scale the query columns by β·r, r = the vision heads' image mass gain; each row keeps its mass."""
+        masses, moves = self._enhance_columns(rows.layer)
+        mass = column_masses(rows, masses)
+        heads = top_half_heads(mass[..., ::2])
+        vision = (heads[..., :1] * mass[..., :2]).sum(1, keepdim=True)
+        query_factor = self.settings.beta * (1 + vision[..., 1:] / vision[..., :1].clamp_min(_TINY)) - 1
+        coefficients = torch.cat([heads[..., :1], heads[..., 1:] * query_factor], -1)
+        if rows.selected is not None:
+            coefficients = coefficients * rows.selected[:, None, :, None]
+        before = rows.probs.sum(-1, keepdim=True)
+        scale_columns(rows, coefficients, moves)
+        rows.probs.mul_(before / rows.probs.sum(-1, keepdim=True))
 
-        vision_heads = top_heads((probs * image).sum(-1)) & image
-        query_heads = top_heads((probs * query).sum(-1)) & query
-        boosted = torch.where(vision_heads, probs * multiplier, probs)
-        old_mass = (probs * vision_heads).sum((1, 3), keepdim=True)
-        gain = (boosted * vision_heads).sum((1, 3), keepdim=True) / old_mass.clamp_min(torch.finfo(torch.float32).tiny)
-        boosted = torch.where(query_heads, boosted * (beta * gain), boosted)
-        boosted = boosted * (probs.sum(-1, keepdim=True) / boosted.sum(-1, keepdim=True))
-        rows.probs.copy_(torch.where(selected[:, None, :, None], boosted, probs))
+
+def top_half_heads(mass: torch.Tensor) -> torch.Tensor:
+    """1.0 on the top H//2 heads (dim 1, at least one) of `mass` [B, H, ...], 0.0 elsewhere."""
+    indices = mass.topk(max(mass.shape[1] // 2, 1), dim=1).indices
+    return torch.zeros_like(mass).scatter_(1, indices, 1.0)

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..attention import AttentionRows, repeat_kv
-from .base import CallState, Intervention, ModelContext, Runtime
+from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
 from .gather import take_mask, take_tokens
 from .vision_importance import context_relevance, patch_entropy, vit_attention_map
 
 __all__ = ["VFLOWOPT_PRESETS", "FastV", "PruneStage", "PruningPlan", "PyramidDrop", "VFlowOpt", "VisionImportance"]
 
 SCORE_SOURCES = ("previous_layer", "own_layer", "vision")
+_PREFILL, _DECODE = object(), object()
 POSITION_POLICIES = ("keep", "reindex")
 
 
@@ -118,12 +119,14 @@ class _PruningRuntime(Runtime):
 
     # -- per call ------------------------------------------------------------------------------------------------
     def start_call(self, call: CallState) -> None:
-        counts = call.layout.image_counts.unique()
-        if counts.numel() != 1:
+        counts = call.layout.image_counts.tolist()
+        if len(set(counts)) != 1:
             raise ValueError(
-                f"input_ids: pruning needs the same number of image tokens in every batch row, got {counts.tolist()}"
+                f"input_ids: pruning needs the same number of image tokens in every batch row, got {sorted(set(counts))}"
             )
-        self.call, self.image_count, self.scores, self.importance = call, int(counts), {}, None
+        self.call, self.image_count, self.scores, self.importance = call, counts[0], {}, None
+        self.present = self.image_count
+        self._layer_inputs: tuple = ((), {})
 
     def _kept_count(self, stage: PruneStage) -> int:
         return round(self.image_count * stage.keep)
@@ -132,13 +135,11 @@ class _PruningRuntime(Runtime):
     def wants_attention(self, layer: int, call: CallState) -> bool:
         return self.plan.score == "previous_layer" and not call.decoding and layer + 1 in self.stages
 
-    def attention_rows(self, layer: int, call: CallState, row_positions: torch.Tensor) -> torch.Tensor:
-        rows = torch.zeros_like(row_positions, dtype=torch.bool)
-        rows[:, -1] = True
-        return rows
+    def attention_rows(self, layer: int, call: CallState) -> RowSelection:
+        return LAST_ROW
 
-    def on_attention(self, rows: AttentionRows, selected: torch.Tensor) -> None:
-        self.scores[rows.layer + 1] = rows.probs[:, :, -1].float().mean(1)
+    def on_attention(self, rows: AttentionRows) -> None:
+        self.scores[rows.layer + 1] = rows.probs[:, :, -1].mean(1)
 
     def _own_layer_scores(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """PyramidDrop: softmax attention of the last prompt row from the stage layer's own input-normed q and k."""
@@ -194,54 +195,70 @@ class _PruningRuntime(Runtime):
         """[B, P] importance at the image-token positions of the prompt (images fill them in order)."""
         if self.importance is None:
             image = self.call.layout.image
-            if self.relevance is None or self.relevance.numel() != int(image.sum()):
+            tokens = self.image_count * image.shape[0]
+            if self.relevance is None or self.relevance.numel() != tokens:
                 count = None if self.relevance is None else self.relevance.numel()
-                raise ValueError(f"pixel_values: {count} ViT patches do not match {int(image.sum())} image tokens")
+                raise ValueError(f"pixel_values: {count} ViT patches do not match {tokens} image tokens")
             importance = torch.zeros(image.shape, dtype=self.relevance.dtype, device=image.device)
             self.importance = importance.masked_scatter(image, self.relevance)
         return self.importance
 
-    def _stage_scores(self, layer: int, hidden: torch.Tensor, kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
+    def _stage_scores(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if self.plan.score == "previous_layer":
             return self.scores.pop(layer)
         if self.plan.score == "own_layer":
             return self._own_layer_scores(layer, hidden, kwargs)
-        return self.call.lookup(self._importance(), positions, fill=0.0)
+        return self.call.at_layer(layer - 1, self._importance())
 
     # -- selection -----------------------------------------------------------------------------------------------
     def _select(self, scores: torch.Tensor, image: torch.Tensor, kept: int) -> torch.Tensor | None:
-        """Sorted local indices [B, n] keeping every non-image token and the `kept` best image tokens."""
-        if kept >= int(image[0].sum()):
+        """Sorted local indices [B, n] keeping every non-image token and the `kept` best of the image tokens."""
+        if kept >= self.present:
             return None
         top = scores.float().masked_fill(~image, float("-inf")).topk(kept, dim=1).indices
-        keep = ~image
-        keep.scatter_(1, top, True)
-        return keep.nonzero()[:, 1].view(image.shape[0], -1)
+        length = image.shape[1] - self.present + kept
+        self.present = kept
+        return _true_indices((~image).scatter(1, top, True), length)
 
     def _recycle(self, hidden: torch.Tensor, scores: torch.Tensor, image: torch.Tensor, kept: int) -> torch.Tensor:
         """VFlowOpt recycling: outside the top (kept - N/m²) image tokens, each m×m cell of the image grid becomes one
-        token, the importance-weighted mean of its members, written at its most important member. Returns the kept
-        mask [B, L]; `hidden` is edited in place."""
-        side = math.isqrt(self.image_count)
-        if side * side != self.image_count:
-            raise ValueError(f"recycle_cell: needs a square image grid, got {self.image_count} image tokens")
-        cell = self.plan.recycle_cell
-        outright = max(kept - round(self.image_count / cell**2), 0)
-        keep = ~image
-        for row in range(hidden.shape[0]):
-            positions = image[row].nonzero().flatten()
-            order = scores[row, positions].float().argsort(descending=True)
-            keep[row, positions[order[:outright]]] = True
-            rest = order[outright:]
-            cells = (rest // side / cell).floor() * side + (rest % side / cell).floor()
-            for value in cells.unique():
-                members = positions[rest[cells == value]]
-                weights = scores[row, members].float().clamp_min(0)
-                weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(weights))
-                target = members[scores[row, members].argmax()]
-                hidden[row, target] = (weights[:, None] * hidden[row, members].float()).sum(0).to(hidden.dtype)
-                keep[row, target] = True
-        return keep
+        token, the importance-weighted mean of its members (uniform if they all weigh 0), written at its most
+        important member. Returns the sorted local indices [B, n] of the kept tokens; `hidden` is edited in place."""
+        count, cell = self.image_count, self.plan.recycle_cell
+        side = math.isqrt(count)
+        if side * side != count:
+            raise ValueError(f"recycle_cell: needs a square image grid, got {count} image tokens")
+        outright = max(kept - round(count / cell**2), 0)
+        positions = _true_indices(image, count)
+        order = scores.gather(1, positions).float().argsort(dim=1, descending=True, stable=True)
+        keep = (~image).scatter(1, positions.gather(1, order[:, :outright]), True)
+        rest = order[:, outright:]
+        per_side = math.ceil(side / cell)
+        cells = (rest // side / cell).floor().long() * per_side + (rest % side / cell).floor().long()
+        members = positions.gather(1, rest)
+        weights = scores.gather(1, members).float().clamp_min(0)
+
+        def per_cell(values: torch.Tensor, reduce: str) -> torch.Tensor:
+            start = torch.full((hidden.shape[0], per_side**2), values.shape[1] if reduce == "amin" else 0,
+                               dtype=values.dtype, device=values.device)
+            return start.scatter_reduce(1, cells, values, reduce).gather(1, cells)
+
+        totals, sizes = per_cell(weights, "sum"), per_cell(torch.ones_like(weights), "sum")
+        weights = torch.where(totals > 0, weights / totals.clamp_min(torch.finfo(torch.float32).tiny), 1 / sizes)
+        members_index = members[..., None].expand(-1, -1, hidden.shape[-1])
+        values = hidden.gather(1, members_index)
+        merged = torch.zeros(hidden.shape[0], per_side**2, hidden.shape[-1], device=hidden.device)
+        merged = merged.scatter_add(1, cells[..., None].expand_as(values), weights[..., None] * values.float())
+        rank = torch.arange(rest.shape[1], device=rest.device).expand_as(rest)
+        target = rank == per_cell(rank, "amin")  # rest runs in descending importance: a cell's first is its best
+        merged = merged.gather(1, cells[..., None].expand_as(values)).to(hidden.dtype)
+        hidden.scatter_(1, members_index, torch.where(target[..., None], merged, values))
+        keep.scatter_(1, members, target)
+        lengths = keep.sum(1).tolist()
+        if len(set(lengths)) != 1:
+            raise ValueError(f"recycle_cell: batch rows keep different token counts {lengths}; prune them one by one")
+        self.present = lengths[0] - (image.shape[1] - count)
+        return _true_indices(keep, lengths[0])
 
     # -- the decoder's inputs (stage at layer 0) -----------------------------------------------------------------
     def shorten_decoder_inputs(self, kwargs: dict, call: CallState) -> dict:
@@ -255,14 +272,13 @@ class _PruningRuntime(Runtime):
                 kwargs["attention_mask"] = take_mask(mask, None, columns)
             return kwargs
         embeds = kwargs["inputs_embeds"].clone()
-        stage = self.stages[0]
+        kept = self._kept_count(self.stages[0])
         image = call.layout.image
         scores = self._importance()
         if self.plan.recycle_cell is not None:
-            keep = self._recycle(embeds, scores, image, self._kept_count(stage))
-            local = keep.nonzero()[:, 1].view(image.shape[0], -1)
+            local = self._recycle(embeds, scores, image, kept)
         else:
-            local = self._select(scores, image, self._kept_count(stage))
+            local = self._select(scores, image, kept)
         if local is None:
             return kwargs
         kwargs["inputs_embeds"] = take_tokens(embeds, local, 1)
@@ -285,10 +301,8 @@ class _PruningRuntime(Runtime):
             return hidden, self._decode_inputs(layer, hidden, kwargs, call)
         current = call.keep.get(layer - 1)
         if layer in self.stages and layer > 0:
-            layer_kwargs = self._gathered(kwargs, current, hidden)
-            positions = call.kv_positions(layer - 1, hidden.shape[1])
-            image = call.lookup(call.layout.image, positions)
-            scores = self._stage_scores(layer, hidden, layer_kwargs, positions)
+            scores = self._stage_scores(layer, hidden, self._gathered(kwargs, current, hidden))
+            image = call.at_layer(layer - 1, call.layout.image)
             local = self._select(scores, image, self._kept_count(self.stages[layer]))
             if local is not None:
                 hidden = take_tokens(hidden, local, 1)
@@ -298,40 +312,56 @@ class _PruningRuntime(Runtime):
         call.keep[layer] = current
         return hidden, self._gathered(kwargs, current, hidden)
 
+    def _memo(self, key: tuple, build: Callable[[], dict]) -> dict:
+        """The layer-input updates for the inputs `key` (compared by identity; the first entry names the phase):
+        every layer of a stage receives the same tensors, so they are gathered once per stage and step."""
+        cached_key, updates = self._layer_inputs
+        if len(key) != len(cached_key) or any(a is not b for a, b in zip(key, cached_key)):
+            updates = build()
+            self._layer_inputs = (key, updates)
+        return updates
+
     def _gathered(self, kwargs: dict, keep: torch.Tensor | None, hidden: torch.Tensor) -> dict:
         """The layer kwargs of the full prefill restricted to the kept tokens (rows and columns of the mask)."""
         if keep is None:
             return kwargs
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = take_mask(kwargs.get("attention_mask"), keep, keep)
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
-            position_ids = take_tokens(position_ids, keep, -1)
-        cos, sin = kwargs["position_embeddings"]
-        if self.plan.positions == "reindex":
-            dropped_before = keep - torch.arange(keep.shape[1], device=keep.device)
-            position_ids = position_ids - dropped_before
-            kwargs["position_embeddings"] = self.context.text_model.rotary_emb(hidden, position_ids)
-        else:
-            kwargs["position_embeddings"] = (take_tokens(cos, keep, -2), take_tokens(sin, keep, -2))
-        kwargs["position_ids"] = position_ids
-        return kwargs
+        mask, position_ids, (cos, sin) = kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs["position_embeddings"]
+
+        def build() -> dict:
+            ids = None if position_ids is None else take_tokens(position_ids, keep, -1)
+            if self.plan.positions == "reindex":
+                ids = ids - (keep - torch.arange(keep.shape[1], device=keep.device))
+                embeddings = self.context.text_model.rotary_emb(hidden, ids)
+            else:
+                embeddings = (take_tokens(cos, keep, -2), take_tokens(sin, keep, -2))
+            return {"attention_mask": take_mask(mask, keep, keep), "position_ids": ids, "position_embeddings": embeddings}
+
+        return {**kwargs, **self._memo((_PREFILL, keep, mask, position_ids, cos), build)}
 
     def _decode_inputs(self, layer: int, hidden: torch.Tensor, kwargs: dict, call: CallState) -> dict:
+        """A decoding step's layer kwargs for a layer holding the `keep` prompt tokens and every decoded token."""
         keep = call.keep.get(layer)
         if keep is None:
             return kwargs
-        kwargs = dict(kwargs)
-        mask = kwargs.get("attention_mask")
+        mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
         lm_length = call.lm_positions.shape[1]
-        if mask is not None:
-            tail = torch.arange(lm_length, mask.shape[-1], device=mask.device).expand(keep.shape[0], -1)
-            kwargs["attention_mask"] = take_mask(mask, None, torch.cat([keep, tail], 1))
-        if self.plan.positions == "reindex":
-            position_ids = kwargs["position_ids"] - (lm_length - keep.shape[1])
-            kwargs["position_ids"] = position_ids
-            kwargs["position_embeddings"] = self.context.text_model.rotary_emb(hidden, position_ids)
-        return kwargs
+
+        def build() -> dict:
+            updates = {}
+            if mask is not None:
+                tail = torch.arange(lm_length, mask.shape[-1], device=mask.device).expand(keep.shape[0], -1)
+                updates["attention_mask"] = take_mask(mask, None, torch.cat([keep, tail], 1))
+            if self.plan.positions == "reindex":
+                updates["position_ids"] = position_ids - (lm_length - keep.shape[1])
+                updates["position_embeddings"] = self.context.text_model.rotary_emb(hidden, updates["position_ids"])
+            return updates
+
+        return {**kwargs, **self._memo((_DECODE, keep, mask, position_ids), build)}
+
+
+def _true_indices(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Sorted indices [B, length] of the True entries of `mask` [B, L], which holds `length` of them in every row."""
+    return mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :length]
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attention import AttentionRows
-from .base import CallState, Intervention, ModelContext, Runtime
+from ..attention import AttentionRows, column_masses, scale_columns
+from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
 
 __all__ = ["KNOWN_SINK_DIMS", "VAR", "find_sink_dims", "sink_scores"]
 
@@ -87,42 +87,52 @@ class VAR(Intervention):
 
 
 class _VARRuntime(Runtime):
+    """Per layer, the sinks found in the prefill become two column sets: `masses` [B, P, 4] (receivers - rho image,
+    image, receivers, sinks), whose attention masses decide the image-centric rows and the budget, and `moves`
+    [B, 2, P] (-p sinks, p receivers), whose scaling by (1, Ω / receiver mass) is the redistribution."""
+
     def __init__(self, settings: VAR, dims: tuple[int, ...], layers: range) -> None:
         self.settings, self.dims, self.layers = settings, dims, layers
-        self.call: CallState | None = None
         self.sinks: dict[int, torch.Tensor] = {}
+        self.columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def start_call(self, call: CallState) -> None:
-        self.call, self.sinks = call, {}
+        self.sinks, self.columns = {}, {}
+        self.prompt_rows = RowSelection.from_prompt(call.layout.after_last_image())
+        smallest = torch.finfo(torch.float32).smallest_normal
+        self.thresholds = torch.tensor([0.0, self.settings.min_visual_mass, smallest], device=call.layout.image.device)
 
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
+        """Sink detection in the prefill: I_sink = {j : phi(h_j) > tau} among the tokens this layer holds."""
         if call.decoding or layer not in self.layers:
             return
-        positions = call.kv_positions(layer, hidden.shape[1])
-        sinks = torch.zeros_like(call.layout.valid)
-        sinks.scatter_(1, positions, sink_scores(hidden, self.dims) > self.settings.tau)
-        self.sinks[layer] = sinks & call.layout.valid
+        sinks = (sink_scores(hidden, self.dims) > self.settings.tau) & call.at_layer(layer, call.layout.valid)
+        self.sinks[layer] = sinks
+        self.columns[layer] = self._columns(call.at_layer(layer, call.layout.image), sinks)
+
+    def _columns(self, image: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        receivers = (image & ~sinks).float()
+        image, sinks = image.float(), sinks.float()
+        masses = torch.stack([receivers - self.settings.rho * image, image, receivers, sinks], -1)
+        moves = self.settings.p * torch.stack([-sinks, receivers], 1)
+        return masses, moves
 
     def wants_attention(self, layer: int, call: CallState) -> bool:
-        return layer in self.sinks
+        return layer in self.columns
 
-    def attention_rows(self, layer: int, call: CallState, row_positions: torch.Tensor) -> torch.Tensor:
-        return call.lookup(call.layout.after_last_image(), row_positions, fill=True)
+    def attention_rows(self, layer: int, call: CallState) -> RowSelection:
+        return LAST_ROW if call.decoding else self.prompt_rows
 
-    def on_attention(self, rows: AttentionRows, selected: torch.Tensor) -> None:
-        settings, call = self.settings, self.call
-        image = call.lookup(call.layout.image, rows.kv_positions)[:, None, None, :]
-        sink = call.lookup(self.sinks[rows.layer], rows.kv_positions)[:, None, None, :]
-        probs = rows.probs.float()
-        receivers = image & ~sink
-        visual_mass = (probs * image).sum(-1, keepdim=True)
-        receiver_mass = (probs * receivers).sum(-1, keepdim=True)
-        image_centric = (receiver_mass >= settings.rho * visual_mass) & (visual_mass >= settings.min_visual_mass)
-        image_centric &= (receiver_mass > 0) & selected[:, None, :, None]
-        budget = settings.p * (probs * sink).sum(-1, keepdim=True)
-        share = probs * receivers / receiver_mass.clamp_min(torch.finfo(torch.float32).tiny)
-        redistributed = torch.where(sink, (1.0 - settings.p) * probs, probs) + budget * share
-        rows.probs.copy_(torch.where(image_centric, redistributed, probs))
+    def on_attention(self, rows: AttentionRows) -> None:
+        """Image-centric rows (sum_{V\\sink} A >= rho sum_V A, sum_V A >= min mass, sum_{V\\sink} A > 0): sinks keep
+        1-p of their attention, receivers gain p * sum_sink A in proportion to their own attention."""
+        masses, moves = self.columns[rows.layer]
+        mass = column_masses(rows, masses)
+        centric = (mass[..., :3] >= self.thresholds).all(-1, keepdim=True)
+        if rows.selected is not None:
+            centric &= rows.selected[:, None, :, None]
+        # coefficients of (-p sinks, p receivers): 1 and sum_sink A / sum_receivers A
+        scale_columns(rows, torch.where(centric, mass[..., 2:] / mass[..., 2:3], 0.0), moves)
 
 
 @torch.no_grad()

@@ -90,7 +90,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("kernels", "neighborhood", "vision", "vlm", "diffusion")
+BENCHMARKS = ("kernels", "neighborhood", "vision", "vlm", "diffusion", "context_parallel")
+_LAUNCHERS = {"context_parallel": ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")}
+"""Benchmarks that run as several processes: how Python starts them (the rest run as plain scripts)."""
 _WROTE = re.compile(r"^wrote (.+)$")
 
 
@@ -105,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
     if not script.is_file():
         print(f"error: {script} not found (benchmarks ship with the source tree)", file=sys.stderr)
         return 1
-    command = [sys.executable, str(script), *(["--quick"] if args.quick else [])]
+    command = [sys.executable, *_LAUNCHERS.get(args.name, ()), str(script), *(["--quick"] if args.quick else [])]
     start, rows, output = time.monotonic(), 0, []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         for line in process.stdout:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mmattn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +87,11 @@ def test_masks_bad_arguments_name_them(tmp_path) -> None:
     assert result.returncode == 2 and "--out must end in .png" in result.stderr
 
 
-def test_bench_quick_prints_the_table() -> None:
-    result = _run("-m", "mmattn", "bench", "diffusion", "--quick")
+@pytest.mark.parametrize("name", ["diffusion", "context_parallel"])
+def test_bench_quick_prints_the_table(name) -> None:
+    result = _run("-m", "mmattn", "bench", name, "--quick")
     assert result.returncode == 0, result.stderr
-    assert "| tiny wan |" in result.stdout and "[diffusion]" in result.stderr  # rows of the table, progress on stderr
+    assert "| tiny wan |" in result.stdout and f"[{name}]" in result.stderr  # rows of the table, progress on stderr
 
 
 def test_bench_unknown_name() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BlockSparseMask", "MIN_BLOCK", "BLOCK_MULTIPLE"]
+__all__ = ["BLOCK_MULTIPLE", "MIN_BLOCK", "BlockSparseMask"]
 
 MIN_BLOCK = 16
 """Smallest block size the Triton kernels run (one `tl.dot` tile side)."""

@@ -132,3 +132,21 @@ def test_bad_arguments_name_themselves():
         vlm.apply(model, "FastV")
     with pytest.raises(ValueError, match="positions"):
         vlm.apply(tiny_qwen2vl(), vlm.PyramidDrop(layers=(1,), positions="reindex"))
+
+
+@pytest.mark.parametrize("name", ["VAR", "GIFT"])
+def test_sdpa_models_edit_the_same_rows_as_eager_ones(name):
+    """Over SDPA the edited rows are recomputed explicitly (decode rows without SDPA, keys shared by their query
+    heads): generation and logits agree with the eager path, with left padding and grouped-query attention."""
+    results = []
+    for impl in ("eager", "sdpa"):
+        model = tiny_llava(attn_implementation=impl)
+        inputs = llava_inputs(model, prompts=2, pad=(2,))
+        with vlm.apply(model, INTERVENTIONS[name]()):
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        results.append(out)
+    eager, sdpa = results
+    assert torch.equal(eager.sequences, sdpa.sequences)
+    for step_eager, step_sdpa in zip(eager.logits, sdpa.logits):
+        torch.testing.assert_close(step_sdpa, step_eager, atol=1e-5, rtol=0)

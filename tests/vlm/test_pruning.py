@@ -118,3 +118,37 @@ def test_two_pruners_and_ragged_image_counts_are_rejected():
     with pytest.raises(ValueError, match="stages"):
         vlm.PruneStage  # noqa: B018
         vlm.PruningPlan(stages=(vlm.PruneStage(2, 0.5), vlm.PruneStage(1, 0.25)))
+
+
+def test_rows_after_the_image_keep_their_distance_from_the_end_in_pruned_layers():
+    """VAR edits the last rows of every layer call: pruning removes image tokens only, so the selected ones (after
+    each row's last image token) stay the prompt's last tokens (left padding and a FastV cut included)."""
+    model = tiny_llava(layers=LAYERS, image_tokens=16)
+    inputs = llava_inputs(model, prompts=2, pad=(3,))
+    var = vlm.VAR(p=0.5, tau=1.0, rho=0.0, min_visual_mass=0.0, sink_dims=(0,))
+    with vlm.apply(model, var, vlm.FastV(k=1, ratio=0.75)) as handle:
+        model(**inputs)
+        rows = handle.runtimes[0].prompt_rows
+        prompt = inputs["input_ids"].shape[1]
+        image = inputs["input_ids"] == 99
+        last_image = torch.where(image, torch.arange(prompt), -1).amax(1, keepdim=True)
+        tail = torch.arange(prompt - rows.tail, prompt).expand(2, -1)
+        assert torch.equal(rows.selected, tail > last_image)
+        assert not rows.selected.all()  # the rows differ: row 0 has a shorter text after its image
+        for layer in range(1, LAYERS):
+            length = handle.call.prompt_len(layer)
+            positions = handle.call.kv_positions(layer, length)[:, -rows.tail:]
+            assert torch.equal(positions[rows.selected], tail[rows.selected])
+
+
+def test_batched_vflowopt_recycling_equals_per_prompt():
+    model = tiny_llava(layers=LAYERS, image_tokens=16)
+    inputs = llava_inputs(model, prompts=2, pad=(1,))
+    with vlm.apply(model, vlm.VFlowOpt(keep=0.25, llm_layers=(2, 3), cell=2.0)):
+        batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        for row in range(2):
+            keep = inputs["attention_mask"][row].bool()
+            single = {"input_ids": inputs["input_ids"][row : row + 1, keep],
+                      "attention_mask": inputs["attention_mask"][row : row + 1, keep],
+                      "pixel_values": inputs["pixel_values"][row : row + 1]}
+            assert torch.equal(model.generate(**single, max_new_tokens=4, do_sample=False)[0, -4:], batched[row, -4:])

@@ -62,9 +62,9 @@ class RowSelection:
 
     def within(self, tail: int, batch: int, device: torch.device) -> torch.Tensor | None:
         """`selected` as [B, tail] for the last `tail` >= self.tail rows; None when that is every row."""
+        if tail == self.tail:
+            return self.selected
         if self.selected is None:
-            if tail == self.tail:
-                return None
             return torch.arange(tail, device=device).expand(batch, -1) >= tail - self.tail
         return F.pad(self.selected, (tail - self.tail, 0), value=False)
 

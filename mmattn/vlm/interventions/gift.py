@@ -170,10 +170,13 @@ class _GIFTRuntime(Runtime):
         mass = column_masses(rows, masses)
         heads = top_half_heads(mass[..., ::2])
         vision = (heads[..., :1] * mass[..., :2]).sum(1, keepdim=True)
-        query_factor = self.settings.beta * (1 + vision[..., 1:] / vision[..., :1].clamp_min(_TINY)) - 1
-        coefficients = torch.cat([heads[..., :1], heads[..., 1:] * query_factor], -1)
+        gain = vision[..., 1:] / vision[..., :1].clamp_min(_TINY)  # r - 1
+        if self.settings.beta != 1:
+            gain = self.settings.beta * (1 + gain) - 1
+        coefficients = heads  # (vision heads, query heads · (β r - 1)) for the moves (image·(M-1), query)
+        coefficients[..., 1:].mul_(gain)
         if rows.selected is not None:
-            coefficients = coefficients * rows.selected[:, None, :, None]
+            coefficients.mul_(rows.selected[:, None, :, None])
         before = rows.probs.sum(-1, keepdim=True)
         scale_columns(rows, coefficients, moves)
         rows.probs.mul_(before / rows.probs.sum(-1, keepdim=True))

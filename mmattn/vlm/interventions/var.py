@@ -128,11 +128,11 @@ class _VARRuntime(Runtime):
         1-p of their attention, receivers gain p * sum_sink A in proportion to their own attention."""
         masses, moves = self.columns[rows.layer]
         mass = column_masses(rows, masses)
-        centric = (mass[..., :3] >= self.thresholds).all(-1, keepdim=True)
+        other = (mass[..., :3] < self.thresholds).any(-1, keepdim=True)
         if rows.selected is not None:
-            centric &= rows.selected[:, None, :, None]
-        # coefficients of (-p sinks, p receivers): 1 and sum_sink A / sum_receivers A
-        scale_columns(rows, torch.where(centric, mass[..., 2:] / mass[..., 2:3], 0.0), moves)
+            other |= ~rows.selected[:, None, :, None]
+        # coefficients of the moves (-p sinks, p receivers): 1 and sum_sink A / sum_receivers A
+        scale_columns(rows, (mass[..., 2:] / mass[..., 2:3]).masked_fill_(other, 0.0), moves)
 
 
 @torch.no_grad()

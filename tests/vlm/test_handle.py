@@ -134,14 +134,19 @@ def test_bad_arguments_name_themselves():
         vlm.apply(tiny_qwen2vl(), vlm.PyramidDrop(layers=(1,), positions="reindex"))
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen"])
 @pytest.mark.parametrize("name", ["VAR", "GIFT"])
-def test_sdpa_models_edit_the_same_rows_as_eager_ones(name):
+def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):
     """Over SDPA the edited rows are recomputed explicitly (decode rows without SDPA, keys shared by their query
     heads): generation and logits agree with the eager path, with left padding and grouped-query attention."""
     results = []
     for impl in ("eager", "sdpa"):
-        model = tiny_llava(attn_implementation=impl)
-        inputs = llava_inputs(model, prompts=2, pad=(2,))
+        if family == "llava":
+            model = tiny_llava(attn_implementation=impl)
+            inputs = llava_inputs(model, prompts=2, pad=(2,))
+        else:
+            model = tiny_qwen2vl(attn_implementation=impl)
+            inputs = qwen_inputs(prompts=2)
         with vlm.apply(model, INTERVENTIONS[name]()):
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True)

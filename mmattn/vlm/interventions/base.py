@@ -56,8 +56,8 @@ class RowSelection:
     @classmethod
     def from_prompt(cls, wanted: torch.Tensor) -> RowSelection:
         """The rows marked in `wanted` [B, P] (prompt positions); one host read per call."""
-        rows = wanted.any(0).nonzero()
-        tail = wanted.shape[1] - int(rows[0]) if rows.numel() else 0
+        first = wanted.any(0).nonzero()[:1].flatten().tolist()
+        tail = wanted.shape[1] - first[0] if first else 0
         return cls(tail, wanted[:, wanted.shape[1] - tail :])
 
     def within(self, tail: int, batch: int, device: torch.device) -> torch.Tensor | None:

@@ -113,8 +113,8 @@ def main() -> None:
     lines = [
         "# Fused neighborhood attention on Hopper: registers, spills, shared memory",
         "",
-        f"Compiled for sm_90a without a GPU: Triton {triton.__version__} and its ptxas; bf16, no rpb. Every tile the "
-        "autotuner keeps for the case; spills are ptxas spill-store bytes per thread.",
+        (f"Compiled for sm_90a without a GPU: Triton {triton.__version__} and its ptxas; bf16, no rpb. Every tile the "
+         "autotuner keeps for the case; spills are ptxas spill-store bytes per thread."),
         "",
         "| case | kernel | tile | registers | spill bytes | shared KiB | verdict |",
         "|---|---|---|---|---|---|---|",

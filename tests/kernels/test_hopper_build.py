@@ -15,7 +15,7 @@ def test_video_case_kernels_build_for_hopper_within_shared_memory(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--only", "video 3D", "--first",
          "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
+        check=False, capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| video 3D")]

@@ -152,3 +152,37 @@ def test_batched_vflowopt_recycling_equals_per_prompt():
                       "attention_mask": inputs["attention_mask"][row : row + 1, keep],
                       "pixel_values": inputs["pixel_values"][row : row + 1]}
             assert torch.equal(model.generate(**single, max_new_tokens=4, do_sample=False)[0, -4:], batched[row, -4:])
+
+
+def _two_image_inputs(model, separator: int) -> dict:
+    """One prompt with two images: [text, image, `separator` text tokens, image, text]."""
+    one = llava_inputs(model)
+    ids = one["input_ids"][0]
+    image = ids == 99
+    text_before, text_after = ids[: int(image.nonzero()[0])], ids[int(image.nonzero()[-1]) + 1 :]
+    tokens = ids[image]
+    ids = torch.cat([text_before, tokens, torch.arange(1, separator + 1), tokens, text_after])[None]
+    pixels = torch.cat([one["pixel_values"], one["pixel_values"].flip(-1)])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def test_vflowopt_recycles_each_image_on_its_own_grid():
+    model = tiny_llava(layers=2, image_tokens=16)
+    inputs = _two_image_inputs(model, separator=2)
+    with vlm.apply(model, vlm.VFlowOpt(keep=0.1, llm_layers=(), llm_ratios=(), cell=4.0)) as handle:
+        model(**inputs)
+        kept = handle.call.lm_positions[0]
+    image = (inputs["input_ids"][0] == 99).nonzero().flatten()
+    first, second = image[:16], image[16:]
+    outright = max(round(32 * 0.1166) - round(32 / 16), 0)
+    kept_first, kept_second = int(torch.isin(kept, first).sum()), int(torch.isin(kept, second).sum())
+    assert kept_first + kept_second == outright + 2  # one recycled token per image: a 4x4 cell never spans both
+    assert kept_first >= 1 and kept_second >= 1
+
+
+def test_vflowopt_recycling_rejects_images_it_cannot_split():
+    model = tiny_llava(layers=2, image_tokens=16)
+    inputs = _two_image_inputs(model, separator=0)  # two adjacent images read as one 32-token run
+    recycling = vlm.VFlowOpt(keep=0.1, llm_layers=(), llm_ratios=(), cell=4.0)
+    with vlm.apply(model, recycling), pytest.raises(ValueError, match=r"recycle_cell: needs every image.*\[32\]"):
+        model(**inputs)

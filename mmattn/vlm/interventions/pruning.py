@@ -9,6 +9,7 @@ attend the fixed kept set.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -225,21 +226,22 @@ class _PruningRuntime(Runtime):
         token, the importance-weighted mean of its members (uniform if they all weigh 0), written at its most
         important member. Returns the sorted local indices [B, n] of the kept tokens; `hidden` is edited in place."""
         count, cell = self.image_count, self.plan.recycle_cell
-        side = math.isqrt(count)
-        if side * side != count:
-            raise ValueError(f"recycle_cell: needs a square image grid, got {count} image tokens")
-        outright = max(kept - round(count / cell**2), 0)
         positions = _true_indices(image, count)
+        images, side = _square_images(positions)
+        outright = max(kept - round(count / cell**2), 0)
         order = scores.gather(1, positions).float().argsort(dim=1, descending=True, stable=True)
         keep = (~image).scatter(1, positions.gather(1, order[:, :outright]), True)
         rest = order[:, outright:]
         per_side = math.ceil(side / cell)
-        cells = (rest // side / cell).floor().long() * per_side + (rest % side / cell).floor().long()
+        local = rest % (side * side)  # cells never straddle two images
+        cells = (rest // (side * side) * per_side + (local // side / cell).floor().long()) * per_side + (
+            local % side / cell
+        ).floor().long()
         members = positions.gather(1, rest)
         weights = scores.gather(1, members).float().clamp_min(0)
 
         def per_cell(values: torch.Tensor, reduce: str) -> torch.Tensor:
-            start = torch.full((hidden.shape[0], per_side**2), values.shape[1] if reduce == "amin" else 0,
+            start = torch.full((hidden.shape[0], images * per_side**2), values.shape[1] if reduce == "amin" else 0,
                                dtype=values.dtype, device=values.device)
             return start.scatter_reduce(1, cells, values, reduce).gather(1, cells)
 
@@ -247,7 +249,7 @@ class _PruningRuntime(Runtime):
         weights = torch.where(totals > 0, weights / totals.clamp_min(torch.finfo(torch.float32).tiny), 1 / sizes)
         members_index = members[..., None].expand(-1, -1, hidden.shape[-1])
         values = hidden.gather(1, members_index)
-        merged = torch.zeros(hidden.shape[0], per_side**2, hidden.shape[-1], device=hidden.device)
+        merged = torch.zeros(hidden.shape[0], images * per_side**2, hidden.shape[-1], device=hidden.device)
         merged = merged.scatter_add(1, cells[..., None].expand_as(values), weights[..., None] * values.float())
         rank = torch.arange(rest.shape[1], device=rest.device).expand_as(rest)
         target = rank == per_cell(rank, "amin")  # rest runs in descending importance: a cell's first is its best
@@ -357,6 +359,21 @@ class _PruningRuntime(Runtime):
             return updates
 
         return {**kwargs, **self._memo((_DECODE, keep, mask, position_ids), build)}
+
+
+def _square_images(positions: torch.Tensor) -> tuple[int, int]:
+    """(images, grid side) of the image tokens at sorted `positions` [B, N]: each contiguous run is one image; all
+    must be square grids of one size, the same in every batch row."""
+    breaks = positions[:, 1:] - positions[:, :-1] != 1
+    starts = [0, *(breaks[0].nonzero().flatten() + 1).tolist(), positions.shape[1]]
+    sizes = {end - start for start, end in itertools.pairwise(starts)}
+    side = math.isqrt(max(sizes))
+    if len(sizes) != 1 or side * side != max(sizes) or not torch.equal(breaks, breaks[:1].expand_as(breaks)):
+        raise ValueError(
+            f"recycle_cell: needs every image as a square grid of one size in every prompt, got image runs of "
+            f"{sorted(sizes)} tokens"
+        )
+    return len(starts) - 1, side
 
 
 def _true_indices(mask: torch.Tensor, length: int) -> torch.Tensor:

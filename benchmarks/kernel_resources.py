@@ -1,13 +1,15 @@
-"""Registers, spills and shared memory of the fused neighborhood-attention kernels on Hopper, without a GPU.
+"""Registers, spills and shared memory of mmattn's Triton kernels on Hopper, without a GPU.
 
-Compiles the forward, dQ and dK/dV kernels for sm_90a with the local Triton and its bundled ptxas, for every tile
-config the autotuner would keep on the cases of benchmarks/neighborhood.py, and reads `ptxas -v`. Spills (local
-memory traffic) and shared memory above the 227 KiB an H100 block may use show which tiles cannot be fast before a
-GPU is at hand. Writes benchmarks/results/kernel_resources.md.
+Compiles the block-sparse, fused neighborhood and routed kernels (forward, dQ, dK/dV) for sm_90a with the local
+Triton and its bundled ptxas, for every tile config the autotuner would keep on representative cases (for
+neighborhood attention, the cases of benchmarks/neighborhood.py), and reads `ptxas -v`. A build error, spills (local
+memory traffic) or shared memory above the 227 KiB an H100 block may use show before a GPU is at hand. Writes
+benchmarks/results/kernel_resources.md.
 
     python benchmarks/kernel_resources.py [--only "NAT stage 1,video 3D"] [--kernels fwd,dq,dkdv] [--first] [--out ...]
 
-`--first` compiles only the tile taken without autotuning (MMATTN_AUTOTUNE=0), the first the pruner keeps.
+`--only` names cases (of any family); `--first` compiles only the tile taken without autotuning (MMATTN_AUTOTUNE=0),
+the first the pruner keeps.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -28,32 +31,89 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from neighborhood import CASES
+from neighborhood import CASES as NEIGHBORHOOD_CASES
 
 from mmattn.kernels import Neighborhood
 from mmattn.kernels.na_ops import _compile_time_args, _pattern
-from mmattn.kernels.triton import neighborhood as kernels
+from mmattn.kernels.triton import block_sparse, routed
+from mmattn.kernels.triton import neighborhood as fna
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024
-KERNELS = {"fwd": kernels._fwd_kernel, "dq": kernels._dq_kernel, "dkdv": kernels._dkdv_kernel}
-_POINTERS = {"Q", "K", "V", "Out", "Rpb", "DOut", "DQ", "DK", "DV"}
-_FP32_POINTERS = {"Lse", "Delta", "DS"}
+_DATA = {"Q", "K", "V", "Out", "Rpb", "DOut", "DQ", "DK", "DV"}
+_FLOATS = {"Lse", "Delta", "DS"}
+_INDICES = {"KvNum", "KvIdx", "QNum", "QIdx", "Idx", "QStart", "QCount", "QList"}
+
+
+@dataclass(frozen=True)
+class Build:
+    """One kernel on one case: its compile-time arguments and the tiles the autotuner keeps for them."""
+
+    case: str
+    kernel: str
+    fn: object
+    constants: dict
+    tiles: list
+
+
+def _neighborhood_builds() -> list[Build]:
+    builds = []
+    for name, _, _, spatial, head_dim, kernel_size, dilation in NEIGHBORHOOD_CASES:
+        pattern = _pattern(Neighborhood.create(spatial, kernel_size, dilation, 1, False))
+        constants = _compile_time_args(pattern, 1, head_dim, False, "tf32")
+        tiles = fna.prune_configs(fna.CONFIGS, {**constants, "L0": pattern[0], "L1": pattern[1], "L2": pattern[2]})
+        for kernel, fn, extra in (("fwd", fna._fwd_kernel, {}), ("dq", fna._dq_kernel, {"WRITE_DS": False}),
+                                  ("dkdv", fna._dkdv_kernel, {})):
+            builds.append(Build(name, kernel, fn, {**constants, **extra}, tiles))
+    return builds
+
+
+def _block_sparse_builds() -> list[Build]:
+    builds = []
+    for head_dim in (64, 128):
+        constants = {"GROUPS": 1, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "Q_BLOCK": 128, "KV_BLOCK": 128,
+                     "EVEN_Q": True, "EVEN_KV": True, "DOT_PRECISION": "tf32"}
+        for kernel, fn, configs in (("fwd", block_sparse._fwd_kernel, block_sparse.FWD_CONFIGS),
+                                    ("dq", block_sparse._bwd_dq, block_sparse.DQ_CONFIGS),
+                                    ("dkdv", block_sparse._bwd_dkdv, block_sparse.DKDV_CONFIGS)):
+            tiles = block_sparse.prune_configs(configs, constants)
+            builds.append(Build(f"block-sparse 128x128 D{head_dim}", kernel, fn, constants, tiles))
+    return builds
+
+
+def _routed_builds() -> list[Build]:
+    """BiFormer-T's stages 1-3 at 224: regions of 64, 16 and 4 tokens, top-1, 4 and 16 regions, head dim 32."""
+    builds = []
+    for stage, (region, topk) in enumerate(((64, 1), (16, 4), (4, 16)), start=1):
+        constants = {"GROUPS": 1, "HEAD_DIM": 32, "BLOCK_D": 32, "Q_REGION": region, "KV_REGION": region,
+                     "TOPK": topk, "HAS_VALID": False, "DOT_PRECISION": "tf32", "N_TILE_ROWS": topk * region}
+        for kernel, fn, configs in (("fwd", routed._fwd_kernel, routed.FWD_CONFIGS),
+                                    ("dq", routed._dq_kernel, routed.DQ_CONFIGS),
+                                    ("dkdv", routed._dkdv_kernel, routed.DKDV_CONFIGS)):
+            builds.append(Build(f"routed BiFormer-T stage {stage}", kernel, fn, constants,
+                                routed._prune(configs, constants)))
+    return builds
 
 
 def _signature(fn, constants: dict) -> dict[str, str]:
-    """Triton types of the kernel's arguments for bf16 tensors: pointers, the fp32 scale, int32 sizes/strides."""
+    """Triton types of the kernel's arguments for bf16 tensors: data and fp32 row-statistic pointers, int32 index
+    pointers, the fp32 scale, int32 sizes and strides."""
     def kind(name):
         if name in constants:
             return "constexpr"
-        if name in _POINTERS:
+        if name in _DATA:
             return "*bf16"
-        return "*fp32" if name in _FP32_POINTERS else "fp32" if name == "sm_scale" else "i32"
+        if name in _FLOATS:
+            return "*fp32"
+        if name in _INDICES:
+            return "*i32"
+        return "*i1" if name == "Valid" else "fp32" if name == "sm_scale" else "i32"
 
     return {name: kind(name) for name in fn.arg_names}
 
 
 def compile_for_hopper(fn, constants: dict, config: triton.Config):
+    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     source = ASTSource(fn=fn, signature=_signature(fn, constants),
                        constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
     return triton.compile(source, target=HOPPER,
@@ -72,53 +132,51 @@ def ptxas_report(compiled) -> tuple[int, int]:
 
 
 def tile_name(config: triton.Config) -> str:
-    def tile(prefix):
-        return "x".join(str(config.kwargs[f"{prefix}{a}"]) for a in range(3))
+    tiles = config.kwargs
+    if "BLOCK_M" in tiles:
+        shape = f"M {tiles['BLOCK_M']} N {tiles['BLOCK_N']}"
+    else:
+        shape = " KV ".join("x".join(str(tiles[f"{p}{a}"]) for a in range(3)) for p in ("TQ", "TK"))
+        shape = f"Q {shape}"
+    return f"{shape} w{config.num_warps} s{config.num_stages}"
 
-    return f"Q {tile('TQ')} KV {tile('TK')} w{config.num_warps} s{config.num_stages}"
 
-
-def case_rows(case, kernel_names: list[str], first_only: bool) -> list[str]:
-    name, _, _, spatial, head_dim, kernel_size, dilation = case
-    pattern = _pattern(Neighborhood.create(spatial, kernel_size, dilation, 1, False))
-    constants = _compile_time_args(pattern, 1, head_dim, False, "tf32")
-    kept = kernels.prune_configs(kernels.CONFIGS, {**constants, "L0": pattern[0], "L1": pattern[1], "L2": pattern[2]})
-    kept = kept[:1] if first_only else kept
+def build_rows(build: Build, first_only: bool) -> list[str]:
     rows = []
-    for kernel_name in kernel_names:
-        fn = KERNELS[kernel_name]
-        extra = {"WRITE_DS": False} if "WRITE_DS" in fn.arg_names else {}
-        for config in kept:
-            compiled = compile_for_hopper(fn, {**constants, **extra, **config.kwargs}, config)
-            registers, spills = ptxas_report(compiled)
-            shared = compiled.metadata.shared
-            verdict = "too much shared memory" if shared > SHARED_LIMIT else "spills" if spills else "ok"
-            rows.append(f"| {name} | {kernel_name} | {tile_name(config)} | {registers} | {spills} | "
-                        f"{shared // 1024} | {verdict} |")
-            print(rows[-1], flush=True)
+    for config in build.tiles[:1] if first_only else build.tiles:
+        compiled = compile_for_hopper(build.fn, {**build.constants, **config.kwargs}, config)
+        registers, spills = ptxas_report(compiled)
+        shared = compiled.metadata.shared
+        verdict = "too much shared memory" if shared > SHARED_LIMIT else "spills" if spills else "ok"
+        rows.append(f"| {build.case} | {build.kernel} | {tile_name(config)} | {registers} | {spills} | "
+                    f"{shared // 1024} | {verdict} |")
+        print(rows[-1], flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated case names of benchmarks/neighborhood.py")
+    parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--kernels", default="fwd,dq,dkdv", help="comma-separated subset of fwd,dq,dkdv")
     parser.add_argument("--first", action="store_true", help="only the tile taken without autotuning")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernel_resources.md")
     args = parser.parse_args()
-    cases = [case for case in CASES if not args.only or case[0] in args.only.split(",")]
-    kernel_names = args.kernels.split(",")
-    if not cases or not set(kernel_names) <= set(KERNELS):
-        parser.error(f"--only must name cases of {[c[0] for c in CASES]}, --kernels a subset of {list(KERNELS)}")
+    builds = _block_sparse_builds() + _neighborhood_builds() + _routed_builds()
+    cases = list(dict.fromkeys(build.case for build in builds))
+    only = args.only.split(",") if args.only else cases
+    kernels = args.kernels.split(",")
+    if not set(only) <= set(cases) or not set(kernels) <= {"fwd", "dq", "dkdv"}:
+        parser.error(f"--only must name cases of {cases}; --kernels a subset of fwd,dq,dkdv")
     lines = [
-        "# Fused neighborhood attention on Hopper: registers, spills, shared memory",
+        "# mmattn's Triton kernels on Hopper: registers, spills, shared memory",
         "",
         (f"Compiled for sm_90a without a GPU: Triton {triton.__version__} and its ptxas; bf16, no rpb. Every tile the "
          "autotuner keeps for the case; spills are ptxas spill-store bytes per thread."),
         "",
         "| case | kernel | tile | registers | spill bytes | shared KiB | verdict |",
         "|---|---|---|---|---|---|---|",
-        *(row for case in cases for row in case_rows(case, kernel_names, args.first)),
+        *(row for build in builds if build.case in only and build.kernel in kernels
+          for row in build_rows(build, args.first)),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -173,16 +173,15 @@ neighborhood_fwd.register_autograd(_backward_through(neighborhood_bwd), setup_co
 
 
 class _NeighborhoodAttention(torch.autograd.Function):
-    """The eager path: the custom ops' forward and backward without the dispatcher's host cost."""
+    """The eager path: the custom ops' forward and backward without the dispatcher's host cost. (A forward taking
+    `ctx`: with a separate `setup_context`, `apply` binds its arguments through `inspect.signature` every call.)"""
 
     @staticmethod
-    def forward(q, k, v, rpb, pattern, scale):
-        return forward_kernels(q, k, v, rpb, pattern, scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, q, k, v, rpb, pattern, scale):
         ctx.set_materialize_grads(False)
-        _setup_context(ctx, inputs, output)
+        output = forward_kernels(q, k, v, rpb, pattern, scale)
+        _setup_context(ctx, (q, k, v, rpb, pattern, scale), output)
+        return output
 
     backward = staticmethod(_backward_through(backward_kernels))
 

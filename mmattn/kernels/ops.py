@@ -213,16 +213,16 @@ block_sparse_fwd.register_autograd(_backward_through(block_sparse_bwd), setup_co
 
 
 class _BlockSparseAttention(torch.autograd.Function):
-    """The eager path: the same forward and backward as the custom ops, without the dispatcher."""
+    """The eager path: the same forward and backward as the custom ops, without the dispatcher. (A forward taking
+    `ctx`: with a separate `setup_context`, `apply` binds its arguments through `inspect.signature` every call.)"""
 
     @staticmethod
-    def forward(q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale):
-        return forward_kernels(q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale):
         ctx.set_materialize_grads(False)  # an unused lse gets no gradient tensor
+        output = forward_kernels(q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
+        inputs = (q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale)
         _setup_context(ctx, inputs, output)
+        return output
 
     backward = staticmethod(_backward_through(backward_kernels))
 

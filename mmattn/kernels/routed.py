@@ -132,15 +132,40 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.sizes = (q_region, kv_region, scale)
 
 
-def _backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
-    q, k, v, out, lse, indices, kv_valid = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = routed_bwd(grad_out, grad_lse, q, k, v, out, lse, indices, kv_valid, *ctx.sizes)
-    return dq, dk, dv, None, None, None, None, None
+def _backward_through(launch):
+    """The autograd backward running the backward kernels through `launch` (the custom op or a direct call)."""
+
+    def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        q, k, v, out, lse, indices, kv_valid = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = launch(grad_out, grad_lse, q, k, v, out, lse, indices, kv_valid, *ctx.sizes)
+        return dq, dk, dv, None, None, None, None, None
+
+    return backward
 
 
-routed_fwd.register_autograd(_backward, setup_context=_setup_context)
+routed_fwd.register_autograd(_backward_through(routed_bwd), setup_context=_setup_context)
+
+
+class _RoutedAttention(torch.autograd.Function):
+    """The eager path: the custom ops' forward and backward without the dispatcher's host cost (a forward taking
+    `ctx`, as with a separate `setup_context` `apply` binds its arguments through `inspect.signature` every call)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, indices, kv_valid, q_region, kv_region, scale):
+        from .triton.routed import routed_forward
+
+        ctx.set_materialize_grads(False)
+        output = routed_forward(q, k, v, indices, kv_valid, q_region, kv_region, scale)
+        _setup_context(ctx, (q, k, v, indices, kv_valid, q_region, kv_region, scale), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        from .triton.routed import routed_backward
+
+        return _backward_through(routed_backward)(ctx, grad_out, grad_lse)
 
 
 def routed_attention(
@@ -179,7 +204,8 @@ def routed_attention(
     backend = resolve_backend(backend, q, ROUTED_BACKENDS)
     if backend == "triton":
         valid = None if kv_valid is None else kv_valid.view(torch.uint8).contiguous()
-        out, lse = routed_fwd(q, k, v, indices.int().contiguous(), valid, q_region, kv_region, scale)
+        args = (q, k, v, indices.int().contiguous(), valid, q_region, kv_region, scale)
+        out, lse = routed_fwd(*args) if torch.compiler.is_compiling() else _RoutedAttention.apply(*args)
     else:
         n_kv_regions = k.shape[2] // kv_region
         if not torch.compiler.is_compiling() and bool((indices < 0).any() | (indices >= n_kv_regions).any()):

@@ -21,6 +21,7 @@ from torch.nn.init import trunc_normal_
 
 from ..layers.agent import AgentBlock, resize_grid_bias
 from ._classifier import PooledClassifierMixin
+from ._stages import StagesMixin
 
 __all__ = ["AgentPVT", "checkpoint_filter_fn"]
 
@@ -96,7 +97,7 @@ class AgentPVTStage(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
 
 
-class AgentPVT(PooledClassifierMixin, nn.Module):
+class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
     """Agent-PVT classifier/backbone: ``forward_features`` gives the stage-4 map (B, C4, H/32, W/32).
 
     ``attn_backend``: "auto" (fused SDPA) or "torch" (the official explicit softmax).
@@ -154,11 +155,6 @@ class AgentPVT(PooledClassifierMixin, nn.Module):
         return {"stem": r"^stages\.0\.(patch_embed|pos_embed)", "blocks": r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(patch_embed|pos_embed)", (0,))]}  # fmt: skip
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -169,8 +165,7 @@ class AgentPVT(PooledClassifierMixin, nn.Module):
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs (NCHW) at ``indices``; the model has no norm, so ``norm`` changes nothing."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages if not stop_early else self.stages[: max_index + 1]
         intermediates = []
@@ -179,15 +174,6 @@ class AgentPVT(PooledClassifierMixin, nn.Module):
             if i in take_indices:
                 intermediates.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
         return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:

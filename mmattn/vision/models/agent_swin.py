@@ -21,6 +21,7 @@ from torch.nn.init import trunc_normal_
 
 from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
 from ._classifier import PooledClassifierMixin
+from ._stages import StagesMixin
 
 __all__ = ["AgentSwinTransformer", "checkpoint_filter_fn"]
 
@@ -194,11 +195,13 @@ class AgentSwinStage(nn.Module):
         return (x, *self.downsample(x, hw))
 
 
-class AgentSwinTransformer(PooledClassifierMixin, nn.Module):
+class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
     """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized tokens ``(B, H*W/1024, 8C)``.
 
     ``attn_backend``: "auto" (fused SDPA for agent and window attention) or "torch" (the official explicit softmax).
     """
+
+    stages_attr = "layers"
 
     pool_dims = (1,)
 
@@ -261,11 +264,6 @@ class AgentSwinTransformer(PooledClassifierMixin, nn.Module):
         blocks = r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.blocks\.(\d+)", None), (r"^layers\.(\d+)\.downsample", (0,))]
         return {"stem": r"^patch_embed", "blocks": blocks}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for layer in self.layers:
-            layer.grad_checkpointing = enable
-
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.patch_embed.proj(F.pad(x, (0, -x.shape[-1] % 4, 0, -x.shape[-2] % 4)))
         hw = (x.shape[-2], x.shape[-1])
@@ -281,8 +279,7 @@ class AgentSwinTransformer(PooledClassifierMixin, nn.Module):
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Each stage's map before merging (``C * 2**i`` channels, stride ``4 * 2**i``) at ``indices``."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         layers = self.layers if not stop_early else self.layers[: max_index + 1]
         x, hw = self._embed(x)
@@ -296,20 +293,6 @@ class AgentSwinTransformer(PooledClassifierMixin, nn.Module):
                 intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
             hw = next_hw
         return intermediates if intermediates_only else (self.norm(x), intermediates)
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
-        # the kept last layer's downsampler fed the layers just removed: its output would go unused and its
-        # parameters get no gradient, which DistributedDataParallel rejects (unless find_unused_parameters)
-        self.layers[-1].downsample = None
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, hw = self._embed(x)

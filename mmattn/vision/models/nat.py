@@ -19,6 +19,7 @@ from torch import nn
 
 from ..layers.neighborhood import NeighborhoodAttention
 from ._classifier import PooledClassifierMixin
+from ._stages import StagesMixin
 
 __all__ = ["NAT", "checkpoint_filter_fn"]
 
@@ -112,12 +113,14 @@ class NATLevel(nn.Module):
         return x, (x if self.downsample is None else self.downsample(x))
 
 
-class NAT(PooledClassifierMixin, nn.Module):
+class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
     """NAT / DiNAT classifier and backbone. ``dilations``: one list per level (None: NAT, all 1). ``attn_backend``:
     the ``neighborhood_attention`` backend ("auto": fused Triton on CUDA; "flex"; "torch": the unfused reference).
 
     ``forward_features`` returns the normalized last map, channels-last ``(B, H/32, W/32, 8C)``.
     """
+
+    stages_attr = "levels"
 
     pool_dims = (1, 2)
 
@@ -177,11 +180,6 @@ class NAT(PooledClassifierMixin, nn.Module):
         blocks = r"^levels\.(\d+)" if coarse else [(r"^levels\.(\d+)\.blocks\.(\d+)", None), (r"^levels\.(\d+)\.downsample", (0,))]
         return {"stem": r"^patch_embed", "blocks": blocks}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for level in self.levels:
-            level.grad_checkpointing = enable
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -193,8 +191,7 @@ class NAT(PooledClassifierMixin, nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Each level's map before its downsampler (``C * 2**i`` channels, stride ``4 * 2**i``) at ``indices``;
         ``norm`` applies the final norm to the last level's map."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
         levels = self.levels if not stop_early else self.levels[: max_index + 1]
         x = self.pos_drop(self.patch_embed(x))
@@ -208,20 +205,6 @@ class NAT(PooledClassifierMixin, nn.Module):
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        self.levels = self.levels[: max_index + 1]
-        # the kept last level's downsampler fed the levels just removed: its output would go unused and its
-        # parameters get no gradient, which DistributedDataParallel rejects (unless find_unused_parameters)
-        self.levels[-1].downsample = None
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))

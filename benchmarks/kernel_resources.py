@@ -26,6 +26,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_resources.py compiles for the GPU: unset TRITON_INTERPRET")
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neighborhood import CASES as NEIGHBORHOOD_CASES
 
 from mmattn.kernels import Neighborhood
+from mmattn.kernels import ops as block_sparse_ops
 from mmattn.kernels.na_ops import _compile_time_args, _pattern
 from mmattn.kernels.triton import block_sparse, routed
 from mmattn.kernels.triton import neighborhood as fna
@@ -56,6 +58,11 @@ class Build:
     tiles: list
 
 
+def _meta_tokens(tokens: int, head_dim: int) -> torch.Tensor:
+    """A shape-only bf16 `(B, H, tokens, D)` tensor: the launchers derive the compile-time arguments from it."""
+    return torch.empty(1, 1, tokens, head_dim, dtype=torch.bfloat16, device="meta")
+
+
 def _neighborhood_builds() -> list[Build]:
     builds = []
     for name, _, _, spatial, head_dim, kernel_size, dilation in NEIGHBORHOOD_CASES:
@@ -71,8 +78,8 @@ def _neighborhood_builds() -> list[Build]:
 def _block_sparse_builds() -> list[Build]:
     builds = []
     for head_dim in (64, 128):
-        constants = {"GROUPS": 1, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "Q_BLOCK": 128, "KV_BLOCK": 128,
-                     "EVEN_Q": True, "EVEN_KV": True, "DOT_PRECISION": "tf32"}
+        q = _meta_tokens(4096, head_dim)
+        constants = block_sparse_ops._launch_args(q, q, 128, 128)
         for kernel, fn, configs in (("fwd", block_sparse._fwd_kernel, block_sparse.FWD_CONFIGS),
                                     ("dq", block_sparse._bwd_dq, block_sparse.DQ_CONFIGS),
                                     ("dkdv", block_sparse._bwd_dkdv, block_sparse.DKDV_CONFIGS)):
@@ -85,8 +92,8 @@ def _routed_builds() -> list[Build]:
     """BiFormer-T's stages 1-3 at 224: regions of 64, 16 and 4 tokens, top-1, 4 and 16 regions, head dim 32."""
     builds = []
     for stage, (region, topk) in enumerate(((64, 1), (16, 4), (4, 16)), start=1):
-        constants = {"GROUPS": 1, "HEAD_DIM": 32, "BLOCK_D": 32, "Q_REGION": region, "KV_REGION": region,
-                     "TOPK": topk, "HAS_VALID": False, "DOT_PRECISION": "tf32", "N_TILE_ROWS": topk * region}
+        q = _meta_tokens(49 * region, 32)
+        constants = routed._launch_args(q, q, region, region, topk, has_valid=False)
         for kernel, fn, configs in (("fwd", routed._fwd_kernel, routed.FWD_CONFIGS),
                                     ("dq", routed._dq_kernel, routed.DQ_CONFIGS),
                                     ("dkdv", routed._dkdv_kernel, routed.DKDV_CONFIGS)):

@@ -134,7 +134,8 @@ def _ring(q, k, v, mask: BlockSparseMask, group, scale, backend) -> torch.Tensor
     (q_block, kv_block), start = mask.block_size, rank * shard
     rows = (start // q_block * q_block, _aligned(start + shard, q_block, total))
     padded = F.pad(q, (0, 0, start - rows[0], rows[1] - start - shard))
-    keys, values = (_AllGather.apply(t, group).permute(1, 2, 0, 3, 4).flatten(2, 3) for t in (k, v))
+    # Gathered token-major, (S, B, H, D), so the (B, H, S, D) view needs no copy of the whole sequence.
+    keys, values = (_AllGather.apply(t.permute(2, 0, 1, 3), group).flatten(0, 1).permute(1, 2, 0, 3) for t in (k, v))
     out = lse = None
     for step in range(world):
         source = (rank + step) % world

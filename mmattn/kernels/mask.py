@@ -245,8 +245,12 @@ class BlockSparseMask:
         """The mask of query tokens `[q_start, q_end)` against key tokens `[kv_start, kv_end)` (and query heads
         `[h_start, h_end)` of a per-head mask), e.g. one (query shard, key shard) pair of ring attention.
 
-        Starts must lie on block boundaries; ends on a block boundary or at `q_len` / `kv_len`.
+        Starts must lie on block boundaries; ends on a block boundary or at `q_len` / `kv_len`. The whole mask
+        (a per-head crop of a head-shared one included) is this mask itself.
         """
+        whole = tuple(q_range) == (0, self.q_len) and tuple(kv_range) == (0, self.kv_len)
+        if whole and (heads is None or self.shape[1] == 1):
+            return self
         blocks = self.to_dense()
         spans = []
         for name, (start, end), size, length in (

@@ -172,3 +172,9 @@ def test_crop_rejects_unaligned_ranges():
         mask.crop((0, 100), (0, 70))
     with pytest.raises(ValueError, match="heads: expected"):
         random_mask(1, 2, 100, 90, (16, 32)).crop((0, 100), (0, 90), heads=(1, 3))
+
+
+def test_crop_of_the_whole_mask_is_the_mask():
+    shared = random_mask(1, 1, 100, 90, (16, 32))
+    assert shared.crop((0, 100), (0, 90)) is shared
+    assert shared.crop((0, 100), (0, 90), heads=(2, 4)) is shared  # its one head serves every head

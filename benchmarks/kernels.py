@@ -75,11 +75,11 @@ def run(shapes, densities, out_path: Path) -> None:
                     ours_dense = ours
                 kept = mask.density()
                 flops = dense_flops * kept
-                rows.append(dict(
-                    shape=f"B{batch} H{heads} L{length} D{head_dim}", pattern="all" if density == 1.0 else pattern,
-                    density=kept, ours=ours, flex=flex, cudnn=cudnn, flops=flops, max_diff=max_diff,
-                    efficiency=(kept * ours_dense.fwd_ms / ours.fwd_ms, kept * ours_dense.fwd_bwd_ms / ours.fwd_bwd_ms),
-                ))
+                rows.append({
+                    "shape": f"B{batch} H{heads} L{length} D{head_dim}", "pattern": "all" if density == 1.0 else pattern,
+                    "density": kept, "ours": ours, "flex": flex, "cudnn": cudnn, "flops": flops, "max_diff": max_diff,
+                    "efficiency": (kept * ours_dense.fwd_ms / ours.fwd_ms, kept * ours_dense.fwd_bwd_ms / ours.fwd_bwd_ms),
+                })
                 print(format_row(rows[-1]), flush=True)
         tiles.append(f"B{batch} H{heads} L{length} D{head_dim}: " + ", ".join(
             f"{name} {describe(kernel.best_config)}"

@@ -58,8 +58,8 @@ def run(cases, out_path: Path) -> None:
             diff = ours_fn(q, k, v).flatten(2, -2) - compiled_flex(*(t.flatten(2, -2) for t in (q, k, v)), block_mask=block_mask)
         flops = 4 * batch * heads * head_dim * nbhd.num_tokens * nbhd.num_keys
         shape = f"B{batch} H{heads} {'x'.join(map(str, spatial))} D{head_dim} k{'x'.join(map(str, kernel_size))}"
-        rows.append(dict(name=name, shape=shape + (f" dil{dilation}" if dilation > 1 else ""), density=nbhd.density(),
-                         ours=ours, flex=flex, cudnn=cudnn, flops=flops, max_diff=diff.abs().max().item()))
+        rows.append({"name": name, "shape": shape + (f" dil{dilation}" if dilation > 1 else ""), "density": nbhd.density(),
+                         "ours": ours, "flex": flex, "cudnn": cudnn, "flops": flops, "max_diff": diff.abs().max().item()})
         print(format_row(rows[-1]), flush=True)
         tiles.append(f"{name}: " + ", ".join(
             f"{part} {describe(kernel.best_config)}"

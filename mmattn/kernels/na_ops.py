@@ -18,7 +18,13 @@ from torch.library import custom_op
 from .neighborhood import Neighborhood
 from .triton import block_sparse as bs
 from .triton import neighborhood as fna
-from .triton.launch import dot_precision, head_dim_block, row_strides, rows_contiguous, size_bucket
+from .triton.launch import (
+    dot_precision,
+    head_dim_block,
+    row_strides,
+    rows_contiguous,
+    size_bucket,
+)
 
 __all__ = ["neighborhood_attend", "neighborhood_bwd", "neighborhood_fwd"]
 
@@ -82,7 +88,7 @@ def backward_kernels(grad_out, grad_lse, q, k, v, out, lse, rpb, pattern: list[i
     """Launches the backward kernels: `(dq, dk, dv, drpb)`, drpb empty unless `rpb_grad`."""
     q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
-    batch, heads, tokens, head_dim = q.shape
+    batch, heads, tokens, _head_dim = q.shape
     kv_heads = k.shape[1]
     launch = _launch_args(q, k, pattern, rpb is not None)
     tune_key = (q.dtype, size_bucket(tokens), *launch.values())

@@ -14,24 +14,30 @@ import triton
 from torch.library import custom_op
 
 from .triton import block_sparse as bs
-from .triton.launch import dot_precision, head_dim_block, row_strides, rows_contiguous, size_bucket
+from .triton.launch import (
+    dot_precision,
+    head_dim_block,
+    row_strides,
+    rows_contiguous,
+    size_bucket,
+)
 
-__all__ = ["attend", "block_sparse_fwd", "block_sparse_bwd"]
+__all__ = ["attend", "block_sparse_bwd", "block_sparse_fwd"]
 
 
 def _launch_args(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int) -> dict:
     """Compile-time kernel arguments shared by the forward and backward launches."""
     head_dim = q.shape[-1]
-    return dict(
-        GROUPS=q.shape[1] // k.shape[1],
-        HEAD_DIM=head_dim,
-        BLOCK_D=head_dim_block(head_dim),
-        Q_BLOCK=q_block,
-        KV_BLOCK=kv_block,
-        EVEN_Q=q.shape[2] % q_block == 0,
-        EVEN_KV=k.shape[2] % kv_block == 0,
-        DOT_PRECISION=dot_precision(q.dtype),
-    )
+    return {
+        "GROUPS": q.shape[1] // k.shape[1],
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": head_dim_block(head_dim),
+        "Q_BLOCK": q_block,
+        "KV_BLOCK": kv_block,
+        "EVEN_Q": q.shape[2] % q_block == 0,
+        "EVEN_KV": k.shape[2] % kv_block == 0,
+        "DOT_PRECISION": dot_precision(q.dtype),
+    }
 
 
 def _tune_key(q: torch.Tensor, launch: dict) -> tuple:
@@ -59,7 +65,7 @@ def forward_kernels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel: `(out, lse)`."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
-    batch, heads, q_len, head_dim = q.shape
+    batch, heads, q_len, _head_dim = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
 
@@ -97,7 +103,7 @@ def backward_kernels(
     """Launches the backward kernels: `(dq, dk, dv)`, deterministic (no atomics)."""
     q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
-    batch, heads, q_len, head_dim = q.shape
+    batch, heads, q_len, _head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     launch = _launch_args(q, k, q_block, kv_block)
     delta = bs.backward_delta(out, grad_out, grad_lse, lse)

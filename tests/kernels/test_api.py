@@ -58,7 +58,7 @@ def test_backend_info_lists_every_backend_with_a_reason():
 def _inputs(**change):
     mask = random_mask(1, 2, 32, 32, (16, 16))
     q, k, v = random_qkv(1, 2, 2, 32, 32, 16, torch.float32)
-    args = dict(q=q, k=k, v=v, mask=mask)
+    args = {"q": q, "k": k, "v": v, "mask": mask}
     args.update(change)
     return args
 
@@ -66,15 +66,15 @@ def _inputs(**change):
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(q=torch.zeros(2, 32, 16)), ValueError, "q must be"),
-        (dict(k=torch.zeros(1, 2, 32, 16, dtype=torch.float16)), TypeError, "share a dtype"),
-        (dict(v=torch.zeros(1, 2, 31, 16)), ValueError, "k and v"),
-        (dict(k=torch.zeros(1, 3, 32, 16), v=torch.zeros(1, 3, 32, 16)), ValueError, "multiple"),
-        (dict(k=torch.zeros(1, 2, 32, 8), v=torch.zeros(1, 2, 32, 8)), ValueError, "head_dim"),
-        (dict(q=torch.zeros(1, 2, 33, 16)), ValueError, "mask: built for"),
-        (dict(q=torch.zeros(1, 2, 32, 16, dtype=torch.int32)), TypeError, "q must be float"),
-        (dict(mask=torch.ones(2, 2, dtype=torch.bool)), TypeError, "mask must be a BlockSparseMask"),
-        (dict(q=torch.zeros(1, 3, 32, 16)), ValueError, "multiple"),
+        ({"q": torch.zeros(2, 32, 16)}, ValueError, "q must be"),
+        ({"k": torch.zeros(1, 2, 32, 16, dtype=torch.float16)}, TypeError, "share a dtype"),
+        ({"v": torch.zeros(1, 2, 31, 16)}, ValueError, "k and v"),
+        ({"k": torch.zeros(1, 3, 32, 16), "v": torch.zeros(1, 3, 32, 16)}, ValueError, "multiple"),
+        ({"k": torch.zeros(1, 2, 32, 8), "v": torch.zeros(1, 2, 32, 8)}, ValueError, "head_dim"),
+        ({"q": torch.zeros(1, 2, 33, 16)}, ValueError, "mask: built for"),
+        ({"q": torch.zeros(1, 2, 32, 16, dtype=torch.int32)}, TypeError, "q must be float"),
+        ({"mask": torch.ones(2, 2, dtype=torch.bool)}, TypeError, "mask must be a BlockSparseMask"),
+        ({"q": torch.zeros(1, 3, 32, 16)}, ValueError, "multiple"),
     ],
 )
 def test_bad_inputs_raise_errors_naming_the_argument(change, error, match):

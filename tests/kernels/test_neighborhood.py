@@ -81,7 +81,7 @@ def test_stride_equal_kernel_is_blocked_attention():
 def test_flex_equals_reference(shape, kernel_size, dilation, causal):
     q, k, v = _qkv(shape, dtype=torch.float32)
     rpb = _rpb(2, kernel_size).float()
-    kwargs = dict(dilation=dilation, is_causal=causal, rpb=rpb)
+    kwargs = {"dilation": dilation, "is_causal": causal, "rpb": rpb}
     out = neighborhood_attention(q, k, v, kernel_size, backend="flex", **kwargs)
     expected = neighborhood_attention(q, k, v, kernel_size, backend="torch", **kwargs)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -90,16 +90,16 @@ def test_flex_equals_reference(shape, kernel_size, dilation, causal):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(kernel_size=6), "kernel_size x dilation"),
-        (dict(kernel_size=3, dilation=3), "kernel_size x dilation"),
-        (dict(kernel_size=0), "kernel_size"),
-        (dict(kernel_size=(3, 3, 3)), "kernel_size"),
-        (dict(kernel_size=3, dilation=0), "dilation"),
-        (dict(kernel_size=3, stride=4), "stride"),
-        (dict(kernel_size=3, is_causal=1), "is_causal"),
-        (dict(kernel_size=3, rpb=torch.zeros(2, 3, 3)), "rpb"),
-        (dict(kernel_size=3, rpb=torch.zeros(2, 5, 5, dtype=torch.long)), "rpb"),
-        (dict(kernel_size=3, backend="cuda"), "backend"),
+        ({"kernel_size": 6}, "kernel_size x dilation"),
+        ({"kernel_size": 3, "dilation": 3}, "kernel_size x dilation"),
+        ({"kernel_size": 0}, "kernel_size"),
+        ({"kernel_size": (3, 3, 3)}, "kernel_size"),
+        ({"kernel_size": 3, "dilation": 0}, "dilation"),
+        ({"kernel_size": 3, "stride": 4}, "stride"),
+        ({"kernel_size": 3, "is_causal": 1}, "is_causal"),
+        ({"kernel_size": 3, "rpb": torch.zeros(2, 3, 3)}, "rpb"),
+        ({"kernel_size": 3, "rpb": torch.zeros(2, 5, 5, dtype=torch.long)}, "rpb"),
+        ({"kernel_size": 3, "backend": "cuda"}, "backend"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, message):

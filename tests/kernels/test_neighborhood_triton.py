@@ -40,7 +40,7 @@ def check(shape, kernel_size, dilation, stride, causal, dtype, heads=2, kv_heads
     ks = kernel_size if isinstance(kernel_size, tuple) else (kernel_size,) * len(shape)
     rpb = torch.randn(heads, *(2 * x - 1 for x in ks), generator=g)
     grad = torch.randn(2, heads, *shape, head_dim, generator=g, dtype=torch.float64)
-    kwargs = dict(kernel_size=kernel_size, dilation=dilation, stride=stride, is_causal=causal)
+    kwargs = {"kernel_size": kernel_size, "dilation": dilation, "stride": stride, "is_causal": causal}
     ours = run(*(t.to(dtype) for t in (q, k, v, rpb)), "triton", grad.to(dtype), **kwargs)
     exact = run(*(t.double() for t in (q, k, v, rpb)), "torch", grad, **kwargs)
     for name, a, e in zip(("out", "dq", "dk", "dv", "drpb"), ours, exact):

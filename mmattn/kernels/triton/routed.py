@@ -322,7 +322,7 @@ def routed_backward(
     """`(dq, dk, dv)` of routed attention, deterministic (no atomics)."""
     q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
-    batch, heads, q_len, head_dim = q.shape
+    batch, heads, q_len, _head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     n_kv_regions = kv_len // kv_region
     launch = _launch_args(q, k, q_region, kv_region, indices.shape[-1], kv_valid is not None)

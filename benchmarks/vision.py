@@ -91,6 +91,22 @@ def autocast(device: str):
     return torch.autocast(device, dtype=torch.bfloat16)
 
 
+def out_of_memory_as_result(measurement):
+    """A measurement that reports "OOM" instead of raising when the path does not fit on the GPU (an honest result
+    for the reference paths at batch 128 or 1024x1024), freeing what the failed attempt held."""
+
+    def measured(model: torch.nn.Module, setting: Setting):
+        try:
+            return measurement(model, setting)
+        except torch.cuda.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return "OOM"
+
+    return measured
+
+
+@out_of_memory_as_result
 def inference_ips(model: torch.nn.Module, setting: Setting) -> float:
     x = torch.randn(setting.batch, 3, setting.size, setting.size, device=setting.device)
     model.eval()
@@ -99,6 +115,7 @@ def inference_ips(model: torch.nn.Module, setting: Setting) -> float:
     return setting.batch / ms * 1e3
 
 
+@out_of_memory_as_result
 def training_ips(model: torch.nn.Module, setting: Setting) -> float:
     x = torch.randn(setting.batch, 3, setting.size, setting.size, device=setting.device)
     target = torch.randint(0, 1000, (setting.batch,), device=setting.device)
@@ -115,6 +132,7 @@ def training_ips(model: torch.nn.Module, setting: Setting) -> float:
     return setting.batch / median_ms(step, setting.device) * 1e3
 
 
+@out_of_memory_as_result
 def peak_memory_mib(model: torch.nn.Module, setting: Setting) -> float | str:
     """Peak activation memory of a batch-1 bf16 inference at `memory_size` (CUDA only)."""
     if setting.device != "cuda":
@@ -125,12 +143,9 @@ def peak_memory_mib(model: torch.nn.Module, setting: Setting) -> float | str:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    try:
-        with torch.no_grad(), autocast("cuda"):
-            model(x)
-        torch.cuda.synchronize()
-    except torch.cuda.OutOfMemoryError:
-        return "OOM"
+    with torch.no_grad(), autocast("cuda"):
+        model(x)
+    torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
@@ -168,6 +183,22 @@ def fmt(value) -> str:
 
 
 def run(cases: list[Case], setting: Setting, out: Path) -> None:
+    if setting.device == "cuda":
+        from common import environment
+
+        env = environment()
+    else:
+        env = f"Device: CPU (quick smoke run, wall clock); torch {torch.__version__}"
+    header = (
+        "# Vision backbones: mmattn kernels vs the official algorithm\n\n"
+        f"{env}. bf16 autocast; images/s at {setting.size}x{setting.size}, batch {setting.batch}; peak activation "
+        f"memory (MiB, weights excluded) of a batch-1 inference at {setting.memory_size}x{setting.memory_size}.\n"
+        "Reference = the same model with `attn_backend=\"torch\"` (official algorithm). Ratios above 1: mmattn wins.\n\n"
+        "| family | model | infer img/s | ref | speedup | train img/s | ref | speedup | mem MiB | ref | "
+        "mem saving | vs flex (infer / train) | grad rel. err |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for case in cases:
         paths = {"ours": case.ours, "reference": case.reference}
@@ -187,23 +218,8 @@ def run(cases: list[Case], setting: Setting, out: Path) -> None:
             f"{ratio(ref['memory'], ours['memory'])} | "
             + (f"{ratio(ours['infer'], flex['infer'])} / {ratio(ours['train'], flex['train'])}" if flex else "-")
             + f" | {grad_err:.1e} |")
-    if setting.device == "cuda":
-        from common import environment
-
-        env = environment()
-    else:
-        env = f"Device: CPU (quick smoke run, wall clock); torch {torch.__version__}"
-    header = (
-        "# Vision backbones: mmattn kernels vs the official algorithm\n\n"
-        f"{env}. bf16 autocast; images/s at {setting.size}x{setting.size}, batch {setting.batch}; peak activation "
-        f"memory (MiB, weights excluded) of a batch-1 inference at {setting.memory_size}x{setting.memory_size}.\n"
-        "Reference = the same model with `attn_backend=\"torch\"` (official algorithm). Ratios above 1: mmattn wins.\n\n"
-        "| family | model | infer img/s | ref | speedup | train img/s | ref | speedup | mem MiB | ref | "
-        "mem saving | vs flex (infer / train) | grad rel. err |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + "\n".join(lines) + "\n")
+        out.write_text(header + "\n".join(lines) + "\n")  # after every model: a run cut short keeps its rows
+        print(lines[-1], flush=True)
     print(f"wrote {out}")
 
 

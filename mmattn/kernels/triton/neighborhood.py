@@ -399,24 +399,26 @@ def _config(tq: tuple[int, int, int], tk: tuple[int, int, int], warps: int, stag
     return triton.Config(dict(zip(names, (*tq, *tk))), num_warps=warps, num_stages=stages)
 
 
-# Tile shapes per dimensionality, best first (H100, head dim 32-128). 2D and 3D tiles are near-square in
-# group coordinates, so the bounding box of a tile's windows wastes the least.
-CONFIGS = [
-    _config((1, 1, 128), (1, 1, 64), 4, 3), _config((1, 1, 128), (1, 1, 128), 8, 3), _config((1, 1, 128), (1, 1, 64), 8, 2),
-    _config((1, 1, 64), (1, 1, 64), 4, 3),
-    _config((1, 8, 16), (1, 8, 16), 8, 3), _config((1, 8, 16), (1, 8, 16), 8, 2), _config((1, 16, 8), (1, 8, 16), 8, 3),
-    _config((1, 8, 16), (1, 8, 8), 4, 3), _config((1, 8, 8), (1, 8, 8), 4, 3), _config((1, 16, 16), (1, 8, 16), 8, 2),
+# Tile shapes per head-dim class, best first (H100). Autotuning compiles every kept tile, seconds each, so each
+# class lists only the few that can win: 1D rows, then near-square 2D tiles (in group coordinates, so the bounding
+# box of a tile's windows wastes the least; they serve 3D too), then 3D boxes.
+NARROW_HEAD_CONFIGS = [  # head dims up to 64 (NAT/DiNAT)
+    _config((1, 1, 128), (1, 1, 64), 4, 3), _config((1, 1, 128), (1, 1, 128), 8, 3), _config((1, 1, 64), (1, 1, 64), 4, 3),
+    _config((1, 8, 8), (1, 8, 8), 4, 3), _config((1, 8, 16), (1, 8, 8), 4, 3), _config((1, 8, 16), (1, 8, 16), 8, 3),
     # Small kernels (NAT's 7x7): one key tile spans a query tile's whole window box.
-    _config((1, 8, 8), (1, 16, 16), 4, 2), _config((1, 8, 8), (1, 16, 16), 8, 2), _config((1, 8, 16), (1, 16, 16), 8, 2),
-    _config((1, 4, 16), (1, 16, 16), 4, 2),
-    # 64- and 32-position tiles for large head dims (128): the 128-position tiles spill registers there, these do
-    # not (benchmarks/results/kernel_resources.md); the 32-row sides suit dQ (query tile) and dK/dV (key tile).
-    _config((1, 8, 8), (1, 8, 8), 8, 2), _config((1, 4, 8), (1, 8, 8), 8, 2), _config((1, 8, 8), (1, 4, 8), 8, 2),
-    _config((1, 4, 8), (1, 8, 8), 4, 2), _config((1, 8, 8), (1, 4, 8), 4, 2),
-    _config((2, 8, 8), (2, 8, 8), 8, 3), _config((2, 8, 8), (2, 8, 8), 8, 2), _config((2, 8, 8), (1, 8, 16), 8, 2),
-    _config((4, 4, 8), (2, 8, 8), 8, 3), _config((2, 4, 8), (2, 4, 8), 4, 3), _config((1, 8, 16), (2, 4, 8), 4, 3),
+    _config((1, 8, 8), (1, 16, 16), 8, 2),
+    _config((2, 4, 8), (2, 4, 8), 4, 3), _config((2, 8, 8), (2, 8, 8), 8, 3),
+]
+# Head dims above 64: 128-position tiles spill registers there, 64-position tiles with 8 warps do not, and the
+# 32-position sides suit dQ (query tile) and dK/dV (key tile) (benchmarks/results/kernel_resources.md).
+WIDE_HEAD_CONFIGS = [
+    _config((1, 1, 64), (1, 1, 64), 8, 2), _config((1, 1, 128), (1, 1, 64), 8, 2),
+    _config((1, 8, 16), (1, 8, 16), 8, 2), _config((1, 8, 8), (1, 8, 8), 8, 2), _config((1, 4, 8), (1, 8, 8), 8, 2),
+    _config((1, 8, 8), (1, 4, 8), 8, 2),
     _config((2, 4, 8), (2, 4, 8), 8, 2), _config((1, 4, 8), (2, 4, 8), 8, 2), _config((2, 4, 8), (1, 4, 8), 8, 2),
 ]
+CONFIGS = NARROW_HEAD_CONFIGS + WIDE_HEAD_CONFIGS
+_WIDE_HEAD = {id(c): False for c in NARROW_HEAD_CONFIGS} | {id(c): True for c in WIDE_HEAD_CONFIGS}
 INTERPRETER_CONFIGS = [_config((1, 1, 16), (1, 1, 16), 4, 1), _config((1, 4, 4), (1, 4, 4), 4, 1),
                        _config((2, 2, 4), (2, 2, 4), 4, 1)]
 
@@ -436,15 +438,20 @@ def _fallback_tile(extents: list[int]) -> tuple[int, int, int]:
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keeps the tiles that suit this problem's axes (1 on unit axes, no longer than a dilation group) and fit
-    in shared memory."""
+    """Keeps the tiles of this head dim's class that suit this problem's axes (1 on unit axes, no longer than a
+    dilation group, rows for 1D only) and fit in shared memory."""
     args = {**named_args, **kwargs}
     extents = [-(-args[f"L{a}"] // args[f"D{a}"]) for a in range(3)]
+    wide_head = args["BLOCK_D"] > 64
     kept = []
     for config in configs:
+        if _WIDE_HEAD.get(id(config), wide_head) != wide_head:
+            continue
         tq = [config.kwargs[f"TQ{a}"] for a in range(3)]
         tk = [config.kwargs[f"TK{a}"] for a in range(3)]
         if any(e == 1 and (q, k) != (1, 1) or q > _pow2_at_least(e) for e, q, k in zip(extents, tq, tk)):
+            continue
+        if extents[1] > 1 and tq[1] == 1:  # row tiles serve 1D problems only
             continue
         m, n = tq[0] * tq[1] * tq[2], tk[0] * tk[1] * tk[2]
         # Shared memory (2-byte elements): the Q tile and `stages` buffered K and V tiles plus one for the

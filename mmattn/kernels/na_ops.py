@@ -113,18 +113,19 @@ def backward_kernels(grad_out, grad_lse, q, k, v, out, lse, rpb, pattern: list[i
 
 
 def _bias_gradient(ds: torch.Tensor, rpb: torch.Tensor, pattern: list[int]) -> torch.Tensor:
-    """d rpb: dS (neighbor layout) summed over the batch and scattered to each pair's bias offset."""
+    """d rpb: dS (neighbor layout) summed over the batch and scattered to each pair's bias offset. Slots holding no
+    pair are zero in dS, so every slot is scattered (to a clamped offset) and no boolean selection syncs the host."""
     shape, kernel, dilation, stride, causal = (pattern[i : i + 3] for i in range(0, 15, 3))
     ndim = rpb.dim() - 1
     nbhd = Neighborhood.create(shape[3 - ndim :], kernel[3 - ndim :], dilation[3 - ndim :], stride[3 - ndim :],
                                [bool(c) for c in causal[3 - ndim :]])
-    _, valid, rpb_index = nbhd.neighbors(0, nbhd.num_tokens, ds.device)
+    _, _, rpb_index = nbhd.neighbors(0, nbhd.num_tokens, ds.device)
     flat = 0
     for index, extent in zip(rpb_index, nbhd.rpb_shape):
-        flat = flat * extent + index
-    flat = flat.expand(valid.shape[0], *nbhd.kernel_size).reshape(valid.shape)
+        flat = flat * extent + index.clamp(0, extent - 1)
+    flat = flat.expand(nbhd.num_tokens, *nbhd.kernel_size).flatten()
     grad = torch.zeros((rpb.shape[0], math.prod(nbhd.rpb_shape)), device=ds.device, dtype=torch.float32)
-    grad.index_add_(1, flat[valid], ds.sum(0)[:, valid])
+    grad.index_add_(1, flat, ds.sum(0).flatten(1))
     return grad.view(rpb.shape).to(rpb.dtype)
 
 

@@ -148,6 +148,13 @@ def _backward_through(launch):
 routed_fwd.register_autograd(_backward_through(routed_bwd), setup_context=_setup_context)
 
 
+def _backward_kernels(*args):
+    """The backward kernels called directly, imported on first use (Triton stays out of import time)."""
+    from .triton.routed import routed_backward
+
+    return routed_backward(*args)
+
+
 class _RoutedAttention(torch.autograd.Function):
     """The eager path: the custom ops' forward and backward without the dispatcher's host cost (a forward taking
     `ctx`, as with a separate `setup_context` `apply` binds its arguments through `inspect.signature` every call)."""
@@ -161,11 +168,7 @@ class _RoutedAttention(torch.autograd.Function):
         _setup_context(ctx, (q, k, v, indices, kv_valid, q_region, kv_region, scale), output)
         return output
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
-        from .triton.routed import routed_backward
-
-        return _backward_through(routed_backward)(ctx, grad_out, grad_lse)
+    backward = staticmethod(_backward_through(_backward_kernels))
 
 
 def routed_attention(

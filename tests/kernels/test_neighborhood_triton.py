@@ -33,9 +33,12 @@ def run(q, k, v, rpb, backend, grad_out, **kwargs):
 
 def check(shape, kernel_size, dilation, stride, causal, dtype, heads=2, kv_heads=2, head_dim=16, layout="bhnd"):
     g = torch.Generator().manual_seed(len(shape) * 7 + head_dim)
-    make = lambda h: torch.randn(2, h, *shape, head_dim, generator=g)  # noqa: E731
-    if layout == "bnhd":  # non-contiguous (B, H, *spatial, D) views of (B, *spatial, H, D) storage
-        make = lambda h: torch.randn(2, *shape, h, head_dim, generator=g).movedim(-2, 1)  # noqa: E731
+
+    def make(h):
+        if layout == "bnhd":  # non-contiguous (B, H, *spatial, D) views of (B, *spatial, H, D) storage
+            return torch.randn(2, *shape, h, head_dim, generator=g).movedim(-2, 1)
+        return torch.randn(2, h, *shape, head_dim, generator=g)
+
     q, k, v = make(heads), make(kv_heads), make(kv_heads)
     ks = kernel_size if isinstance(kernel_size, tuple) else (kernel_size,) * len(shape)
     rpb = torch.randn(heads, *(2 * x - 1 for x in ks), generator=g)

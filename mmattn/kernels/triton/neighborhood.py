@@ -418,7 +418,6 @@ WIDE_HEAD_CONFIGS = [
     _config((2, 4, 8), (2, 4, 8), 8, 2), _config((1, 4, 8), (2, 4, 8), 8, 2), _config((2, 4, 8), (1, 4, 8), 8, 2),
 ]
 CONFIGS = NARROW_HEAD_CONFIGS + WIDE_HEAD_CONFIGS
-_WIDE_HEAD = {id(c): False for c in NARROW_HEAD_CONFIGS} | {id(c): True for c in WIDE_HEAD_CONFIGS}
 INTERPRETER_CONFIGS = [_config((1, 1, 16), (1, 1, 16), 4, 1), _config((1, 4, 4), (1, 4, 4), 4, 1),
                        _config((2, 2, 4), (2, 2, 4), 4, 1)]
 
@@ -442,10 +441,10 @@ def prune_configs(configs, named_args, **kwargs):
     dilation group, rows for 1D only) and fit in shared memory."""
     args = {**named_args, **kwargs}
     extents = [-(-args[f"L{a}"] // args[f"D{a}"]) for a in range(3)]
-    wide_head = args["BLOCK_D"] > 64
+    other_class = NARROW_HEAD_CONFIGS if args["BLOCK_D"] > 64 else WIDE_HEAD_CONFIGS
     kept = []
     for config in configs:
-        if _WIDE_HEAD.get(id(config), wide_head) != wide_head:
+        if config in other_class:
             continue
         tq = [config.kwargs[f"TQ{a}"] for a in range(3)]
         tk = [config.kwargs[f"TK{a}"] for a in range(3)]

@@ -21,10 +21,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bench, environment, tflops  # noqa: E402
+from common import bench, environment, tflops
 
-from mmattn.kernels import BlockSparseMask, block_sparse_attention  # noqa: E402
-from mmattn.kernels.triton import block_sparse as kernels  # noqa: E402
+from mmattn.kernels import BlockSparseMask, block_sparse_attention
+from mmattn.kernels.triton import block_sparse as kernels
 
 SHAPES = [(1, 24, 32760, 128), (1, 12, 16384, 64), (8, 16, 4096, 128)]
 DENSITIES = [1.0, 0.5, 0.25, 0.1, 0.05]

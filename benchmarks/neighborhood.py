@@ -19,11 +19,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bench, environment, tflops  # noqa: E402
+from common import bench, environment, tflops
 
-from mmattn.kernels import Neighborhood, neighborhood_attention  # noqa: E402
-from mmattn.kernels.flex import neighborhood_block_mask  # noqa: E402
-from mmattn.kernels.triton import neighborhood as kernels  # noqa: E402
+from mmattn.kernels import Neighborhood, neighborhood_attention
+from mmattn.kernels.flex import neighborhood_block_mask
+from mmattn.kernels.triton import neighborhood as kernels
 
 # name, batch, heads, spatial, head_dim, kernel_size, dilation
 CASES = [

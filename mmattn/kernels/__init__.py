@@ -11,6 +11,12 @@ import torch
 
 from . import reference
 from .backends import BACKENDS, backend_info, resolve_backend
+from .column_sets import (
+    ColumnSets,
+    column_set_attention,
+    ranked_head_enhancement,
+    sink_redistribution_attention,
+)
 from .mask import BlockSparseMask
 from .neighborhood import Neighborhood
 from .routed import routed_attention
@@ -19,11 +25,15 @@ from .validation import check_qkv, resolve_scale
 __all__ = [
     "BACKENDS",
     "BlockSparseMask",
+    "ColumnSets",
     "Neighborhood",
     "backend_info",
     "block_sparse_attention",
+    "column_set_attention",
     "neighborhood_attention",
+    "ranked_head_enhancement",
     "routed_attention",
+    "sink_redistribution_attention",
 ]
 
 

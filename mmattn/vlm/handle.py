@@ -31,8 +31,9 @@ class InterventionHandle:
     generate call lives in `call` and is rebuilt at every prefill.
     """
 
-    def __init__(self, model: nn.Module, interventions: tuple[Intervention, ...]) -> None:
+    def __init__(self, model: nn.Module, interventions: tuple[Intervention, ...], backend: str = "auto") -> None:
         family, image_token_id = resolve_family(model)
+        self.backend = backend
         text_model = model.model.language_model
         self.model = model
         self.context = ModelContext(model, family, image_token_id, text_model)
@@ -127,6 +128,11 @@ class InterventionHandle:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
+        if tail == 1 and len(users) == 1 and not self.eager_base:
+            fused = self._fused_last_row(users[0], layer, query, key, value, attention_mask, scaling)
+            if fused is not None:
+                return self._with_last_rows(fused.transpose(1, 2), module, query, key, value, attention_mask,
+                                            scaling, **kwargs)
         prompt_len = call.prompt_len(layer)
 
         def edit(probs: torch.Tensor) -> None:
@@ -137,21 +143,44 @@ class InterventionHandle:
         if self.eager_base:
             return eager_attention(module, query, key, value, attention_mask, scaling, tail, edit)
         rows = rows_attention(query, key, value, attention_mask, scaling, tail, edit)
-        if tail == query.shape[2]:
+        return self._with_last_rows(rows, module, query, key, value, attention_mask, scaling, **kwargs)
+
+    @staticmethod
+    def _with_last_rows(rows, module, query, key, value, attention_mask, scaling, **kwargs):
+        """The layer's attention output [B, q, H, D]: SDPA for the rows before the edited last ones."""
+        if rows.shape[1] == query.shape[2]:
             return rows.contiguous(), None
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        output[:, -tail:] = rows
+        output[:, -rows.shape[1] :] = rows
         return output, None
 
+    def _fused_last_row(self, runtime, layer, query, key, value, attention_mask, scaling) -> torch.Tensor | None:
+        """The last row's edited output [B, H, 1, D] through the runtime's fused kernel (backend "triton", or
+        "auto" on CUDA), or None where it has none or the mask is not a boolean one."""
+        if self.backend == "torch" or (self.backend == "auto" and not query.is_cuda):
+            return None
+        visible = None
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                return None
+            visible = attention_mask[:, 0, -1, : key.shape[2]].expand(query.shape[0], -1)
+        return runtime.fused_last_row(layer, query[:, :, -1:], key, value, visible, scaling, self.call)
 
-def apply(model: nn.Module, *interventions: Intervention) -> InterventionHandle:
+
+def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto") -> InterventionHandle:
     """Install `interventions` (VAR, GIFT, FastV, VFlowOpt, PyramidDrop, ...) on a loaded transformers LVLM.
 
     Supported: LlavaForConditionalGeneration (LLaVA-1.5, llava-interleave, OneVision-style configs),
     LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration. Works
     with `generate` (greedy and sampling, KV cache, left-padded batches). Returns a handle; use it as a context manager
     or call `.remove()`.
+
+    `backend`: how decoding rows edited by a single intervention are computed: `"triton"` (one fused kernel per layer
+    over the key cache, `mmattn.kernels.column_set_attention`), `"torch"` (explicit fp32 probabilities, edited in
+    place, as transformers' eager attention) or `"auto"` (Triton on CUDA). Prompt rows always take the explicit path.
     """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
     if not interventions:
         raise ValueError("interventions: expected at least one intervention, got none")
     for intervention in interventions:
@@ -160,4 +189,4 @@ def apply(model: nn.Module, *interventions: Intervention) -> InterventionHandle:
     shortening = [type(iv).__name__ for iv in interventions if isinstance(iv, _PruningIntervention)]
     if len(shortening) > 1:
         raise ValueError(f"interventions: expected at most one token-pruning intervention, got {shortening}")
-    return InterventionHandle(model, interventions)
+    return InterventionHandle(model, interventions, backend)

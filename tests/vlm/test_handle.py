@@ -155,3 +155,49 @@ def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):
     assert torch.equal(eager.sequences, sdpa.sequences)
     for step_eager, step_sdpa in zip(eager.logits, sdpa.logits):
         torch.testing.assert_close(step_sdpa, step_eager, atol=1e-5, rtol=0)
+
+
+def with_question(inputs: dict, tokens: int = 10) -> dict:
+    """`inputs` with `tokens` more text tokens after each prompt, so GIFT's query span is not empty."""
+    batch = inputs["input_ids"].shape[0]
+    extra = torch.randint(1, 90, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    grown = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
+             "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)}
+    if "mm_token_type_ids" in inputs:
+        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    return grown
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("name", ["VAR", "GIFT"])
+def test_fused_decoding_rows_match_the_explicit_path(name, family, monkeypatch):
+    """The decode rows' column-set kernel (Triton; interpreted on the CPU) generates what the explicit fp32
+    probabilities do, with left padding and grouped-query attention."""
+    from mmattn.kernels.triton import column_sets
+
+    launches = []
+    launch = column_sets.column_sets_forward
+    monkeypatch.setattr(column_sets, "column_sets_forward", lambda *args: launches.append(1) or launch(*args))
+    if family == "llava":
+        model = tiny_llava(attn_implementation="sdpa", image_tokens=16)
+        inputs = with_question(llava_inputs(model, prompts=2, pad=(2,)))
+    else:
+        model = tiny_qwen2vl(layers=4, attn_implementation="sdpa")
+        inputs = with_question(qwen_inputs(prompts=2, grid=(1, 8, 8)))
+
+    def generate_logits():
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+
+    plain = generate_logits()
+    results = []
+    for backend in ("torch", "triton"):
+        with vlm.apply(model, INTERVENTIONS[name](), backend=backend):
+            results.append(generate_logits())
+    # VAR edits layer 2 of 4 in the 3 decode steps; GIFT layers 0 and 2 there and at the last prompt row
+    assert len(launches) == (3 if name == "VAR" else 8)
+    explicit, fused = results
+    assert max((f - p).abs().max() for f, p in zip(fused.logits[1:], plain.logits[1:])) > 1e-3  # decode rows edited
+    assert torch.equal(explicit.sequences, fused.sequences)
+    for step_explicit, step_fused in zip(explicit.logits, fused.logits):
+        torch.testing.assert_close(step_fused, step_explicit, atol=1e-5, rtol=0)

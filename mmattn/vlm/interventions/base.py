@@ -138,6 +138,14 @@ class Runtime:
     def on_attention(self, rows: AttentionRows) -> None:
         """Read or edit rows.probs in place (rows.selected marks the rows this intervention asked for)."""
 
+    def fused_last_row(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
+        scale: float, call: CallState,
+    ) -> torch.Tensor | None:
+        """The edited attention output [B, H, 1, D] of the last query row `query` [B, H, 1, D] by a fused kernel over
+        the keys (`visible` [B, kv] bool or None), or None to take the explicit-probabilities path."""
+        return None
+
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
         """Observe the residual stream entering decoder layer `layer` (after any pruning)."""
 

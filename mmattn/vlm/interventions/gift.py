@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...kernels import column_set_attention, ranked_head_enhancement
 from ..attention import AttentionRows, column_masses, scale_columns
 from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
 from .words import WordSelector, content_words
@@ -180,6 +181,14 @@ class _GIFTRuntime(Runtime):
         before = rows.probs.sum(-1, keepdim=True)
         scale_columns(rows, coefficients, moves)
         rows.probs.mul_(before / rows.probs.sum(-1, keepdim=True))
+
+
+    def fused_last_row(self, layer, query, key, value, visible, scale, call):
+        if self._collects_saliency(layer, call):
+            return None
+        masses, _ = self._enhance_columns(layer)
+        sets = column_set_attention(query, key, value, masses, visible=visible, scale=scale, backend="triton")
+        return ranked_head_enhancement(sets, beta=self.settings.beta, dtype=query.dtype, backend="triton")
 
 
 def top_half_heads(mass: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...kernels import sink_redistribution_attention
 from ..attention import AttentionRows, column_masses, scale_columns
 from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
 
@@ -87,14 +88,15 @@ class VAR(Intervention):
 
 
 class _VARRuntime(Runtime):
-    """Per layer, the sinks found in the prefill become two column sets: `masses` [B, P, 4] (receivers - rho image,
+    """Per layer, the sinks found in the prefill become column sets: `masses` [B, P, 4] (receivers - rho image,
     image, receivers, sinks), whose attention masses decide the image-centric rows and the budget, and `moves`
-    [B, 2, P] (-p sinks, p receivers), whose scaling by (1, Ω / receiver mass) is the redistribution."""
+    [B, 2, P] (-p sinks, p receivers), whose scaling by (1, Ω / receiver mass) is the redistribution; the fused
+    decoding kernel takes (image, receivers, sinks) [B, P, 3]."""
 
     def __init__(self, settings: VAR, dims: tuple[int, ...], layers: range) -> None:
         self.settings, self.dims, self.layers = settings, dims, layers
         self.sinks: dict[int, torch.Tensor] = {}
-        self.columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.columns: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def start_call(self, call: CallState) -> None:
         self.sinks, self.columns = {}, {}
@@ -110,12 +112,12 @@ class _VARRuntime(Runtime):
         self.sinks[layer] = sinks
         self.columns[layer] = self._columns(call.at_layer(layer, call.layout.image), sinks)
 
-    def _columns(self, image: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _columns(self, image: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         receivers = (image & ~sinks).float()
         image, sinks = image.float(), sinks.float()
         masses = torch.stack([receivers - self.settings.rho * image, image, receivers, sinks], -1)
         moves = self.settings.p * torch.stack([-sinks, receivers], 1)
-        return masses, moves
+        return masses, moves, torch.stack([image, receivers, sinks], -1)
 
     def wants_attention(self, layer: int, call: CallState) -> bool:
         return layer in self.columns
@@ -126,13 +128,22 @@ class _VARRuntime(Runtime):
     def on_attention(self, rows: AttentionRows) -> None:
         """Image-centric rows (sum_{V\\sink} A >= rho sum_V A, sum_V A >= min mass, sum_{V\\sink} A > 0): sinks keep
         1-p of their attention, receivers gain p * sum_sink A in proportion to their own attention."""
-        masses, moves = self.columns[rows.layer]
+        masses, moves, _ = self.columns[rows.layer]
         mass = column_masses(rows, masses)
         other = (mass[..., :3] < self.thresholds).any(-1, keepdim=True)
         if rows.selected is not None:
             other |= ~rows.selected[:, None, :, None]
         # coefficients of the moves (-p sinks, p receivers): 1 and sum_sink A / sum_receivers A
         scale_columns(rows, (mass[..., 2:] / mass[..., 2:3]).masked_fill_(other, 0.0), moves)
+
+    def fused_last_row(self, layer, query, key, value, visible, scale, call):
+        if not call.decoding:  # prompt rows are selected per batch row: the explicit path
+            return None
+        settings = self.settings
+        return sink_redistribution_attention(
+            query, key, value, self.columns[layer][2], share=settings.p, rho=settings.rho,
+            min_mass=settings.min_visual_mass, visible=visible, scale=scale, backend="triton",
+        )
 
 
 @torch.no_grad()

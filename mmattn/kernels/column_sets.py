@@ -1,0 +1,134 @@
+"""One-row attention split by column sets: the decode step of attention interventions that rescale columns.
+
+An intervention that multiplies the attention A_j of key j by 1 + sum_n c_n S_jn, for a few weighted column sets S
+(image tokens, sinks, query tokens), only needs per set the mass m_n = sum_j A_j S_jn and the set-weighted output
+W_n = sum_j A_j S_jn v_j: the edited output is O + sum_n c_n W_n. The Triton path computes them in one pass over the
+keys, so a decoding step costs one kernel instead of explicit probabilities and a dozen small ops. Inference only
+(no autograd).
+
+Backends: `"triton"` (one kernel; the sink redistribution is fused into it, the head-ranked enhancement is a second
+kernel over every head of a batch row), `"torch"` (the exact reference) or `"auto"` (Triton on CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import reference
+from .backends import resolve_backend
+from .validation import check_qkv, resolve_scale
+
+__all__ = ["ColumnSets", "column_set_attention", "ranked_head_enhancement", "sink_redistribution_attention"]
+
+COLUMN_SET_BACKENDS = ("auto", "triton", "torch")
+_MAX_SETS = 8
+_HEAD_DIMS = range(1, 257)  # no dots: any head dim up to 256
+
+
+class ColumnSets(NamedTuple):
+    """`column_set_attention`'s statistics, float32: output O `(B, H, 1, D)`, masses `(B, H, N)`, set-weighted
+    outputs W `(B, H, N, D)`."""
+
+    output: torch.Tensor
+    masses: torch.Tensor
+    weighted: torch.Tensor
+
+
+def _check(query, key, value, columns, visible, sets: int | None) -> None:
+    check_qkv(query, key, value, (4,), "(batch, heads, tokens, head_dim)")
+    if query.shape[2] != 1:
+        raise ValueError(f"query: expected one row per head, (batch, heads, 1, head_dim), got {tuple(query.shape)}")
+    if not isinstance(columns, torch.Tensor) or columns.dtype != torch.float32 or columns.dim() != 3:
+        raise TypeError(f"columns: expected a float32 (batch, keys, sets) tensor, got "
+                        f"{getattr(columns, 'dtype', type(columns).__name__)} {tuple(getattr(columns, 'shape', ()))}")
+    batch, length, count = columns.shape
+    if batch != query.shape[0] or length > key.shape[2] or not 1 <= count <= _MAX_SETS or columns.stride(2) != 1:
+        raise ValueError(f"columns: expected ({query.shape[0]}, <= {key.shape[2]}, 1..{_MAX_SETS}) with unit last "
+                         f"stride, got {tuple(columns.shape)} strides {columns.stride()}")
+    if sets is not None and count != sets:
+        raise ValueError(f"columns: expected {sets} sets, got {count}")
+    if columns.device != query.device:
+        raise ValueError(f"columns must be on {query.device}, got {columns.device}")
+    if visible is not None and (visible.dtype != torch.bool or visible.shape != (query.shape[0], key.shape[2])
+                                or visible.device != query.device):
+        raise ValueError(f"visible: expected a bool ({query.shape[0]}, {key.shape[2]}) tensor on {query.device}, "
+                         f"got {visible.dtype} {tuple(visible.shape)} on {visible.device}")
+
+
+def _triton(query, key, value, backend: str) -> bool:
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
+        raise ValueError("query, key, value: expected a unit last stride (rows read contiguously)")
+    return resolve_backend(backend, query, COLUMN_SET_BACKENDS, _HEAD_DIMS) == "triton"
+
+
+def column_set_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    columns: torch.Tensor,
+    *,
+    visible: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> ColumnSets:
+    """Softmax attention of one query row per head, with each column set's attention mass and set-weighted output.
+
+    query `(B, H, 1, D)`, key/value `(B, H_kv, T, D)` (grouped-query attention allowed); `columns` float32
+    `(B, C, N)`: N <= 8 weights of the first C <= T keys (0/1 for a token set; keys past C weigh 0); `visible`
+    bool `(B, T)` (False: padding, never attended) or None. Rows that see no key give zeros.
+    """
+    _check(query, key, value, columns, visible, None)
+    scale = resolve_scale(scale, query.shape[-1])
+    if _triton(query, key, value, backend):
+        from .triton.column_sets import column_sets_forward
+
+        return ColumnSets(*column_sets_forward(query, key, value, columns, visible, scale, None))
+    return ColumnSets(*reference.column_set_attention(query, key, value, columns, visible, scale))
+
+
+def sink_redistribution_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    columns: torch.Tensor,
+    *,
+    share: float,
+    rho: float,
+    min_mass: float,
+    visible: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One-row attention with visual attention sink redistribution (VAR), `(B, H, 1, D)` in the query's dtype.
+
+    `columns` `(B, C, 3)`: the image tokens, the receivers (image tokens that are not sinks) and the sinks. In
+    image-centric rows (receiver mass >= rho * image mass, image mass >= min_mass, receiver mass > 0) the sinks keep
+    1 - share of their attention and the receivers gain the rest in proportion to their own; other rows are plain
+    attention. Other arguments as in `column_set_attention`.
+    """
+    _check(query, key, value, columns, visible, 3)
+    scale = resolve_scale(scale, query.shape[-1])
+    if _triton(query, key, value, backend):
+        from .triton.column_sets import column_sets_forward
+
+        return column_sets_forward(query, key, value, columns, visible, scale, (share, rho, min_mass))
+    sets = reference.column_set_attention(query, key, value, columns, visible, scale)
+    return reference.sink_redistribution(*sets, share, rho, min_mass).to(query.dtype)
+
+
+def ranked_head_enhancement(
+    sets: ColumnSets, *, beta: float = 1.0, dtype: torch.dtype = torch.float32, backend: str = "auto"
+) -> torch.Tensor:
+    """GIFT's enhancement of one row per head from `column_set_attention` statistics over the sets (image,
+    boost = image * (M - 1), query), `(B, H, 1, D)` in `dtype`: the top half of heads by image mass ("vision heads")
+    scale image column j by M_j, the top half by query mass scale the query columns by beta * r (r: the vision heads'
+    image-mass gain), and each row keeps its mass."""
+    if not isinstance(sets, ColumnSets) or sets.masses.shape[-1] != 3:
+        raise ValueError("sets: expected the ColumnSets of three column sets (image, boost, query)")
+    if resolve_backend(backend, sets.output, COLUMN_SET_BACKENDS, _HEAD_DIMS) == "triton":
+        from .triton.column_sets import ranked_heads_forward
+
+        return ranked_heads_forward(*sets, beta, dtype)
+    return reference.ranked_head_enhancement(*sets, beta).to(dtype)

@@ -17,8 +17,8 @@ import triton.language as tl
 from .common import program_heads
 from .launch import head_dim_block
 
-LOG2E = 1.4426950408889634
-TINY = 1.1754943508222875e-38  # float32's smallest normal
+LOG2E = tl.constexpr(1.4426950408889634)
+TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal
 
 
 @triton.jit

@@ -122,6 +122,25 @@ def measure(model, batch: dict, device: str, new_tokens: int, repeats: int) -> d
             "prompt_kv_mib": kv_bytes(prompt_cache) / 2**20, "image_kv_mib": image_kv / 2**20}
 
 
+def interleaved_latency(model, batch: dict, device: str, new_tokens: int, repeats: int, plan: dict) -> dict:
+    """Median and least generate latency (s) per method of `plan` (label -> (intervention, backend)), timed in
+    rounds that run every method once, so drifts of a shared host's speed hit all methods alike."""
+    times = {label: [] for label in plan}
+    with torch.no_grad():
+        for round_index in range(repeats + 1):  # round 0 warms up
+            for label, (intervention, backend) in plan.items():
+                handle = None if intervention is None else vlm.apply(model, intervention, backend=backend)
+                sync(device)
+                start = time.perf_counter()
+                model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                sync(device)
+                if round_index:
+                    times[label].append(time.perf_counter() - start)
+                if handle is not None:
+                    handle.remove()
+    return {label: (sorted(t)[len(t) // 2], min(t)) for label, t in times.items()}
+
+
 def methods(size: str) -> dict:
     """The compared interventions; layer settings scale with depth (the LLaVA-1.5-7B presets at 32 layers)."""
     layers = SIZES[size][1]["num_hidden_layers"]
@@ -143,6 +162,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch of the batched-prefill table")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (GPU runs)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="only the latency of none, VAR and GIFT (fused and explicit decode rows), in rounds")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -150,6 +171,23 @@ def main() -> None:
     size = "quick" if args.quick else "full"
     model = build(size, device, dtype)
     batch = inputs(device, dtype)
+    if args.interleaved:
+        chosen = methods(size)
+        plan = {"none": (None, "auto")}
+        for name in ("VAR", "GIFT"):
+            plan[name] = (chosen[name], "auto")
+            plan[f"{name}, explicit decode rows"] = (chosen[name], "torch")
+        latency = interleaved_latency(model, batch, device, new_tokens, repeats, plan)
+        base_median, base_least = latency["none"]
+        lines = [f"Total latency of greedy generation ({new_tokens} new tokens) in {repeats} interleaved rounds; "
+                 f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}.",
+                 "", "| method | median ms | x none | least ms | x none |", "|---|---:|---:|---:|---:|"]
+        for label, (median, least) in latency.items():
+            lines.append(f"| {label} | {median * 1e3:.0f} | {median / base_median:.2f} | {least * 1e3:.0f} | "
+                         f"{least / base_least:.2f} |")
+        print("\n".join(lines))
+        args.out.write_text("\n".join(lines) + "\n")
+        return
     rows, batched = {}, {}
     for name, intervention in methods(size).items():
         if intervention is None:

@@ -40,6 +40,10 @@ class Case:
 
 
 NA_FLEX = {"attn_backend": "flex"} if torch.cuda.is_available() else None  # FlexAttention has no CPU backward
+# FlexAttention compiles one graph per shape and grad mode; past dynamo's default limit of 8 it silently runs eager
+# (unfused, full score matrix), which a run over several NAT models reaches
+torch._dynamo.config.recompile_limit = 256
+torch._dynamo.config.accumulated_recompile_limit = 4096
 
 CASES = [
     Case("BiFormer", "biformer_tiny"),

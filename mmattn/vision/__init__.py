@@ -8,4 +8,4 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('mmattn.vision needs timm: pip install "mmattn[vision]"') from err
 
-from . import layers, models  # noqa: E402,F401
+from . import layers, models  # noqa: F401

@@ -130,6 +130,8 @@ def test_bad_arguments_name_themselves():
         vlm.apply(model, vlm.FastV(k=9))
     with pytest.raises(TypeError, match="interventions"):
         vlm.apply(model, "FastV")
+    with pytest.raises(ValueError, match="backend"):
+        vlm.apply(model, vlm.FastV(k=1), backend="cuda")
     with pytest.raises(ValueError, match="positions"):
         vlm.apply(tiny_qwen2vl(), vlm.PyramidDrop(layers=(1,), positions="reindex"))
 

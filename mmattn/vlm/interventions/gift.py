@@ -182,7 +182,6 @@ class _GIFTRuntime(Runtime):
         scale_columns(rows, coefficients, moves)
         rows.probs.mul_(before / rows.probs.sum(-1, keepdim=True))
 
-
     def fused_last_row(self, layer, query, key, value, visible, scale, call):
         if self._collects_saliency(layer, call):
             return None

@@ -148,12 +148,9 @@ def column_sets_forward(q, k, v, columns, visible, scale: float, redistribution:
     `redistribution = (share, rho, min_mass)` the redistributed output [B, H, 1, D] in q's dtype."""
     batch, heads, _, head_dim = q.shape
     sets = columns.shape[2]
-    if redistribution:  # the fused epilogue writes the output only: no statistics to allocate
-        out = masses = weighted = q.new_empty(q.shape)
-    else:
-        out = q.new_empty(q.shape, dtype=torch.float32)
-        masses = q.new_empty((batch, heads, sets), dtype=torch.float32)
-        weighted = q.new_empty((batch, heads, sets, head_dim), dtype=torch.float32)
+    out = q.new_empty(q.shape, dtype=q.dtype if redistribution else torch.float32)
+    masses = q.new_empty((batch, heads, sets), dtype=torch.float32)
+    weighted = q.new_empty((batch, heads, sets, head_dim), dtype=torch.float32)
     has_visible = visible is not None
     if has_visible:
         visible = visible.view(torch.uint8)

@@ -30,6 +30,27 @@ def split(inputs, row, family):
     return {k: (v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in rows.items()}
 
 
+def with_question(inputs: dict, tokens: int = 10) -> dict:
+    """`inputs` with `tokens` more text tokens after each prompt, so GIFT's query span is not empty."""
+    batch = inputs["input_ids"].shape[0]
+    extra = torch.randint(1, 90, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    grown = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
+             "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)}
+    if "mm_token_type_ids" in inputs:
+        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    return grown
+
+
+def edited_batch(family: str, attn_implementation: str = "eager", layers: int = 4):
+    """A tiny model and two left-padded prompts on which every intervention of INTERVENTIONS edits something: 16
+    image tokens (4 give GIFT a constant saliency map, M = 1) and a 10-token question after each image."""
+    if family == "llava":
+        model = tiny_llava(layers=layers, attn_implementation=attn_implementation, image_tokens=16)
+        return model, with_question(llava_inputs(model, prompts=2, pad=(2,)))
+    model = tiny_qwen2vl(layers=layers, attn_implementation=attn_implementation)
+    return model, with_question(qwen_inputs(prompts=2, grid=(1, 8, 8)))
+
+
 @pytest.mark.parametrize("intervention", IDENTITY, ids=lambda iv: type(iv).__name__)
 def test_identity_settings_match_no_hook_bit_for_bit(intervention):
     model = tiny_llava()
@@ -74,17 +95,14 @@ INTERVENTIONS = {
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 @pytest.mark.parametrize("name", sorted(INTERVENTIONS))
 def test_batched_generation_equals_per_prompt_generation(family, name):
-    if family == "llava":
-        model = tiny_llava(layers=3)
-        inputs = llava_inputs(model, prompts=2, pad=(2,))
-    else:
-        model = tiny_qwen2vl()
-        inputs = qwen_inputs(prompts=2)
+    model, inputs = edited_batch(family)
     with vlm.apply(model, INTERVENTIONS[name]()):
-        batched = generate(model, inputs)
+        batched = generate(model, inputs)[:, inputs["input_ids"].shape[1] :]
         for row in range(2):
-            single = generate(model, split(inputs, row, family))
-            assert torch.equal(single[0, -6:], batched[row, -6:])
+            prompt = split(inputs, row, family)
+            single = generate(model, prompt)[0, prompt["input_ids"].shape[1] :]
+            # a prompt that ends at EOS stops; its batched row is padded after that
+            assert torch.equal(single, batched[row, : len(single)])
 
 
 def test_sampling_and_state_reset_between_calls():
@@ -143,12 +161,7 @@ def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):
     heads): generation and logits agree with the eager path, with left padding and grouped-query attention."""
     results = []
     for impl in ("eager", "sdpa"):
-        if family == "llava":
-            model = tiny_llava(attn_implementation=impl)
-            inputs = llava_inputs(model, prompts=2, pad=(2,))
-        else:
-            model = tiny_qwen2vl(attn_implementation=impl)
-            inputs = qwen_inputs(prompts=2)
+        model, inputs = edited_batch(family, impl)
         with vlm.apply(model, INTERVENTIONS[name]()):
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True)
@@ -157,17 +170,6 @@ def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):
     assert torch.equal(eager.sequences, sdpa.sequences)
     for step_eager, step_sdpa in zip(eager.logits, sdpa.logits):
         torch.testing.assert_close(step_sdpa, step_eager, atol=1e-5, rtol=0)
-
-
-def with_question(inputs: dict, tokens: int = 10) -> dict:
-    """`inputs` with `tokens` more text tokens after each prompt, so GIFT's query span is not empty."""
-    batch = inputs["input_ids"].shape[0]
-    extra = torch.randint(1, 90, (batch, tokens), generator=torch.Generator().manual_seed(1))
-    grown = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
-             "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)}
-    if "mm_token_type_ids" in inputs:
-        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
-    return grown
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
@@ -180,12 +182,7 @@ def test_fused_decoding_rows_match_the_explicit_path(name, family, monkeypatch):
     launches = []
     launch = column_sets.column_sets_forward
     monkeypatch.setattr(column_sets, "column_sets_forward", lambda *args: launches.append(1) or launch(*args))
-    if family == "llava":
-        model = tiny_llava(attn_implementation="sdpa", image_tokens=16)
-        inputs = with_question(llava_inputs(model, prompts=2, pad=(2,)))
-    else:
-        model = tiny_qwen2vl(layers=4, attn_implementation="sdpa")
-        inputs = with_question(qwen_inputs(prompts=2, grid=(1, 8, 8)))
+    model, inputs = edited_batch(family, "sdpa")
 
     def generate_logits():
         return model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,

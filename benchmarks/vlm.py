@@ -179,9 +179,9 @@ def main() -> None:
             plan[f"{name}, explicit decode rows"] = (chosen[name], "torch")
         latency = interleaved_latency(model, batch, device, new_tokens, repeats, plan)
         base_median, base_least = latency["none"]
-        lines = [f"Total latency of greedy generation ({new_tokens} new tokens) in {repeats} interleaved rounds; "
-                 f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}.",
-                 "", "| method | median ms | x none | least ms | x none |", "|---|---:|---:|---:|---:|"]
+        title = (f"Total latency of greedy generation ({new_tokens} new tokens) in {repeats} interleaved rounds; "
+                 f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}.")
+        lines = [title, "", "| method | median ms | x none | least ms | x none |", "|---|---:|---:|---:|---:|"]
         for label, (median, least) in latency.items():
             lines.append(f"| {label} | {median * 1e3:.0f} | {median / base_median:.2f} | {least * 1e3:.0f} | "
                          f"{least / base_least:.2f} |")

@@ -44,11 +44,12 @@ def backend_info(device: str | torch.device | None = None) -> dict[str, tuple[bo
 
 
 def resolve_backend(
-    backend: str, q: torch.Tensor, backends: tuple[str, ...] = BACKENDS, head_dims: range = _TRITON_HEAD_DIMS
+    backend: str, q: torch.Tensor, backends: tuple[str, ...] = BACKENDS, head_dims: range = _TRITON_HEAD_DIMS,
+    head_dim_multiple: int = 8,
 ) -> str:
     """The backend to run: `"auto"` picks Triton for CUDA tensors of a Triton dtype, else torch; an explicit
-    choice that cannot run here is a clear error. `head_dims`: those the Triton kernels take (the tiled ones need
-    multiples of 8 for their dots)."""
+    choice that cannot run here is a clear error. `head_dims` and `head_dim_multiple`: the head dims the Triton
+    kernels take (the tiled ones need multiples of 8 for their dots)."""
     if backend not in backends:
         raise ValueError(f"backend must be one of {backends}, got {backend!r}")
     if backend == "auto":
@@ -58,9 +59,7 @@ def resolve_backend(
             raise ValueError(f"backend='triton' cannot run here: {backend_info(q.device)['triton'][1]}")
         if q.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 inputs, got {q.dtype}")
-        if head_dims is _TRITON_HEAD_DIMS and (q.shape[-1] not in head_dims or q.shape[-1] % 8):
-            raise ValueError(f"backend='triton' takes head_dim a multiple of 8 in [16, 256], got {q.shape[-1]}")
-        if q.shape[-1] not in head_dims:
-            raise ValueError(f"backend='triton' takes head_dim in [{head_dims.start}, {head_dims.stop - 1}], "
-                             f"got {q.shape[-1]}")
+        if q.shape[-1] not in head_dims or q.shape[-1] % head_dim_multiple:
+            raise ValueError(f"backend='triton' takes head_dim a multiple of {head_dim_multiple} in "
+                             f"[{head_dims.start}, {head_dims.stop - 1}], got {q.shape[-1]}")
     return backend

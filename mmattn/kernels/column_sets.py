@@ -24,7 +24,7 @@ __all__ = ["ColumnSets", "column_set_attention", "ranked_head_enhancement", "sin
 
 COLUMN_SET_BACKENDS = ("auto", "triton", "torch")
 _MAX_SETS = 8
-_HEAD_DIMS = range(1, 257)  # no dots: any head dim up to 256
+_HEAD_DIMS = range(1, 257)  # no dots: any head dim up to 256, no multiple required
 
 
 class ColumnSets(NamedTuple):
@@ -60,7 +60,7 @@ def _check(query, key, value, columns, visible, sets: int | None) -> None:
 def _triton(query, key, value, backend: str) -> bool:
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("query, key, value: expected a unit last stride (rows read contiguously)")
-    return resolve_backend(backend, query, COLUMN_SET_BACKENDS, _HEAD_DIMS) == "triton"
+    return resolve_backend(backend, query, COLUMN_SET_BACKENDS, _HEAD_DIMS, 1) == "triton"
 
 
 def column_set_attention(
@@ -127,7 +127,7 @@ def ranked_head_enhancement(
     image-mass gain), and each row keeps its mass."""
     if not isinstance(sets, ColumnSets) or sets.masses.shape[-1] != 3:
         raise ValueError("sets: expected the ColumnSets of three column sets (image, boost, query)")
-    if resolve_backend(backend, sets.output, COLUMN_SET_BACKENDS, _HEAD_DIMS) == "triton":
+    if resolve_backend(backend, sets.output, COLUMN_SET_BACKENDS, _HEAD_DIMS, 1) == "triton":
         from .triton.column_sets import ranked_heads_forward
 
         return ranked_heads_forward(*sets, beta, dtype)

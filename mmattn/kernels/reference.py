@@ -20,6 +20,7 @@ __all__ = [
     "ranked_head_enhancement",
     "routed_attention",
     "sink_redistribution",
+    "top_half_heads",
 ]
 
 _SCORE_BUDGET = 1 << 24
@@ -182,6 +183,12 @@ def sink_redistribution(
     return out + share * moved[:, :, None]
 
 
+def top_half_heads(mass: torch.Tensor) -> torch.Tensor:
+    """1.0 on the top H//2 heads (dim 1, at least one) of `mass` [B, H, ...], 0.0 elsewhere."""
+    indices = mass.topk(max(mass.shape[1] // 2, 1), dim=1).indices
+    return torch.zeros_like(mass).scatter_(1, indices, 1.0)
+
+
 def ranked_head_enhancement(
     out: torch.Tensor, masses: torch.Tensor, weighted: torch.Tensor, beta: float
 ) -> torch.Tensor:
@@ -189,12 +196,7 @@ def ranked_head_enhancement(
     half of heads by image mass (vision heads) add W_boost, the top half by query mass add (beta r - 1) W_query with
     r the vision heads' image-mass gain, and each row is rescaled to its original mass."""
     image, boost, query = masses.unbind(-1)
-    top = max(masses.shape[1] // 2, 1)
-
-    def top_half(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(values).scatter_(1, values.topk(top, dim=1).indices, 1.0)
-
-    vision, query_heads = top_half(image), top_half(query)
+    vision, query_heads = top_half_heads(image), top_half_heads(query)
     tiny = torch.finfo(torch.float32).tiny
     gain = (vision * boost).sum(1, keepdim=True) / (vision * image).sum(1, keepdim=True).clamp_min(tiny)
     query_gain = query_heads * (beta * (1 + gain) - 1)

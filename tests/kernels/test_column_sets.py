@@ -33,11 +33,12 @@ def exact_sets(q, k, v, columns, visible):
     return reference.column_set_attention(q.double(), k.double(), v.double(), columns, visible, q.shape[-1] ** -0.5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [8, 32, 128])
-def test_statistics_match_the_float64_reference(dtype, head_dim):
+def test_statistics_match_the_float64_reference(dtype, head_dim, backend):
     q, k, v, columns, visible = inputs(dtype, head_dim=head_dim)
-    sets = column_set_attention(q, k, v, columns, visible=visible, backend="triton")
+    sets = column_set_attention(q, k, v, columns, visible=visible, backend=backend)
     for ours, exact in zip(sets, exact_sets(q, k, v, columns, visible)):
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours.double(), exact, atol=ATOL[dtype], rtol=0)
@@ -74,9 +75,10 @@ def test_sink_redistribution_moves_share_of_the_sink_mass_in_image_centric_rows(
     coefficients = torch.where(centric[..., None], coefficients, 0.0)
     expected = explicit_edit(q, k, v, visible, columns, coefficients, renormalize=False)
     torch.testing.assert_close(reference.sink_redistribution(*exact, share, rho, min_mass), expected)
-    ours = sink_redistribution_attention(q, k, v, columns, share=share, rho=rho, min_mass=min_mass, visible=visible,
-                                         backend="triton")
-    torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=0)
+    for backend in ("triton", "torch"):
+        ours = sink_redistribution_attention(q, k, v, columns, share=share, rho=rho, min_mass=min_mass,
+                                             visible=visible, backend=backend)
+        torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("beta", [1.0, 1.5])
@@ -93,9 +95,10 @@ def test_ranked_head_enhancement_scales_vision_and_query_heads(beta):
     expected = explicit_edit(q, k, v, visible, columns, coefficients.nan_to_num(0.0), renormalize=True)
     expected[0] = 0.0  # the row that sees no key
     torch.testing.assert_close(reference.ranked_head_enhancement(*exact, beta).nan_to_num(0.0), expected)
-    sets = column_set_attention(q, k, v, columns, visible=visible, backend="triton")
-    ours = ranked_head_enhancement(sets, beta=beta, dtype=torch.float32, backend="triton")
-    torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=0)
+    for backend in ("triton", "torch"):
+        sets = column_set_attention(q, k, v, columns, visible=visible, backend=backend)
+        ours = ranked_head_enhancement(sets, beta=beta, dtype=torch.float32, backend=backend)
+        torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=0)
 
 
 def test_bad_arguments_name_themselves():

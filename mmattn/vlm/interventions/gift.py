@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...kernels import column_set_attention, ranked_head_enhancement
+from ...kernels.reference import top_half_heads
 from ..attention import AttentionRows, column_masses, scale_columns
 from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
 from .words import WordSelector, content_words
@@ -189,8 +190,3 @@ class _GIFTRuntime(Runtime):
         sets = column_set_attention(query, key, value, masses, visible=visible, scale=scale, backend="triton")
         return ranked_head_enhancement(sets, beta=self.settings.beta, dtype=query.dtype, backend="triton")
 
-
-def top_half_heads(mass: torch.Tensor) -> torch.Tensor:
-    """1.0 on the top H//2 heads (dim 1, at least one) of `mass` [B, H, ...], 0.0 elsewhere."""
-    indices = mass.topk(max(mass.shape[1] // 2, 1), dim=1).indices
-    return torch.zeros_like(mass).scatter_(1, indices, 1.0)

@@ -133,6 +133,29 @@ def test_swin_window_attention_masks_padding_and_shifted_regions():
         torch.testing.assert_close(attn(x, (h, w)), want)
 
 
+@pytest.mark.parametrize(("module", "table_name"), [(AgentAttention(16, 2, 4, (4, 4)), "an_bias"),
+                                                    (WindowAttention(16, 2, 2, 1), "relative_position_bias_table")])
+def test_inference_reuses_the_bias_until_a_parameter_changes_and_training_rebuilds_it(module, table_name):
+    torch.manual_seed(0)
+    module = module.double().eval()
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    table = getattr(module, table_name)
+    with torch.no_grad():
+        module(x, (4, 4))
+        cached = module._bias_cache._value
+        module(x, (4, 4))
+        assert module._bias_cache._value is cached
+        table.add_(0.5)  # an in-place update, as an optimizer step or load_state_dict makes
+        out = module(x, (4, 4))
+    assert module._bias_cache._value is not cached
+    (grad,) = torch.autograd.grad(module(x, (4, 4)).square().sum(), [table])
+    module.backend = "torch"
+    (want,) = torch.autograd.grad(module(x, (4, 4)).square().sum(), [table])
+    torch.testing.assert_close(grad, want)
+    with torch.no_grad():
+        torch.testing.assert_close(out, module(x, (4, 4)))
+
+
 TINY = {
     "agent_deit_tiny": {"depth": 2, "embed_dim": 48, "num_heads": 2, "img_size": 64, "agent_num": 4},
     "agent_pvt_tiny": {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 2, 4)},

@@ -16,6 +16,8 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.nn.init import trunc_normal_
 
+from .inference_cache import InferenceCache
+
 __all__ = ["AGENT_BACKENDS", "AgentAttention", "AgentBlock", "resize_grid_bias"]
 
 AGENT_BACKENDS = ("auto", "torch")
@@ -24,14 +26,10 @@ _BLOCK_BIAS_SIZE = 7
 _GRID_BIAS_AXES = {"ah_bias": (3, 0), "aw_bias": (4, 1), "ha_bias": (2, 0), "wa_bias": (3, 1)}
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, dropout: float, backend: str
-) -> torch.Tensor:
-    """softmax(q k^T scale + bias) v; "auto" runs fused SDPA, "torch" the official explicit softmax."""
-    if backend == "torch":
-        attn = torch.softmax((q * scale) @ k.transpose(-2, -1) + bias, dim=-1)
-        return F.dropout(attn, dropout) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=scale)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout: float) -> torch.Tensor:
+    """softmax(q k^T + bias) v; the softmax scale is already in q or k."""
+    attn = torch.softmax(q @ k.transpose(-2, -1) + bias, dim=-1)
+    return F.dropout(attn, dropout) @ v
 
 
 def _resize(bias: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -64,7 +62,9 @@ class AgentAttention(nn.Module):
     ``agent_num`` must be a square (agents come from ``AdaptiveAvgPool2d(sqrt(agent_num))`` on Q). ``grid_size``
     is the trained grid: the row/column biases are learned at that size and bilinearly resized for other grids.
     Parameter names and shapes are the official ones (``qkv``, ``proj``, ``dwc``, ``an/na/ah/aw/ha/wa/ac/ca_bias``).
-    ``backend``: "auto" (fused SDPA with the agent bias as attention mask) or "torch" (the official explicit path).
+    ``backend``: "auto" (the softmax scale folded into the agent tokens once, and in inference at the trained grid
+    the agent biases kept between forwards: fewer launches per layer, the same products) or "torch" (the official
+    order: the scale applied to the n queries, the biases rebuilt every forward).
     """
 
     def __init__(
@@ -94,6 +94,7 @@ class AgentAttention(nn.Module):
         self.scale = (dim // num_heads) ** -0.5  # the official code ignores qk_scale
         self.attn_drop = attn_drop
         self.backend = backend
+        self._bias_cache = InferenceCache()
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -137,6 +138,14 @@ class AgentAttention(nn.Module):
             query_to_agent = torch.cat([self.ca_bias[0], query_to_agent], dim=1)
         return agent_to_key, query_to_agent
 
+    def _biases(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The agent biases; "auto" caches them in inference at the trained grid (larger grids would hold m*a*h*w
+        floats per layer, and run bound by the GPU rather than by launches)."""
+        if self.backend == "torch" or (h, w) != self.grid_size:
+            return self._agent_biases(h, w)
+        params = [p for name, p in self.named_parameters(recurse=False) if name.endswith("_bias")]
+        return self._bias_cache.get((h, w), params, lambda: self._agent_biases(h, w))
+
     def _grid(self, num_tokens: int, hw: tuple[int, int] | None) -> tuple[int, int]:
         grid_tokens = num_tokens - self.num_prefix_tokens
         if hw is None:
@@ -162,13 +171,17 @@ class AgentAttention(nn.Module):
         b, n, c = x.shape
         h, w = self._grid(n, hw)
         m, p = self.num_heads, self.num_prefix_tokens
-        q, k, v = self.qkv(x).reshape(b, n, 3, m, c // m).permute(2, 0, 3, 1, 4).unbind(0)  # (b, m, n, d)
+        q, k, v = self.qkv(x).reshape(b, n, 3, m, c // m).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (b, m, n, d)
         grid_q = q[:, :, p:].transpose(-1, -2).reshape(b, c, h, w)
         agents = F.adaptive_avg_pool2d(grid_q, self.agent_pool).reshape(b, m, c // m, -1).transpose(-1, -2)
-        agent_to_key, query_to_agent = self._agent_biases(h, w)
+        agent_to_key, query_to_agent = self._biases(h, w)
         dropout = self.attn_drop if self.training else 0.0
-        agent_v = _attend(agents, k, v, agent_to_key, self.scale, dropout, self.backend)
-        out = _attend(q, agents, agent_v, query_to_agent, self.scale, dropout, self.backend)
+        scaled_agents = agents * self.scale
+        agent_v = _attend(scaled_agents, k, v, agent_to_key, dropout)  # agent aggregation
+        if self.backend == "torch":  # agent broadcast in the official order: the n queries scaled
+            out = _attend(q * self.scale, agents, agent_v, query_to_agent, dropout)
+        else:  # the same product with the scale already in the agent tokens: one pass over the queries fewer
+            out = _attend(q, scaled_agents, agent_v, query_to_agent, dropout)
         out = out.transpose(1, 2).reshape(b, n, c)
         grid_v = v[:, :, p:].transpose(-1, -2).reshape(b, c, h, w)
         restored = self.dwc(grid_v).flatten(2).transpose(1, 2)

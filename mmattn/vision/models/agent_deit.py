@@ -22,7 +22,7 @@ __all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
 class AgentVisionTransformer(VisionTransformer):
     """DeiT whose first ``agent_layers`` blocks run agent attention; ``agent_num`` is one count or one per block.
 
-    ``attn_backend`` of the agent blocks: "auto" (fused SDPA) or "torch" (the official explicit softmax).
+    ``attn_backend`` of the agent blocks: "auto" (agent attention with fewer launches) or "torch" (the official order).
     """
 
     def __init__(

@@ -100,7 +100,7 @@ class AgentPVTStage(nn.Module):
 class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
     """Agent-PVT classifier/backbone: ``forward_features`` gives the stage-4 map (B, C4, H/32, W/32).
 
-    ``attn_backend``: "auto" (fused SDPA) or "torch" (the official explicit softmax).
+    ``attn_backend``: "auto" (agent attention with fewer launches) or "torch" (the official order).
     """
 
     def __init__(

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_
 
 from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
+from ..layers.inference_cache import InferenceCache
 from ._classifier import PooledClassifierMixin
 from ._stages import StagesMixin
 
@@ -39,7 +40,7 @@ class WindowAttention(nn.Module):
     """Swin (shifted) window attention with relative position bias; padded keys are masked, not attended.
 
     Keys ``qkv``, ``proj``, ``relative_position_bias_table`` as in Swin v1. ``backend``: "auto" (fused SDPA with
-    the bias as mask) or "torch" (explicit softmax, the official path).
+    the bias as mask, the bias kept between forwards in inference) or "torch" (explicit softmax, the official path).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.backend = backend
+        self._bias_cache = InferenceCache()
 
     @property
     def backend(self) -> str:
@@ -72,30 +74,43 @@ class WindowAttention(nn.Module):
         index = (ys[:, None] - ys[None] + self.window_size - 1) * span + (xs[:, None] - xs[None] + self.window_size - 1)
         return self.relative_position_bias_table[index].permute(2, 0, 1)
 
+    def _windows(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """Window size (Swin clamps it to small maps), shift and padded map size of an h x w map."""
+        wh, ww = min(self.window_size, h), min(self.window_size, w)
+        sh = self.shift_size if h > self.window_size else 0
+        sw = self.shift_size if w > self.window_size else 0
+        return (wh, ww), (sh, sw), (-(-h // wh) * wh, -(-w // ww) * ww)
+
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, c = x.shape
         (h, w), m = hw, self.num_heads
-        wh, ww = min(self.window_size, h), min(self.window_size, w)  # Swin clamps windows to small maps
-        sh = self.shift_size if h > self.window_size else 0
-        sw = self.shift_size if w > self.window_size else 0
-        hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+        (wh, ww), (sh, sw), (hp, wp) = self._windows(h, w)
         x = F.pad(x.reshape(b, h, w, c), (0, 0, 0, wp - w, 0, hp - h))
         x = torch.roll(x, (-sh, -sw), dims=(1, 2))
         windows = x.reshape(b, hp // wh, wh, wp // ww, ww, c).transpose(2, 3).reshape(b, -1, wh * ww, c)
         num_windows = windows.shape[1]
         q, k, v = self.qkv(windows).reshape(b, num_windows, wh * ww, 3, m, c // m).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        bias = self._relative_bias(wh, ww, x.device).unsqueeze(0)  # (1, heads, N, N)
-        if sh or sw or hp != h or wp != w:
-            bias = bias.masked_fill(~self._allowed(h, w, hp, wp, wh, ww, sh, sw, x.device).unsqueeze(1), float("-inf"))
         q, k, v = (t.reshape(b, num_windows * m, wh * ww, -1) for t in (q, k, v))
-        bias = bias.expand(num_windows, m, -1, -1).reshape(1, num_windows * m, wh * ww, wh * ww)
         if self.backend == "torch":
+            bias = self._window_bias(h, w, x.device)
             out = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + bias, dim=-1) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+            key = (h, w, x.device, q.dtype)
+            bias = self._bias_cache.get(key, [self.relative_position_bias_table],
+                                        lambda: self._window_bias(h, w, x.device).to(q.dtype))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         out = out.reshape(b, num_windows, m, wh * ww, -1).transpose(2, 3).reshape(b, hp // wh, wp // ww, wh, ww, c)
         out = torch.roll(out.transpose(2, 3).reshape(b, hp, wp, c), (sh, sw), dims=(1, 2))
         return self.proj(out[:, :h, :w].reshape(b, n, c))
+
+    def _window_bias(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(1, windows*heads, N, N): relative position bias, -inf where the shifted-window mask forbids a key."""
+        (wh, ww), (sh, sw), (hp, wp) = self._windows(h, w)
+        bias = self._relative_bias(wh, ww, device).unsqueeze(0)  # (1, heads, N, N)
+        if sh or sw or hp != h or wp != w:
+            bias = bias.masked_fill(~self._allowed(h, w, hp, wp, wh, ww, sh, sw, device).unsqueeze(1), float("-inf"))
+        num_windows = (hp // wh) * (wp // ww)
+        return bias.expand(num_windows, -1, -1, -1).reshape(1, num_windows * self.num_heads, wh * ww, wh * ww)
 
     def _allowed(self, h, w, hp, wp, wh, ww, sh, sw, device) -> torch.Tensor:
         """(windows, N, N): same shifted-window region, and a real key unless the query itself is padding."""
@@ -198,7 +213,8 @@ class AgentSwinStage(nn.Module):
 class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
     """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized tokens ``(B, H*W/1024, 8C)``.
 
-    ``attn_backend``: "auto" (fused SDPA for agent and window attention) or "torch" (the official explicit softmax).
+    ``attn_backend``: "auto" (agent attention with fewer launches, fused SDPA for window
+    attention) or "torch" (the official explicit softmax).
     """
 
     stages_attr = "layers"

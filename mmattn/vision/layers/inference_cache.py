@@ -23,9 +23,16 @@ class InferenceCache:
         self._key: tuple | None = None
         self._value: Any = None
 
+    @staticmethod
+    def applies(params: Iterable[torch.Tensor]) -> bool:
+        """True when no gradient flows to ``params`` and no graph is being compiled."""
+        return not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        )
+
     def get(self, key: Hashable, params: Iterable[torch.Tensor], compute: Callable[[], Any]) -> Any:
         params = list(params)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if not self.applies(params):
             return compute()
         full_key = (key, *((p.data_ptr(), p._version) for p in params))
         if full_key != self._key:

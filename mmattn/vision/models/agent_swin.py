@@ -39,8 +39,9 @@ def _window_labels(size: int, window: int, shift: int) -> torch.Tensor:
 class WindowAttention(nn.Module):
     """Swin (shifted) window attention with relative position bias; padded keys are masked, not attended.
 
-    Keys ``qkv``, ``proj``, ``relative_position_bias_table`` as in Swin v1. ``backend``: "auto" (fused SDPA with
-    the bias as mask, the bias kept between forwards in inference) or "torch" (explicit softmax, the official path).
+    Keys ``qkv``, ``proj``, ``relative_position_bias_table`` as in Swin v1. ``backend``: "auto" (in inference, fused
+    SDPA with the masked bias kept between forwards; in training the explicit softmax, which the H100 ran faster than
+    SDPA's bias gradient on 49-token windows) or "torch" (explicit softmax, the official path).
     """
 
     def __init__(
@@ -91,14 +92,14 @@ class WindowAttention(nn.Module):
         num_windows = windows.shape[1]
         q, k, v = self.qkv(windows).reshape(b, num_windows, wh * ww, 3, m, c // m).permute(3, 0, 1, 4, 2, 5).unbind(0)
         q, k, v = (t.reshape(b, num_windows * m, wh * ww, -1) for t in (q, k, v))
-        if self.backend == "torch":
+        table = [self.relative_position_bias_table]
+        if self.backend == "auto" and InferenceCache.applies(table):  # one launch on the kept, masked bias
+            key = (h, w, x.device, q.dtype)
+            bias = self._bias_cache.get(key, table, lambda: self._window_bias(h, w, x.device).to(q.dtype))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        else:  # explicit softmax: SDPA's bias gradient on 49-token windows measured slower on the H100
             bias = self._window_bias(h, w, x.device)
             out = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + bias, dim=-1) @ v
-        else:
-            key = (h, w, x.device, q.dtype)
-            bias = self._bias_cache.get(key, [self.relative_position_bias_table],
-                                        lambda: self._window_bias(h, w, x.device).to(q.dtype))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         out = out.reshape(b, num_windows, m, wh * ww, -1).transpose(2, 3).reshape(b, hp // wh, wp // ww, wh, ww, c)
         out = torch.roll(out.transpose(2, 3).reshape(b, hp, wp, c), (sh, sw), dims=(1, 2))
         return self.proj(out[:, :h, :w].reshape(b, n, c))
@@ -214,7 +215,7 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
     """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized tokens ``(B, H*W/1024, 8C)``.
 
     ``attn_backend``: "auto" (agent attention with fewer launches, fused SDPA for window
-    attention) or "torch" (the official explicit softmax).
+    attention in inference) or "torch" (the official explicit softmax).
     """
 
     stages_attr = "layers"

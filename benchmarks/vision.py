@@ -242,7 +242,7 @@ def run(cases: list[Case], setting: Setting, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes; runs on the CPU too")
-    parser.add_argument("--only", default="", help="comma-separated timm model names to run")
+    parser.add_argument("--only", default="", help="comma-separated timm model names to run, in this order")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default benchmarks/results/vision.md, vision_quick.md with --quick)")
     args = parser.parse_args()
@@ -250,8 +250,11 @@ def main() -> None:
     if not args.quick and device != "cuda":
         raise SystemExit("benchmarks/vision.py needs a CUDA GPU (or --quick for a CPU smoke run)")
     setting = Setting(2, 64, 128, device) if args.quick else Setting(128, 224, 1024, device)
-    only = {name for name in args.only.split(",") if name}
-    cases = [c for c in CASES if not only or c.model in only]
+    by_model = {c.model: c for c in CASES}
+    only = [name for name in args.only.split(",") if name]
+    if unknown := [name for name in only if name not in by_model]:
+        parser.error(f"--only: unknown models {unknown}; known: {sorted(by_model)}")
+    cases = [by_model[name] for name in only] if only else CASES
     if args.quick and not only:
         cases = list({c.family: c for c in reversed(CASES)}.values())  # the smallest model of each family
     results = Path(__file__).parent / "results"

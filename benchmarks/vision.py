@@ -7,7 +7,7 @@ inference at 1024x1024. Ratios are ours / reference for throughput and reference
 win). "grad rel. err" is |g_ours - g_ref| / |g_ref| over all parameter gradients as one vector, after one bf16
 forward+backward of both paths on the same weights and batch (4 images at 224).
 
-    python benchmarks/vision.py [--quick] [--only biformer_tiny,...] [--out benchmarks/results/vision.md]
+    python benchmarks/vision.py [--quick] [--only biformer_tiny,...] [--rounds N] [--out benchmarks/results/vision.md]
 
 `--quick` runs tiny shapes (batch 2, 64x64 and 128x128) and also works on the CPU (wall-clock medians there).
 Families add rows to CASES: the timm name, the kwargs selecting the reference path, and optionally Flex's.
@@ -180,14 +180,30 @@ def gradient_error(case: Case, kwargs: dict, setting: Setting) -> float:
     return (diff / torch.stack([g.norm() for g in grads[1].values()]).norm()).item()
 
 
-def measure(case: Case, kwargs: dict, setting: Setting) -> dict:
-    model = build(case, kwargs, setting.device)
-    row = {"infer": inference_ips(model, setting), "train": training_ips(model, setting),
-           "memory": peak_memory_mib(model, setting)}
-    del model
+def median_or_failure(samples: list) -> float | str:
+    """The median of a path's rounds, or its failure ("OOM") if any round failed."""
+    failures = [s for s in samples if isinstance(s, str)]
+    return failures[0] if failures else statistics.median(samples)
+
+
+def measure(case: Case, paths: dict[str, dict], setting: Setting, rounds: int) -> dict[str, dict]:
+    """Throughput of every path, `rounds` times in turn (so drift in clocks or allocator state hits all paths
+    alike), each path's median kept; then each path's peak memory."""
+    models = {name: build(case, kwargs, setting.device) for name, kwargs in paths.items()}
+    samples = {name: {"infer": [], "train": []} for name in paths}
+    for _ in range(rounds):
+        for name, model in models.items():
+            samples[name]["infer"].append(inference_ips(model, setting))
+            samples[name]["train"].append(training_ips(model, setting))
+    results = {}
+    for name, model in models.items():
+        results[name] = {key: median_or_failure(values) for key, values in samples[name].items()}
+        results[name]["memory"] = peak_memory_mib(model, setting)
+        print(case.model, name, results[name], flush=True)
+    del models
     if setting.device == "cuda":
         torch.cuda.empty_cache()
-    return row
+    return results
 
 
 def ratio(a, b) -> str:
@@ -198,7 +214,7 @@ def fmt(value) -> str:
     return f"{value:,.0f}" if isinstance(value, float) else str(value)
 
 
-def run(cases: list[Case], setting: Setting, out: Path) -> None:
+def run(cases: list[Case], setting: Setting, out: Path, rounds: int = 1) -> None:
     if setting.device == "cuda":
         from common import environment
 
@@ -220,10 +236,7 @@ def run(cases: list[Case], setting: Setting, out: Path) -> None:
         paths = {"ours": case.ours, "reference": case.reference}
         if case.flex is not None:
             paths["flex"] = case.flex
-        results = {}
-        for name, kwargs in paths.items():
-            results[name] = measure(case, kwargs, setting)
-            print(case.model, name, results[name], flush=True)
+        results = measure(case, paths, setting, rounds)
         ours, ref = results["ours"], results["reference"]
         grad_err = gradient_error(case, case.ours, setting)
         flex = results.get("flex")
@@ -243,9 +256,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes; runs on the CPU too")
     parser.add_argument("--only", default="", help="comma-separated timm model names to run, in this order")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each model's paths in turn this many times and keep the medians")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default benchmarks/results/vision.md, vision_quick.md with --quick)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.quick and device != "cuda":
         raise SystemExit("benchmarks/vision.py needs a CUDA GPU (or --quick for a CPU smoke run)")
@@ -258,7 +275,7 @@ def main() -> None:
     if args.quick and not only:
         cases = list({c.family: c for c in reversed(CASES)}.values())  # the smallest model of each family
     results = Path(__file__).parent / "results"
-    run(cases, setting, args.out or results / ("vision_quick.md" if args.quick else "vision.md"))
+    run(cases, setting, args.out or results / ("vision_quick.md" if args.quick else "vision.md"), args.rounds)
 
 
 if __name__ == "__main__":

@@ -187,12 +187,13 @@ def median_or_failure(samples: list) -> float | str:
 
 
 def measure(case: Case, paths: dict[str, dict], setting: Setting, rounds: int) -> dict[str, dict]:
-    """Throughput of every path, `rounds` times in turn (so drift in clocks or allocator state hits all paths
-    alike), each path's median kept; then each path's peak memory."""
+    """Throughput of every path, `rounds` times in turn and in alternating order (so drift in clocks or allocator
+    state hits all paths alike), each path's median kept; then each path's peak memory."""
     models = {name: build(case, kwargs, setting.device) for name, kwargs in paths.items()}
     samples = {name: {"infer": [], "train": []} for name in paths}
-    for _ in range(rounds):
-        for name, model in models.items():
+    for round_index in range(rounds):
+        order = list(models.items())
+        for name, model in order[::-1] if round_index % 2 else order:  # ABBA: position in a round cancels out
             samples[name]["infer"].append(inference_ips(model, setting))
             samples[name]["train"].append(training_ips(model, setting))
     results = {}

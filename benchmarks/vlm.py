@@ -18,6 +18,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from mmattn import vlm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vlm.md"
+FUSED_DECODE = ("VAR", "GIFT")  # methods whose decode rows have a fused kernel, also timed on the explicit path
 
 
 #: Model sizes: "full" is llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14-336 + Vicuna-7B); "proxy" keeps its 576 image tokens
@@ -174,7 +175,7 @@ def main() -> None:
     if args.interleaved:
         chosen = methods(size)
         plan = {"none": (None, "auto")}
-        for name in ("VAR", "GIFT"):
+        for name in FUSED_DECODE:
             plan[name] = (chosen[name], "auto")
             plan[f"{name}, explicit decode rows"] = (chosen[name], "torch")
         latency = interleaved_latency(model, batch, device, new_tokens, repeats, plan)
@@ -189,18 +190,19 @@ def main() -> None:
         args.out.write_text("\n".join(lines) + "\n")
         return
     rows, batched = {}, {}
+    prompts = inputs(device, dtype, args.batch)
     for name, intervention in methods(size).items():
         if intervention is None:
             rows[name] = measure(model, batch, device, new_tokens, repeats)
-            batched[name] = measure(model, inputs(device, dtype, args.batch), device, 1, repeats)
+            batched[name] = measure(model, prompts, device, 1, repeats)
             continue
         # VAR and GIFT also once with their decode rows on the explicit path, to show what the fused kernel saves
-        for backend in ("auto", "torch") if name in ("VAR", "GIFT") else ("auto",):
+        for backend in ("auto", "torch") if name in FUSED_DECODE else ("auto",):
             label = name if backend == "auto" else f"{name}, explicit decode rows"
             with vlm.apply(model, intervention, backend=backend):
                 rows[label] = measure(model, batch, device, new_tokens, repeats)
-                if name not in ("VAR", "GIFT"):
-                    batched[label] = measure(model, inputs(device, dtype, args.batch), device, 1, repeats)
+                if name not in FUSED_DECODE:
+                    batched[label] = measure(model, prompts, device, 1, repeats)
             print(label, {k: round(v, 2) for k, v in rows[label].items()}, flush=True)
     base = rows["none"]
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"

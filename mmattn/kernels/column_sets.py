@@ -20,7 +20,7 @@ from . import reference
 from .backends import resolve_backend
 from .validation import check_qkv, resolve_scale
 
-__all__ = ["ColumnSets", "column_set_attention", "ranked_head_enhancement", "sink_redistribution_attention"]
+__all__ = ["COLUMN_SET_BACKENDS", "ColumnSets", "column_set_attention", "ranked_head_enhancement", "sink_redistribution_attention"]
 
 COLUMN_SET_BACKENDS = ("auto", "triton", "torch")
 _MAX_SETS = 8

@@ -197,7 +197,7 @@ def ranked_head_enhancement(
     r the vision heads' image-mass gain, and each row is rescaled to its original mass."""
     image, boost, query = masses.unbind(-1)
     vision, query_heads = top_half_heads(image), top_half_heads(query)
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = torch.finfo(torch.float32).smallest_normal
     gain = (vision * boost).sum(1, keepdim=True) / (vision * image).sum(1, keepdim=True).clamp_min(tiny)
     query_gain = query_heads * (beta * (1 + gain) - 1)
     edited = out[:, :, 0] + vision[..., None] * weighted[:, :, 1] + query_gain[..., None] * weighted[:, :, 2]

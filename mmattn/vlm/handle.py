@@ -13,6 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from typing_extensions import Self
 
+from ..kernels.column_sets import COLUMN_SET_BACKENDS
 from .attention import AttentionRows, eager_attention, rows_attention
 from .interventions.base import CallState, Intervention, ModelContext, Runtime
 from .interventions.pruning import _PruningIntervention
@@ -179,8 +180,8 @@ def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto")
     over the key cache, `mmattn.kernels.column_set_attention`), `"torch"` (explicit fp32 probabilities, edited in
     place, as transformers' eager attention) or `"auto"` (Triton on CUDA). Prompt rows always take the explicit path.
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend not in COLUMN_SET_BACKENDS:
+        raise ValueError(f"backend: expected one of {COLUMN_SET_BACKENDS}, got {backend!r}")
     if not interventions:
         raise ValueError("interventions: expected at least one intervention, got none")
     for intervention in interventions:

@@ -156,6 +156,16 @@ def test_inference_reuses_the_bias_until_a_parameter_changes_and_training_rebuil
         torch.testing.assert_close(out, module(x, (4, 4)))
 
 
+def test_inference_bias_follows_a_state_dict_loaded_with_assign():
+    torch.manual_seed(0)
+    module, source = AgentAttention(16, 2, 4, (4, 4)).eval(), AgentAttention(16, 2, 4, (4, 4)).eval()
+    x = torch.randn(2, 16, 16)
+    with torch.no_grad():
+        module(x, (4, 4))
+        module.load_state_dict(source.state_dict(), assign=True)
+        torch.testing.assert_close(module(x, (4, 4)), source(x, (4, 4)))
+
+
 TINY = {
     "agent_deit_tiny": {"depth": 2, "embed_dim": 48, "num_heads": 2, "img_size": 64, "agent_num": 4},
     "agent_pvt_tiny": {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 2, 4)},

@@ -110,9 +110,8 @@ class AgentAttention(nn.Module):
         if num_prefix_tokens:
             self.ac_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, num_prefix_tokens))
             self.ca_bias = nn.Parameter(torch.zeros(1, num_heads, num_prefix_tokens, agent_num))
-        for name, param in self.named_parameters(recurse=False):
-            if name.endswith("_bias"):
-                trunc_normal_(param, std=0.02)
+        for table in self._bias_tables():
+            trunc_normal_(table, std=0.02)
 
     @property
     def backend(self) -> str:
@@ -138,13 +137,17 @@ class AgentAttention(nn.Module):
             query_to_agent = torch.cat([self.ca_bias[0], query_to_agent], dim=1)
         return agent_to_key, query_to_agent
 
+    def _bias_tables(self) -> list[nn.Parameter]:
+        """The agent-bias parameters (``*_bias``), looked up each time: a load with ``assign=True`` replaces them."""
+        return [p for name, p in self.named_parameters(recurse=False) if name.endswith("_bias")]
+
     def _biases(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The agent biases; "auto" caches them in inference at the trained grid (larger grids would hold m*a*h*w
         floats per layer, and run bound by the GPU rather than by launches)."""
-        if self.backend == "torch" or (h, w) != self.grid_size:
+        tables = self._bias_tables()
+        if self.backend == "torch" or (h, w) != self.grid_size or not InferenceCache.applies(tables):
             return self._agent_biases(h, w)
-        params = [p for name, p in self.named_parameters(recurse=False) if name.endswith("_bias")]
-        return self._bias_cache.get((h, w), params, lambda: self._agent_biases(h, w))
+        return self._bias_cache.get((h, w), tables, lambda: self._agent_biases(h, w))
 
     def _grid(self, num_tokens: int, hw: tuple[int, int] | None) -> tuple[int, int]:
         grid_tokens = num_tokens - self.num_prefix_tokens

@@ -17,7 +17,8 @@ __all__ = ["InferenceCache"]
 
 
 class InferenceCache:
-    """One cached value; ``get(key, params, compute)`` returns ``compute()``, reused while key and params hold."""
+    """One cached value; ``get(key, params, compute)`` returns ``compute()``, reused while key and params hold.
+    Callers check ``applies(params)`` first and compute directly where it fails."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
@@ -31,9 +32,7 @@ class InferenceCache:
         )
 
     def get(self, key: Hashable, params: Iterable[torch.Tensor], compute: Callable[[], Any]) -> Any:
-        params = list(params)
-        if not self.applies(params):
-            return compute()
+        """The kept value, or a fresh ``compute()``; call it only where ``applies(params)`` holds."""
         full_key = (key, *((p.data_ptr(), p._version) for p in params))
         if full_key != self._key:
             self._key, self._value = full_key, compute()

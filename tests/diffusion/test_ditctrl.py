@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmattn.diffusion import VideoGrid
 from mmattn.diffusion.ditctrl import (
     KVSharingConfig,
     _KVSharingState,
@@ -32,11 +33,19 @@ def test_transition_prompts_interpolate():
     assert plan.conditions == ((0, 0, 0.0), (0, 1, 1 / 3), (0, 1, 2 / 3), (1, 1, 0.0), (1, 2, 1 / 3), (1, 2, 2 / 3), (2, 2, 0.0))
 
 
-def test_blend_weights_are_triangular():
-    w = blend_weights(13)
-    expected = torch.tensor([min(2 * f + 1, 25 - 2 * f) for f in range(13)], dtype=torch.float32) / 13
-    torch.testing.assert_close(w, expected)
-    assert w[6] == 1 and w[0] == w[12]
+def _triangular(length):
+    """Spec 2.2: w_f = min(2(f + 1/2)/L, 2 - 2(f + 1/2)/L), f = 0..L-1, in float64."""
+    return torch.tensor([min(2 * (f + 0.5) / length, 2 - 2 * (f + 0.5) / length) for f in range(length)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 8, 13])
+def test_blend_weights_are_triangular(length):
+    torch.testing.assert_close(blend_weights(length).double(), _triangular(length), atol=1e-7, rtol=0)  # float32
+
+
+def test_blend_weights_of_the_official_clip():
+    """13 latent frames: [1, 3, 5, ..., 13, ..., 3, 1] / 13 (spec 7.3)."""
+    torch.testing.assert_close(blend_weights(13), torch.tensor([1, 3, 5, 7, 9, 11, 13, 11, 9, 7, 5, 3, 1]) / 13)
 
 
 @pytest.mark.parametrize("kwargs", [{"overlap": 13}, {"overlap": -1}, {"transitions": -1}])
@@ -61,8 +70,8 @@ def test_kv_sharing_target_reads_source_keys_and_values():
     assert torch.equal(state.attend(q, k, v, layer_index=1, dense=dense, text_tokens=4), dense())
 
 
-def _tiny_pipe(scheduler="dpm", rotary=False):
-    transformer, _ = tiny_models.cogvideox(rotary=rotary)
+def _tiny_pipe(scheduler="dpm", rotary=False, sample_frames=8):
+    transformer, _ = tiny_models.cogvideox(rotary=rotary, sample_frames=sample_frames)
     scheduler_cls = diffusers.CogVideoXDPMScheduler if scheduler == "dpm" else diffusers.CogVideoXDDIMScheduler
     pipe = diffusers.CogVideoXPipeline(
         tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
@@ -91,6 +100,39 @@ def test_multi_prompt_pipeline_end_to_end(scheduler, rotary):
     assert [b.attn1.processor for b in pipe.transformer.transformer_blocks] == stock_processors
 
 
+def test_latent_blending_weights_each_segment_prediction_triangularly():
+    """Every step predicts the long latent as sum(w_f * prediction) / sum(w_f) over the CFG-guided predictions of
+    the segments covering each frame, each pair [s, t] contributing both its segments (spec 2.2)."""
+    length, overlap, guidance = 5, 3, 6.0  # 17 pixel frames -> 5 latent frames, stride 2
+    pipe = _tiny_pipe("ddim", sample_frames=17)
+    outputs, blended = [], []
+    pipe.transformer.register_forward_hook(lambda module, args, out: outputs.append(out[0].double()))
+    scheduler_step = pipe.scheduler.step
+
+    def step(pred, *args, **kwargs):
+        blended.append(pred[0].double())
+        return scheduler_step(pred, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    embeds, negative = _embeds(2)
+    generate_multi_prompt(
+        pipe, prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, overlap=overlap,
+        transitions=1, guidance_scale=guidance, kv_sharing=KVSharingConfig(end_step=0),
+        generator=torch.Generator().manual_seed(0),
+    )
+    pairs, stride, weights = 2, length - overlap, _triangular(length).view(-1, 1, 1, 1)  # 3 segments over 9 frames
+    assert len(outputs) == pairs * len(blended) == pairs * 2
+    for i, pred in enumerate(blended):
+        weighted, total = torch.zeros_like(pred), torch.zeros(pred.shape[0], 1, 1, 1, dtype=torch.float64)
+        for pair in range(pairs):
+            uncond, cond = outputs[i * pairs + pair].chunk(2)  # [u_s, u_t, c_s, c_t]
+            for segment, prediction in zip((pair, pair + 1), uncond + guidance * (cond - uncond)):
+                window = slice(segment * stride, segment * stride + length)
+                weighted[window] += weights * prediction
+                total[window] += weights
+        torch.testing.assert_close(pred, weighted / total, atol=1e-6, rtol=1e-6)  # the pipeline sums in float32
+
+
 def test_single_segment_pair_without_sharing_matches_stock_pipeline():
     """Without KV-sharing, each editing segment is denoised exactly like the stock pipeline from the same noise."""
     pipe = _tiny_pipe("ddim")
@@ -103,6 +145,48 @@ def test_single_segment_pair_without_sharing_matches_stock_pipeline():
                  latents=noise.clone(), output_type="latent", return_dict=False)[0]
     torch.testing.assert_close(ours[0:1], stock, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours[1:2], stock, atol=1e-5, rtol=1e-5)
+
+
+def _attention(q, k, v, allowed=None):
+    """softmax(q k^T / sqrt(d)) v per head of (S, H, D) tensors; `allowed` (S, S) restricts each query's keys."""
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def test_mask_guided_kv_sharing_reads_foreground_and_background_keys_apart():
+    """Spec 2.4 on tiny tensors: masks from the layer-averaged, head-averaged video->text attention of c_s (ref
+    tokens) and c_t (cur tokens), min-max normalised per frame, >= threshold; a target video query in the target's
+    foreground reads the source's foreground video keys (plus all text keys), one in the background its background."""
+    text, grid = 4, VideoGrid(2, 2, 3)
+    tokens = text + grid.tokens
+    config = KVSharingConfig(
+        start_step=0, end_step=1, start_layer=2, end_layer=3, mask_guided=True, threshold=0.3, ref_token_idx=(0, 1), cur_token_idx=(2,)
+    )
+    state = _KVSharingState(config, step=0, grid=grid)
+    torch.manual_seed(0)
+    layers = [[torch.randn(4, tokens, 2, 8, dtype=torch.float64) for _ in range(3)] for _ in range(3)]  # [u_s, u_t, c_s, c_t]
+    for layer, (q, k, v) in enumerate(layers):
+        dense = lambda q=q, k=k, v=v: torch.stack([_attention(*qkv) for qkv in zip(q, k, v)])
+        out = state.attend(q, k, v, layer_index=layer, dense=dense, text_tokens=text)
+
+    scores = [torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5 for q, k, _ in layers]
+    maps = sum(s.softmax(-1).mean(1) for s in scores) / len(layers)  # (batch, query, key)
+
+    def foreground(sample, token_idx):
+        per_frame = maps[sample, text:, list(token_idx)].sum(-1).view(grid.frames, -1)
+        low, high = per_frame.min(-1, keepdim=True).values, per_frame.max(-1, keepdim=True).values
+        return ((per_frame - low) / (high - low + 1e-6) >= config.threshold).flatten()
+
+    fg_source, fg_target = foreground(2, config.ref_token_idx), foreground(3, config.cur_token_idx)
+    assert 0 < fg_source.sum() < grid.tokens and 0 < fg_target.sum() < grid.tokens and not torch.equal(fg_source, fg_target)
+    allowed = torch.ones(tokens, tokens, dtype=torch.bool)
+    allowed[text:, text:] = fg_target[:, None] == fg_source[None, :]
+    q, k, v = layers[-1]
+    for source, target in ((0, 1), (2, 3)):  # both CFG halves use the conditional branch's masks
+        torch.testing.assert_close(out[source], _attention(q[source], k[source], v[source]), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(out[target], _attention(q[target], k[source], v[source], allowed), atol=1e-12, rtol=1e-12)
 
 
 def test_mask_guided_editing_runs():

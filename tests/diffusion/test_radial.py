@@ -11,7 +11,6 @@ from mmattn.diffusion import (
     radial_block_mask,
 )
 from mmattn.diffusion.attention import RadialAttention
-from mmattn.diffusion.processors import WanRadialAttnProcessor
 
 from . import tiny_models
 
@@ -74,22 +73,64 @@ def _token_mask(block_mask, block, q_len, kv_len):
     return expanded[:q_len, :kv_len]
 
 
-def test_wan_sparse_processor_equals_masked_stock_attention():
-    """Radial output == the stock processor given the token-level expansion of the Radial block mask."""
-    model, _ = tiny_models.wan()
-    attn = model.blocks[0].attn1
-    grid = VideoGrid(6, 4, 10)  # 40 tokens per frame: frames straddle 16-token blocks
-    radial = RadialAttention(RadialConfig(block_size=16, decay_factor=0.5), "wan", None)
-    radial.set_grid(grid)
-    x = torch.randn(2, grid.tokens, attn.inner_dim)
-    cos, sin = torch.randn(1, grid.tokens, 1, 12), torch.randn(1, grid.tokens, 1, 12)
-    blocks = radial_block_mask(6, 40, block_size=16, decay_factor=0.5, model="wan")
-    assert not blocks.all()
-    token_mask = _token_mask(blocks, 16, grid.tokens, grid.tokens)
-    with torch.no_grad():
-        expected = attn.processor(attn, x, None, token_mask[None, None], (cos, sin))
-        got = WanRadialAttnProcessor(radial, layer_index=0)(attn, x, None, None, (cos, sin))
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+def _double(value):
+    """`value` with every floating tensor (also inside dicts and tuples) in float64."""
+    if isinstance(value, dict):
+        return {k: _double(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(map(_double, value))
+    return value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+SPARSE_FRAMES, SPARSE_PER_FRAME = 5, 169  # 13 x 13 tokens after patchify: frames straddle 16-token blocks
+SPARSE = RadialConfig(block_size=16, decay_factor=0.5)
+# (builder, kwargs for a batch of 2 with different prompts, default mask rule, text first in the joint sequence)
+SPARSE_MODELS = {
+    "wan": (tiny_models.wan, {"frames": 5, "height": 26, "width": 26, "batch": 2}, "wan", False),
+    "hunyuan": (tiny_models.hunyuan, {"frames": 5, "size": 13, "batch": 2, "valid_text": (12, 5)}, "hunyuan", False),
+    "cogvideox": (tiny_models.cogvideox, {"frames": 5, "size": 26, "rotary": True}, "hunyuan", True),
+    "mochi": (tiny_models.mochi, {"frames": 5, "size": 26}, "hunyuan", False),
+    "ltx": (tiny_models.ltx, {"frames": 5, "size": 13}, "wan", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_MODELS))
+def test_sparse_equals_stock_attention_given_the_token_mask(name, monkeypatch):
+    """At sparse density, Radial == the stock model whose joint self-attention calls get the Radial mask.
+
+    The oracle expands the block mask to tokens and puts the text segment where the stock model does (after
+    the video; before it in CogVideoX); Wan and LTX self-attention has no text. Batch of 2 with different
+    prompts (the CFG branches), Hunyuan with padded keys and Mochi with a dropped padded prompt in one of them.
+    """
+    builder, kwargs, rule, text_first = SPARSE_MODELS[name]
+    video = SPARSE_FRAMES * SPARSE_PER_FRAME
+    model, inputs = builder(**kwargs)
+    model, inputs = model.double(), _double(inputs)
+    with apply_radial_attention(model, SPARSE):
+        radial = _run(model, inputs)
+
+    def token_mask(text):
+        blocks = radial_block_mask(
+            SPARSE_FRAMES, SPARSE_PER_FRAME, block_size=SPARSE.block_size, decay_factor=SPARSE.decay_factor,
+            model=rule, text_tokens=text,
+        )
+        assert blocks.float().mean() < 0.8
+        mask = _token_mask(blocks, SPARSE.block_size, video + text, video + text)  # [video | text]
+        order = torch.cat([torch.arange(video, video + text), torch.arange(video)]) if text_first else torch.arange(video + text)
+        return mask[order][:, order]
+
+    sdpa = F.scaled_dot_product_attention
+
+    def masked_sdpa(query, key, value, attn_mask=None, **kwargs):
+        tokens = query.shape[-2]
+        if key.shape[-2] == tokens >= video:  # joint self-attention, not cross-attention or Hunyuan's text refiner
+            mask = token_mask(tokens - video)
+            attn_mask = mask if attn_mask is None else attn_mask & mask
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", masked_sdpa)
+    expected = _run(model, inputs)
+    torch.testing.assert_close(radial, expected, atol=1e-12, rtol=1e-12)  # float64; only the summation order differs
 
 
 @pytest.mark.parametrize("text_first", [False, True])

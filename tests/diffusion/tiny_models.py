@@ -25,14 +25,14 @@ def wan(frames=2, height=16, width=32, batch=1):
 
 
 def hunyuan(frames=2, size=16, batch=1, valid_text=12):
+    """`valid_text`: the valid (left-aligned) prompt tokens of 12, one count for all samples or one per sample."""
     torch.manual_seed(0)
     model = diffusers.HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
         num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
     ).eval()
-    mask = torch.zeros(batch, 12, dtype=torch.long)
-    mask[:, :valid_text] = 1
+    mask = (torch.arange(12) < torch.as_tensor(valid_text).expand(batch)[:, None]).long()
     inputs = {
         "hidden_states": torch.randn(batch, 4, frames, size, size),
         "timestep": torch.randint(0, 1000, (batch,)),
@@ -45,12 +45,13 @@ def hunyuan(frames=2, size=16, batch=1, valid_text=12):
     return model, inputs
 
 
-def cogvideox(frames=1, size=8, batch=2, rotary=False, patch_t=None):
+def cogvideox(frames=1, size=8, batch=2, rotary=False, patch_t=None, sample_frames=8):
+    """`sample_frames` (pixel frames) sets a pipeline's clip: (sample_frames - 1) // 4 + 1 latent frames."""
     torch.manual_seed(0)
     head_dim = 16 if rotary else 8  # the 3-axis rotary split needs even parts
     model = diffusers.CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=2,
-        text_embed_dim=8, num_layers=2, sample_width=size, sample_height=size, sample_frames=8, patch_size=2,
+        text_embed_dim=8, num_layers=2, sample_width=size, sample_height=size, sample_frames=sample_frames, patch_size=2,
         patch_size_t=patch_t, temporal_compression_ratio=4, max_text_seq_length=8,
         use_rotary_positional_embeddings=rotary,
     ).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable
 from types import TracebackType
@@ -15,7 +16,7 @@ from typing_extensions import Self
 
 from ..kernels.column_sets import COLUMN_SET_BACKENDS
 from .attention import AttentionRows, eager_attention, rows_attention
-from .interventions.base import CallState, Intervention, ModelContext, Runtime
+from .interventions.base import CACHE_ARGUMENTS, CallState, Intervention, ModelContext, Runtime, passed_cache
 from .interventions.pruning import _PruningIntervention
 from .layout import TokenLayout, resolve_family
 
@@ -34,12 +35,19 @@ class InterventionHandle:
 
     def __init__(self, model: nn.Module, interventions: tuple[Intervention, ...], backend: str = "auto") -> None:
         family, image_token_id = resolve_family(model)
+        hooks = model.model._forward_pre_hooks.values()
+        if any(isinstance(getattr(hook, "__self__", None), InterventionHandle) for hook in hooks):
+            raise ValueError(
+                "model: already has mmattn interventions applied; remove() their handle first, or pass every "
+                "intervention to one apply(model, *interventions)"
+            )
         self.backend = backend
         text_model = model.model.language_model
         self.model = model
         self.context = ModelContext(model, family, image_token_id, text_model)
         self.runtimes: list[Runtime] = [intervention.bind(self.context) for intervention in interventions]
         self.call: CallState | None = None
+        self.model_parameters = tuple(inspect.signature(model.model.forward).parameters)
         self.original_implementation = text_model.config._attn_implementation
         self.eager_base = self.original_implementation == "eager"
         self.attention_name = f"mmattn_{next(_handle_ids)}"
@@ -73,17 +81,20 @@ class InterventionHandle:
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        """A call with a filled cache decodes; any other starts a new prompt."""
+        arguments = {**dict(zip(self.model_parameters, args)), **kwargs}
+        cache = passed_cache(arguments)
         if cache is not None and cache.get_seq_length() > 0:
             if self.call is None:
-                raise ValueError("past_key_values: the cache was filled before the interventions were applied")
+                names = "/".join(CACHE_ARGUMENTS)
+                raise ValueError(f"{names}: the cache was filled before the interventions were applied")
             self.call.decoding = True
             return
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        input_ids = arguments.get("input_ids")
         if input_ids is None:
             raise ValueError("input_ids: the interventions locate image tokens by id, got inputs_embeds only")
         layout = TokenLayout.from_input_ids(
-            input_ids, kwargs.get("attention_mask"), self.context.image_token_id, self.context.family
+            input_ids, arguments.get("attention_mask"), self.context.image_token_id, self.context.family
         )
         positions = torch.arange(layout.prompt_len, device=input_ids.device).expand(input_ids.shape[0], -1)
         self.call = CallState(layout=layout, lm_positions=positions)
@@ -172,9 +183,11 @@ def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto")
     """Install `interventions` (VAR, GIFT, FastV, VFlowOpt, PyramidDrop, ...) on a loaded transformers LVLM.
 
     Supported: LlavaForConditionalGeneration (LLaVA-1.5, llava-interleave, OneVision-style configs),
-    LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration. Works
-    with `generate` (greedy and sampling, KV cache, left-padded batches). Returns a handle; use it as a context manager
-    or call `.remove()`.
+    LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration (VFlowOpt: LlavaForConditionalGeneration only), on transformers 5.17 and later
+    (the KV cache passed as `cache` or `past_key_values`). Works with `generate` (greedy and sampling, KV cache,
+    left-padded batches). Returns a handle; use it as a context manager or call `.remove()`. One handle per model:
+    pass every intervention to one call.
 
     `backend`: how decoding rows edited by a single intervention are computed: `"triton"` (one fused kernel per layer
     over the key cache, `mmattn.kernels.column_set_attention`), `"torch"` (explicit fp32 probabilities, edited in

@@ -1,17 +1,20 @@
-"""apply/remove on tiny random LLaVA and Qwen2-VL: identity settings, bit-identical removal, batching, errors."""
+"""apply/remove on tiny random models of every supported family: identity settings, bit-identical removal, batching,
+errors."""
 
 import pytest
 import torch
 
 from mmattn import vlm
 
-from .tiny_models import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen2vl
+from .tiny_models import MODEL_TYPES, llava_inputs, tiny_inputs, tiny_llava, tiny_model, tiny_qwen2vl
 
-IDENTITY = [
-    vlm.VAR(p=0.0, tau=0.5, rho=0.0, min_visual_mass=0.0, sink_dims=(0, 1), except_last_layer=False),
-    vlm.GIFT(alpha=0.0, beta=1.0, saliency_layers=(1,), enhance_layers=(2, 3)),
-    vlm.FastV(k=2, ratio=0.0),
-]
+IDENTITY = {
+    "VAR": vlm.VAR(p=0.0, tau=0.5, rho=0.0, min_visual_mass=0.0, sink_dims=(0, 1), except_last_layer=False),
+    "GIFT": vlm.GIFT(alpha=0.0, beta=1.0, saliency_layers=(1,), enhance_layers=(2, 3)),
+    # the saliency layer follows an enhancement layer: an extra prefill of the decoder, which leaves the cache alone
+    "GIFT-extra-pass": vlm.GIFT(alpha=0.0, beta=1.0, saliency_layers=(2,), enhance_layers=(1, 3)),
+    "FastV": vlm.FastV(k=2, ratio=0.0),
+}
 
 
 def generate(model, inputs, **kwargs):
@@ -20,7 +23,7 @@ def generate(model, inputs, **kwargs):
 
 
 def split(inputs, row, family):
-    if family == "qwen":
+    if family.startswith("qwen"):
         per_image = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
         rows = {k: v[row : row + 1] for k, v in inputs.items() if k != "pixel_values"}
         rows["pixel_values"] = inputs["pixel_values"][row * per_image : (row + 1) * per_image]
@@ -42,21 +45,19 @@ def with_question(inputs: dict, tokens: int = 10) -> dict:
 
 
 def edited_batch(family: str, attn_implementation: str = "eager", layers: int = 4):
-    """A tiny model and two left-padded prompts on which every intervention of INTERVENTIONS edits something: 16
-    image tokens (4 give GIFT a constant saliency map, M = 1) and a 10-token question after each image."""
-    if family == "llava":
-        model = tiny_llava(layers=layers, attn_implementation=attn_implementation, image_tokens=16)
-        return model, with_question(llava_inputs(model, prompts=2, pad=(2,)))
-    model = tiny_qwen2vl(layers=layers, attn_implementation=attn_implementation)
-    return model, with_question(qwen_inputs(prompts=2, grid=(1, 8, 8)))
+    """A tiny model and two left-padded prompts on which every intervention of INTERVENTIONS edits something: 14 or
+    16 image tokens (4 give GIFT a constant saliency map, M = 1) and a 10-token question after each image."""
+    model = tiny_model(family, layers, attn_implementation)
+    return model, with_question(tiny_inputs(model, prompts=2, pad=(2,)))
 
 
-@pytest.mark.parametrize("intervention", IDENTITY, ids=lambda iv: type(iv).__name__)
-def test_identity_settings_match_no_hook_bit_for_bit(intervention):
-    model = tiny_llava()
-    inputs = llava_inputs(model, prompts=2, pad=(2,))
+@pytest.mark.parametrize("family", MODEL_TYPES)
+@pytest.mark.parametrize("name", sorted(IDENTITY))
+def test_identity_settings_match_no_hook_bit_for_bit(name, family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, prompts=2, pad=(2,))
     logits, tokens = model(**inputs).logits, generate(model, inputs)
-    with vlm.apply(model, intervention):
+    with vlm.apply(model, IDENTITY[name]):
         assert torch.equal(model(**inputs).logits, logits)
         assert torch.equal(generate(model, inputs), tokens)
 
@@ -65,7 +66,7 @@ def test_no_edit_sdpa_matches_within_float_tolerance():
     model = tiny_llava(attn_implementation="sdpa")
     inputs = llava_inputs(model, prompts=2, pad=(2,))
     logits = model(**inputs).logits
-    with vlm.apply(model, IDENTITY[0]):
+    with vlm.apply(model, IDENTITY["VAR"]):
         torch.testing.assert_close(model(**inputs).logits, logits, atol=1e-5, rtol=0)
 
 
@@ -92,7 +93,7 @@ INTERVENTIONS = {
 }
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", MODEL_TYPES)
 @pytest.mark.parametrize("name", sorted(INTERVENTIONS))
 def test_batched_generation_equals_per_prompt_generation(family, name):
     model, inputs = edited_batch(family)
@@ -136,16 +137,49 @@ def test_prompt_without_image_tokens_is_rejected():
         model(**no_image)
 
 
+BAD_SETTINGS = [  # (settings class, arguments, error, message)
+    (vlm.FastV, {"k": -1}, ValueError, r"k: expected the layer K .* in \[1, inf\), got -1"),
+    (vlm.FastV, {"k": 2.5}, TypeError, r"k: expected the layer K .*, got 2.5"),
+    (vlm.FastV, {"ratio": 1.5}, ValueError, r"ratio: expected the pruned fraction R in \[0.0, 1.0\], got 1.5"),
+    (vlm.FastV, {"ratio": "half"}, TypeError, r"ratio: expected .*, got 'half'"),
+    (vlm.PyramidDrop, {"layers": (16, 8)}, ValueError,
+     r"layers: expected a sequence of strictly ascending layer indices >= 1, got \[16, 8\]"),
+    (vlm.PyramidDrop, {"layers": ()}, ValueError, "layers: expected at least one stage layer, got none"),
+    (vlm.PyramidDrop, {"ratio": 0.0}, ValueError, r"ratio: expected λ in \(0.0, 1.0\], got 0.0"),
+    (vlm.PyramidDrop, {"positions": "shift"}, ValueError, r"positions: expected one of \('keep', 'reindex'\), got"),
+    (vlm.VFlowOpt, {"keep": 0.3}, ValueError, r"keep: expected a preset in \[0.1, 0.25, 0.5\], got 0.3"),
+    (vlm.VFlowOpt, {"vit_ratio": 1.5}, ValueError, r"vit_ratio: expected .*, got 1.5"),
+    (vlm.VFlowOpt, {"llm_ratios": (0.5, 2.0)}, ValueError, r"llm_ratios: expected .*, got 2.0"),
+    (vlm.VFlowOpt, {"llm_ratios": (0.5,)}, ValueError, r"llm_ratios: expected one ratio per llm layer \(9, 18\)"),
+    (vlm.VFlowOpt, {"cell": 0.5}, ValueError, r"cell: expected .* in \[1.0, inf\), got 0.5"),
+    (vlm.VFlowOpt, {"llm_layers": (0, 9)}, ValueError, r"llm_layers: .* >= 1, got \[0, 9\]"),
+    (vlm.VAR, {"p": 1.5}, ValueError, r"p: expected a number in \[0.0, 1.0\], got 1.5"),
+    (vlm.VAR, {"min_visual_mass": -0.1}, ValueError, r"min_visual_mass: .*, got -0.1"),
+    (vlm.VAR, {"tau": -1.0}, ValueError, r"tau: expected .* in \[0.0, inf\), got -1.0"),
+    (vlm.VAR, {"sink_dims": (3, -1)}, ValueError, r"sink_dims: .* >= 0, got \[3, -1\]"),
+    (vlm.GIFT, {"alpha": -1.0}, ValueError, r"alpha: expected .* in \[0.0, inf\), got -1.0"),
+    (vlm.GIFT, {"beta": "1"}, TypeError, r"beta: expected .*, got '1'"),
+    (vlm.GIFT, {"saliency_layers": ()}, ValueError, "saliency_layers: expected at least one layer, got none"),
+    (vlm.GIFT, {"enhance_layers": (2, -1)}, ValueError, r"enhance_layers: .* >= 0, got \[2, -1\]"),
+]
+
+
+@pytest.mark.parametrize(("settings", "arguments", "error", "message"), BAD_SETTINGS,
+                         ids=[f"{cls.__name__}-{'-'.join(args)}" for cls, args, *_ in BAD_SETTINGS])
+def test_settings_are_checked_when_made(settings, arguments, error, message):
+    """Not at apply(): the error names the argument, the expected and the received value."""
+    with pytest.raises(error, match=message):
+        settings(**arguments)
+
+
 def test_bad_arguments_name_themselves():
     model = tiny_llava()
-    with pytest.raises(ValueError, match="p:"):
-        vlm.VAR(p=1.5)
     with pytest.raises(ValueError, match="sink_dims"):
         vlm.apply(model, vlm.VAR())  # a 32-wide llama has no known sink dims
-    with pytest.raises(ValueError, match="k:"):
-        vlm.apply(model, vlm.FastV(k=0))
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(ValueError, match="k: layer 9 >= the model's 4 layers"):
         vlm.apply(model, vlm.FastV(k=9))
+    with pytest.raises(ValueError, match=r"saliency_layers: expected layers in \[0, 4\), got \[4\]"):
+        vlm.apply(model, vlm.GIFT(saliency_layers=(4,), enhance_layers=(1,)))
     with pytest.raises(TypeError, match="interventions"):
         vlm.apply(model, "FastV")
     with pytest.raises(ValueError, match="backend"):
@@ -154,7 +188,28 @@ def test_bad_arguments_name_themselves():
         vlm.apply(tiny_qwen2vl(), vlm.PyramidDrop(layers=(1,), positions="reindex"))
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", [family for family in MODEL_TYPES if family != "llava"])
+def test_vflowopt_names_the_models_it_supports(family):
+    with pytest.raises(ValueError, match=f"model: .* model_type 'llava' .*; got model_type '{family}'"):
+        vlm.apply(tiny_model(family), vlm.VFlowOpt(llm_layers=(1, 2)))
+
+
+def test_a_second_apply_is_refused_until_the_first_handle_is_removed():
+    """Two live handles would restore each other's attention function out of order."""
+    model, inputs = edited_batch("llava")
+    logits = model(**inputs).logits
+    first = vlm.apply(model, INTERVENTIONS["FastV"]())
+    pruned = model(**inputs).logits
+    with pytest.raises(ValueError, match=r"model: already has mmattn interventions applied; remove\(\) their"):
+        vlm.apply(model, INTERVENTIONS["VAR"]())
+    assert torch.equal(model(**inputs).logits, pruned)  # the refused apply left the first handle as it was
+    first.remove()
+    with vlm.apply(model, INTERVENTIONS["VAR"]()):
+        assert not torch.equal(model(**inputs).logits[:, -1], logits[:, -1])
+    assert torch.equal(model(**inputs).logits, logits)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("name", ["VAR", "GIFT"])
 def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):
     """Over SDPA the edited rows are recomputed explicitly (decode rows without SDPA, keys shared by their query
@@ -172,7 +227,7 @@ def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):
         torch.testing.assert_close(step_sdpa, step_eager, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("name", ["VAR", "GIFT"])
 def test_fused_decoding_rows_match_the_explicit_path(name, family, monkeypatch):
     """The decode rows' column-set kernel (Triton; interpreted on the CPU) generates what the explicit fp32

@@ -21,7 +21,8 @@ def recorder(store, name, pick):
 
 def cache_lengths(model, inputs):
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    return [layer.keys.shape[2] for layer in out.past_key_values.layers], out
+    cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.24
+    return [layer.keys.shape[2] for layer in cache.layers], out
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -81,6 +82,16 @@ def test_vflowopt_preset_keeps_the_budget_and_recycles_into_the_cell_argmax():
     assert outright <= kept_image <= outright + 4  # one recycled token per non-empty 2x2 cell
     assert full[0] - pruned[0] == 16 - kept_image
     assert full[3] - pruned[3] == 16 - round(16 * vit_ratio * llm[0] * llm[1])
+
+
+def test_vflowopt_needs_no_attention_mask_or_cache():
+    """The kept tokens' positions have gaps; no mask and no cache must not make them separate (packed) sequences."""
+    model = tiny_llava(layers=LAYERS, image_tokens=16)
+    inputs = llava_inputs(model)
+    with torch.no_grad(), vlm.apply(model, vlm.VFlowOpt(keep=0.25, llm_layers=(2, 3), cell=2.0)):
+        logits = model(**inputs).logits
+        bare = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], use_cache=False).logits
+    assert torch.equal(bare, logits)
 
 
 def test_recycled_token_is_the_importance_weighted_mean():

@@ -1,4 +1,5 @@
-"""Tiny random LLaVA and Qwen2-VL models (spec vlm.md section 5.4) and their inputs."""
+"""Tiny random models of every supported family (spec vlm.md section 5.4) and their inputs: LLaVA, LLaVA-NeXT and
+LLaVA-OneVision (anyres), Qwen2-VL and Qwen2.5-VL."""
 
 from __future__ import annotations
 
@@ -6,36 +7,72 @@ import torch
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
 
 LLAVA_IMAGE_ID = 99
 QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_VISION_START, QWEN_VISION_END = 190, 191, 192, 193
+#: Image tokens of a 28x56 image in the tiny anyres models (28-pixel crops of 2x2 patches): the 2x2 base crop, the
+#: 1x2 tiles as a 2x4 grid, and one newline token per grid row.
+ANYRES_TOKENS = 4 + 8 + 2
+
+_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "patch_size": 14}
+_CLIP = {"model_type": "clip_vision_model", **_VISION, "image_size": 28, "projection_dim": 32}
+_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 256, "pad_token_id": 0}
+_ANYRES = {"image_token_index": LLAVA_IMAGE_ID, "image_grid_pinpoints": [[28, 56], [56, 28]],
+           "vision_feature_layer": -1}
+
+
+def _built(model_class: type[PreTrainedModel], config, attn_implementation: str) -> PreTrainedModel:
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
 
 
 def tiny_llava(layers: int = 4, attn_implementation: str = "eager", image_tokens: int = 4) -> LlavaForConditionalGeneration:
     """4 image tokens per 28x28 image at patch 14 (or 16 at image_size 56)."""
     image_size = 28 if image_tokens == 4 else 56
     config = LlavaConfig(
-        vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 37,
-                       "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": image_size, "patch_size": 14,
-                       "projection_dim": 32},
-        text_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": layers,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
-                     "max_position_embeddings": 256, "pad_token_id": 0},
+        vision_config={**_CLIP, "image_size": image_size},
+        text_config={**_LLAMA, "num_hidden_layers": layers},
         image_token_index=LLAVA_IMAGE_ID, image_seq_length=image_tokens, vision_feature_layer=-1,
     )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn_implementation)
-    return model
+    return _built(LlavaForConditionalGeneration, config, attn_implementation)
 
 
-def llava_inputs(model: LlavaForConditionalGeneration, prompts: int = 1, seed: int = 0, pad: tuple[int, ...] = ()) -> dict:
-    """`prompts` rows of [text, image x N, text]; row i gets pad[i] left-padding tokens (id 0)."""
+def tiny_llava_next(layers: int = 4, attn_implementation: str = "eager") -> LlavaNextForConditionalGeneration:
+    """LLaVA-NeXT (CLIP, LLaMA) with anyres tiles: ANYRES_TOKENS image tokens per 28x56 image."""
+    config = LlavaNextConfig(vision_config=_CLIP, text_config={**_LLAMA, "num_hidden_layers": layers}, **_ANYRES)
+    return _built(LlavaNextForConditionalGeneration, config, attn_implementation)
+
+
+def tiny_llava_onevision(layers: int = 4, attn_implementation: str = "eager") -> LlavaOnevisionForConditionalGeneration:
+    """LLaVA-OneVision (SigLIP, Qwen2) with anyres tiles: ANYRES_TOKENS image tokens per 28x56 image."""
+    config = LlavaOnevisionConfig(
+        vision_config={"model_type": "siglip_vision_model", **_VISION, "image_size": 28},
+        text_config={**_LLAMA, "model_type": "qwen2", "num_hidden_layers": layers},
+        vision_feature_select_strategy="full", video_token_index=LLAVA_IMAGE_ID - 1, **_ANYRES,
+    )
+    return _built(LlavaOnevisionForConditionalGeneration, config, attn_implementation)
+
+
+def llava_inputs(model: PreTrainedModel, prompts: int = 1, seed: int = 0, pad: tuple[int, ...] = ()) -> dict:
+    """`prompts` rows of [text, image x N, text]; row i gets pad[i] left-padding tokens (id 0). One 28x28 image per
+    prompt for LLaVA, one 28x56 image (base crop and two tiles) for LLaVA-NeXT / OneVision."""
     generator = torch.Generator().manual_seed(seed)
-    n_image = model.config.image_seq_length
+    anyres = model.config.model_type != "llava"
+    n_image = ANYRES_TOKENS if anyres else model.config.image_seq_length
     size = model.config.vision_config.image_size
     rows = []
     for row in range(prompts):
@@ -49,25 +86,41 @@ def llava_inputs(model: LlavaForConditionalGeneration, prompts: int = 1, seed: i
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
-    pixel_values = torch.randn(prompts, 3, size, size, generator=generator)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+    if not anyres:
+        pixel_values = torch.randn(prompts, 3, size, size, generator=generator)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+    pixel_values = torch.randn(prompts, 3, 3, size, size, generator=generator)  # the base crop and two tiles
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
+            "image_sizes": torch.tensor([[size, 2 * size]] * prompts)}
+
+
+_QWEN_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 200, "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 199,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4}}
+_QWEN_IDS = {"image_token_id": QWEN_IMAGE_ID, "video_token_id": QWEN_VIDEO_ID,
+             "vision_start_token_id": QWEN_VISION_START, "vision_end_token_id": QWEN_VISION_END}
+_QWEN_PATCHES = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
 
 
 def tiny_qwen2vl(layers: int = 3, attn_implementation: str = "eager") -> Qwen2VLForConditionalGeneration:
     config = Qwen2VLConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": layers, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "vocab_size": 200, "max_position_embeddings": 512,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
-                     "bos_token_id": 1, "eos_token_id": 199},
+        text_config={**_QWEN_TEXT, "num_hidden_layers": layers},
         vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 4,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-        image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
-        vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
+                       **_QWEN_PATCHES},
+        **_QWEN_IDS,
     )
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn_implementation)
-    return model
+    return _built(Qwen2VLForConditionalGeneration, config, attn_implementation)
+
+
+def tiny_qwen2_5_vl(layers: int = 3, attn_implementation: str = "eager") -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL: vision block 0 attends within 4x4-patch windows, block 1 globally; token ids as tiny_qwen2vl."""
+    config = Qwen2_5_VLConfig(
+        text_config={**_QWEN_TEXT, "num_hidden_layers": layers},
+        vision_config={"depth": 2, "hidden_size": 32, "out_hidden_size": 32, "intermediate_size": 37, "num_heads": 4,
+                       "window_size": 56, "fullatt_block_indexes": [1], **_QWEN_PATCHES},
+        **_QWEN_IDS,
+    )
+    return _built(Qwen2_5_VLForConditionalGeneration, config, attn_implementation)
 
 
 def qwen_inputs(prompts: int = 1, seed: int = 0, grid: tuple[int, int, int] = (1, 4, 4)) -> dict:
@@ -91,3 +144,27 @@ def qwen_inputs(prompts: int = 1, seed: int = 0, grid: tuple[int, int, int] = (1
     grid_thw = torch.tensor([list(grid)] * prompts)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grid_thw,
             "mm_token_type_ids": (ids == QWEN_IMAGE_ID).long()}
+
+
+_BUILDERS = {
+    "llava": lambda layers, attn: tiny_llava(layers, attn, image_tokens=16),
+    "llava_next": tiny_llava_next,
+    "llava_onevision": tiny_llava_onevision,
+    "qwen2_vl": tiny_qwen2vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+}
+#: The model types `mmattn.vlm.apply` supports, one tiny model each.
+MODEL_TYPES = tuple(_BUILDERS)
+
+
+def tiny_model(model_type: str, layers: int = 4, attn_implementation: str = "eager") -> PreTrainedModel:
+    """The tiny model of `model_type` (LLaVA with 16 image tokens)."""
+    return _BUILDERS[model_type](layers, attn_implementation)
+
+
+def tiny_inputs(model: PreTrainedModel, prompts: int = 1, seed: int = 0, pad: tuple[int, ...] = ()) -> dict:
+    """Left-padded prompts for `model`: llava_inputs, or qwen_inputs with 16 image tokens (where rows differ in
+    length by one text token, so `pad` does not apply)."""
+    if model.config.model_type.startswith("qwen"):
+        return qwen_inputs(prompts, seed, grid=(1, 8, 8))
+    return llava_inputs(model, prompts, seed, pad)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +14,27 @@ from torch.nn import functional as F
 from ..attention import AttentionRows
 from ..layout import FamilySpec, TokenLayout
 
-__all__ = ["LAST_ROW", "CallState", "Intervention", "ModelContext", "RowSelection", "Runtime"]
+__all__ = [
+    "CACHE_ARGUMENTS",
+    "LAST_ROW",
+    "CallState",
+    "Intervention",
+    "ModelContext",
+    "RowSelection",
+    "Runtime",
+    "check_indices",
+    "check_number",
+    "passed_cache",
+]
+
+#: The names of the decoders' KV-cache argument: `cache` from transformers 5.24 on, `past_key_values` before it (and a
+#: deprecated alias of `cache` until 5.40).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def passed_cache(arguments: Mapping[str, object]) -> object | None:
+    """The KV cache among a forward call's `arguments` (by name), under either of its names; None without one."""
+    return next((arguments[name] for name in CACHE_ARGUMENTS if arguments.get(name) is not None), None)
 
 
 @dataclass
@@ -158,6 +181,37 @@ class Runtime:
     ) -> tuple[torch.Tensor, dict]:
         """Edit a decoder layer's input and kwargs; sequence-shortening interventions only."""
         return hidden, kwargs
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float,
+    high: float = math.inf,
+    what: str = "a number",
+    open_low: bool = False,
+    integer: bool = False,
+) -> None:
+    """A setting's check: TypeError unless `value` is a real number (an int with `integer`), ValueError unless it lies
+    in [low, high] ((low, high] with `open_low`); both name the argument, the expected and the received value."""
+    expected = f"{name}: expected {what} in {'(' if open_low else '['}{low}, {high}{')' if high == math.inf else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise TypeError(f"{expected}, got {value!r}")
+    if not (low < value if open_low else low <= value) or not value <= high:
+        raise ValueError(f"{expected}, got {value!r}")
+
+
+def check_indices(
+    name: str, indices: Iterable[int], minimum: int = 0, ascending: bool = True, what: str = "layer indices"
+) -> None:
+    """A setting's check: a sequence of indices (layers, dimensions), ints >= `minimum`, strictly ascending if
+    `ascending`; TypeError or ValueError naming the argument, the expected and the received value."""
+    expected = f"{name}: expected a sequence of {'strictly ascending ' if ascending else ''}{what} >= {minimum}"
+    values = list(indices) if isinstance(indices, Iterable) and not isinstance(indices, str) else None
+    if values is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{expected}, got {indices!r}")
+    if any(v < minimum for v in values) or (ascending and values != sorted(set(values))):
+        raise ValueError(f"{expected}, got {values}")
 
 
 class Intervention:

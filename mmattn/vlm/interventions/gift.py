@@ -18,7 +18,17 @@ import torch
 from ...kernels import column_set_attention, ranked_head_enhancement
 from ...kernels.reference import top_half_heads
 from ..attention import AttentionRows, column_masses, scale_columns
-from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
+from .base import (
+    CACHE_ARGUMENTS,
+    LAST_ROW,
+    CallState,
+    Intervention,
+    ModelContext,
+    RowSelection,
+    Runtime,
+    check_indices,
+    check_number,
+)
 from .words import WordSelector, content_words
 
 __all__ = ["GIFT"]
@@ -47,12 +57,20 @@ class GIFT(Intervention):
     tokenizer: object | None = field(default=None, compare=False)
     word_selector: WordSelector = content_words
 
+    def __post_init__(self) -> None:
+        check_number("alpha", self.alpha, 0.0, what="the strength α")
+        check_number("beta", self.beta, 0.0, what="the query gain β")
+        for name in ("saliency_layers", "enhance_layers"):
+            check_indices(name, getattr(self, name), ascending=False)
+            if not getattr(self, name):
+                raise ValueError(f"{name}: expected at least one layer, got none")
+        if not callable(self.word_selector):
+            raise TypeError(f"word_selector: expected a callable on token strings, got {self.word_selector!r}")
+
     def bind(self, context: ModelContext) -> Runtime:
-        if self.alpha < 0:
-            raise ValueError(f"alpha: expected a non-negative strength, got {self.alpha}")
         for name in ("saliency_layers", "enhance_layers"):
             layers = list(getattr(self, name))
-            if not layers or any(not 0 <= layer < context.num_layers for layer in layers):
+            if max(layers) >= context.num_layers:
                 raise ValueError(f"{name}: expected layers in [0, {context.num_layers}), got {layers}")
         return _GIFTRuntime(self, context)
 
@@ -91,7 +109,8 @@ class _GIFTRuntime(Runtime):
         if self.extra_pass and not call.decoding and not self.in_saliency_pass:
             self.in_saliency_pass = True
             try:
-                self.context.text_model(**{**kwargs, "past_key_values": None, "use_cache": False})
+                uncached = {name: value for name, value in kwargs.items() if name not in CACHE_ARGUMENTS}
+                self.context.text_model(**{**uncached, "use_cache": False})
             except _SaliencyReady:
                 pass
             finally:

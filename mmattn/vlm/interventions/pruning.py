@@ -14,12 +14,13 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..attention import AttentionRows, repeat_kv
-from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
+from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime, check_indices, check_number
 from .gather import take_mask, take_tokens
 from .vision_importance import context_relevance, patch_entropy, vit_attention_map
 
@@ -84,22 +85,30 @@ class PruningPlan:
 
 
 class _PruningIntervention(Intervention):
+    layers_argument: ClassVar[str]  # the setting that names the stage layers
+
+    def __post_init__(self) -> None:
+        self.plan()  # checks the settings as they are made, not at apply()
+
     def plan(self) -> PruningPlan:
         raise NotImplementedError
 
     def bind(self, context: ModelContext) -> Runtime:
         plan = self.plan()
         if plan.stages[-1].layer >= context.num_layers:
-            raise ValueError(f"stages: layer {plan.stages[-1].layer} >= the model's {context.num_layers} layers")
+            raise ValueError(
+                f"{self.layers_argument}: layer {plan.stages[-1].layer} >= the model's {context.num_layers} layers"
+            )
         if plan.positions == "reindex" and context.family.multi_axis_rope:
             raise ValueError(
                 f"positions: {context.family.name}'s multi-axis rotary positions must be gathered, not renumbered; "
                 "use positions='keep'"
             )
-        if plan.score == "vision" and context.family.name not in ("llava", "llava_onevision"):
+        if plan.score == "vision" and context.family.name != "llava":
             raise ValueError(
-                f"score: the ViT importance map is implemented for single-crop LLaVA (CLIP/SigLIP), "
-                f"got family {context.family.name!r}"
+                "model: the ViT importance map needs one ViT patch per image token, as in model_type 'llava' "
+                "(LLaVA-1.5, llava-interleave: one CLIP/SigLIP crop per image); got model_type "
+                f"{context.family.name!r} (anyres tiles and newline tokens, or merged Qwen patches)"
             )
         return _PruningRuntime(plan, context)
 
@@ -193,15 +202,22 @@ class _PruningRuntime(Runtime):
         self.relevance = relevance.flatten().detach()
 
     def _importance(self) -> torch.Tensor:
-        """[B, P] importance at the image-token positions of the prompt (images fill them in order)."""
+        """[B, P] importance at the image-token positions of the prompt (images fill them in order), from the map the
+        vision tower left for this prompt (used once). `generate` may encode each prompt's images once and repeat the
+        features for its expanded rows (num_return_sequences, beams; transformers >= 5.24): so is the map."""
         if self.importance is None:
             image = self.call.layout.image
+            relevance, self.relevance = self.relevance, None
+            if relevance is None:
+                raise ValueError("pixel_values: VFlowOpt's importance comes from the vision tower, which did not run "
+                                 "for this prompt since apply() (image features computed before it?)")
             tokens = self.image_count * image.shape[0]
-            if self.relevance is None or self.relevance.numel() != tokens:
-                count = None if self.relevance is None else self.relevance.numel()
-                raise ValueError(f"pixel_values: {count} ViT patches do not match {tokens} image tokens")
-            importance = torch.zeros(image.shape, dtype=self.relevance.dtype, device=image.device)
-            self.importance = importance.masked_scatter(image, self.relevance)
+            repeats = tokens // relevance.numel()
+            if relevance.numel() * repeats != tokens or image.shape[0] % repeats:
+                raise ValueError(f"pixel_values: {relevance.numel()} ViT patches do not match {tokens} image tokens")
+            relevance = relevance.view(-1, self.image_count).repeat_interleave(repeats, 0)
+            importance = torch.zeros(image.shape, dtype=relevance.dtype, device=image.device)
+            self.importance = importance.masked_scatter(image, relevance)
         return self.importance
 
     def _stage_scores(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -287,6 +303,8 @@ class _PruningRuntime(Runtime):
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             kwargs["attention_mask"] = take_mask(mask, local if mask.dim() == 4 else None, local)
+        elif mask is None:  # without a mask and a cache, transformers reads position gaps as packed sequences
+            kwargs["attention_mask"] = torch.ones(local.shape, dtype=torch.long, device=local.device)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
         kwargs["position_ids"] = take_tokens(kwargs["position_ids"], local, -1)
@@ -392,12 +410,11 @@ class FastV(_PruningIntervention):
 
     k: int = 2
     ratio: float = 0.5
+    layers_argument: ClassVar[str] = "k"
 
     def plan(self) -> PruningPlan:
-        if self.k < 1:
-            raise ValueError(f"k: expected a layer >= 1 (scores come from layer K-1), got {self.k}")
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio: expected the pruned fraction R in [0, 1], got {self.ratio}")
+        check_number("k", self.k, 1, what="the layer K (scores come from layer K-1)", integer=True)
+        check_number("ratio", self.ratio, 0.0, 1.0, what="the pruned fraction R")
         return PruningPlan(stages=(PruneStage(self.k, 1.0 - self.ratio),), score="previous_layer")
 
 
@@ -410,10 +427,13 @@ class PyramidDrop(_PruningIntervention):
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float = 0.5
     positions: str = "reindex"
+    layers_argument: ClassVar[str] = "layers"
 
     def plan(self) -> PruningPlan:
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio: expected λ in (0, 1], got {self.ratio}")
+        check_indices("layers", self.layers, minimum=1)  # scores come from the stage layer's own attention
+        if not self.layers:
+            raise ValueError("layers: expected at least one stage layer, got none")
+        check_number("ratio", self.ratio, 0.0, 1.0, what="λ", open_low=True)
         stages = tuple(PruneStage(layer, self.ratio ** (index + 1)) for index, layer in enumerate(self.layers))
         return PruningPlan(stages=stages, score="own_layer", positions=self.positions)
 
@@ -444,18 +464,28 @@ class VFlowOpt(_PruningIntervention):
     llm_ratios: tuple[float, ...] | None = None
     llm_layers: Sequence[int] = (9, 18)
     vit_layer: int | None = None
+    layers_argument: ClassVar[str] = "llm_layers"
 
     def plan(self) -> PruningPlan:
-        if self.keep not in VFLOWOPT_PRESETS:
-            raise ValueError(f"keep: expected a preset in {sorted(VFLOWOPT_PRESETS)}, got {self.keep}")
+        if not isinstance(self.keep, float) or self.keep not in VFLOWOPT_PRESETS:
+            raise ValueError(f"keep: expected a preset in {sorted(VFLOWOPT_PRESETS)}, got {self.keep!r}")
         threshold, entropy_weight, cell, vit_ratio, llm_ratios = VFLOWOPT_PRESETS[self.keep]
         threshold = threshold if self.threshold is None else self.threshold
         entropy_weight = entropy_weight if self.entropy_weight is None else self.entropy_weight
         cell = cell if self.cell is None else self.cell
         vit_ratio = vit_ratio if self.vit_ratio is None else self.vit_ratio
         llm_ratios = llm_ratios if self.llm_ratios is None else tuple(self.llm_ratios)
+        check_number("threshold", threshold, 0.0, what="the global-token threshold t")
+        check_number("entropy_weight", entropy_weight, -math.inf, what="α_v")
+        check_number("cell", cell, 1.0, what="the recycling cell side m")
+        check_number("vit_ratio", vit_ratio, 0.0, 1.0, what="the kept fraction r_v", open_low=True)
+        check_indices("llm_layers", self.llm_layers, minimum=1)
+        if self.vit_layer is not None:
+            check_number("vit_layer", self.vit_layer, 0, what="a ViT layer index", integer=True)
         if len(llm_ratios) != len(self.llm_layers):
             raise ValueError(f"llm_ratios: expected one ratio per llm layer {tuple(self.llm_layers)}, got {llm_ratios}")
+        for ratio in llm_ratios:
+            check_number("llm_ratios", ratio, 0.0, 1.0, what="kept fractions")
         stages, kept = [PruneStage(0, vit_ratio)], vit_ratio
         for layer, ratio in zip(self.llm_layers, llm_ratios):
             kept *= ratio

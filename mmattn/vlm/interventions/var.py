@@ -16,7 +16,7 @@ from torch import nn
 
 from ...kernels import sink_redistribution_attention
 from ..attention import AttentionRows, column_masses, scale_columns
-from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime
+from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime, check_indices, check_number
 
 __all__ = ["KNOWN_SINK_DIMS", "VAR", "find_sink_dims", "sink_scores"]
 
@@ -63,12 +63,13 @@ class VAR(Intervention):
     except_last_layer: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("p", "rho"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
-        if self.sink_dims is not None and not self.sink_dims:
-            raise ValueError("sink_dims: expected at least one dimension, got an empty sequence")
+        for name in ("p", "rho", "min_visual_mass"):
+            check_number(name, getattr(self, name), 0.0, 1.0)
+        check_number("tau", self.tau, 0.0, what="the sink threshold on phi")
+        if self.sink_dims is not None:
+            check_indices("sink_dims", self.sink_dims, ascending=False, what="hidden dimensions")
+            if not self.sink_dims:
+                raise ValueError("sink_dims: expected at least one dimension, got an empty sequence")
 
     def bind(self, context: ModelContext) -> Runtime:
         config = context.text_model.config

@@ -1,33 +1,61 @@
-# Needs only python3 (>= 3.10) and make; everything else is installed into .venv.
+# Needs only python3 (>= 3.11) and make; everything else is installed into .venv (the lock) or .venv-latest.
+SHELL := /bin/bash
 PYTHON ?= python3
+LOCK := constraints.txt
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
+LPY := $(LATEST)/bin/python
+# test-latest takes the newest release of every dependency but torch and torchvision: pip on the CPU machines is
+# capped at this pair (torch 2.13's torchvision from PyPI fails to import on the CPU, which breaks timm).
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+PYTEST := -m pytest -q -ra tests
+FREEZE := -m pip freeze --all --exclude-editable
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-latest lock demo bench clean
 
 venv: $(STAMP)
 
-# Re-installs only when pyproject.toml or constraints.txt change.
-$(STAMP): pyproject.toml constraints.txt
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-		|| { echo "mmattn needs Python >= 3.10 ($(PYTHON) is older)" >&2; exit 1; }
-	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -c constraints.txt -e ".[all,test]"
+# Rebuilt from scratch when pyproject.toml or the lock change, so that .venv holds the lock's releases and nothing
+# else; a release the lock does not pin (a new dependency) stops the build.
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "mmattn needs Python >= 3.11 ($(PYTHON) is older)" >&2; exit 1; }
+	$(PYTHON) -m venv --clear $(VENV)
+	$(VPY) -m pip install -q -c $(LOCK) --upgrade pip
+	$(VPY) -m pip install -c $(LOCK) -e ".[all,test]"
+	@unpinned=$$(LC_ALL=C comm -13 <(grep -v '^#' $(LOCK) | LC_ALL=C sort) <($(VPY) $(FREEZE) | LC_ALL=C sort)); \
+		test -z "$$unpinned" || { echo "$(LOCK) does not pin: $$unpinned (run make lock)" >&2; exit 1; }
 	touch $@
 
 test: venv
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -ra tests
+	TRITON_INTERPRET=1 $(VPY) $(PYTEST)
+
+# A fresh venv with the newest release of each dependency (what `pip install mmattn[all]` gets today), the releases
+# newer than the lock printed, then the same suite.
+test-latest:
+	$(PYTHON) -m venv --clear $(LATEST)
+	$(LPY) -m pip install -q --upgrade pip
+	$(LPY) -m pip install -e ".[all,test]" $(TORCH_PAIR)
+	$(LPY) $(FREEZE) > $(LATEST)/freeze.txt
+	@echo "Newer than $(LOCK):"; diff <(grep -v '^#' $(LOCK)) $(LATEST)/freeze.txt | grep '^>' || echo "  nothing"
+	TRITON_INTERPRET=1 $(LPY) $(PYTEST)
+
+# Re-pins the lock to the releases of .venv-latest once the suite has passed there.
+lock: test-latest
+	{ echo "# The lock: every release (direct and transitive) the suite passed with; make venv installs exactly these."; \
+	  echo "# Written by make lock from .venv-latest ($$($(LPY) -c 'import platform; print("Python", platform.python_version(), platform.machine())'))."; \
+	  cat $(LATEST)/freeze.txt; } > $(LOCK)
 
 # The Gradio demo on embedded defaults (no download): http://127.0.0.1:7860
 demo: venv
 	$(VENV)/bin/mmattn demo --host 127.0.0.1 --port 7860
 
-# No venv dependency: the GPU machine keeps its own torch/triton (constraints.txt pins the CPU pair).
+# No venv dependency: the GPU machine keeps its own torch/triton (the lock pins the CPU pair).
 bench:
-	$(VPY) benchmarks/kernels.py
+	$(VPY) benchmarks/block_sparse.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -path ./$(LATEST) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from mmattn import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +35,77 @@ class Command(NamedTuple):
     run: Callable[[argparse.Namespace], int]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that reports a bad argument in one line on stderr and exits with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _fail(message: str, status: int = 2) -> int:
+    """Print `message` as one error line on stderr; returns `status` (2: bad argument)."""
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in [`low`, `high`] (unbounded above where `high` is None)."""
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> torch.device:
+    """An argparse type: `cpu`, or `cuda[:index]` of a GPU this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:<index>, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"expected cpu (CUDA is not available here), got {text!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}, got {text!r}")
+    return device
+
+
+def _host(text: str) -> str:
+    """An argparse type: an IPv4 address or host name of this machine (a socket binds to it; Gradio takes no IPv6)."""
+    try:
+        socket.create_server((text, 0)).close()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 address of this machine such as 127.0.0.1 or 0.0.0.0, "
+                                         f"got {text!r} ({error.strerror or error})") from None
+    return text
+
+
+def _png_out(text: str) -> Path:
+    """An argparse type: a .png file name in an existing, writable folder."""
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"expected a file name ending in .png, got {text!r}")
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"expected a file in an existing, writable folder, got {text!r} "
+                                         f"({folder} {'is not writable' if folder.is_dir() else 'does not exist'})")
+    return path
+
+
 def _info_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="device to check the backends on (default: cuda if present, else cpu)")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="cpu or cuda[:index], to check the backends on (default: cuda if present, else cpu)")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -45,11 +119,8 @@ def _info(args: argparse.Namespace) -> int:
     except ImportError:
         triton_version = "not installed"
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print(f"error: --device {args.device} but CUDA is not available", file=sys.stderr)
-            return 1
         major, minor = torch.cuda.get_device_capability(device)
         device_desc = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     else:
@@ -73,24 +144,25 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
+    parser.add_argument("--host", type=_host, default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=_int_in(0, 65535), default=7860, help="port (default: 7860; 0 picks a free one)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
 
 
 def _demo(args: argparse.Namespace) -> int:
     """Serve the Gradio demo (Vision, VLM and Video tabs) until interrupted."""
     try:
-        import demos
+        from mmattn.demo import launch
     except ImportError as error:
-        print(f"error: {error} (the demos/ package ships with the source tree; run from a checkout installed with "
-              "pip install -e '.[all]')", file=sys.stderr)
-        return 1
-    demos.launch(args.host, args.port, args.share)
+        return _fail(str(error), status=1)
+    try:
+        launch(args.host, args.port, args.share)
+    except OSError as error:
+        return _fail(f"--host {args.host} --port {args.port}: cannot serve there ({error})")
     return 0
 
 
-BENCHMARKS = ("kernels", "neighborhood", "vision", "vlm", "diffusion", "context_parallel")
+BENCHMARKS = ("block_sparse", "neighborhood", "vision", "vlm", "diffusion", "context_parallel")
 _LAUNCHERS = {"context_parallel": ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")}
 """Benchmarks that run as several processes: how Python starts them (the rest run as plain scripts)."""
 _WROTE = re.compile(r"^wrote (.+)$")
@@ -105,8 +177,8 @@ def _bench(args: argparse.Namespace) -> int:
     """Run benchmarks/<name>.py with a progress line per result row, then print its results table."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
-        print(f"error: {script} not found (benchmarks ship with the source tree)", file=sys.stderr)
-        return 1
+        return _fail(f"mmattn bench needs a source checkout of mmattn: it runs benchmarks/{args.name}.py, "
+                     f"which an installed package lacks ({script} not found)")
     command = [sys.executable, *_LAUNCHERS.get(args.name, ()), str(script), *(["--quick"] if args.quick else [])]
     start, rows, output = time.monotonic(), 0, []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
@@ -132,19 +204,31 @@ def _bench(args: argparse.Namespace) -> int:
 def _masks_arguments(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     radial = kinds.add_parser("radial", help="Radial attention's block mask of a video (Wan / HunyuanVideo rule)")
-    radial.add_argument("--frames", type=int, required=True, help="latent frames")
-    radial.add_argument("--tokens-per-frame", type=int, required=True, help="tokens per latent frame")
-    radial.add_argument("--block-size", type=int, default=128)
+    radial.add_argument("--frames", type=_int_in(1), required=True, help="latent frames")
+    radial.add_argument("--tokens-per-frame", type=_int_in(1), required=True, help="tokens per latent frame")
+    radial.add_argument("--block-size", type=_int_in(1), default=128)
     radial.add_argument("--decay-factor", type=float, default=1.0)
     radial.add_argument("--model", choices=("wan", "hunyuan"), default="wan", help="mask rule (wan: frame-0 sink)")
-    radial.add_argument("--text-tokens", type=int, default=0, help="text tokens after the video (dense rows/columns)")
+    radial.add_argument("--text-tokens", type=_int_in(0), default=0, help="text tokens after the video (dense rows/columns)")
     neighborhood = kinds.add_parser("neighborhood", help="the token mask of 2-D neighborhood attention (NAT / DiNAT)")
-    neighborhood.add_argument("--height", type=int, required=True)
-    neighborhood.add_argument("--width", type=int, required=True)
-    neighborhood.add_argument("--kernel-size", type=int, default=7)
-    neighborhood.add_argument("--dilation", type=int, default=1)
+    neighborhood.add_argument("--height", type=_int_in(1), required=True)
+    neighborhood.add_argument("--width", type=_int_in(1), required=True)
+    neighborhood.add_argument("--kernel-size", type=_int_in(1), default=7)
+    neighborhood.add_argument("--dilation", type=_int_in(1), default=1)
     for kind in (radial, neighborhood):
-        kind.add_argument("--out", type=Path, required=True, help="PNG file to write")
+        kind.add_argument("--out", type=_png_out, required=True, help="PNG file to write (in an existing folder)")
+
+
+MAX_MASK_SIDE = 4096
+"""`mmattn masks` draws masks of at most 4096 x 4096 entries (16.8 M pixels), checked before anything is allocated."""
+
+
+def _mask_side(args: argparse.Namespace) -> tuple[int, str]:
+    """The row count of the mask `args` asks for, and the arguments that set it."""
+    if args.kind == "radial":
+        tokens = args.frames * args.tokens_per_frame + args.text_tokens
+        return -(-tokens // args.block_size), "--frames x --tokens-per-frame + --text-tokens, in blocks of --block-size"
+    return args.height * args.width, "--height x --width"
 
 
 def _mask(args: argparse.Namespace):
@@ -166,16 +250,17 @@ def _mask(args: argparse.Namespace):
 
 def _masks(args: argparse.Namespace) -> int:
     """Render a mask to PNG and print its size and density."""
-    from demos.rendering import mask_image
-
-    if args.out.suffix.lower() != ".png":
-        print(f"error: --out must end in .png, got {args.out}", file=sys.stderr)
-        return 2
+    side, source = _mask_side(args)
+    if side > MAX_MASK_SIDE:
+        return _fail(f"{source}: expected a mask of at most {MAX_MASK_SIDE} x {MAX_MASK_SIDE}, got {side} x {side}")
+    try:
+        from mmattn.demo.rendering import mask_image
+    except ImportError as error:
+        return _fail(str(error), status=1)
     try:
         mask, description = _mask(args)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error))
     mask_image(mask).save(args.out)
     print(f"{description}: density {mask.float().mean():.4f}, wrote {args.out}")
     return 0
@@ -191,7 +276,7 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per entry in ``COMMANDS``."""
-    parser = argparse.ArgumentParser(prog="mmattn", description="Sparse and structured attention toolkit.")
+    parser = _Parser(prog="mmattn", description="Sparse and structured attention toolkit.")
     parser.add_argument("--version", action="version", version=f"mmattn {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

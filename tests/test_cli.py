@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +79,58 @@ def test_masks_neighborhood_png(tmp_path) -> None:
     assert out.is_file()
 
 
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Exit status 2 and a single stderr line (no traceback) that contains every one of `words`."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), result.stderr
+
+
 def test_masks_bad_arguments_name_them(tmp_path) -> None:
     result = _run("-m", "mmattn", "masks", "radial", "--frames", "0", "--tokens-per-frame", "4", "--out",
                   str(tmp_path / "m.png"))
-    assert result.returncode == 2 and "frames" in result.stderr
+    _assert_one_line_error(result, "--frames", "expected an int >= 1", "'0'")
     result = _run("-m", "mmattn", "masks", "radial", "--frames", "2", "--tokens-per-frame", "4", "--out",
                   str(tmp_path / "m.jpg"))
-    assert result.returncode == 2 and "--out must end in .png" in result.stderr
+    _assert_one_line_error(result, "--out", ".png", "m.jpg")
+
+
+def test_masks_missing_output_folder(tmp_path) -> None:
+    out = tmp_path / "no-such-folder" / "m.png"
+    result = _run("-m", "mmattn", "masks", "radial", "--frames", "2", "--tokens-per-frame", "4", "--out", str(out))
+    _assert_one_line_error(result, "--out", "existing", str(out))
+
+
+@pytest.mark.parametrize("kind", [
+    ("neighborhood", "--height", "300", "--width", "300"),  # 90,000 tokens: a 90,000 x 90,000 mask (8.1 G entries)
+    ("radial", "--frames", "21", "--tokens-per-frame", "1560", "--block-size", "16", "--text-tokens", "40000"),
+], ids=["neighborhood", "radial"])
+def test_masks_too_big_is_refused_before_allocating(tmp_path, kind) -> None:
+    result = _run("-m", "mmattn", "masks", *kind, "--out", str(tmp_path / "m.png"))
+    _assert_one_line_error(result, kind[1], "at most 4096 x 4096")
+    assert not (tmp_path / "m.png").exists()
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta", "cuda:99"])
+def test_info_bad_device(device) -> None:
+    _assert_one_line_error(_run("-m", "mmattn", "info", "--device", device), "--device", f"got {device!r}")
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_demo_port_out_of_range(port) -> None:
+    _assert_one_line_error(_run("-m", "mmattn", "demo", "--port", port), "--port", "[0, 65535]", f"got {port!r}")
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "::1"])
+def test_demo_bad_host(host) -> None:
+    _assert_one_line_error(_run("-m", "mmattn", "demo", "--host", host), "--host", f"got {host!r}")
+
+
+def test_demo_port_in_use() -> None:
+    pytest.importorskip("gradio")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        _assert_one_line_error(_run("-m", "mmattn", "demo", "--port", port), "--port", port, "cannot serve")
 
 
 @pytest.mark.parametrize("name", ["diffusion", "context_parallel"])

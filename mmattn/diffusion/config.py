@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from mmattn import presets
+
 from .masks import MASK_RULES, check_radial_args
 
 __all__ = ["PRESET_DIR", "RadialConfig", "preset_names"]
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "diffusion"
-"""Per-model presets from the official scripts (`configs/diffusion/<name>.yaml` in the source tree)."""
+PRESET_DIR = presets.folder("diffusion")
+"""Per-model presets from the official scripts: the package data `mmattn/presets/diffusion/<name>.yaml`."""
 
 
 def _non_negative_int(name: str, value: object) -> None:
@@ -69,4 +71,4 @@ class RadialConfig:
 
 def preset_names() -> list[str]:
     """Names of the presets in `PRESET_DIR`."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return presets.names("diffusion")

@@ -1,10 +1,12 @@
-"""Per-model intervention presets in configs/vlm/*.yaml (the spec's defaults per model)."""
+"""Per-model intervention presets, the package data mmattn/presets/vlm/*.yaml (the spec's defaults per model)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+
+from mmattn import presets
 
 from .interventions.base import Intervention
 from .interventions.gift import GIFT
@@ -13,21 +15,20 @@ from .interventions.var import VAR
 
 __all__ = ["PRESET_DIR", "load_preset"]
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "vlm"
+PRESET_DIR = presets.folder("vlm")
 _METHODS = {"var": VAR, "gift": GIFT, "fastv": FastV, "pyramiddrop": PyramidDrop, "vflowopt": VFlowOpt}
 _TUPLE_FIELDS = ("sink_dims", "saliency_layers", "enhance_layers", "layers", "llm_layers", "llm_ratios")
 
 
 def load_preset(model: str | Path, method: str, **overrides: object) -> Intervention:
     """The `method` intervention ("var", "gift", "fastv", "pyramiddrop", "vflowopt") with the settings of preset
-    `model` (a name in configs/vlm such as "llava-1.5-7b", or a YAML path); keyword overrides win."""
+    `model` (a name in mmattn/presets/vlm such as "llava-1.5-7b", or a YAML path); keyword overrides win."""
     path = Path(model) if str(model).endswith(".yaml") else PRESET_DIR / f"{model}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ValueError(f"model: expected a preset in {names} or a YAML path, got {str(model)!r}")
+        raise ValueError(f"model: expected a preset in {presets.names('vlm')} or a YAML path, got {str(model)!r}")
     settings = yaml.safe_load(path.read_text())
     if method not in _METHODS or method not in settings:
-        raise ValueError(f"method: expected one of {sorted(settings)} for {path.stem}, got {method!r}")
+        raise ValueError(f"method: expected one of {sorted(settings)} for {path.name.removesuffix('.yaml')}, got {method!r}")
     values = {**settings[method], **overrides}
     values = {k: tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v for k, v in values.items()}
     return _METHODS[method](**values)

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from demos import video_tab
-from demos.rendering import write_video
+from mmattn.demo import video_tab
+from mmattn.demo.rendering import write_video
 from mmattn.diffusion import radial_block_mask
 
 

@@ -1,4 +1,4 @@
-"""Gradio demos of mmattn (`mmattn demo`): a Vision, a VLM and a Video tab, on embedded defaults.
+"""The Gradio demo of mmattn (`mmattn demo`): a Vision, a VLM and a Video tab, on embedded defaults.
 
 Needs the ``demo`` extra: ``pip install "mmattn[demo]"``.
 """

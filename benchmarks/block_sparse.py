@@ -1,12 +1,12 @@
 """Block-sparse attention on the GPU: mmattn's Triton kernels vs FlexAttention (compiled, identical mask) vs
-cuDNN SDPA dense, forward and forward+backward, bf16. Writes benchmarks/results/kernels.md.
+cuDNN SDPA dense, forward and forward+backward, bf16. Writes benchmarks/results/block_sparse.md.
 
 TFLOP/s count only the kept (query, key) pairs: 4 * B * H * D * pairs forward, 2.5x that for the backward.
 Speed ratios are peer time / our time (above 1: we are faster). Efficiency = density * T(our dense mask) /
 T(our sparse mask). Masks: "band" (each query block sees a window of consecutive key blocks) and "random"
 (each query block sees the same number of key blocks drawn at random, per head).
 
-    python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels.md]
+    python benchmarks/block_sparse.py [--quick] [--out benchmarks/results/block_sparse.md]
 """
 
 from __future__ import annotations
@@ -131,10 +131,10 @@ def write_table(rows, tiles, out_path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one shape, densities 1.0 and 0.1")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.md")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "block_sparse.md")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+        raise SystemExit("benchmarks/block_sparse.py needs a CUDA GPU")
     shapes, densities = (SHAPES[:1], [1.0, 0.1]) if args.quick else (SHAPES, DENSITIES)
     run(shapes, densities, args.out)
 

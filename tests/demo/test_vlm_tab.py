@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from demos import vlm_tab
-from demos.vision_tab import sample_image
+from mmattn.demo import vlm_tab
+from mmattn.demo.vision_tab import sample_image
 
 
 def _quiet(*args, **kwargs) -> None:

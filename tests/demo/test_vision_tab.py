@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("timm")
 
-from demos import vision_tab
-from demos.vision_maps import attention_maps
+from mmattn.demo import vision_tab
+from mmattn.demo.vision_maps import attention_maps
 
 
 @pytest.fixture(scope="module")

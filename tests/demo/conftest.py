@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # demos/ lives at the repository root
-
 
 @pytest.fixture(scope="session")
 def app_url() -> Iterator[str]:
-    import demos
+    from mmattn.demo import launch
 
-    app = demos.launch("127.0.0.1", 0, block=False)
+    app = launch("127.0.0.1", 0, block=False)
     yield app.local_url
     app.close()
 

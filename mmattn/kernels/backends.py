@@ -49,12 +49,13 @@ def resolve_backend(
 ) -> str:
     """The backend to run: `"auto"` picks Triton for CUDA tensors of a Triton dtype, else torch; an explicit
     choice that cannot run here is a clear error. `head_dims` and `head_dim_multiple`: the head dims the Triton
-    kernels take (the tiled ones need multiples of 8 for their dots)."""
-    if backend not in backends:
+    kernels take (the tiled ones need multiples of 8 for their dots). An empty `q` (a batch of 0) runs torch,
+    whose reference returns the empty result, as SDPA does: there is nothing for a kernel to launch."""
+    if not isinstance(backend, str) or backend not in backends:
         raise ValueError(f"backend must be one of {backends}, got {backend!r}")
     if backend == "auto":
-        return "triton" if q.is_cuda and q.dtype in _TRITON_DTYPES and _triton_runs_on(q.device) else "torch"
-    if backend == "triton":
+        backend = "triton" if q.is_cuda and q.dtype in _TRITON_DTYPES and _triton_runs_on(q.device) else "torch"
+    elif backend == "triton":
         if not _triton_runs_on(q.device):
             raise ValueError(f"backend='triton' cannot run here: {backend_info(q.device)['triton'][1]}")
         if q.dtype not in _TRITON_DTYPES:
@@ -62,4 +63,4 @@ def resolve_backend(
         if q.shape[-1] not in head_dims or q.shape[-1] % head_dim_multiple:
             raise ValueError(f"backend='triton' takes head_dim a multiple of {head_dim_multiple} in "
                              f"[{head_dims.start}, {head_dims.stop - 1}], got {q.shape[-1]}")
-    return backend
+    return "torch" if q.numel() == 0 else backend

@@ -18,7 +18,7 @@ import torch
 
 from . import reference
 from .backends import resolve_backend
-from .validation import check_qkv, resolve_scale
+from .validation import check_number, check_qkv, resolve_scale
 
 __all__ = ["COLUMN_SET_BACKENDS", "ColumnSets", "column_set_attention", "ranked_head_enhancement", "sink_redistribution_attention"]
 
@@ -51,10 +51,12 @@ def _check(query, key, value, columns, visible, sets: int | None) -> None:
         raise ValueError(f"columns: expected {sets} sets, got {count}")
     if columns.device != query.device:
         raise ValueError(f"columns must be on {query.device}, got {columns.device}")
-    if visible is not None and (visible.dtype != torch.bool or visible.shape != (query.shape[0], key.shape[2])
-                                or visible.device != query.device):
+    if visible is not None and (not isinstance(visible, torch.Tensor) or visible.dtype != torch.bool
+                                or visible.shape != (query.shape[0], key.shape[2]) or visible.device != query.device):
+        got = (f"{visible.dtype} {tuple(visible.shape)} on {visible.device}" if isinstance(visible, torch.Tensor)
+               else type(visible).__name__)
         raise ValueError(f"visible: expected a bool ({query.shape[0]}, {key.shape[2]}) tensor on {query.device}, "
-                         f"got {visible.dtype} {tuple(visible.shape)} on {visible.device}")
+                         f"got {got}")
 
 
 def _triton(query, key, value, backend: str) -> bool:
@@ -110,6 +112,7 @@ def sink_redistribution_attention(
     """
     _check(query, key, value, columns, visible, 3)
     scale = resolve_scale(scale, query.shape[-1])
+    share, rho, min_mass = check_number("share", share), check_number("rho", rho), check_number("min_mass", min_mass)
     if _triton(query, key, value, backend):
         from .triton.column_sets import column_sets_forward
 
@@ -127,6 +130,9 @@ def ranked_head_enhancement(
     image-mass gain), and each row keeps its mass."""
     if not isinstance(sets, ColumnSets) or sets.masses.shape[-1] != 3:
         raise ValueError("sets: expected the ColumnSets of three column sets (image, boost, query)")
+    beta = check_number("beta", beta)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if resolve_backend(backend, sets.output, COLUMN_SET_BACKENDS, _HEAD_DIMS, 1) == "triton":
         from .triton.column_sets import ranked_heads_forward
 

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from .backends import resolve_backend
 from .mask import BlockSparseMask
+from .validation import resolve_scale
 
 __all__ = ["context_parallel_attention"]
 
@@ -175,6 +177,8 @@ def context_parallel_attention(
 
     ulysses, ring = _group_size(ulysses_group), _group_size(ring_group)
     _check_shards(q, k, v, mask, ulysses * ring)
+    # Before any exchange, so that every rank refuses a bad argument alike.
+    scale, backend = resolve_scale(scale, q.shape[-1]), resolve_backend(backend, q)
     if ulysses > 1:
         for name, heads in (("q", q.shape[1]), ("k", k.shape[1])):
             if heads % ulysses:

@@ -15,7 +15,7 @@ import torch
 import triton
 from torch.library import custom_op
 
-from .neighborhood import Neighborhood
+from .neighborhood import Neighborhood, eager_cache
 from .triton import block_sparse as bs
 from .triton import neighborhood as fna
 from .triton.launch import (
@@ -29,7 +29,7 @@ from .triton.launch import (
 __all__ = ["neighborhood_attend", "neighborhood_bwd", "neighborhood_fwd"]
 
 
-@functools.lru_cache(maxsize=256)
+@eager_cache
 def _pattern(nbhd: Neighborhood) -> tuple[int, ...]:
     pad = 3 - len(nbhd.shape)
     fields = (nbhd.shape, nbhd.kernel_size, nbhd.dilation, nbhd.stride, nbhd.is_causal)

@@ -13,10 +13,30 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
-__all__ = ["Neighborhood", "axis_window"]
+__all__ = ["Neighborhood", "axis_window", "eager_cache"]
+
+
+def eager_cache(fn):
+    """`functools.lru_cache` (typed) for eager calls; under torch.compile `fn` itself runs, since Dynamo cannot trace
+    the cache wrapper before torch 2.14 (later ones trace around it, with a warning). Unhashable arguments run
+    uncached, so that `fn`'s checks, not the cache, report them."""
+    cached = functools.lru_cache(maxsize=512, typed=True)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        try:
+            hash(args)
+        except TypeError:
+            return fn(*args)
+        return cached(*args)
+
+    return call
 
 
 def axis_window(p: torch.Tensor, n: torch.Tensor, kernel_size: int, stride: int, is_causal: bool):
@@ -37,13 +57,14 @@ def axis_window(p: torch.Tensor, n: torch.Tensor, kernel_size: int, stride: int,
 
 
 def _per_axis(value, name: str, ndim: int, kind: type) -> tuple:
+    """`value` (one or one per axis) as a tuple of `ndim` ints (any integer type) or bools."""
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
     if len(values) != ndim:
         raise ValueError(f"{name} must be one {kind.__name__} or {ndim} (one per spatial axis), got {value!r}")
     for v in values:
-        if kind is bool and not isinstance(v, bool) or kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+        if kind is bool and not isinstance(v, bool) or kind is int and (isinstance(v, bool) or not isinstance(v, Integral)):
             raise TypeError(f"{name} must hold {kind.__name__} values, got {value!r}")
-    return values
+    return tuple(kind(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -60,14 +81,14 @@ class Neighborhood:
     def create(cls, shape, kernel_size, dilation=1, stride=1, is_causal=False) -> Neighborhood:
         """Validate and broadcast the arguments (an int/bool applies to every axis); errors name the argument.
 
-        Patterns are cached by their arguments: a model calls this with the same ones at every layer."""
+        Eager calls are cached by their arguments: a model calls this with the same ones at every layer."""
         def frozen(value):
             return tuple(value) if isinstance(value, (list, tuple)) else value
 
         return cls._create(tuple(int(s) for s in shape), *map(frozen, (kernel_size, dilation, stride, is_causal)))
 
     @classmethod
-    @functools.lru_cache(maxsize=512)
+    @eager_cache
     def _create(cls, shape, kernel_size, dilation, stride, is_causal) -> Neighborhood:
         ndim = len(shape)
         if ndim not in (1, 2, 3):

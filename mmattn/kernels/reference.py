@@ -1,7 +1,8 @@
 """Exact PyTorch implementations of every mmattn kernel: the CPU path, the fallback and the tests' oracle.
 
 They are plain differentiable torch code (autograd gives the backward) and bound their memory: scores are
-formed for a chunk of query rows at a time, never as a full `Lq x Lk` matrix for long sequences.
+formed for a chunk of query rows at a time, never as a full `Lq x Lk` matrix for long sequences, and the backward
+recomputes them chunk by chunk.
 """
 
 from __future__ import annotations
@@ -67,31 +68,49 @@ def masked_attention(
     return torch.matmul(weights, v).to(dtype), lse
 
 
-def block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention (reference): `masked_attention` with the mask expanded to tokens chunk by chunk.
+def _rows_per_chunk(scores_per_row: int) -> int:
+    """Query rows whose scores (or gathered keys) fit the budget; at least one (and no division by an empty batch)."""
+    return max(1, _SCORE_BUDGET // max(1, scores_per_row))
 
-    Returns `(out, lse)`; see `masked_attention`.
+
+def _in_chunks(attend, rows: int, chunk: int, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend(start, end, *args) -> (out, lse)` over query rows `[start, end)`, `chunk` rows at a time, concatenated.
+
+    With autograd on and several chunks, each chunk is recomputed in the backward (activation checkpointing): no
+    more than one chunk's scores are held at once in training either.
     """
-    batch, heads, q_len, _ = q.shape
-    q_block = mask.block_size[0]
-    rows_per_chunk = max(1, _SCORE_BUDGET // (batch * heads * k.shape[2]))
-    rows_per_chunk = max(q_block, rows_per_chunk // q_block * q_block)
+    checkpointed = torch.is_grad_enabled() and chunk < rows
     outs, lses = [], []
-    for start in range(0, q_len, rows_per_chunk):
-        end = min(q_len, start + rows_per_chunk)
-        token_mask = mask.to_token_mask(start, end)
-        out, lse = masked_attention(q[:, :, start:end], k, v, token_mask, scale)
+    for start in range(0, rows, chunk):
+        bounds = (start, min(rows, start + chunk))
+        if checkpointed:
+            out, lse = torch.utils.checkpoint.checkpoint(attend, *bounds, *args, use_reentrant=False)
+        else:
+            out, lse = attend(*bounds, *args)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _neighborhood_chunk(q, k, v, rpb, nbhd: Neighborhood, start: int, scale: float):
-    key_index, valid, rpb_index = nbhd.neighbors(start, start + q.shape[2], q.device)
+def _block_sparse_chunk(start, end, q, k, v, mask: BlockSparseMask, scale):
+    return masked_attention(q[:, :, start:end], k, v, mask.to_token_mask(start, end), scale)
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention (reference): `masked_attention` with the mask expanded to tokens chunk by chunk
+    (whole query blocks at a time). Returns `(out, lse)`; see `masked_attention`."""
+    batch, heads, q_len, _ = q.shape
+    q_block = mask.block_size[0]
+    rows = max(q_block, _rows_per_chunk(batch * heads * k.shape[2]) // q_block * q_block)
+    return _in_chunks(_block_sparse_chunk, q_len, rows, q, k, v, mask, scale)
+
+
+def _neighborhood_chunk(start, end, q, k, v, rpb, nbhd: Neighborhood, scale):
+    key_index, valid, rpb_index = nbhd.neighbors(start, end, q.device)
     keys, values = k[:, :, key_index], v[:, :, key_index]  # (B, H, C, K, D)
-    scores = torch.einsum("bhcd,bhckd->bhck", q, keys) * scale
+    scores = torch.einsum("bhcd,bhckd->bhck", q[:, :, start:end], keys) * scale
     if rpb is not None:
         scores = scores + rpb[(slice(None), *rpb_index)].flatten(2).to(scores.dtype)
     weights, lse = _safe_softmax(scores.masked_fill(~valid, float("-inf")))
@@ -101,27 +120,25 @@ def _neighborhood_chunk(q, k, v, rpb, nbhd: Neighborhood, start: int, scale: flo
 def neighborhood_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nbhd: Neighborhood, rpb: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighborhood attention (reference) on flattened tokens `(B, H, N, D)`: gathers each query's keys.
-
-    Queries go in chunks so the gathered keys stay within a fixed budget; with autograd on, each chunk is
-    recomputed in the backward (activation checkpointing) so training memory stays bounded too.
-    Returns `(out, lse)`; see `masked_attention`.
-    """
+    """Neighborhood attention (reference) on flattened tokens `(B, H, N, D)`: gathers each query's keys, for a
+    chunk of queries at a time (the gathered keys stay within a fixed budget). Returns `(out, lse)`; see
+    `masked_attention`."""
     dtype = q.dtype
     q, k, v = _upcast_and_share_heads(q, k, v)
     batch, heads, tokens, head_dim = q.shape
-    rows = max(1, _SCORE_BUDGET // (batch * heads * nbhd.num_keys * head_dim))
-    checkpointed = torch.is_grad_enabled() and rows < tokens
-    outs, lses = [], []
-    for start in range(0, tokens, rows):
-        args = (q[:, :, start : start + rows], k, v, rpb, nbhd, start, scale)
-        if checkpointed:
-            out, lse = torch.utils.checkpoint.checkpoint(_neighborhood_chunk, *args, use_reentrant=False)
-        else:
-            out, lse = _neighborhood_chunk(*args)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, dim=2).to(dtype), torch.cat(lses, dim=2)
+    rows = _rows_per_chunk(batch * heads * nbhd.num_keys * head_dim)
+    out, lse = _in_chunks(_neighborhood_chunk, tokens, rows, q, k, v, rpb, nbhd, scale)
+    return out.to(dtype), lse
+
+
+def _routed_chunk(start, end, q, k, v, region_indices, kv_valid, q_region: int, kv_region: int, scale):
+    n_kv_regions = k.shape[2] // kv_region
+    routed = region_indices[:, :, torch.arange(start, end, device=q.device) // q_region]  # (B|1, H|1, C, topk)
+    allowed = (routed[..., None] == torch.arange(n_kv_regions, device=q.device)).any(-2)  # (B|1, H|1, C, regions)
+    allowed = allowed.repeat_interleave(kv_region, dim=-1)  # (B|1, H|1, C, Lk)
+    if kv_valid is not None:
+        allowed = allowed & kv_valid[:, None, None, :]
+    return masked_attention(q[:, :, start:end], k, v, allowed, scale)
 
 
 def routed_attention(
@@ -129,24 +146,12 @@ def routed_attention(
     q_region: int, kv_region: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed attention (reference): dense attention with every non-routed key region (and every key with
-    `kv_valid` False) masked out, chunk by chunk of query regions. `region_indices` `(B|1, H|1, n_q_regions, topk)`;
-    `kv_valid` bool `(B|1, Lk)` or None. Returns `(out, lse)`; see `masked_attention`."""
+    `kv_valid` False) masked out, chunk by chunk of query rows; out-of-range region indices route nowhere.
+    `region_indices` `(B|1, H|1, n_q_regions, topk)`; `kv_valid` bool `(B|1, Lk)` or None. Returns `(out, lse)`;
+    see `masked_attention`."""
     batch, heads, q_len, _ = q.shape
-    kv_len = k.shape[2]
-    key_region = torch.arange(kv_len, device=q.device) // kv_region
-    regions_per_chunk = max(1, _SCORE_BUDGET // (batch * heads * kv_len * q_region))
-    outs, lses = [], []
-    for first in range(0, q_len // q_region, regions_per_chunk):
-        routed = region_indices[:, :, first:first + regions_per_chunk]  # (B|1, H|1, n, topk)
-        allowed = (routed[..., None] == key_region).any(-2)  # (B|1, H|1, n, Lk)
-        if kv_valid is not None:
-            allowed = allowed & kv_valid[:, None, None, :]
-        token_mask = allowed.repeat_interleave(q_region, dim=2)
-        rows = slice(first * q_region, (first + routed.shape[2]) * q_region)
-        out, lse = masked_attention(q[:, :, rows], k, v, token_mask, scale)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    rows = _rows_per_chunk(batch * heads * k.shape[2])
+    return _in_chunks(_routed_chunk, q_len, rows, q, k, v, region_indices, kv_valid, q_region, kv_region, scale)
 
 
 def column_set_attention(

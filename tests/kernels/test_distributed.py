@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from mmattn.kernels import block_sparse_attention
+from mmattn.kernels import BlockSparseMask, block_sparse_attention
 from mmattn.kernels.distributed import context_parallel_attention
 
 from ..gloo import run_gloo
@@ -67,6 +67,15 @@ def _check_errors(rank, world):
     shard = [t[:, :1, : TOKENS // world] for t in (q, k, v)]
     with pytest.raises(ValueError, match="q: Ulysses splits heads over 2 ranks, got 1"):
         context_parallel_attention(*shard, mask.crop((0, TOKENS), (0, TOKENS), heads=(0, 1)), ulysses_group=group)
+    # The last rank's queries attend to nothing, so it computes nothing: it still refuses a bad scale or backend.
+    blocks = mask.to_dense()
+    blocks[..., 3:, :] = False
+    mask = BlockSparseMask.from_dense(blocks, mask.block_size, TOKENS, TOKENS)
+    local = [t[:, :, rank * TOKENS // world : (rank + 1) * TOKENS // world] for t in (q, k, v)]
+    with pytest.raises(TypeError, match="scale must be a real number, got 'big'"):
+        context_parallel_attention(*local, mask, ring_group=group, scale="big")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        context_parallel_attention(*local, mask, ring_group=group, backend="bogus")
 
 
 def test_bad_shards_are_named():

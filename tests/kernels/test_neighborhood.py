@@ -1,11 +1,12 @@
 """Neighborhood attention: NATTEN semantics, the torch reference, FlexAttention and argument errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
-from mmattn.kernels import Neighborhood, neighborhood_attention
+from mmattn.kernels import Neighborhood, backend_info, neighborhood_attention
 
 from .na_oracle import dense_allowed, dense_na
 
@@ -85,6 +86,30 @@ def test_flex_equals_reference(shape, kernel_size, dilation, causal):
     out = neighborhood_attention(q, k, v, kernel_size, backend="flex", **kwargs)
     expected = neighborhood_attention(q, k, v, kernel_size, backend="torch", **kwargs)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not backend_info("cpu")["triton"][0], reason="needs TRITON_INTERPRET=1")),
+])
+def test_compiles_in_a_full_graph_with_rpb_and_autograd(backend):
+    """Dynamo traces the whole call, `Neighborhood.create` included, without entering an `lru_cache` wrapper: torch
+    2.11 to 2.13 cannot trace one (the H200's torch 2.11 failed in `create`), later ones warn that they bypass it."""
+    q, k, v = (t.float().requires_grad_() for t in _qkv((5, 6), head_dim=16))
+    rpb = _rpb(2, (3, 3)).float().requires_grad_()
+
+    def attend(q, k, v, rpb, backend=backend):
+        return neighborhood_attention(q, k, v, 3, rpb=rpb, backend=backend).double().square().sum()
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lru_cache")
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+        grads = torch.autograd.grad(compiled(q, k, v, rpb), (q, k, v, rpb))
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v, rpb)]
+    expected = torch.autograd.grad(attend(*exact, backend="torch"), exact)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmattn.kernels import reference
+from mmattn.kernels import Neighborhood, reference
 
 from .helpers import dense_oracle, random_mask, random_qkv
 
@@ -46,3 +46,34 @@ def test_half_precision_is_computed_in_float32():
     assert out.dtype == torch.float16 and lse.dtype == torch.float32
     want, _ = dense_oracle(q, k, v, mask, 0.25)
     torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=0)
+
+
+REFERENCES = {  # family -> the reference on (q, k, v) of 256 tokens
+    "block_sparse": lambda q, k, v: reference.block_sparse_attention(q, k, v, random_mask(1, 2, 256, 256, (16, 16)), 0.3),
+    "neighborhood": lambda q, k, v: reference.neighborhood_attention(q, k, v, Neighborhood.create((16, 16), 5), None, 0.3),
+    "routed": lambda q, k, v: reference.routed_attention(
+        q, k, v, torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)).topk(2).indices, None, 16, 16, 0.3),
+}
+
+
+@pytest.mark.parametrize("family", REFERENCES)
+def test_training_memory_stays_within_the_chunk_budget(monkeypatch, family):
+    """Autograd saves no chunk's scores (each chunk is recomputed in the backward), so training memory does not grow
+    with Lq x Lk (the routed reference of a BiFormer test with 1369-token regions ran an H200 out of memory)."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 256, 256, 8, torch.float64))
+    whole = torch.autograd.grad(REFERENCES[family](q, k, v)[0].square().sum(), (q, k, v))
+    budget = 4096
+    monkeypatch.setattr(reference, "_SCORE_BUDGET", budget)
+    saved = {}  # storage -> bytes, for tensors autograd keeps beyond the inputs
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if all(storage.data_ptr() != x.untyped_storage().data_ptr() for x in (q, k, v)):
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = REFERENCES[family](q, k, v)
+    assert sum(saved.values()) <= budget * 8, f"{sum(saved.values())} bytes saved for the backward"
+    for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -211,7 +211,7 @@ def routed_attention(
         out, lse = routed_fwd(*args) if torch.compiler.is_compiling() else _RoutedAttention.apply(*args)
     else:
         n_kv_regions = k.shape[2] // kv_region
-        if not torch.compiler.is_compiling() and bool((indices < 0).any() | (indices >= n_kv_regions).any()):
+        if not torch.compiler.is_compiling() and not indices.is_meta and bool((indices < 0).any() | (indices >= n_kv_regions).any()):
             raise ValueError(f"region_indices must lie in [0, {n_kv_regions}) (the key regions), got values outside")
         out, lse = gather_attention(q, k, v, indices, kv_valid, q_region, kv_region, scale)
     return (out, lse) if return_lse else out

@@ -12,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, register_notrace_module
 from torch import nn
 from torch.nn.init import trunc_normal_
 
@@ -56,6 +56,7 @@ def resize_grid_bias(name: str, bias: torch.Tensor, grid_size: tuple[int, int]) 
     return resized.reshape(*moved.shape[:-1], size).movedim(-1, axis)
 
 
+@register_notrace_module  # torch.fx: the grid, the bias resizes and the cache depend on the token count
 class AgentAttention(nn.Module):
     """Agent attention over tokens ``(B, P + h*w, C)``: P prefix (cls) tokens, then an ``h x w`` grid.
 
@@ -79,8 +80,11 @@ class AgentAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads={num_heads}, got {dim}")
         pool = math.isqrt(agent_num) if agent_num > 0 else 0
@@ -95,21 +99,21 @@ class AgentAttention(nn.Module):
         self.attn_drop = attn_drop
         self.backend = backend
         self._bias_cache = InferenceCache()
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         h, w = self.grid_size
         block = (num_heads, agent_num, _BLOCK_BIAS_SIZE, _BLOCK_BIAS_SIZE)
-        self.an_bias = nn.Parameter(torch.zeros(block))
-        self.na_bias = nn.Parameter(torch.zeros(block))
-        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, h, 1))
-        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, w))
-        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, h, 1, agent_num))
-        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, w, agent_num))
+        self.an_bias = nn.Parameter(torch.zeros(block, **dd))
+        self.na_bias = nn.Parameter(torch.zeros(block, **dd))
+        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, h, 1, **dd))
+        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, w, **dd))
+        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, h, 1, agent_num, **dd))
+        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, w, agent_num, **dd))
         if num_prefix_tokens:
-            self.ac_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, num_prefix_tokens))
-            self.ca_bias = nn.Parameter(torch.zeros(1, num_heads, num_prefix_tokens, agent_num))
+            self.ac_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, num_prefix_tokens, **dd))
+            self.ca_bias = nn.Parameter(torch.zeros(1, num_heads, num_prefix_tokens, agent_num, **dd))
         for table in self._bias_tables():
             trunc_normal_(table, std=0.02)
 
@@ -213,12 +217,15 @@ class AgentBlock(nn.Module):
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = AgentAttention(dim, num_heads, agent_num, grid_size, qkv_bias=qkv_bias, backend=backend)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = AgentAttention(dim, num_heads, agent_num, grid_size, qkv_bias=qkv_bias, backend=backend, **dd)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

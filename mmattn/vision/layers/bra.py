@@ -12,11 +12,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from mmattn.kernels import routed_attention
+from mmattn.kernels.routed import ROUTED_BACKENDS
 
-from .hilo import check_backend, dense_attention
+from .backends import check_backend
+from .hilo import dense_attention
 
 __all__ = ["BiLevelRoutingAttention", "GlobalAttentionLePE"]
 
@@ -35,6 +38,7 @@ def _from_regions(tokens: torch.Tensor, n_win: int, height: int, width: int) -> 
     return x.reshape(batch, height, width, channels)
 
 
+@register_notrace_module  # torch.fx: the region padding depends on the map size
 class BiLevelRoutingAttention(nn.Module):
     """BRA on an NHWC map `(B, H, W, C)` (already normalized), as in the released BiFormer-T/S/B.
 
@@ -47,18 +51,20 @@ class BiLevelRoutingAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, topk: int = 4, qk_scale: float | None = None,
-                 side_dwconv: int = 5, attn_backend: str = "auto") -> None:
+                 side_dwconv: int = 5, attn_backend: str = "auto", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if n_win < 1 or not 1 <= topk <= n_win ** 2:
             raise ValueError(f"need n_win >= 1 and 1 <= topk <= n_win**2, got n_win={n_win}, topk={topk}")
         self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
         self.scale = qk_scale or dim ** -0.5
-        self.attn_backend = check_backend(attn_backend)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
-        self.wo = nn.Linear(dim, dim)
+        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
+        self.qkv = nn.Linear(dim, 3 * dim, **dd)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
+        self.wo = nn.Linear(dim, dim, **dd)
 
     def route(self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None, region_tokens: int) -> torch.Tensor:
         """Region-level routing: the `topk` key regions of each query region `(B, n_win**2, topk)` from the
@@ -104,16 +110,18 @@ class GlobalAttentionLePE(nn.Module):
     depthwise-conv LePE of the attention input, added before the output projection."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, side_dwconv: int = 5,
-                 attn_backend: str = "auto") -> None:
+                 attn_backend: str = "auto", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.attn_backend = check_backend(attn_backend)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
-        self.proj = nn.Linear(dim, dim)
+        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape

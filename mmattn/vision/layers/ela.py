@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 __all__ = ["ELA", "ELA_VARIANTS", "ELAVariant"]
@@ -31,6 +32,7 @@ ELA_VARIANTS: dict[str, ELAVariant] = {
 }
 
 
+@register_notrace_module  # torch.fx: forward checks the map's shape
 class ELA(nn.Module):
     """Efficient Local Attention gate on an NCHW feature map (variants "T", "B", "S", "L").
 

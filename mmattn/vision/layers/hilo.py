@@ -12,19 +12,15 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from mmattn.kernels import reference, routed_attention
 from mmattn.kernels.routed import ROUTED_BACKENDS
 
-__all__ = ["HiLoAttention", "check_backend", "dense_attention"]
+from .backends import check_backend
 
-
-def check_backend(attn_backend: str) -> str:
-    """Validates a layer's `attn_backend` argument."""
-    if attn_backend not in ROUTED_BACKENDS:
-        raise ValueError(f"attn_backend must be one of {ROUTED_BACKENDS}, got {attn_backend!r}")
-    return attn_backend
+__all__ = ["HiLoAttention", "dense_attention"]
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
@@ -59,6 +55,7 @@ def window_reverse(tokens: torch.Tensor, window: int, height: int, width: int) -
     return x.reshape(tokens.shape[0], rows * window, cols * window, -1)[:, :height, :width]
 
 
+@register_notrace_module  # torch.fx: the window padding depends on the map size
 class HiLoAttention(nn.Module):
     """HiLo attention on an NHWC map `(B, H, W, C)`; any H, W (windows are padded and the padding masked).
 
@@ -68,8 +65,10 @@ class HiLoAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
-                 window_size: int = 2, alpha: float = 0.5, attn_backend: str = "auto") -> None:
+                 window_size: int = 2, alpha: float = 0.5, attn_backend: str = "auto",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if not 0.0 <= alpha <= 1.0:
@@ -78,19 +77,19 @@ class HiLoAttention(nn.Module):
             raise ValueError(f"window_size must be >= 1, got {window_size}")
         head_dim = dim // num_heads
         self.window_size = window_size
-        self.attn_backend = check_backend(attn_backend)
+        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
         self.scale = qk_scale or head_dim ** -0.5
         self.l_heads = num_heads if window_size == 1 else int(num_heads * alpha)
         self.h_heads = num_heads - self.l_heads
         self.head_dim = head_dim
         self.l_dim, self.h_dim = self.l_heads * head_dim, self.h_heads * head_dim
         if self.l_heads > 0:
-            self.l_q = nn.Linear(dim, self.l_dim, bias=qkv_bias)
-            self.l_kv = nn.Linear(dim, 2 * self.l_dim, bias=qkv_bias)
-            self.l_proj = nn.Linear(self.l_dim, self.l_dim)
+            self.l_q = nn.Linear(dim, self.l_dim, bias=qkv_bias, **dd)
+            self.l_kv = nn.Linear(dim, 2 * self.l_dim, bias=qkv_bias, **dd)
+            self.l_proj = nn.Linear(self.l_dim, self.l_dim, **dd)
         if self.h_heads > 0:
-            self.h_qkv = nn.Linear(dim, 3 * self.h_dim, bias=qkv_bias)
-            self.h_proj = nn.Linear(self.h_dim, self.h_dim)
+            self.h_qkv = nn.Linear(dim, 3 * self.h_dim, bias=qkv_bias, **dd)
+            self.h_proj = nn.Linear(self.h_dim, self.h_dim, **dd)
 
     def hifi(self, x: torch.Tensor) -> torch.Tensor:
         """Window attention of the Hi-Fi heads: NHWC in, NHWC `(B, H, W, h_dim)` out."""

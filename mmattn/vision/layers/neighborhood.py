@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 from torch.nn.init import trunc_normal_
 
@@ -67,6 +68,7 @@ def padded_neighborhood_bias(
     return bias.masked_fill(~allowed.reshape(1, n, n), float("-inf"))
 
 
+@register_notrace_module  # torch.fx: the kernel and the small-grid path depend on the grid size
 class NeighborhoodAttention(nn.Module):
     """NA / DiNA module as in NAT and DiNAT: ``qkv`` Linear, heads, neighborhood attention (+ RPB), ``proj``.
 
@@ -90,8 +92,11 @@ class NeighborhoodAttention(nn.Module):
         proj_drop: float = 0.0,
         spatial_dims: int = 2,
         backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
         if dim % num_heads:
@@ -106,13 +111,13 @@ class NeighborhoodAttention(nn.Module):
             raise ValueError("rel_pos_bias: NATTEN defines no relative position bias for causal axes; got both")
         self.is_causal = causal
         self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         if rel_pos_bias:
-            self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in self.kernel_size)))
+            self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in self.kernel_size), **dd))
             trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
         else:
             self.register_parameter("rpb", None)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     @property

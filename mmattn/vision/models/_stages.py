@@ -9,10 +9,13 @@ from torch import nn
 
 
 class StagesMixin:
-    """Over the stage list named by `stages_attr`; each stage has a `grad_checkpointing` flag and may END in a
-    `downsample` feeding the next stage (not for stages that begin with theirs, as BiFormer's and LITv2's)."""
+    """Over the stage list named by `stages_attr`; each stage has a `grad_checkpointing` flag. With
+    `trailing_downsample` a stage may END in a `downsample` feeding the next stage (NAT, Agent-Swin); without, each
+    stage begins with its own (BiFormer, LITv2, as in timm's ConvNeXt). A final `norm`, where the model has one, is
+    sized for the last stage."""
 
     stages_attr: str = "stages"
+    trailing_downsample: bool = True
 
     @property
     def _stages(self) -> nn.ModuleList | nn.Sequential:
@@ -27,14 +30,17 @@ class StagesMixin:
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         take_indices, max_index = feature_take_indices(len(self._stages), indices)
+        prune_end = max_index < len(self._stages) - 1
         setattr(self, self.stages_attr, self._stages[: max_index + 1])
         # The last kept stage's downsampler fed the stages just removed: its output would go unused and its
         # parameters get no gradient, which DistributedDataParallel rejects (unless find_unused_parameters).
-        if getattr(self._stages[-1], "downsample", None) is not None:
+        if self.trailing_downsample and getattr(self._stages[-1], "downsample", None) is not None:
             self._stages[-1].downsample = None
-        if prune_norm and hasattr(self, "norm"):
+        if (prune_norm or prune_end) and hasattr(self, "norm"):
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:  # the features now end at the last kept stage
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
 

@@ -14,7 +14,8 @@ from timm.models.vision_transformer import (
     checkpoint_filter_fn as vit_checkpoint_filter_fn,
 )
 
-from ..layers.agent import AgentAttention, resize_grid_bias
+from ..layers.agent import AGENT_BACKENDS, AgentAttention, resize_grid_bias
+from ..layers.backends import check_backend
 
 __all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
 
@@ -31,9 +32,12 @@ class AgentVisionTransformer(VisionTransformer):
         agent_num: int | list[int] = 49,
         agent_layers: int | None = None,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        check_backend(attn_backend, AGENT_BACKENDS)
+        super().__init__(device=device, dtype=dtype, **kwargs)
         depth = len(self.blocks)
         agent_layers = depth if agent_layers is None else agent_layers
         if not 0 <= agent_layers <= depth:
@@ -53,6 +57,8 @@ class AgentVisionTransformer(VisionTransformer):
                 attn_drop=block.attn.attn_drop.p,
                 proj_drop=block.attn.proj_drop.p,
                 backend=attn_backend,
+                device=device,
+                dtype=dtype,
             )
             block.attn.apply(init_weights_vit_timm)
 

@@ -8,36 +8,49 @@ position embedding, agent blocks. There is no final norm: the head reads the mea
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed
+from timm.layers import register_notrace_function, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 from torch.nn.init import trunc_normal_
 
-from ..layers.agent import AgentBlock, resize_grid_bias
+from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
+from ..layers.backends import check_backend
 from ._classifier import PooledClassifierMixin
 from ._stages import StagesMixin
 
 __all__ = ["AgentPVT", "checkpoint_filter_fn"]
 
 
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6)
+_layer_norm = partial(nn.LayerNorm, eps=1e-6)
+
+
+@register_notrace_function  # torch.fx: whether to resize depends on the grid
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], trained_grid: tuple[int, int]) -> torch.Tensor:
+    """The position embedding ``(1, h*w, C)`` of the trained grid, bilinearly resized to ``grid`` if it differs."""
+    if grid == trained_grid:
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, grid, trained_grid, num_prefix_tokens=0, interpolation="bilinear")
 
 
 class PatchEmbed(nn.Module):
     """Non-overlapping patch conv + LN; pads the image to a multiple of the patch so no border pixel is dropped."""
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
+    def __init__(
+        self, in_chans: int, dim: int, patch_size: int, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-        self.norm = _layer_norm(dim)
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, **dd)
+        self.norm = _layer_norm(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         p = self.patch_size
@@ -63,11 +76,14 @@ class AgentPVTStage(nn.Module):
         qkv_bias: bool,
         drop_rate: float,
         attn_backend: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.grid_size = grid_size
-        self.patch_embed = PatchEmbed(in_chans, dim, patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], dim))
+        self.patch_embed = PatchEmbed(in_chans, dim, patch_size, **dd)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], dim, **dd))
         trunc_normal_(self.pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks = nn.ModuleList(
@@ -81,6 +97,7 @@ class AgentPVTStage(nn.Module):
                 drop_path=dp,
                 norm_layer=_layer_norm,
                 backend=attn_backend,
+                **dd,
             )
             for dp in drop_path
         )
@@ -88,10 +105,7 @@ class AgentPVTStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, hw = self.patch_embed(x)
-        pos = self.pos_embed
-        if hw != self.grid_size:
-            pos = resample_abs_pos_embed(pos, hw, self.grid_size, num_prefix_tokens=0, interpolation="bilinear")
-        x = self.pos_drop(x + pos)
+        x = self.pos_drop(x + resize_pos_embed(self.pos_embed, hw, self.grid_size))
         for block in self.blocks:
             x = checkpoint(block, x, hw) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x, hw)
         return x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
@@ -118,12 +132,16 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        check_backend(attn_backend, AGENT_BACKENDS)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
         rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         self.stages = nn.ModuleList()
@@ -137,13 +155,13 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
             self.stages.append(
                 AgentPVTStage(
                     in_chs, dim, depth, num_heads[i], agent_nums[i], mlp_ratios[i], patch_size, grid,
-                    rates[start : start + depth], qkv_bias, drop_rate, attn_backend,
+                    rates[start : start + depth], qkv_bias, drop_rate, attn_backend, **dd,
                 )
             )  # fmt: skip
             self.feature_info.append({"num_chs": dim, "reduction": reduction, "module": f"stages.{i}"})
             in_chs = dim
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -152,8 +170,9 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return {"stem": r"^stages\.0\.(patch_embed|pos_embed)", "blocks": r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(patch_embed|pos_embed)", (0,))]}  # fmt: skip
+        blocks = r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,))]
+        return {"stem": r"^stages\.0\.(?:patch_embed|pos_embed)", "blocks": blocks}
 
     def forward_intermediates(
         self,

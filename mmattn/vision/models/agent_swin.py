@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.init import trunc_normal_
 
 from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
+from ..layers.backends import check_backend
 from ..layers.inference_cache import InferenceCache
 from ._classifier import PooledClassifierMixin
 from ._stages import StagesMixin
@@ -36,6 +37,7 @@ def _window_labels(size: int, window: int, shift: int) -> torch.Tensor:
     return labels
 
 
+@register_notrace_module  # torch.fx: the windows, shifts and padding depend on the map size
 class WindowAttention(nn.Module):
     """Swin (shifted) window attention with relative position bias; padded keys are masked, not attended.
 
@@ -45,15 +47,24 @@ class WindowAttention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, window_size: int, shift_size: int, qkv_bias: bool = True, backend: str = "auto"
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shift_size: int,
+        qkv_bias: bool = True,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.num_heads, self.window_size, self.shift_size = num_heads, window_size, shift_size
         self.scale = (dim // num_heads) ** -0.5
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads, **dd))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.backend = backend
         self._bias_cache = InferenceCache()
 
@@ -140,12 +151,15 @@ class SwinBlock(nn.Module):
         mlp_ratio: float,
         drop_path: float,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, shift_size, backend=attn_backend)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim, **dd)
+        self.attn = WindowAttention(dim, num_heads, window_size, shift_size, backend=attn_backend, **dd)
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -156,10 +170,11 @@ class SwinBlock(nn.Module):
 class PatchMerging(nn.Module):
     """Swin-v1 merging: concat the 2x2 neighbours (order (0,0), (1,0), (0,1), (1,1)), LN(4C), Linear(4C, 2C)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        dd = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(4 * dim, **dd)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False, **dd)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
         b, _, c = x.shape
@@ -186,20 +201,25 @@ class AgentSwinStage(nn.Module):
         drop_path: list[float],
         downsample: bool,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         blocks = []
         for i in range(depth):
             if i < agent_depth:
                 blocks.append(
                     AgentBlock(dim, num_heads, agent_num, grid_size, mlp_ratio=mlp_ratio, drop_path=drop_path[i],
-                               backend=attn_backend)
+                               backend=attn_backend, **dd)
                 )  # fmt: skip
             else:
                 shift = 0 if i % 2 == 0 or min(grid_size) <= window_size else window_size // 2
-                blocks.append(SwinBlock(dim, num_heads, window_size, shift, mlp_ratio, drop_path[i], attn_backend))
+                blocks.append(
+                    SwinBlock(dim, num_heads, window_size, shift, mlp_ratio, drop_path[i], attn_backend, **dd)
+                )
         self.blocks = nn.ModuleList(blocks)
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = PatchMerging(dim, **dd) if downsample else None
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -212,15 +232,16 @@ class AgentSwinStage(nn.Module):
 
 
 class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
-    """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized tokens ``(B, H*W/1024, 8C)``.
+    """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized last map, channels-last
+    ``(B, H/32, W/32, 8C)`` as timm's Swin.
 
     ``attn_backend``: "auto" (agent attention with fewer launches, fused SDPA for window
     attention in inference) or "torch" (the official explicit softmax).
     """
 
     stages_attr = "layers"
-
-    pool_dims = (1,)
+    output_fmt = "NHWC"
+    pool_dims = (1, 2)
 
     def __init__(
         self,
@@ -238,17 +259,21 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        check_backend(attn_backend, AGENT_BACKENDS)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         if any(a > d for a, d in zip(agent_depths, depths)):
             raise ValueError(f"agent_depths must not exceed depths {depths}, got {agent_depths}")
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (len(depths) - 1)
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, 4, stride=4)
-        self.patch_embed.norm = nn.LayerNorm(embed_dim)
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, 4, stride=4, **dd)
+        self.patch_embed.norm = nn.LayerNorm(embed_dim, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         self.layers = nn.ModuleList()
@@ -260,12 +285,13 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
                 AgentSwinStage(
                     embed_dim * 2**i, depth, agent_depths[i], num_heads[i], agent_nums[i], (grid, grid), window_size,
                     mlp_ratio, rates[start : start + depth], downsample=i < len(depths) - 1, attn_backend=attn_backend,
+                    **dd,
                 )
             )  # fmt: skip
             self.feature_info.append({"num_chs": embed_dim * 2**i, "reduction": 4 * 2**i, "module": f"layers.{i}"})
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm = nn.LayerNorm(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -299,23 +325,26 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
         self._check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         layers = self.layers if not stop_early else self.layers[: max_index + 1]
+        last = len(self.layers) - 1
         x, hw = self._embed(x)
         intermediates = []
         for i, layer in enumerate(layers):
             feature, x, next_hw = layer(x, hw)
             if i in take_indices:
-                if norm and i == len(self.layers) - 1:
+                if norm and i == last:
                     feature = self.norm(feature)
                 feature = feature.reshape(x.shape[0], *hw, -1)
                 intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
             hw = next_hw
-        return intermediates if intermediates_only else (self.norm(x), intermediates)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if len(layers) - 1 == last else x).reshape(x.shape[0], *hw, -1), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, hw = self._embed(x)
         for layer in self.layers:
             _, x, hw = layer(x, hw)
-        return self.norm(x)
+        return self.norm(x).reshape(x.shape[0], *hw, -1)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTransformer) -> dict[str, torch.Tensor]:

@@ -17,10 +17,12 @@ from timm.models import (
     generate_default_cfgs,
     register_model,
 )
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers.bra import BiLevelRoutingAttention, GlobalAttentionLePE
 from ._classifier import PooledClassifierMixin
+from ._stages import StagesMixin
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
 
@@ -29,16 +31,17 @@ class BiFormerBlock(nn.Module):
     """`x + DWConv3x3(x)`, then `x + DropPath(attn(LN x))` and `x + DropPath(MLP(LN x))`; NCHW in and out."""
 
     def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float, drop_path: float,
-                 attn_backend: str) -> None:
+                 attn_backend: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        dd = {"device": device, "dtype": dtype}
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
         if topk > 0:
-            self.attn = BiLevelRoutingAttention(dim, num_heads, n_win=n_win, topk=topk, attn_backend=attn_backend)
+            self.attn = BiLevelRoutingAttention(dim, num_heads, n_win=n_win, topk=topk, attn_backend=attn_backend, **dd)
         else:  # the released models mark global attention with topk=-2
-            self.attn = GlobalAttentionLePE(dim, num_heads=8, attn_backend=attn_backend)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU)
+            self.attn = GlobalAttentionLePE(dim, num_heads=8, attn_backend=attn_backend, **dd)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,13 +55,16 @@ class BiFormerStage(nn.Module):
     """A downsampler (3x3 stride-2 conv + BN; none in stage 1, which follows the stem) and the blocks."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float,
-                 drop_path: list[float], attn_backend: str) -> None:
+                 drop_path: list[float], attn_backend: str, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
         self.downsample = nn.Identity() if in_dim == dim else nn.Sequential(
-            nn.Conv2d(in_dim, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
+            nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, **dd), nn.BatchNorm2d(dim, **dd))
         self.blocks = nn.Sequential(*(
-            BiFormerBlock(dim, num_heads, n_win, topk, mlp_ratio, drop_path[i], attn_backend) for i in range(depth)))
+            BiFormerBlock(dim, num_heads, n_win, topk, mlp_ratio, drop_path[i], attn_backend, **dd)
+            for i in range(depth)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -67,8 +73,10 @@ class BiFormerStage(nn.Module):
         return self.blocks(x)
 
 
-class BiFormer(PooledClassifierMixin, nn.Module):
+class BiFormer(StagesMixin, PooledClassifierMixin, nn.Module):
     """BiFormer backbone and classifier (NCHW input of any size; stage maps at strides 4, 8, 16, 32)."""
+
+    trailing_downsample = False
 
     def __init__(
         self,
@@ -84,29 +92,33 @@ class BiFormer(PooledClassifierMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1), nn.BatchNorm2d(embed_dims[0] // 2),
-            nn.GELU(), nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
-            nn.BatchNorm2d(embed_dims[0]),
+            nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, **dd),
+            nn.BatchNorm2d(embed_dims[0] // 2, **dd), nn.GELU(),
+            nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1, **dd),
+            nn.BatchNorm2d(embed_dims[0], **dd),
         )
         rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # stochastic depth decay
         stages, in_dim = [], embed_dims[0]
         self.feature_info = []
         for i, depth in enumerate(depths):
             stages.append(BiFormerStage(in_dim, embed_dims[i], depth, num_heads[i], n_win, topks[i], mlp_ratio,
-                                        rates[sum(depths[:i]):sum(depths[:i + 1])], attn_backend))
+                                        rates[sum(depths[:i]):sum(depths[:i + 1])], attn_backend, **dd))
             self.feature_info.append({"num_chs": embed_dims[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"})
             in_dim = embed_dims[i]
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.BatchNorm2d(self.num_features)
+        self.norm = nn.BatchNorm2d(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -118,10 +130,31 @@ class BiFormer(PooledClassifierMixin, nn.Module):
         return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each stage's map (``embed_dims[i]`` channels, stride ``4 * 2**i``) at ``indices``; ``norm`` applies the
+        final norm to the last stage's map."""
+        self._check_output_fmt(output_fmt)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if not stop_early else self.stages[: max_index + 1]
+        last = len(self.stages) - 1
+        x = self.stem(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feature = self.norm(x) if norm and i == last else x
+                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if len(stages) - 1 == last else x), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))

@@ -12,54 +12,60 @@ import re
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_module
 from timm.models import (
     build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
     register_model,
 )
+from timm.models._features import feature_take_indices
 from torch import nn
 from torchvision.ops import deform_conv2d
 
 from ..layers.hilo import HiLoAttention
 from ._classifier import PooledClassifierMixin
+from ._stages import StagesMixin
 
 __all__ = ["DeformableTokenMerging", "LITv2", "checkpoint_filter_fn"]
 
 
+@register_notrace_module  # torch.fx: torchvision's deform_conv2d checks its inputs' shapes and dtypes
 class DeformableTokenMerging(nn.Module):
     """DTM: `GELU(BN(DeformConv2x2_s2(x)))` on an NCHW map; odd sides are zero-padded to even first."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, 2, stride=2)
-        self.conv_offset = nn.Conv2d(in_dim, 2 * 2 * 2, 2, stride=2)  # (dy, dx) for each of the 2x2 taps
+        dd = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(in_dim, out_dim, 2, stride=2, **dd)
+        self.conv_offset = nn.Conv2d(in_dim, 2 * 2 * 2, 2, stride=2, **dd)  # (dy, dx) for each of the 2x2 taps
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
-        self.norm = nn.BatchNorm2d(out_dim)
+        self.norm = nn.BatchNorm2d(out_dim, **dd)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
         offset = self.conv_offset(x)
-        # torchvision's deform_conv2d has no bfloat16 kernels: half-precision maps are merged in float32.
+        # torchvision's deform_conv2d has no bfloat16 kernels: half-precision maps merge in float32, then cast back.
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        with torch.autocast(x.device.type, enabled=False):
-            x = deform_conv2d(x.to(dtype), offset.to(dtype), self.conv.weight.to(dtype), self.conv.bias.to(dtype),
-                              stride=2)
-        return self.act(self.norm(x))
+        merged = deform_conv2d(x.to(dtype), offset.to(dtype), self.conv.weight.to(dtype), self.conv.bias.to(dtype),
+                               stride=2)
+        return self.act(self.norm(merged.to(x.dtype)))
 
 
 class DWMlp(nn.Module):
     """`fc1 -> DWConv3x3 -> GELU -> fc2` on an NHWC map."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(dim, hidden, **dd)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, **dd)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(self.fc1(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -70,15 +76,17 @@ class LITv2Block(nn.Module):
     """`x + DropPath(HiLo(LN x))` (when `attn` is set) and `x + DropPath(DWMlp(LN x))`, NHWC."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, alpha: float, mlp_ratio: float, drop_path: float,
-                 has_attn: bool, attn_backend: str) -> None:
+                 has_attn: bool, attn_backend: str,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if has_attn:
-            self.norm1 = nn.LayerNorm(dim)
+            self.norm1 = nn.LayerNorm(dim, **dd)
             self.attn = HiLoAttention(dim, num_heads, qkv_bias=True, window_size=window_size, alpha=alpha,
-                                      attn_backend=attn_backend)
+                                      attn_backend=attn_backend, **dd)
         self.has_attn = has_attn
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = DWMlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = DWMlp(dim, int(dim * mlp_ratio), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,12 +99,15 @@ class LITv2Stage(nn.Module):
     """DTM from the previous stage (none in stage 1), then the blocks; NCHW in and out."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int, alpha: float,
-                 mlp_ratio: float, drop_path: list[float], attn_backend: str) -> None:
+                 mlp_ratio: float, drop_path: list[float], attn_backend: str,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
-        self.downsample = nn.Identity() if in_dim == dim else DeformableTokenMerging(in_dim, dim)
+        self.downsample = nn.Identity() if in_dim == dim else DeformableTokenMerging(in_dim, dim, **dd)
         self.blocks = nn.Sequential(*(
-            LITv2Block(dim, num_heads, window_size, alpha, mlp_ratio, drop_path[i], window_size > 0, attn_backend)
+            LITv2Block(dim, num_heads, window_size, alpha, mlp_ratio, drop_path[i], window_size > 0, attn_backend,
+                       **dd)
             for i in range(depth)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,17 +122,21 @@ class LITv2Stage(nn.Module):
 class PatchEmbed(nn.Module):
     """4x4 stride-4 conv, then LayerNorm over channels; NCHW out."""
 
-    def __init__(self, in_chans: int, dim: int) -> None:
+    def __init__(self, in_chans: int, dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, 4, stride=4)
-        self.norm = nn.LayerNorm(dim)
+        dd = {"device": device, "dtype": dtype}
+        self.proj = nn.Conv2d(in_chans, dim, 4, stride=4, **dd)
+        self.norm = nn.LayerNorm(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class LITv2(PooledClassifierMixin, nn.Module):
+class LITv2(StagesMixin, PooledClassifierMixin, nn.Module):
     """LITv2 backbone and classifier (NCHW input of any size; stage maps at strides 4, 8, 16, 32)."""
+
+    trailing_downsample = False
 
     def __init__(
         self,
@@ -137,24 +152,27 @@ class LITv2(PooledClassifierMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.num_features = self.head_hidden_size = dims[-1]
-        self.patch_embed = PatchEmbed(in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, **dd)
         rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # stochastic depth decay
         stages, self.feature_info = [], []
         for i, depth in enumerate(depths):
             stages.append(LITv2Stage(dims[max(0, i - 1)], dims[i], depth, num_heads[i], window_sizes[i], alpha,
-                                     mlp_ratio, rates[sum(depths[:i]):sum(depths[:i + 1])], attn_backend))
+                                     mlp_ratio, rates[sum(depths[:i]):sum(depths[:i + 1])], attn_backend, **dd))
             self.feature_info.append({"num_chs": dims[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"})
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm = nn.LayerNorm(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -166,15 +184,38 @@ class LITv2(PooledClassifierMixin, nn.Module):
         return {"stem": r"^patch_embed", "blocks": r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each stage's map (``embed_dim * 2**i`` channels, stride ``4 * 2**i``) at ``indices``; ``norm`` applies
+        the final norm to the last stage's map."""
+        self._check_output_fmt(output_fmt)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if not stop_early else self.stages[: max_index + 1]
+        last = len(self.stages) - 1
+        x = self.patch_embed(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feature = self._final_norm(x) if norm and i == last else x
+                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return intermediates
+        return (self._final_norm(x) if len(stages) - 1 == last else x), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final LayerNorm-ed map, NCHW."""
-        x = self.stages(self.patch_embed(x))
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._final_norm(self.stages(self.patch_embed(x)))
 
 
 def _official_rename(key: str) -> str:

@@ -17,6 +17,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
+from mmattn.kernels import BACKENDS
+
+from ..layers.backends import check_backend
 from ..layers.neighborhood import NeighborhoodAttention
 from ._classifier import PooledClassifierMixin
 from ._stages import StagesMixin
@@ -27,13 +30,16 @@ __all__ = ["NAT", "checkpoint_filter_fn"]
 class ConvTokenizer(nn.Module):
     """Two overlapping 3x3 stride-2 convs (no norm/activation between) and a LayerNorm; NCHW in, NHWC out."""
 
-    def __init__(self, in_chans: int, embed_dim: int) -> None:
+    def __init__(
+        self, in_chans: int, embed_dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1),
-            nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1),
+            nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1, **dd),
+            nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1, **dd),
         )
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -42,10 +48,11 @@ class ConvTokenizer(nn.Module):
 class ConvDownsampler(nn.Module):
     """3x3 stride-2 conv (no bias) doubling the channels, then LayerNorm; NHWC in and out."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.reduction = nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, bias=False)
-        self.norm = nn.LayerNorm(2 * dim)
+        dd = {"device": device, "dtype": dtype}
+        self.reduction = nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, bias=False, **dd)
+        self.norm = nn.LayerNorm(2 * dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -64,16 +71,19 @@ class NATBlock(nn.Module):
         drop_path: float,
         layer_scale: float | None,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation, backend=attn_backend)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim, **dd)
+        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation, backend=attn_backend, **dd)
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale is not None:
-            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
-            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale), **dd))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale), **dd))
         else:
             self.gamma1 = self.gamma2 = None
 
@@ -98,13 +108,16 @@ class NATLevel(nn.Module):
         layer_scale: float | None,
         downsample: bool,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.blocks = nn.ModuleList(
-            NATBlock(dim, num_heads, kernel_size, d, mlp_ratio, dp, layer_scale, attn_backend)
+            NATBlock(dim, num_heads, kernel_size, d, mlp_ratio, dp, layer_scale, attn_backend, **dd)
             for d, dp in zip(dilations, drop_path)
         )
-        self.downsample = ConvDownsampler(dim) if downsample else None
+        self.downsample = ConvDownsampler(dim, **dd) if downsample else None
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +134,7 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
     """
 
     stages_attr = "levels"
-
+    output_fmt = "NHWC"
     pool_dims = (1, 2)
 
     def __init__(
@@ -139,16 +152,20 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
         attn_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        check_backend(attn_backend, BACKENDS)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         dilations = [[1] * depth for depth in depths] if dilations is None else [list(d) for d in dilations]
         if [len(d) for d in dilations] != list(depths):
             raise ValueError(f"dilations must hold one list of {list(depths)} dilations per level, got {dilations}")
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (len(depths) - 1)
-        self.patch_embed = ConvTokenizer(in_chans, embed_dim)
+        self.patch_embed = ConvTokenizer(in_chans, embed_dim, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         self.levels = nn.ModuleList()
@@ -158,13 +175,13 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
             self.levels.append(
                 NATLevel(
                     dim, num_heads[i], kernel_size, dilations[i], mlp_ratio, rates[start : start + depth],
-                    layer_scale, downsample=i < len(depths) - 1, attn_backend=attn_backend,
+                    layer_scale, downsample=i < len(depths) - 1, attn_backend=attn_backend, **dd,
                 )
             )  # fmt: skip
             self.feature_info.append({"num_chs": dim, "reduction": 4 * 2**i, "module": f"levels.{i}"})
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm = nn.LayerNorm(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -194,17 +211,18 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
         self._check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
         levels = self.levels if not stop_early else self.levels[: max_index + 1]
+        last = len(self.levels) - 1
         x = self.pos_drop(self.patch_embed(x))
         intermediates = []
         for i, level in enumerate(levels):
             feature, x = level(x)
             if i in take_indices:
-                if norm and i == len(self.levels) - 1:
+                if norm and i == last:
                     feature = self.norm(feature)
                 intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return (self.norm(x) if len(levels) - 1 == last else x), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))

@@ -18,7 +18,7 @@ from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from vlm import build, inputs, methods
+from vlm import build, generated_cache, inputs, kv_bytes, methods
 
 from mmattn import vlm
 
@@ -86,8 +86,8 @@ def measure(model, batch: dict, new_tokens: int, repeats: int) -> dict:
     with torch.no_grad():
         prefill_s = fastest(lambda: generate(model, batch, 1), repeats)
         total_s = fastest(lambda: generate(model, batch, new_tokens), repeats)
-        prompt_cache = generate(model, batch, 1).past_key_values
-        cache = generate(model, batch, new_tokens).past_key_values
+        prompt_cache = generated_cache(generate(model, batch, 1))
+        cache = generated_cache(generate(model, batch, new_tokens))
     one, many = counted(model, batch, 1), counted(model, batch, new_tokens)
     steps = new_tokens - 1
     return {
@@ -101,10 +101,6 @@ def measure(model, batch: dict, new_tokens: int, repeats: int) -> dict:
         "kv": kv_bytes(cache),
         "top_step_ops": (many.ops - one.ops).most_common(8),
     }
-
-
-def kv_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
 def main() -> None:

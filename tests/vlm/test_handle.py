@@ -6,7 +6,7 @@ import torch
 
 from mmattn import vlm
 
-from .tiny_models import MODEL_TYPES, llava_inputs, tiny_inputs, tiny_llava, tiny_model, tiny_qwen2vl
+from .tiny_models import MODEL_TYPES, llava_inputs, tiny_inputs, tiny_llava, tiny_model, tiny_qwen2vl, with_question
 
 IDENTITY = {
     "VAR": vlm.VAR(p=0.0, tau=0.5, rho=0.0, min_visual_mass=0.0, sink_dims=(0, 1), except_last_layer=False),
@@ -31,17 +31,6 @@ def split(inputs, row, family):
         rows = {k: v[row : row + 1] for k, v in inputs.items()}
     keep = rows["attention_mask"][0].bool()
     return {k: (v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in rows.items()}
-
-
-def with_question(inputs: dict, tokens: int = 10) -> dict:
-    """`inputs` with `tokens` more text tokens after each prompt, so GIFT's query span is not empty."""
-    batch = inputs["input_ids"].shape[0]
-    extra = torch.randint(1, 90, (batch, tokens), generator=torch.Generator().manual_seed(1))
-    grown = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
-             "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)}
-    if "mm_token_type_ids" in inputs:
-        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
-    return grown
 
 
 def edited_batch(family: str, attn_implementation: str = "eager", layers: int = 4):
@@ -248,8 +237,9 @@ def test_fused_decoding_rows_match_the_explicit_path(name, family, monkeypatch):
     for backend in ("torch", "triton"):
         with vlm.apply(model, INTERVENTIONS[name](), backend=backend):
             results.append(generate_logits())
-    # VAR edits layer 2 of 4 in the 3 decode steps; GIFT layers 0 and 2 there and at the last prompt row
-    assert len(launches) == (3 if name == "VAR" else 8)
+    # VAR edits layers 2 and 3 of 4 (by default the last one too, as the released code) in the 3 decode steps; GIFT
+    # layers 0 and 2 there and at the last prompt row
+    assert len(launches) == (6 if name == "VAR" else 8)
     explicit, fused = results
     assert max((f - p).abs().max() for f, p in zip(fused.logits[1:], plain.logits[1:])) > 1e-3  # decode rows edited
     assert torch.equal(explicit.sequences, fused.sequences)

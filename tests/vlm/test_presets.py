@@ -14,7 +14,7 @@ def test_every_preset_builds(name):
 
 
 def test_spec_defaults_and_overrides():
-    assert load_preset("llava-1.5-7b", "var").sink_dims == (2533, 1415)
+    assert load_preset("llava-1.5-7b", "var") == vlm.VAR(sink_dims=(2533, 1415))  # the released configuration
     assert load_preset("qwen2-vl-7b", "gift").alpha == 4.0
     assert load_preset("llava-1.5-7b", "fastv", ratio=0.75).ratio == 0.75
     with pytest.raises(ValueError, match="model"):

@@ -67,25 +67,30 @@ def test_pyramiddrop_schedule_and_reindexed_positions():
     assert torch.equal(seen["ids"][0], torch.arange(seen["ids"].shape[1]))  # contiguous after each drop
 
 
-def test_vflowopt_preset_keeps_the_budget_and_recycles_into_the_cell_argmax():
+def test_vflowopt_preset_keeps_the_official_counts_and_recycles_into_the_cell_argmax():
+    """The official counts: the ViT stage keeps N - round(N(1-r_v)) - int(N/m²) tokens outright plus one per cell of
+    the rest; each LLM stage removes round(n(1-r)) of the n image tokens present (not a fraction of N)."""
     model = tiny_llava(layers=LAYERS, image_tokens=16)
     inputs = llava_inputs(model)
     full, _ = cache_lengths(model, inputs)
-    iv = vlm.VFlowOpt(keep=0.25, llm_layers=(2, 3), cell=2.0)
+    iv = vlm.VFlowOpt(keep=0.5, llm_layers=(2, 3), cell=2.0)
     with vlm.apply(model, iv) as handle:
         pruned, _ = cache_lengths(model, inputs)
         runtime = handle.runtimes[0]
         kept_first = runtime.call.lm_positions[0]
-    vit_ratio, llm = 0.2651, (0.9833, 0.8773)
-    outright = round(16 * vit_ratio) - round(16 / 4)
+    vit_ratio, llm = 0.7233, (0.7487, 0.487)
+    outright = 16 - round(16 * (1 - vit_ratio)) - 16 // 4
     kept_image = int((inputs["input_ids"][0, kept_first] == 99).sum())
-    assert outright <= kept_image <= outright + 4  # one recycled token per non-empty 2x2 cell
+    assert outright < kept_image <= outright + 4  # one recycled token per non-empty 2x2 cell
     assert full[0] - pruned[0] == 16 - kept_image
-    assert full[3] - pruned[3] == 16 - round(16 * vit_ratio * llm[0] * llm[1])
+    present = kept_image
+    for layer, ratio in zip((2, 3), llm):
+        present -= round(present * (1 - ratio))
+        assert full[layer] - pruned[layer] == 16 - present
 
 
 def test_vflowopt_needs_no_attention_mask_or_cache():
-    """The kept tokens' positions have gaps; no mask and no cache must not make them separate (packed) sequences."""
+    """Without a mask or a cache the tokens kept before the decoder still form one sequence."""
     model = tiny_llava(layers=LAYERS, image_tokens=16)
     inputs = llava_inputs(model)
     with torch.no_grad(), vlm.apply(model, vlm.VFlowOpt(keep=0.25, llm_layers=(2, 3), cell=2.0)):
@@ -111,7 +116,7 @@ def test_recycled_token_is_the_importance_weighted_mean():
         importance = handle.runtimes[0].importance[0]
         kept = handle.call.lm_positions[0]
     image = (inputs["input_ids"][0] == 99).nonzero().flatten()
-    outright = max(round(16 * 0.1166) - round(16 / 16), 0)
+    outright = 16 - round(16 * (1 - 0.1166)) - 16 // 16
     order = importance[image].argsort(descending=True)
     rest = image[order[outright:]]
     weights = importance[rest] / importance[rest].sum()
@@ -185,7 +190,7 @@ def test_vflowopt_recycles_each_image_on_its_own_grid():
         kept = handle.call.lm_positions[0]
     image = (inputs["input_ids"][0] == 99).nonzero().flatten()
     first, second = image[:16], image[16:]
-    outright = max(round(32 * 0.1166) - round(32 / 16), 0)
+    outright = 32 - round(32 * (1 - 0.1166)) - 32 // 16
     kept_first, kept_second = int(torch.isin(kept, first).sum()), int(torch.isin(kept, second).sum())
     assert kept_first + kept_second == outright + 2  # one recycled token per image: a 4x4 cell never spans both
     assert kept_first >= 1 and kept_second >= 1

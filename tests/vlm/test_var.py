@@ -1,5 +1,6 @@
 """VAR against the paper's rules on synthetic attention rows, and sink detection on a tiny LLaVA."""
 
+import pytest
 import torch
 
 from mmattn import vlm
@@ -13,22 +14,24 @@ from .tiny_models import llava_inputs, tiny_llava
 P, IMAGE = 10, slice(2, 7)  # prompt of 10 tokens, image tokens 2..6, BOS at 0
 
 
-def runtime_with_sinks(p, rho=0.5):
-    """VAR's runtime after detecting sinks at layer 2 on planted hidden states: BOS (0) and image token 3."""
+def runtime_with_sinks(p, rho=0.5, planted=((0, 3),), min_visual_mass=0.2):
+    """VAR's runtime after detecting sinks at layer 2 on hidden states with the `planted` sinks per prompt (by
+    default one prompt: BOS (0), a text sink, and image token 3, a visual sink)."""
     model = tiny_llava()
-    handle = vlm.apply(model, vlm.VAR(p=p, rho=rho, tau=2.0, sink_dims=(0,)))
+    handle = vlm.apply(model, vlm.VAR(p=p, rho=rho, min_visual_mass=min_visual_mass, tau=2.0, sink_dims=(0,)))
     runtime = handle.runtimes[0]
-    image = torch.zeros(1, P, dtype=torch.bool)
-    image[0, IMAGE] = True
+    image = torch.zeros(len(planted), P, dtype=torch.bool)
+    image[:, IMAGE] = True
     layout = TokenLayout(image=image, query=torch.zeros_like(image), valid=torch.ones_like(image),
-                         input_ids=torch.zeros(1, P, dtype=torch.long))
-    call = CallState(layout=layout, lm_positions=torch.arange(P)[None])
+                         input_ids=torch.zeros(len(planted), P, dtype=torch.long))
+    call = CallState(layout=layout, lm_positions=torch.arange(P).expand(len(planted), -1))
     runtime.start_call(call)
-    hidden = torch.ones(1, P, 32)
-    hidden[0, [0, 3], 0] = 100.0  # phi = 100 / RMS > tau: a text sink (BOS) and a visual sink
+    hidden = torch.ones(len(planted), P, 32)
+    sinks = torch.zeros(len(planted), P, dtype=torch.bool)
+    for row, tokens in enumerate(planted):
+        hidden[row, list(tokens), 0] = 100.0  # phi = 100 / RMS > tau
+        sinks[row, list(tokens)] = True
     runtime.before_layer(2, hidden, call)
-    sinks = torch.zeros(1, P, dtype=torch.bool)
-    sinks[0, [0, 3]] = True
     assert torch.equal(runtime.sinks[2], sinks)
     return handle, runtime
 
@@ -62,19 +65,38 @@ def test_redistribution_preserves_rows_and_moves_p_of_sink_mass_to_image_tokens(
     handle.remove()
 
 
+def test_a_prompt_without_a_visual_sink_in_a_layer_keeps_its_attention():
+    """The official head selection needs a visual sink: where a prompt has text sinks only (BOS), its rows keep
+    their attention in that layer, while the other prompt of the batch is edited; a layer without visual sinks in
+    any prompt is not even recomputed."""
+    handle, runtime = runtime_with_sinks(p=0.6, rho=0.0, planted=((0, 3), (0,)), min_visual_mass=0.0)
+    torch.manual_seed(0)
+    probs = torch.rand(2, 4, 2, P).softmax(-1)
+    before = probs.clone()
+    runtime.on_attention(AttentionRows(2, probs, None, P))
+    assert not torch.equal(probs[0], before[0])
+    assert torch.equal(probs[1], before[1])
+    handle.remove()
+    handle, runtime = runtime_with_sinks(p=0.6, planted=((0,), (0, 8)))
+    assert 2 not in runtime.columns  # no column sets: the layer runs unedited
+    handle.remove()
+
+
 def test_sink_score_is_weightless_rms_ratio():
     hidden = torch.tensor([[[30.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]])
     rms = torch.sqrt((hidden**2).mean(-1) + 1e-6)
     torch.testing.assert_close(sink_scores(hidden, [0]), hidden[..., 0].abs() / rms)
 
 
-def test_detection_runs_from_layer_two_in_prefill_only_and_flags_planted_dims():
+@pytest.mark.parametrize(("except_last_layer", "layers"), [(False, [2, 3, 4]), (True, [2, 3])])
+def test_detection_runs_from_layer_two_in_prefill_only_and_flags_planted_dims(except_last_layer, layers):
+    """Layers 2..L-1 by default, as the released code runs (its flag to spare the last layer is dead)."""
     model = tiny_llava(layers=5)
     inputs = llava_inputs(model)
-    with vlm.apply(model, vlm.VAR(tau=0.0, sink_dims=(5,))) as handle:
+    with vlm.apply(model, vlm.VAR(tau=0.0, sink_dims=(5,), except_last_layer=except_last_layer)) as handle:
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
         sinks = handle.runtimes[0].sinks
-        assert sorted(sinks) == [2, 3]  # layers 2..L-2: the last layer is left alone
+        assert sorted(sinks) == layers
         assert all(mask[inputs["attention_mask"].bool()].all() for mask in sinks.values())  # tau 0: all tokens
 
 

@@ -168,3 +168,14 @@ def tiny_inputs(model: PreTrainedModel, prompts: int = 1, seed: int = 0, pad: tu
     if model.config.model_type.startswith("qwen"):
         return qwen_inputs(prompts, seed, grid=(1, 8, 8))
     return llava_inputs(model, prompts, seed, pad)
+
+
+def with_question(inputs: dict, tokens: int = 10) -> dict:
+    """`inputs` with `tokens` more text tokens after each prompt, so GIFT's query span is not empty."""
+    batch = inputs["input_ids"].shape[0]
+    extra = torch.randint(1, 90, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    grown = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
+             "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)}
+    if "mm_token_type_ids" in inputs:
+        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    return grown

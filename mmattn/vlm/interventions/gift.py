@@ -162,12 +162,13 @@ class _GIFTRuntime(Runtime):
         self.saliency_sum = saliency if self.saliency_sum is None else self.saliency_sum + saliency
 
     def _finish_saliency(self) -> None:
-        """Clamp to mean ± 3σ over each row's image tokens, min-max scale, M = exp(α Ŝ); 1 off the image."""
+        """Clamp to mean ± 3σ over each row's image tokens, min-max scale, M = exp(α Ŝ); 1 off the image. σ is the
+        sample standard deviation (N - 1), the official code's `torch.std`."""
         image = self.call.layout.image
         values = self.saliency_sum / len(self.saliency_layers)
         count = image.sum(1, keepdim=True)
         mean = (values * image).sum(1, keepdim=True) / count
-        std = (((values - mean) * image).pow(2).sum(1, keepdim=True) / count).sqrt()
+        std = (((values - mean) * image).pow(2).sum(1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
         values = values.clamp(mean - 3 * std, mean + 3 * std)
         low = values.masked_fill(~image, float("inf")).amin(1, keepdim=True)
         spread = values.masked_fill(~image, float("-inf")).amax(1, keepdim=True) - low

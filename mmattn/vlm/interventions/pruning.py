@@ -29,11 +29,13 @@ __all__ = ["VFLOWOPT_PRESETS", "FastV", "PruneStage", "PruningPlan", "PyramidDro
 SCORE_SOURCES = ("previous_layer", "own_layer", "vision")
 _PREFILL, _DECODE = object(), object()
 POSITION_POLICIES = ("keep", "reindex")
+COUNT_RULES = ("round", "floor", "relative")
 
 
 @dataclass(frozen=True)
 class PruneStage:
-    """From decoder layer `layer` on, a fraction `keep` of the prompt's image tokens remains."""
+    """From decoder layer `layer` on, a fraction `keep` of the image tokens remains: of the prompt's, or of those the
+    previous stage left (a plan with count="relative")."""
 
     layer: int
     keep: float
@@ -51,17 +53,22 @@ class VisionImportance:
 
 @dataclass(frozen=True)
 class PruningPlan:
-    """stages: ascending layers, non-increasing keep. score: "previous_layer" (FastV: last prompt row of the
-    attention of layer K-1, head mean), "own_layer" (PyramidDrop: the stage layer's own q/k of the last prompt row),
-    "vision" (VFlowOpt: `importance`). positions: "keep" original rotary positions (gaps allowed; Qwen2-VL's
-    multi-axis positions are gathered) or "reindex" contiguously. recycle_cell: VFlowOpt's cell side m for merging
-    the pruned tokens of a layer-0 stage (None: drop them)."""
+    """stages: ascending layers. score: "previous_layer" (FastV: last prompt row of the attention of layer K-1,
+    head mean), "own_layer" (PyramidDrop: the stage layer's own q/k of the last prompt row), "vision" (VFlowOpt:
+    `importance`). positions, at the stages inside the decoder: "keep" the rotary positions (gaps allowed; Qwen2-VL's
+    multi-axis positions are gathered) or "reindex" contiguously; the tokens a layer-0 stage keeps are numbered
+    contiguously, as the decoder never holds the pruned ones. recycle_cell: VFlowOpt's cell side m for merging the
+    pruned tokens of a layer-0 stage (None: drop them). count, the image tokens each stage keeps, as the official
+    code of each method: "round" round(N·keep) of the prompt's N (FastV), "floor" int(N·keep) (PyramidDrop), both
+    with non-increasing keeps, or "relative": a stage keeps n - round(n·(1-keep)) of the n image tokens the previous
+    one left (VFlowOpt)."""
 
     stages: tuple[PruneStage, ...]
     score: str = "previous_layer"
     positions: str = "keep"
     recycle_cell: float | None = None
     importance: VisionImportance | None = None
+    count: str = "round"
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -70,7 +77,10 @@ class PruningPlan:
         keeps = [stage.keep for stage in self.stages]
         if layers != sorted(set(layers)) or layers[0] < 0:
             raise ValueError(f"stages: expected strictly ascending layers >= 0, got {layers}")
-        if any(not 0.0 <= keep <= 1.0 for keep in keeps) or keeps != sorted(keeps, reverse=True):
+        if self.count not in COUNT_RULES:
+            raise ValueError(f"count: expected one of {COUNT_RULES}, got {self.count!r}")
+        decreasing = self.count == "relative" or keeps == sorted(keeps, reverse=True)
+        if any(not 0.0 <= keep <= 1.0 for keep in keeps) or not decreasing:
             raise ValueError(f"stages: expected non-increasing keep fractions in [0, 1], got {keeps}")
         if self.score not in SCORE_SOURCES:
             raise ValueError(f"score: expected one of {SCORE_SOURCES}, got {self.score!r}")
@@ -139,7 +149,10 @@ class _PruningRuntime(Runtime):
         self._layer_inputs: tuple = ((), {})
 
     def _kept_count(self, stage: PruneStage) -> int:
-        return round(self.image_count * stage.keep)
+        if self.plan.count == "relative":
+            return self.present - round(self.present * (1 - stage.keep))
+        kept = self.image_count * stage.keep
+        return int(kept) if self.plan.count == "floor" else round(kept)
 
     # -- scores --------------------------------------------------------------------------------------------------
     def wants_attention(self, layer: int, call: CallState) -> bool:
@@ -238,13 +251,14 @@ class _PruningRuntime(Runtime):
         return _true_indices((~image).scatter(1, top, True), length)
 
     def _recycle(self, hidden: torch.Tensor, scores: torch.Tensor, image: torch.Tensor, kept: int) -> torch.Tensor:
-        """VFlowOpt recycling: outside the top (kept - N/m²) image tokens, each m×m cell of the image grid becomes one
-        token, the importance-weighted mean of its members (uniform if they all weigh 0), written at its most
-        important member. Returns the sorted local indices [B, n] of the kept tokens; `hidden` is edited in place."""
+        """VFlowOpt recycling: outside the top (kept - int(N/m²)) image tokens, each m×m cell of the image grid
+        becomes one token, the importance-weighted mean of its members (weights over their sum, of either sign, as the
+        code; uniform where they sum to 0), written at its most important member. Returns the sorted local indices
+        [B, n] of the kept tokens; `hidden` is edited in place."""
         count, cell = self.image_count, self.plan.recycle_cell
         positions = _true_indices(image, count)
         images, side = _square_images(positions)
-        outright = max(kept - round(count / cell**2), 0)
+        outright = max(kept - int(count / cell**2), 0)
         order = scores.gather(1, positions).float().argsort(dim=1, descending=True, stable=True)
         keep = (~image).scatter(1, positions.gather(1, order[:, :outright]), True)
         rest = order[:, outright:]
@@ -254,7 +268,7 @@ class _PruningRuntime(Runtime):
             local % side / cell
         ).floor().long()
         members = positions.gather(1, rest)
-        weights = scores.gather(1, members).float().clamp_min(0)
+        weights = scores.gather(1, members).float()
 
         def per_cell(values: torch.Tensor, reduce: str) -> torch.Tensor:
             start = torch.full((hidden.shape[0], images * per_side**2), values.shape[1] if reduce == "amin" else 0,
@@ -262,7 +276,7 @@ class _PruningRuntime(Runtime):
             return start.scatter_reduce(1, cells, values, reduce).gather(1, cells)
 
         totals, sizes = per_cell(weights, "sum"), per_cell(torch.ones_like(weights), "sum")
-        weights = torch.where(totals > 0, weights / totals.clamp_min(torch.finfo(torch.float32).tiny), 1 / sizes)
+        weights = torch.where(totals != 0, weights / totals.masked_fill(totals == 0, 1.0), 1 / sizes)
         members_index = members[..., None].expand(-1, -1, hidden.shape[-1])
         values = hidden.gather(1, members_index)
         merged = torch.zeros(hidden.shape[0], images * per_side**2, hidden.shape[-1], device=hidden.device)
@@ -283,11 +297,13 @@ class _PruningRuntime(Runtime):
         if self.first_layer != 0:
             return kwargs
         if call.decoding:
-            mask = kwargs.get("attention_mask")
+            mask, ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 tail = torch.arange(call.layout.prompt_len, mask.shape[1], device=mask.device)
                 columns = torch.cat([call.lm_positions, tail.expand(mask.shape[0], -1)], 1)
                 kwargs["attention_mask"] = take_mask(mask, None, columns)
+            if ids is not None:  # counted over the full prompt; without ids the decoder counts its shorter cache
+                kwargs["position_ids"] = ids - (call.layout.prompt_len - call.lm_positions.shape[1])
             return kwargs
         embeds = kwargs["inputs_embeds"].clone()
         kept = self._kept_count(self.stages[0])
@@ -303,11 +319,11 @@ class _PruningRuntime(Runtime):
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             kwargs["attention_mask"] = take_mask(mask, local if mask.dim() == 4 else None, local)
-        elif mask is None:  # without a mask and a cache, transformers reads position gaps as packed sequences
-            kwargs["attention_mask"] = torch.ones(local.shape, dtype=torch.long, device=local.device)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
-        kwargs["position_ids"] = take_tokens(kwargs["position_ids"], local, -1)
+        # contiguous, as in the official code, whose decoder input never held the pruned tokens
+        removed_before = local - torch.arange(local.shape[1], device=local.device)
+        kwargs["position_ids"] = take_tokens(kwargs["position_ids"], local, -1) - removed_before
         call.lm_positions = local
         return kwargs
 
@@ -421,8 +437,9 @@ class FastV(_PruningIntervention):
 @dataclass(frozen=True)
 class PyramidDrop(_PruningIntervention):
     """PyramidDrop (Xing et al., CVPR 2025): at each stage boundary layer the image tokens are ranked by that layer's
-    own attention of the last instruction token and cut to λ^s of the original count (1 -> 0.5 -> 0.25 -> 0.125 at
-    layers 8/16/24 for LLaVA-1.5-7B); positions are re-indexed contiguously after each drop."""
+    own attention of the last instruction token and cut to int(N·λ^s) of the original N, floored as the official code
+    (image_token_ratio_list [0.5, 0.25, 0.125] at layers 8/16/24 for LLaVA-1.5-7B); positions are re-indexed
+    contiguously after each drop."""
 
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float = 0.5
@@ -435,10 +452,11 @@ class PyramidDrop(_PruningIntervention):
             raise ValueError("layers: expected at least one stage layer, got none")
         check_number("ratio", self.ratio, 0.0, 1.0, what="λ", open_low=True)
         stages = tuple(PruneStage(layer, self.ratio ** (index + 1)) for index, layer in enumerate(self.layers))
-        return PruningPlan(stages=stages, score="own_layer", positions=self.positions)
+        return PruningPlan(stages=stages, score="own_layer", positions=self.positions, count="floor")
 
 
-#: Released VFlowOpt presets (keep = kept fraction): (t, α_v, m, r_v, llm ratios at layers 9 and 18).
+#: Released VFlowOpt presets (keep = kept fraction): (t, α_v, m, r_v, llm ratios: the share of the image tokens
+#: present that each of layers 9 and 18 keeps).
 VFLOWOPT_PRESETS: dict[float, tuple[float, float, float, float, tuple[float, float]]] = {
     0.1: (39.26, 0.0, 17.39, 0.1166, (1.0, 0.6011)),
     0.25: (34.76, 0.0, 15.58, 0.2651, (0.9833, 0.8773)),
@@ -452,8 +470,10 @@ class VFlowOpt(_PruningIntervention):
     tokens before the LLM, recycling the pruned ones into one token per m×m cell, then again at LLM layers 9 and 18
     with the same importance. `keep` picks a released preset (0.1, 0.25, 0.5); explicit fields override it.
 
-    The ViT-output prune is applied to the decoder's input embeddings (same tokens, original rotary positions rather
-    than the official contiguous re-numbering of the shortened input).
+    Counts as the official code: the ViT-output prune keeps N - round(N·(1-r_v)) tokens, of which int(N/m²) make way
+    for the recycled cells, and each LLM stage removes round(n·(1-r)) of the n image tokens then present (r: its
+    `llm_ratios` entry). The prune is applied to the decoder's input embeddings, and the kept tokens take contiguous
+    rotary positions, as the official decoder input that never held the pruned ones; LLM stages keep positions.
     """
 
     keep: float = 0.1
@@ -486,9 +506,6 @@ class VFlowOpt(_PruningIntervention):
             raise ValueError(f"llm_ratios: expected one ratio per llm layer {tuple(self.llm_layers)}, got {llm_ratios}")
         for ratio in llm_ratios:
             check_number("llm_ratios", ratio, 0.0, 1.0, what="kept fractions")
-        stages, kept = [PruneStage(0, vit_ratio)], vit_ratio
-        for layer, ratio in zip(self.llm_layers, llm_ratios):
-            kept *= ratio
-            stages.append(PruneStage(layer, kept))
+        stages = (PruneStage(0, vit_ratio), *(PruneStage(layer, r) for layer, r in zip(self.llm_layers, llm_ratios)))
         importance = VisionImportance(self.vit_layer, threshold, entropy_weight)
-        return PruningPlan(tuple(stages), score="vision", recycle_cell=cell, importance=importance)
+        return PruningPlan(stages, score="vision", recycle_cell=cell, importance=importance, count="relative")

@@ -20,8 +20,9 @@ from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection,
 
 __all__ = ["KNOWN_SINK_DIMS", "VAR", "find_sink_dims", "sink_scores"]
 
-#: Sink dimensions per (text model_type, hidden size). LLaMA-2 values from the official code (src/logic/constants.py);
-#: the Qwen2-VL-7B value is a third-party port's, not verified: check it with `find_sink_dims` before relying on it.
+#: Sink dimensions per (text model_type, hidden size). LLaMA-2 values from the official code (src/logic/constants.py;
+#: the code never selects its 13B entry, so its LLaVA-1.5-13B runs used the 7B dims); the Qwen2-VL-7B value is a
+#: third-party port's, not verified: check it with `find_sink_dims` before relying on it.
 KNOWN_SINK_DIMS: Mapping[tuple[str, int], tuple[int, ...]] = {
     ("llama", 4096): (2533, 1415),
     ("llama", 5120): (2100, 4743),
@@ -41,26 +42,34 @@ def sink_scores(hidden: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 class VAR(Intervention):
     """Visual attention sink detection and redistribution.
 
+    The defaults reproduce the released configuration (MICV-yonsei/VisAttnSink, A_exps/lv1.5_7b.yml: tau 20, rho 0.5,
+    p 0.6, summ 0.2, except_last_layer 1) as its code runs it. Each parameter keeps the paper's meaning:
+
     Args:
-        p: share of the sinks' attention REMOVED and redistributed (the paper's convention, Eq. 4: a_sink <- (1-p)
-            a_sink). The official code's `p` is the share kept, so its default p=0.6 moves 40 %; p=0 is the identity.
-        tau: sink threshold on phi (strict `>`, as the code).
-        rho: image-centric head rule, visual non-sink ratio sum_{V\\sink} A / sum_V A >= rho (paper Eq. 3; equals the
-            code's rule `portion <= rho` at the default 0.5).
+        p: share of the sinks' attention REMOVED and given to the image tokens (paper Eq. 4: a_sink <- (1-p) a_sink).
+            The code's `p` is the share kept: the default 0.4 is its p = 0.6. p = 0 is the identity.
+        tau: sink threshold on phi (strict `>`, as the code; the paper writes >=).
+        rho: image-centric rule, visual non-sink ratio sum_{V\\sink} A / sum_V A >= rho (paper Eq. 3). The code's
+            `portion <= rho` bounds the visual-sink share instead (its rho is 1 - this one); both are 0.5 by default.
+            The code's +1e-6 per image column in that ratio's denominator (a zero guard, which moves the threshold by
+            at most (1-rho)·N·1e-6 of attention mass) is left out, so the fused decoding kernel decides alike.
         min_visual_mass: a (head, row) also needs sum_V A >= this (the code's `summ`).
         sink_dims: D_sink; None looks the backbone up in KNOWN_SINK_DIMS.
-        except_last_layer: leave the last layer unmodified, as the paper states (the released code's flag is dead).
-    Sinks are detected in the prefill from layer 2 on and reused while decoding; the sinks' attention (visual and text
-    sinks, as the code) is reduced and only non-sink image tokens receive the budget. Rows edited: prompt tokens after
-    the last image and every decoded token, per (batch, head, row).
+        except_last_layer: leave the last layer unmodified, as the paper states. Default False, as the code runs:
+            its flag is dead (a class attribute shadows it), so the released runs edit the last layer too.
+    Sinks are detected in the prefill from layer 2 on and reused while decoding. In a layer where a prompt has no
+    visual sink the code selects no head, so that layer is left alone for that prompt (even if it has text sinks).
+    Elsewhere the sinks' attention (visual and text sinks, as the code) is reduced and only non-sink image tokens
+    receive the budget. Rows edited: prompt tokens after the last image and every decoded token, per (batch, head,
+    row).
     """
 
-    p: float = 0.6
+    p: float = 0.4
     tau: float = 20.0
     rho: float = 0.5
     min_visual_mass: float = 0.2
     sink_dims: tuple[int, ...] | None = None
-    except_last_layer: bool = True
+    except_last_layer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("p", "rho", "min_visual_mass"):
@@ -106,12 +115,16 @@ class _VARRuntime(Runtime):
         self.thresholds = torch.tensor([0.0, self.settings.min_visual_mass, smallest], device=call.layout.image.device)
 
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
-        """Sink detection in the prefill: I_sink = {j : phi(h_j) > tau} among the tokens this layer holds."""
+        """Sink detection in the prefill: I_sink = {j : phi(h_j) > tau} among the tokens this layer holds. The layer
+        is edited only in the prompts where a sink is an image token (the code's head selection needs one)."""
         if call.decoding or layer not in self.layers:
             return
         sinks = (sink_scores(hidden, self.dims) > self.settings.tau) & call.at_layer(layer, call.layout.valid)
         self.sinks[layer] = sinks
-        self.columns[layer] = self._columns(call.at_layer(layer, call.layout.image), sinks)
+        image = call.at_layer(layer, call.layout.image)
+        visual = (sinks & image).any(1, keepdim=True)
+        if visual.any():
+            self.columns[layer] = self._columns(image, sinks & visual)  # no sinks: nothing moves in that prompt
 
     def _columns(self, image: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         receivers = (image & ~sinks).float()

@@ -38,10 +38,11 @@ def context_relevance(attention: torch.Tensor, threshold: float) -> torch.Tensor
 
 
 def patch_entropy(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Shannon entropy (bits) per patch [images, patches]: gray = RGB mean of the channels quantised as the official
-    code's uint8 cast of pixel_values·255 (floor, modulo 256), 256-bin histogram per patch."""
-    quantised = torch.remainder(torch.floor(pixel_values.float() * 255), 256)
-    gray = quantised.mean(1).floor().long()
+    """Shannon entropy (bits) per patch [images, patches] of a 256-bin histogram of the gray values, as the official
+    code computes them: pixel_values·255 cast to uint8 (truncated toward zero, modulo 256: the normalised pixels are
+    negative too), gray = round(0.3333 (R + G + B))."""
+    quantised = torch.remainder(torch.trunc((pixel_values * 255).float()), 256)
+    gray = (quantised * 0.3333).sum(1).round().long()
     patches = nn.functional.unfold(gray[:, None].float(), patch_size, stride=patch_size).long()
     counts = torch.zeros(patches.shape[0], 256, patches.shape[2], device=patches.device)
     counts.scatter_add_(1, patches, torch.ones_like(patches, dtype=counts.dtype))

@@ -44,6 +44,40 @@ class StagesMixin:
             self.reset_classifier(0, "")
         return take_indices
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The image to the first stage's input (the stem); identity where the first stage embeds itself."""
+        return x
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm on an NCHW map; identity where the model has none."""
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's API for stages that map NCHW to NCHW: each stage's map at `indices`; `norm` applies the final norm
+        to the last stage's map."""
+        self._check_output_fmt(output_fmt)
+        take_indices, max_index = feature_take_indices(len(self._stages), indices)
+        stages = self._stages if not stop_early else self._stages[: max_index + 1]
+        last = len(self._stages) - 1
+        x = self._embed(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feature = self._final_norm(x) if norm and i == last else x
+                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return intermediates
+        return (self._final_norm(x) if len(stages) - 1 == last else x), intermediates
+
     @staticmethod
     def _check_output_fmt(output_fmt: str) -> None:
         if output_fmt not in ("NCHW", "NHWC"):

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 from torch.nn.init import trunc_normal_
@@ -173,26 +172,6 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
         blocks = r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,))]
         return {"stem": r"^stages\.0\.(?:patch_embed|pos_embed)", "blocks": blocks}
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (NCHW) at ``indices``; the model has no norm, so ``norm`` changes nothing."""
-        self._check_output_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if not stop_early else self.stages[: max_index + 1]
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
-        return intermediates if intermediates_only else (x, intermediates)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:

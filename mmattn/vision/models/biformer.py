@@ -17,7 +17,6 @@ from timm.models import (
     generate_default_cfgs,
     register_model,
 )
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers.bra import BiLevelRoutingAttention, GlobalAttentionLePE
@@ -130,31 +129,11 @@ class BiFormer(StagesMixin, PooledClassifierMixin, nn.Module):
         return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Each stage's map (``embed_dims[i]`` channels, stride ``4 * 2**i``) at ``indices``; ``norm`` applies the
-        final norm to the last stage's map."""
-        self._check_output_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if not stop_early else self.stages[: max_index + 1]
-        last = len(self.stages) - 1
-        x = self.stem(x)
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feature = self.norm(x) if norm and i == last else x
-                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if len(stages) - 1 == last else x), intermediates
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))

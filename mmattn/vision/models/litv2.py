@@ -19,7 +19,6 @@ from timm.models import (
     generate_default_cfgs,
     register_model,
 )
-from timm.models._features import feature_take_indices
 from torch import nn
 from torchvision.ops import deform_conv2d
 
@@ -184,34 +183,11 @@ class LITv2(StagesMixin, PooledClassifierMixin, nn.Module):
         return {"stem": r"^patch_embed", "blocks": r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
+
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Each stage's map (``embed_dim * 2**i`` channels, stride ``4 * 2**i``) at ``indices``; ``norm`` applies
-        the final norm to the last stage's map."""
-        self._check_output_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if not stop_early else self.stages[: max_index + 1]
-        last = len(self.stages) - 1
-        x = self.patch_embed(x)
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feature = self._final_norm(x) if norm and i == last else x
-                intermediates.append(feature if output_fmt == "NCHW" else feature.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return intermediates
-        return (self._final_norm(x) if len(stages) - 1 == last else x), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final LayerNorm-ed map, NCHW."""

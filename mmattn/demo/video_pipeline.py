@@ -7,22 +7,22 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .weights import random_weights
+
 __all__ = ["latent_frames_as_video", "run_tiny_wan"]
 
 
 def _tiny_wan_pipeline():
     import diffusers
 
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
     transformer = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
-    ).eval()
-    torch.random.set_rng_state(state)
+    )
     scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None, scheduler=scheduler)
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=random_weights(transformer).eval(),
+                                 vae=None, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -9,59 +13,80 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import shown_as_message
+from .fields import Choice, Flag, InputError, Number, Picture, Text
+from .handlers import handler
 from .kernel_timing import HEADERS, time_backends
 from .rendering import grid_overlay
 from .vision_maps import attention_maps
+from .weights import random_weights
 
-__all__ = ["BACKBONES", "SAMPLES", "VisionDemo", "sample_image"]
+__all__ = ["BACKBONES", "IMAGE", "SAMPLES", "VisionDemo", "sample_image"]
+
+logger = logging.getLogger(__name__)
 
 BACKBONES = ("biformer_tiny", "nat_mini", "dinat_mini", "litv2_small", "agent_deit_tiny", "agent_pvt_tiny", "ela_resnet18")
 SAMPLES = ("astronaut", "chelsea", "coffee", "rocket")
 _SIZE = 224
 
+BACKBONE = Choice("Backbone", BACKBONES)
+SAMPLE = Choice("Sample photo", SAMPLES)
+IMAGE = Picture("Image", max_pixels=50_000_000, side=1024)
+"""Refused from the header above 50 MP: a 50 MP PNG takes 1.7 s and 0.22 GB at its peak on the 2-core CPU machine
+(a 50 MP JPEG, decoded at a reduced scale, 0.4 s and 0.06 GB); the models see 224x224, so pictures are reduced to
+1024 px as they are decoded."""
+QUERY_X = Number("Query x", 0.0, 1.0, step=0.01)
+QUERY_Y = Number("Query y", 0.0, 1.0, step=0.01)
+CHECKPOINT = Text("Checkpoint path", max_chars=4096)  # PATH_MAX on Linux
+PRETRAINED = Flag("timm pretrained")
+TOKENS = Choice("Tokens", (256, 1024, 4096) if torch.cuda.is_available() else (256, 1024))
+"""4096 tokens only on a GPU: on the 2-core CPU machine that table takes about 20 s and 0.9 GB (1024: 1.4 s, 0.1 GB)."""
+
 
 def sample_image(name: str) -> Image.Image:
     """One of scikit-image's bundled sample photos (no download)."""
-    if name not in SAMPLES:
-        raise ValueError(f"sample must be one of {SAMPLES}, got {name!r}")
     from skimage import data
 
-    return Image.fromarray(getattr(data, name)())
+    return Image.fromarray(getattr(data, SAMPLE(name))())
 
 
 class VisionDemo:
-    """Builds timm models on demand and keeps them, keyed by (name, weights), for the life of the app."""
+    """Builds timm models on demand and keeps the `cached` last used, keyed by (name, weights); serves one request at
+    a time (the attention maps hook the model)."""
 
-    def __init__(self) -> None:
-        self.models: dict[tuple[str, str, bool], torch.nn.Module] = {}
+    def __init__(self, cached: int = 4) -> None:
+        self._models = functools.lru_cache(maxsize=cached)(self._build)
+        self._lock = threading.Lock()
 
-    def model(self, name: str, checkpoint: str = "", pretrained: bool = False) -> tuple[torch.nn.Module, str]:
-        """The model and a sentence saying where its weights come from."""
+    @staticmethod
+    def _build(name: str, checkpoint: str, pretrained: bool) -> torch.nn.Module:
         import timm
 
         import mmattn.vision  # noqa: F401  (registers the models with timm)
 
-        if name not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
-        checkpoint = (checkpoint or "").strip()
-        if checkpoint and not Path(checkpoint).is_file():
-            raise ValueError(f"checkpoint must be a local file, got {checkpoint!r} (not found)")
-        key = (name, checkpoint, bool(pretrained))
-        if key not in self.models:
-            if checkpoint:
-                model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": checkpoint})
-            else:
-                model = timm.create_model(name, pretrained=bool(pretrained))
-            self.models[key] = model.eval()
+        if not (checkpoint or pretrained):
+            return random_weights(timm.create_model(name)).eval()
+        overlay = {"file": checkpoint} if checkpoint else None
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay).eval()
+        except Exception:
+            logger.exception("loading the weights of %s failed", name)
+            field, accepts = ((CHECKPOINT, f"a checkpoint of {name} (official or timm keys)") if checkpoint else
+                              (PRETRAINED, "false here (the model hub could not be reached)"))
+            raise InputError(f"{field.label}: expected {accepts}") from None
+
+    def model(self, name: str, checkpoint: str = "", pretrained: bool = False) -> tuple[torch.nn.Module, str]:
+        """The model and a sentence saying where its weights come from."""
+        name, checkpoint, pretrained = BACKBONE(name), CHECKPOINT(checkpoint).strip(), PRETRAINED(pretrained)
+        if checkpoint and not os.path.isfile(checkpoint):
+            raise InputError(f"{CHECKPOINT.label}: expected the path of a file on the server (none there)")
         if checkpoint:
-            source = f"Weights loaded from {checkpoint}."
+            source = f"Weights loaded from {Path(checkpoint).name}."
         elif pretrained:
             source = "timm pretrained weights."
         else:
             source = ("**Random weights**: no checkpoint was given, so these predictions mean nothing; the attention "
                       "maps still show each design's pattern. Give a checkpoint path for real predictions.")
-        return self.models[key], source
+        return self._models(name, checkpoint, pretrained), source
 
     @staticmethod
     def _input(model: torch.nn.Module, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
@@ -73,20 +98,20 @@ class VisionDemo:
         return ((pixels - mean) / std)[None], shown
 
     @torch.no_grad()
-    def predict(self, name: str, image: Image.Image | None, checkpoint: str = "", pretrained: bool = False,
+    def predict(self, name: str, image: Image.Image | str | None, checkpoint: str = "", pretrained: bool = False,
                 query_x: float = 0.5, query_y: float = 0.5) -> tuple[dict[str, float], str, list]:
         """Top-5 ImageNet labels, the weights note and the attention maps (overlay, caption) for query (x, y)."""
-        if image is None:
-            raise ValueError("image: expected a picture, got none (pick a sample or upload one)")
         from timm.data import ImageNetInfo
 
-        model, source = self.model(name, checkpoint, pretrained)
-        pixels, shown = self._input(model, image)
-        probs = model(pixels).softmax(-1)[0]
+        image, query = IMAGE(image), (QUERY_X(query_x), QUERY_Y(query_y))
+        with self._lock:
+            model, source = self.model(name, checkpoint, pretrained)
+            pixels, shown = self._input(model, image)
+            probs = model(pixels).softmax(-1)[0]
+            maps = attention_maps(name, model, pixels, query)
         top = probs.topk(5)
         labels = ImageNetInfo()
         predictions = {labels.index_to_description(i): float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
-        maps = attention_maps(name, model, pixels, (query_x, query_y))
         if not maps:
             source += f" {name} has no attention map to show (ELA is a gate on conv features, not attention)."
         gallery = [(grid_overlay(shown, values), caption) for caption, values in maps]
@@ -94,37 +119,42 @@ class VisionDemo:
 
 
 def build(demo: VisionDemo) -> None:
-    """The tab's components and events, inside an open `gr.Blocks`."""
+    """The tab's components and events, inside an open `gr.Blocks` (see `app.build_app` for the queue)."""
     with gr.Row():
         with gr.Column():
-            backbone = gr.Dropdown(list(BACKBONES), value=BACKBONES[0], label="Backbone")
-            sample = gr.Dropdown(list(SAMPLES), value=SAMPLES[0], label="Sample photo (scikit-image)")
-            image = gr.Image(value=sample_image(SAMPLES[0]), type="pil", label="Image (upload, or click to pick the query)")
+            backbone = BACKBONE.dropdown(BACKBONES[0])
+            sample = SAMPLE.dropdown(SAMPLES[0], info="scikit-image's bundled photos")
+            image = IMAGE.image(sample_image(SAMPLES[0]))
             with gr.Row():
-                query_x = gr.Slider(0, 1, value=0.5, step=0.01, label="Query x (fraction of width)")
-                query_y = gr.Slider(0, 1, value=0.5, step=0.01, label="Query y (fraction of height)")
+                query_x = QUERY_X.slider(0.5, info="fraction of the width; or click the image")
+                query_y = QUERY_Y.slider(0.5, info="fraction of the height")
             with gr.Accordion("Weights", open=False):
-                checkpoint = gr.Textbox(label="Checkpoint path (official or timm keys)", placeholder="/path/to/model.pth")
-                pretrained = gr.Checkbox(label="timm pretrained (needs the model hub)", value=False)
+                checkpoint = CHECKPOINT.textbox("", info="official or timm keys", placeholder="/path/to/model.pth")
+                pretrained = PRETRAINED.checkbox(False, info="needs the model hub")
             run = gr.Button("Classify and show attention", variant="primary", elem_id="vision-run")
         with gr.Column():
             source = gr.Markdown(elem_id="vision-source")
             predictions = gr.Label(num_top_classes=5, label="Predictions")
             maps = gr.Gallery(label="Attention", columns=2, height="auto", elem_id="vision-maps")
     with gr.Accordion("Kernel backends on this machine", open=False):
-        tokens = gr.Dropdown([256, 1024, 4096], value=1024, label="Tokens")
+        tokens = TOKENS.dropdown(1024)
         time_button = gr.Button("Time the backends", elem_id="vision-time")
         timings = gr.Dataframe(headers=HEADERS, label="Median times", elem_id="vision-timings")
 
-    def pick_query(picture: Image.Image | None, event: gr.SelectData) -> tuple[float, float]:
-        if picture is None:
-            return 0.5, 0.5
+    def pick_query(upload: dict, event: gr.SelectData) -> tuple[float, float]:
+        """The click as (x, y) fractions of the picture, whose size is read from its header (no preprocessing)."""
+        with Image.open(upload["path"]) as picture:
+            width, height = picture.size
         x, y = event.index
-        return round(x / picture.width, 3), round(y / picture.height, 3)
+        return QUERY_X(round(min(x / width, 1.0), 3)), QUERY_Y(round(min(y / height, 1.0), 3))
+
+    def backend_timings(count: int) -> list[list]:
+        return time_backends(TOKENS(count))
 
     inputs = [backbone, image, checkpoint, pretrained, query_x, query_y]
-    sample.change(shown_as_message(sample_image), sample, image, api_name="vision_sample")
-    image.select(pick_query, image, [query_x, query_y]).then(
-        shown_as_message(demo.predict), inputs, [predictions, source, maps], api_name=False)
-    run.click(shown_as_message(demo.predict), inputs, [predictions, source, maps], api_name="vision_predict")
-    time_button.click(shown_as_message(lambda n: time_backends(int(n))), tokens, timings, api_name="vision_timings")
+    sample.change(handler(sample_image), sample, image, api_name="vision_sample")
+    image.select(handler(pick_query), image, [query_x, query_y], preprocess=False, api_name=False).then(
+        handler(demo.predict), inputs, [predictions, source, maps], api_name=False, concurrency_id="models")
+    run.click(handler(demo.predict), inputs, [predictions, source, maps], api_name="vision_predict",
+              concurrency_id="models")
+    time_button.click(handler(backend_timings), tokens, timings, api_name="vision_timings", concurrency_id="models")

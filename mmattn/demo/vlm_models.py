@@ -3,18 +3,28 @@ Hugging Face LLaVA / Qwen2-VL directory with its processor. Both turn (prompt, i
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["TINY", "VLM", "load_vlm"]
+from .fields import InputError, Text
+from .weights import random_weights
+
+__all__ = ["MODEL", "TINY", "VLM", "load_vlm"]
+
+logger = logging.getLogger(__name__)
 
 TINY = "tiny built-in LLaVA (random weights)"
+MODEL = Text("Model", max_chars=4096)  # PATH_MAX on Linux
 _BYTE_OFFSET, _IMAGE_ID, _BOS = 2, 258, 1
+_AROUND_QUERY = ("Q:", "\nAns:")
+"""Bytes before and after the prompt: where LLaVA's chat template leaves its query for `mmattn.vlm.layout`
+(2 tokens after the image, 5 before the end), so that GIFT reads the whole prompt."""
 _CLIP_MEAN, _CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
 
 
@@ -36,7 +46,8 @@ class VLM:
 
     def inputs(self, prompt: str, image: Image.Image) -> dict[str, torch.Tensor]:
         if self.processor is None:
-            text = [_BOS] + [_IMAGE_ID] * (self.image_size // 14) ** 2 + [b + _BYTE_OFFSET for b in prompt.encode()]
+            text = [_BOS] + [_IMAGE_ID] * (self.image_size // 14) ** 2 + [
+                b + _BYTE_OFFSET for b in prompt.join(_AROUND_QUERY).encode()]
             picture = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
             pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)
             pixels = (pixels - torch.tensor(_CLIP_MEAN).view(3, 1, 1)) / torch.tensor(_CLIP_STD).view(3, 1, 1)
@@ -60,7 +71,7 @@ class VLM:
         count = int((inputs["input_ids"][0] == self.model.config.image_token_id).sum())
         side = math.isqrt(count)
         if side * side != count:
-            raise ValueError(f"model: expected a square grid of image tokens (LLaVA-1.5 style), got {count} tokens")
+            raise InputError(f"{MODEL.label}: expected a LLaVA-1.5 style model (a square grid of image tokens)")
         return side, side
 
 
@@ -76,23 +87,30 @@ def _tiny_llava(image_size: int = 112) -> torch.nn.Module:
                      "max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": _BOS, "eos_token_id": 0},
         image_token_index=_IMAGE_ID, image_seq_length=(image_size // 14) ** 2, vision_feature_layer=-1,
     )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    torch.random.set_rng_state(generator_state)
+    model = random_weights(LlavaForConditionalGeneration(config)).eval()
     model.set_attn_implementation("eager")
     return model
 
 
 def load_vlm(path: str) -> VLM:
     """`TINY` (or an empty path) builds the tiny model; otherwise a local model directory (no download)."""
-    path = (path or "").strip()
+    path = MODEL(path).strip()
     if path in ("", TINY):
         return VLM(_tiny_llava(), None)
-    if not Path(path).is_dir():
-        raise ValueError(f"model path must be a local Hugging Face model directory, got {path!r} (not found)")
+    if not os.path.isdir(path):
+        raise InputError(f"{MODEL.label}: expected {TINY!r} or the path of a model directory on the server "
+                         "(none there)")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    from mmattn.vlm.layout import FAMILIES
+
+    message = f"{MODEL.label}: expected a Hugging Face model directory of type {', '.join(FAMILIES)}"
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    except Exception:
+        logger.exception("loading the model directory %s failed", path)
+        raise InputError(message) from None
+    if model.config.model_type not in FAMILIES:
+        raise InputError(message)
     return VLM(model.eval(), processor)

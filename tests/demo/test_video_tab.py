@@ -40,22 +40,23 @@ def test_plan_bars_follow_segment_plan(client) -> None:
     assert client.predict(3, 13, 9, 2, api_name="/video_plan")
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match="overlap must be"):
+    with pytest.raises(AppError, match=r"^Overlap: expected a whole number from 0 to 12 \(less than the segment"):
         client.predict(3, 13, 13, 2, api_name="/video_plan")
 
 
 def test_video_grid_from_a_clip(tmp_path) -> None:
     frames = np.random.default_rng(0).integers(0, 255, (9, 48, 64, 3), dtype=np.uint8)
     path = write_video(frames, tmp_path / "clip.mp4")
-    read = video_tab.read_video(str(path))
-    assert read.shape == frames.shape
-    assert video_tab.wan_grid(read) == (3, 12)  # (9-1)//4+1 latent frames, (48/16)*(64/16) tokens
-    with pytest.raises(ValueError, match="video must be a local file"):
-        video_tab.read_video(str(tmp_path / "missing.mp4"))
+    assert video_tab.VIDEO.probe(str(path)) == (9, 48, 64)
+    grid_frames, tokens, *_ = video_tab.radial_from_video(str(path), 16, 1.0, "wan")
+    assert (grid_frames, tokens) == (3, 12)  # (9-1)//4+1 latent frames, (48/16)*(64/16) tokens
+    with pytest.raises(ValueError, match="^Video: expected a video file"):
+        video_tab.VIDEO(str(tmp_path / "missing.mp4"))
 
 
 def test_tiny_run_through_the_app(client) -> None:
     video, note = client.predict(5, 2, True, api_name="/video_run")
-    frames = video_tab.read_video(video if isinstance(video, str) else video["video"])
-    assert frames.shape[0] == 2 and frames.shape[-1] == 3  # (5-1)//4+1 latent frames
+    frames, _, _ = video_tab.VIDEO.probe(video if isinstance(video, str) else video["video"])
+    assert frames == 2  # (5-1)//4+1 latent frames
     assert re.search(r"Radial attention\), 2 latent", note)
+

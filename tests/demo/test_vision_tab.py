@@ -38,10 +38,21 @@ def test_predict_through_the_app(client, tmp_path) -> None:
 def test_bad_input_is_a_message(client, demo) -> None:
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match="image: expected a picture"):
+    with pytest.raises(AppError, match="^Image: expected a picture"):
         client.predict("biformer_tiny", None, "", False, 0.5, 0.5, api_name="/vision_predict")
-    with pytest.raises(ValueError, match="checkpoint must be a local file"):
+    with pytest.raises(ValueError, match="^Checkpoint path: expected the path of a file on the server"):
         demo.model("biformer_tiny", "/no/such.pth")
+
+
+def test_large_pictures_are_reduced_as_decoded(tmp_path) -> None:
+    from PIL import Image
+
+    photo = Image.new("RGB", (3000, 2000), "teal")
+    photo.save(tmp_path / "photo.jpg")
+    assert vision_tab.IMAGE(str(tmp_path / "photo.jpg")).size == (1024, 683)
+    assert vision_tab.IMAGE(photo).size == (1024, 683) and photo.size == (3000, 2000)
+    with pytest.raises(ValueError, match="^Image: expected a picture .* of at most 50 megapixels$"):
+        vision_tab.IMAGE(Image.new("L", (10000, 5001)))
 
 
 def test_bra_map_shows_the_routed_regions(demo) -> None:

@@ -38,11 +38,17 @@ def test_pruning_maps_keep_the_planned_share() -> None:
     assert len(answers) == 4
 
 
+def test_gift_reads_a_short_prompt() -> None:
+    demo = vlm_tab.VLMDemo()
+    _, maps, _ = demo.compare("", "hi", sample_image("coffee"), ["GIFT"], 2, progress=_quiet)
+    assert [caption.split(":")[0] for _, caption in maps] == ["GIFT"]
+
+
 def test_bad_input() -> None:
     demo = vlm_tab.VLMDemo()
-    with pytest.raises(ValueError, match="prompt: expected"):
+    with pytest.raises(ValueError, match="^Prompt: expected text of 1 to 1000 characters$"):
         demo.compare("", "  ", sample_image("coffee"), [], progress=_quiet)
-    with pytest.raises(ValueError, match="hooks must be among"):
+    with pytest.raises(ValueError, match="^Interventions: expected any of VAR, GIFT, FastV, PyramidDrop$"):
         demo.compare("", "hi", sample_image("coffee"), ["SparseVLM"], progress=_quiet)
-    with pytest.raises(ValueError, match="local Hugging Face model directory"):
+    with pytest.raises(ValueError, match="^Model: expected .* model directory on the server"):
         demo.compare("/no/such/model", "hi", sample_image("coffee"), [], progress=_quiet)

@@ -1,4 +1,8 @@
-"""An independent NA oracle: NATTEN's closed-form window start per axis, expanded to a dense float64 attention."""
+"""An independent NA oracle: NATTEN's closed-form window start per axis, expanded to a dense float64 attention.
+
+Generalized NA (GNA, arXiv 2504.16922): a stride makes every query of a stride group attend with the window of
+the group's leader, per axis; the window itself is NATTEN's stride-1 window of the leader's position.
+"""
 
 import itertools
 import math
@@ -21,15 +25,26 @@ def window_start(i: int, length: int, k: int, d: int) -> int:
     return i - r * d
 
 
-def axis_allowed(length: int, k: int, d: int, causal: bool) -> torch.Tensor:
+def _leader(i: int, length: int, d: int, s: int, causal: bool) -> int:
+    """Absolute position of query i's stride-group leader: the centre query of its group of `s` (the right one of
+    the two centres for even `s`), the last one on a causal axis; the group's last position bounds it."""
+    group, p = i % d, i // d
+    last = len(range(group, length, d)) - 1
+    offset = s - 1 if causal else s // 2
+    return min(p - p % s + offset, last) * d + group
+
+
+def axis_allowed(length: int, k: int, d: int, causal: bool, s: int = 1) -> torch.Tensor:
     """`(L, L)` bool: query i attends key j on one axis."""
     allowed = torch.zeros(length, length, dtype=torch.bool)
     for i in range(length):
-        if causal:
-            keys = [j for j in range(i % d, i + 1, d) if (i - j) // d < k]
+        leader = _leader(i, length, d, s, causal)
+        if causal:  # the keys of i's group up to i itself that lie within k of the leader
+            keys = [j for j in range(i % d, i + 1, d) if (leader - j) // d < k]
+        elif k % 2:
+            keys = [window_start(leader, length, k, d) + j * d for j in range(k)]
         else:
-            start = window_start(i, length, k, d) if k % 2 else None
-            keys = [start + j * d for j in range(k)] if start is not None else _even_keys(i, length, k, d)
+            keys = _even_keys(leader, length, k, d)
         allowed[i, keys] = True
     return allowed
 
@@ -42,9 +57,10 @@ def _even_keys(i: int, length: int, k: int, d: int) -> list[int]:
     return [(start + j) * d + g for j in range(k)]
 
 
-def dense_allowed(shape, kernel_size, dilation, causal) -> torch.Tensor:
+def dense_allowed(shape, kernel_size, dilation, causal, stride=None) -> torch.Tensor:
     """`(N, N)` bool over row-major tokens: the Cartesian product of the per-axis rules."""
-    per_axis = [axis_allowed(*args) for args in zip(shape, kernel_size, dilation, causal)]
+    stride = stride or (1,) * len(shape)
+    per_axis = [axis_allowed(*args) for args in zip(shape, kernel_size, dilation, causal, stride)]
     tokens = math.prod(shape)
     allowed = torch.zeros(tokens, tokens, dtype=torch.bool)
     coords = list(itertools.product(*(range(s) for s in shape)))
@@ -54,17 +70,22 @@ def dense_allowed(shape, kernel_size, dilation, causal) -> torch.Tensor:
     return allowed
 
 
-def dense_na(q, k, v, shape, kernel_size, dilation, causal, rpb=None, scale=None):
-    """Float64 NA over `(B, H, N, D)` tokens through a dense mask; rpb added at (key - query) / dilation + k - 1."""
+def dense_na(q, k, v, shape, kernel_size, dilation, causal, rpb=None, scale=None, stride=None):
+    """Float64 NA over `(B, H, N, D)` tokens through a dense mask; rpb added at (key - query) / dilation + k - 1.
+
+    Differentiable in every input, `rpb` included."""
     q, k, v = (t.double() for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = q @ k.transpose(-1, -2) * scale
+    allowed = dense_allowed(shape, kernel_size, dilation, causal, stride)
     if rpb is not None:
         coords = torch.tensor(list(itertools.product(*(range(s) for s in shape))))
         delta = (coords[None, :, :] - coords[:, None, :]) // torch.tensor(dilation) + torch.tensor(kernel_size) - 1
+        in_range = ((delta >= 0) & (delta <= 2 * torch.tensor(kernel_size) - 2)).all(-1)
+        assert in_range[allowed].all(), "an attended key lies outside the bias table"
         index = [delta[..., a].clamp(0, 2 * kernel_size[a] - 2) for a in range(len(shape))]
         scores = scores + rpb.double()[(slice(None), *index)]
-    scores = scores.masked_fill(~dense_allowed(shape, kernel_size, dilation, causal), float("-inf"))
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, -1) @ v

@@ -71,6 +71,54 @@ def test_reference_gradients_in_chunks(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+# (shape, kernel_size, dilation, stride, causal): generalized NA, odd and even kernels and strides, with dilation
+STRIDE_CASES = [
+    ((13,), (5,), (1,), (2,), (False,)),
+    ((17,), (4,), (2,), (3,), (False,)),
+    ((10,), (3,), (3,), (3,), (False,)),
+    ((16,), (4,), (2,), (2,), (True,)),
+    ((11,), (5,), (1,), (3,), (True,)),
+    ((7, 9), (3, 5), (2, 1), (3, 2), (False, True)),
+    ((5, 8), (5, 4), (1, 1), (2, 4), (False, False)),
+    ((3, 5, 6), (3, 3, 2), (1, 1, 3), (2, 3, 2), (True, False, False)),
+]
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation,stride,causal", STRIDE_CASES)
+def test_strided_pattern_matches_the_stride_group_leader_rule(shape, kernel_size, dilation, stride, causal):
+    nbhd = Neighborhood.create(shape, kernel_size, dilation, stride, causal)
+    tokens = torch.arange(nbhd.num_tokens)
+    allowed = nbhd.allowed(tokens[:, None], tokens[None, :])
+    assert torch.equal(allowed, dense_allowed(shape, kernel_size, dilation, causal, stride))
+    if not any(causal):
+        assert (allowed.sum(-1) == math.prod(kernel_size)).all()
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation,stride,causal", STRIDE_CASES)
+def test_strided_reference_and_its_gradients_equal_the_dense_oracle(shape, kernel_size, dilation, stride, causal):
+    """Output and the gradients of q, k, v and rpb (the reference gathers keys and biases through `neighbors`)."""
+    leaves = [t.requires_grad_() for t in (*_qkv(shape, heads=4, kv_heads=2), _rpb(4, kernel_size))]
+    kwargs = {"dilation": dilation, "stride": stride, "is_causal": causal}
+    out = neighborhood_attention(*leaves[:3], kernel_size, rpb=leaves[3], backend="torch", **kwargs).flatten(2, -2)
+    expected = dense_na(*(t.flatten(2, -2) for t in leaves[:3]), shape, kernel_size, dilation, causal, leaves[3],
+                        stride=stride)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = [torch.autograd.grad((y * weight).sum(), leaves, retain_graph=True) for y in (out, expected)]
+    for name, a, b in zip(("q", "k", "v", "rpb"), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation,stride,causal", [STRIDE_CASES[3], STRIDE_CASES[5], STRIDE_CASES[7]])
+def test_strided_flex_equals_the_dense_oracle(shape, kernel_size, dilation, stride, causal):
+    q, k, v = _qkv(shape, dtype=torch.float32)
+    rpb = _rpb(2, kernel_size).float()
+    out = neighborhood_attention(q, k, v, kernel_size, dilation=dilation, stride=stride, is_causal=causal, rpb=rpb,
+                                 backend="flex")
+    expected = dense_na(*(t.flatten(2, -2) for t in (q, k, v)), shape, kernel_size, dilation, causal, rpb, stride=stride)
+    torch.testing.assert_close(out.flatten(2, -2).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_stride_equal_kernel_is_blocked_attention():
     nbhd = Neighborhood.create((12,), 4, stride=4)
     tokens = torch.arange(12)

@@ -13,7 +13,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 PYTEST := -m pytest -q -ra tests
 FREEZE := -m pip freeze --all --exclude-editable
 
-.PHONY: venv test test-latest lock demo bench clean
+.PHONY: venv test test-gpu test-latest lock demo bench clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ $(STAMP): pyproject.toml $(LOCK)
 
 test: venv
 	TRITON_INTERPRET=1 $(VPY) $(PYTEST)
+
+# Every GPU test (pytest marker gpu, tests/conftest.py) compiled in bf16 on CUDA, on the GPU machine's own torch and
+# triton (no venv: the lock pins the CPU pair). Each tile the autotuner may pick is checked by test_gpu_tiles.py.
+test-gpu:
+	MMATTN_TEST_GPU=1 MMATTN_AUTOTUNE=0 $(PYTHON) -m pytest -q -ra -m gpu tests
 
 # A fresh venv with the newest release of each dependency (what `pip install mmattn[all]` gets today), the releases
 # newer than the lock printed, then the same suite.

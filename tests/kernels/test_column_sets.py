@@ -1,108 +1,117 @@
-"""Column-set attention (the decode rows of VAR and GIFT): the Triton kernels (interpreter on the CPU, compiled on a
-GPU) against the float64 reference, and the reference against explicit column edits of the probabilities."""
+"""Column-set attention (the decode rows of VAR and GIFT), both backends (Triton: the interpreter on the CPU, compiled
+on a GPU), against the explicit float64 attention matrix of tests/kernels/column_set_oracle.py: masses summed over
+each column set, and the VAR and GIFT edits applied to the matrix before it multiplies V."""
 
 import pytest
 import torch
 
-from mmattn.kernels import (
-    backend_info,
-    column_set_attention,
-    ranked_head_enhancement,
-    reference,
-    sink_redistribution_attention,
-)
+from mmattn.kernels import backend_info, column_set_attention, ranked_head_enhancement, sink_redistribution_attention
 
+from .column_set_oracle import (
+    attention_output,
+    attention_probs,
+    column_set_statistics,
+    enhance_ranked_heads,
+    redistribute_sinks,
+)
 from .helpers import random_qkv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not backend_info(DEVICE)["triton"][0], reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
-DTYPES = (torch.float32,) if DEVICE == "cpu" else (torch.float32, torch.bfloat16)  # the interpreter has no bf16
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+BACKENDS = ("triton", "torch")
+DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE == "cuda" else ())  # the interpreter has no bf16
+STATISTICS_ATOL = 2e-5  # float32 statistics of the same (rounded) inputs as the oracle's
+OUTPUT_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # outputs rounded to the input dtype
 
 
-def inputs(dtype, batch=2, heads=4, kv_heads=2, kv_len=45, head_dim=32, prompt=40, sets=3, seed=0):
+def inputs(dtype, batch=2, heads=4, kv_heads=2, kv_len=45, head_dim=32, seed=0):
+    """q (B, H, 1, D), k, v (B, H_kv, T, D) on DEVICE, and `visible` (B, T) on the CPU with batch row 0 seeing no
+    key."""
     q, k, v = (t.to(DEVICE) for t in random_qkv(batch, heads, kv_heads, 1, kv_len, head_dim, dtype, seed))
-    g = torch.Generator().manual_seed(seed)
-    columns = (torch.rand(batch, prompt, sets, generator=g) < 0.4).float().to(DEVICE)
-    visible = (torch.rand(batch, kv_len, generator=g) > 0.2).to(DEVICE)
-    visible[0] = False  # a row that sees no key
-    return q, k, v, columns, visible
+    visible = torch.rand(batch, kv_len, generator=torch.Generator().manual_seed(seed)) > 0.2
+    visible[0] = False
+    return q, k, v, visible
 
 
-def exact_sets(q, k, v, columns, visible):
-    return reference.column_set_attention(q.double(), k.double(), v.double(), columns, visible, q.shape[-1] ** -0.5)
+def token_sets(batch, prompt, kv_len, seed, *densities):
+    """Disjoint random bool masks (B, T) over the first `prompt` keys, one per density."""
+    draw = torch.rand(batch, kv_len, generator=torch.Generator().manual_seed(seed))
+    draw[:, prompt:] = 2.0
+    bounds = torch.tensor((0.0, *densities)).cumsum(0)
+    return [(draw >= low) & (draw < high) for low, high in zip(bounds[:-1], bounds[1:])]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+def as_columns(prompt, *sets):
+    """The API's float32 columns (B, C, N) of the first C = prompt keys, from (B, T) sets (masks or weights)."""
+    return torch.stack([s[:, :prompt].float() for s in sets], -1).to(DEVICE)
+
+
+def assert_close(ours, exact, atol):
+    torch.testing.assert_close(ours.cpu().double(), exact, atol=atol, rtol=0)
+
+
+# (head_dim, sets, kv_len, prompt, scale): one set and the first key tile only, keys past the columns, eight sets
+STATISTICS_CASES = [(8, 1, 13, 13, None), (32, 3, 45, 40, None), (128, 8, 33, 20, 0.3)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [8, 32, 128])
-def test_statistics_match_the_float64_reference(dtype, head_dim, backend):
-    q, k, v, columns, visible = inputs(dtype, head_dim=head_dim)
-    sets = column_set_attention(q, k, v, columns, visible=visible, backend=backend)
-    for ours, exact in zip(sets, exact_sets(q, k, v, columns, visible)):
-        assert ours.dtype == torch.float32
-        torch.testing.assert_close(ours.double(), exact, atol=ATOL[dtype], rtol=0)
-    assert torch.equal(sets.output[0], torch.zeros_like(sets.output[0]))  # no NaN on the fully masked row
+@pytest.mark.parametrize(("head_dim", "sets", "kv_len", "prompt", "scale"), STATISTICS_CASES)
+def test_statistics_are_the_masses_of_the_explicit_attention_matrix(head_dim, sets, kv_len, prompt, scale, dtype,
+                                                                     backend):
+    q, k, v, visible = inputs(dtype, kv_len=kv_len, head_dim=head_dim, seed=head_dim)
+    weights = torch.rand(2, prompt, sets, generator=torch.Generator().manual_seed(1))
+    weights = weights * (weights > 0.3)  # real-valued weights, some keys outside a set
+    ours = column_set_attention(q, k, v, weights.to(DEVICE), visible=visible.to(DEVICE), scale=scale, backend=backend)
+    probs = attention_probs(q, k, visible, scale or head_dim**-0.5)
+    masses, weighted = column_set_statistics(probs, v, weights)
+    assert all(t.dtype == torch.float32 for t in ours)
+    assert_close(ours.output, attention_output(probs, v), STATISTICS_ATOL)
+    assert_close(ours.masses, masses[:, :, 0], STATISTICS_ATOL)
+    assert_close(ours.weighted, weighted[:, :, 0], STATISTICS_ATOL)
+    assert torch.equal(ours.output[0], torch.zeros_like(ours.output[0]))  # no NaN on the row that sees no key
 
 
-def explicit_edit(q, k, v, visible, column_sets, coefficients, renormalize):
-    """A_j <- A_j (1 + sum_n c_n S_jn) on explicit float64 probabilities, optionally rescaled to the row mass."""
-    groups = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
-    scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)
-    prompt = column_sets.shape[1]
-    factor = 1 + torch.einsum("bhn,bcn->bhc", coefficients.double(), column_sets.double())
-    edited = probs.clone()
-    edited[..., :prompt] *= factor[:, :, None]
-    if renormalize:
-        edited *= probs.sum(-1, keepdim=True) / edited.sum(-1, keepdim=True).clamp_min(1e-300)
-    return edited @ v
-
-
-def test_sink_redistribution_moves_share_of_the_sink_mass_in_image_centric_rows():
-    q, k, v, columns, visible = inputs(torch.float32)
-    image = columns[..., 0] > 0
-    sinks = image & (torch.arange(columns.shape[1], device=DEVICE) % 4 == 0)
-    text_sinks = (columns[..., 2] > 0) & ~image
-    columns = torch.stack([image, image & ~sinks, sinks | text_sinks], -1).float()
-    share, rho, min_mass = 0.6, 0.3, 0.05
-    exact = exact_sets(q, k, v, columns, visible)
-    image_mass, receivers, sink_mass = exact[1].unbind(-1)
-    centric = (receivers >= rho * image_mass) & (image_mass >= min_mass) & (receivers > 0)
-    assert centric.any() and not centric.all()
-    coefficients = torch.stack([torch.zeros_like(receivers), share * sink_mass / receivers, -share * centric], -1)
-    coefficients = torch.where(centric[..., None], coefficients, 0.0)
-    expected = explicit_edit(q, k, v, visible, columns, coefficients, renormalize=False)
-    torch.testing.assert_close(reference.sink_redistribution(*exact, share, rho, min_mass), expected)
-    for backend in ("triton", "torch"):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sink_redistribution_is_the_var_edit_of_the_explicit_matrix(dtype):
+    q, k, v, visible = inputs(dtype, heads=8, kv_heads=2, seed=3)
+    prompt, kv_len = 40, k.shape[2]
+    receivers, visual_sinks, text_sinks = token_sets(2, prompt, kv_len, 3, 0.3, 0.15, 0.08)
+    image, sinks = receivers | visual_sinks, visual_sinks | text_sinks
+    share, rho, min_mass = 0.6, 0.5, 0.2
+    probs = attention_probs(q, k, visible, q.shape[-1] ** -0.5)
+    edited, centric = redistribute_sinks(probs, image, sinks, share, rho, min_mass)
+    assert centric.any() and not centric[1].all()
+    torch.testing.assert_close(edited.sum(-1), probs.sum(-1))
+    expected = attention_output(edited, v)
+    columns = as_columns(prompt, image, image & ~sinks, sinks)
+    for backend in BACKENDS:
         ours = sink_redistribution_attention(q, k, v, columns, share=share, rho=rho, min_mass=min_mass,
-                                             visible=visible, backend=backend)
-        torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=0)
+                                             visible=visible.to(DEVICE), backend=backend)
+        assert ours.dtype == dtype
+        assert_close(ours, expected, OUTPUT_ATOL[dtype])
 
 
-@pytest.mark.parametrize("beta", [1.0, 1.5])
-def test_ranked_head_enhancement_scales_vision_and_query_heads(beta):
-    q, k, v, columns, visible = inputs(torch.float32, heads=6, kv_heads=3)
-    boost = torch.rand(columns.shape[:2], generator=torch.Generator().manual_seed(3)).to(DEVICE) * 4
-    columns = torch.stack([columns[..., 0], columns[..., 0] * boost, columns[..., 2]], -1)
-    exact = exact_sets(q, k, v, columns, visible)
-    image, gained, query = exact[1].unbind(-1)
-    vision = torch.zeros_like(image).scatter_(1, image.topk(3, 1).indices, 1.0)
-    query_heads = torch.zeros_like(query).scatter_(1, query.topk(3, 1).indices, 1.0)
-    gain = (vision * gained).sum(1, keepdim=True) / (vision * image).sum(1, keepdim=True)
-    coefficients = torch.stack([torch.zeros_like(image), vision, query_heads * (beta * (1 + gain) - 1)], -1)
-    expected = explicit_edit(q, k, v, visible, columns, coefficients.nan_to_num(0.0), renormalize=True)
-    expected[0] = 0.0  # the row that sees no key
-    torch.testing.assert_close(reference.ranked_head_enhancement(*exact, beta).nan_to_num(0.0), expected)
-    for backend in ("triton", "torch"):
-        sets = column_set_attention(q, k, v, columns, visible=visible, backend=backend)
-        ours = ranked_head_enhancement(sets, beta=beta, dtype=torch.float32, backend=backend)
-        torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=0)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "beta"), [(6, 3, 1.0), (5, 1, 1.5)])
+def test_ranked_head_enhancement_is_the_gift_edit_of_the_explicit_matrix(heads, kv_heads, beta, dtype):
+    q, k, v, visible = inputs(dtype, heads=heads, kv_heads=kv_heads, seed=heads)
+    prompt, kv_len = 40, k.shape[2]
+    image, query = token_sets(2, prompt, kv_len, 5, 0.4, 0.25)
+    multiplier = torch.where(image, torch.exp(3 * torch.rand(2, kv_len, generator=torch.Generator().manual_seed(6))), 1.0)
+    probs = attention_probs(q, k, visible, q.shape[-1] ** -0.5)
+    expected = attention_output(enhance_ranked_heads(probs, image, multiplier, query, beta), v)
+    columns = as_columns(prompt, image, image * (multiplier - 1), query)
+    for backend in BACKENDS:
+        sets = column_set_attention(q, k, v, columns, visible=visible.to(DEVICE), backend=backend)
+        ours = ranked_head_enhancement(sets, beta=beta, dtype=dtype, backend=backend)
+        assert ours.dtype == dtype
+        assert_close(ours, expected, OUTPUT_ATOL[dtype])
 
 
 def test_bad_arguments_name_themselves():
-    q, k, v, columns, visible = inputs(torch.float32)
+    q, k, v, visible = inputs(torch.float32)
+    columns, visible = as_columns(40, *token_sets(2, 40, 45, 0, 0.3, 0.3, 0.3)), visible.to(DEVICE)
     with pytest.raises(ValueError, match="query"):
         column_set_attention(q.expand(-1, -1, 2, -1), k, v, columns)
     with pytest.raises(TypeError, match="columns"):

@@ -11,6 +11,8 @@ import mmattn.vision  # noqa: F401
 from mmattn.vision.layers.agent import AgentAttention
 from mmattn.vision.models.agent_swin import WindowAttention
 
+from .gradients import assert_same_gradients, parameter_gradients
+
 
 def agent_attention_oracle(module: AgentAttention, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Spec 4.1 written out step by step, one head at a time, for a module trained on an h x w grid."""
@@ -39,13 +41,28 @@ def agent_attention_oracle(module: AgentAttention, x: torch.Tensor, h: int, w: i
     return module.proj(out)
 
 
+def spread_biases(module: torch.nn.Module) -> torch.nn.Module:
+    """Agent and relative position biases drawn at std 0.5 instead of their init's 0.02, so that a wrong bias moves
+    the outputs well beyond rounding."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith(("_bias", "_bias_table")):
+                param.normal_(0.0, 0.5)
+    return module
+
+
 @pytest.mark.parametrize(("prefix", "grid"), [(0, (6, 6)), (1, (5, 5)), (0, (4, 7))])
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_agent_attention_equals_the_paper_equations(prefix, grid, backend):
+    """In inference (auto: the agent biases kept between forwards) and in the gradient of every parameter."""
     torch.manual_seed(0)
-    module = AgentAttention(32, 4, 9, grid, num_prefix_tokens=prefix, backend=backend).double()
+    module = spread_biases(AgentAttention(32, 4, 9, grid, num_prefix_tokens=prefix, backend=backend).double())
     x = torch.randn(2, prefix + grid[0] * grid[1], 32, dtype=torch.float64)
-    torch.testing.assert_close(module(x, grid), agent_attention_oracle(module, x, *grid))
+    want = agent_attention_oracle(module, x, *grid)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, grid), want)
+    g = torch.randn_like(want)
+    assert_same_gradients(parameter_gradients(module, module(x, grid), g), parameter_gradients(module, want, g))
 
 
 def test_other_grids_resize_the_biases_bilinearly_and_fast_path_gradients_match():
@@ -105,32 +122,44 @@ def test_deit_tokens_at_224_and_448():
     assert not isinstance(timm.create_model("agent_deit_base", depth=6, embed_dim=48, num_heads=2).blocks[4].attn, AgentAttention)
 
 
-def test_swin_window_attention_masks_padding_and_shifted_regions():
-    """Each real query attends exactly the real tokens of its (shifted) window and region, with the RPB."""
-    torch.manual_seed(0)
-    attn = WindowAttention(16, 2, 3, 1).double()
-    h, w = 5, 4
-    x = torch.randn(1, h * w, 16, dtype=torch.float64)
-    q, k, v = attn.qkv(x).reshape(1, h * w, 3, 2, 8).permute(2, 0, 3, 1, 4)
-    hp, wp = 6, 6
+def window_attention_oracle(attn: WindowAttention, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Swin (shifted) window attention per token pair, on a map larger than the window: the map padded to whole
+    windows and rolled by -shift; a query attends the real keys of its window and shift region, with the RPB of
+    their offset (query minus key)."""
+    b, n, c = x.shape
+    size, shift, m = attn.window_size, attn.shift_size, attn.num_heads
+    hp, wp = -(-h // size) * size, -(-w // size) * size
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ry, rx = (ys - 1) % hp, (xs - 1) % wp  # positions after the cyclic shift by -1
+    ry, rx = ((ys - shift) % hp).flatten(), ((xs - shift) % wp).flatten()
 
-    def region(pos, size):
-        return torch.where(pos < size - 3, 0, torch.where(pos < size - 1, 1, 2))
+    def region(pos, extent):  # Swin's slices (0, -window), (-window, -shift), (-shift, None)
+        return (pos >= extent - size).long() + (shift > 0) * (pos >= extent - shift).long()
 
-    win = (ry // 3) * 2 + rx // 3
+    window = (ry // size) * (wp // size) + rx // size
     label = region(ry, hp) * 3 + region(rx, wp)
-    same = (win.flatten()[:, None] == win.flatten()[None]) & (label.flatten()[:, None] == label.flatten()[None])
-    dy = ry.flatten()[:, None] - ry.flatten()[None] + 2  # Swin: query minus key
-    dx = rx.flatten()[:, None] - rx.flatten()[None] + 2
+    allowed = (window[:, None] == window[None]) & (label[:, None] == label[None])
+    dy, dx = ry[:, None] - ry[None] + size - 1, rx[:, None] - rx[None] + size - 1
     table = attn.relative_position_bias_table
-    bias = table[(dy.clamp(0, 4) * 5 + dx.clamp(0, 4))].permute(2, 0, 1).masked_fill(~same, float("-inf"))
-    out = torch.softmax(q * 8**-0.5 @ k.transpose(-1, -2) + bias, -1) @ v
-    want = attn.proj(out.transpose(1, 2).reshape(1, h * w, 16))
-    for backend in ("auto", "torch"):
-        attn.backend = backend
-        torch.testing.assert_close(attn(x, (h, w)), want)
+    index = (dy * (2 * size - 1) + dx).clamp(0, table.shape[0] - 1)  # pairs in different windows are masked
+    bias = table[index].permute(2, 0, 1).masked_fill(~allowed, float("-inf"))
+    q, k, v = attn.qkv(x).reshape(b, n, 3, m, c // m).permute(2, 0, 3, 1, 4)
+    out = torch.softmax(q * (c // m) ** -0.5 @ k.transpose(-1, -2) + bias, -1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize(("window", "shift", "hw"), [(3, 1, (5, 4)), (3, 0, (5, 7)), (2, 1, (4, 5)), (3, 1, (6, 9))])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_swin_window_attention_masks_padding_and_shifted_regions(window, shift, hw, backend):
+    """Each real query attends exactly the real tokens of its (shifted) window and region, with the RPB: in inference
+    (auto: fused SDPA on the kept bias) and in the gradient of every parameter."""
+    torch.manual_seed(0)
+    attn = spread_biases(WindowAttention(16, 2, window, shift, backend=backend).double())
+    x = torch.randn(2, hw[0] * hw[1], 16, dtype=torch.float64)
+    want = window_attention_oracle(attn, x, *hw)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, hw), want)
+    g = torch.randn_like(want)
+    assert_same_gradients(parameter_gradients(attn, attn(x, hw), g), parameter_gradients(attn, want, g))
 
 
 @pytest.mark.parametrize(("module", "table_name"), [(AgentAttention(16, 2, 4, (4, 4)), "an_bias"),
@@ -175,24 +204,34 @@ TINY = {
 TINY_INPUT = {"agent_deit_tiny": (64, 64), "agent_pvt_tiny": (70, 90), "agent_swin_tiny": (92, 100)}
 
 
-def _set_backend(model, backend):
-    for module in model.modules():
-        if isinstance(module, (AgentAttention, WindowAttention)):
-            module.backend = backend
+TRAINED_INPUT = {"agent_deit_tiny": (64, 64), "agent_pvt_tiny": (224, 224), "agent_swin_tiny": (96, 96)}
+
+
+def attention_backends(model) -> set[str]:
+    """The backends the model's agent and window attention layers run."""
+    return {m.backend for m in model.modules() if isinstance(m, (AgentAttention, WindowAttention))}
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_training_step_fast_path_matches_the_reference_gradients(name):
+def test_fast_path_matches_the_reference_path_in_training_and_inference(name):
+    """A model built with attn_backend="auto" and its copy built with "torch": the gradient of each parameter after
+    a training step, and the outputs in inference (auto: fused SDPA windows, kept biases), at the trained grid and at
+    a padded one with resized biases (features before the pooling and head)."""
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5, drop_path_rate=0.0, **TINY[name]).double()
+    fast = spread_biases(timm.create_model(name, num_classes=5, drop_path_rate=0.0, **TINY[name]).double())
+    reference = timm.create_model(name, num_classes=5, drop_path_rate=0.0, attn_backend="torch", **TINY[name]).double()
+    reference.load_state_dict(fast.state_dict())
+    assert attention_backends(fast) == {"auto"} and attention_backends(reference) == {"torch"}
     x = torch.randn(2, 3, *TINY_INPUT[name], dtype=torch.float64)
-    params = [p for p in model.parameters()]
-    loss = F.cross_entropy(model(x), torch.tensor([1, 3]))
-    grads = torch.autograd.grad(loss, params)
-    _set_backend(model, "torch")
-    want = torch.autograd.grad(F.cross_entropy(model(x), torch.tensor([1, 3])), params)
-    for got, exp in zip(grads, want):
-        torch.testing.assert_close(got, exp)
+    for model in (fast, reference):
+        F.cross_entropy(model(x), torch.tensor([1, 3])).backward()
+    assert_same_gradients(*({n: p.grad for n, p in model.named_parameters()} for model in (fast, reference)))
+    fast.eval()
+    reference.eval()
+    with torch.no_grad():
+        for size in (TINY_INPUT[name], TRAINED_INPUT[name]):
+            x = torch.randn(1, 3, *size, dtype=torch.float64)
+            torch.testing.assert_close(fast.forward_features(x), reference.forward_features(x))
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

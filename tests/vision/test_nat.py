@@ -1,5 +1,6 @@
 """NeighborhoodAttention against a brute-force NATTEN oracle (spec 5.1), and NAT/DiNAT as timm models."""
 
+import copy
 import itertools
 import math
 
@@ -12,6 +13,7 @@ import mmattn.vision  # noqa: F401
 from mmattn.vision.layers.neighborhood import NeighborhoodAttention
 
 from ..kernels.na_oracle import window_start
+from .gradients import assert_same_gradients, parameter_gradients
 
 
 def na_oracle(module: NeighborhoodAttention, x: torch.Tensor) -> torch.Tensor:
@@ -48,12 +50,22 @@ def test_layer_equals_the_natten_neighborhoods_with_masked_padding(spatial, kern
     torch.testing.assert_close(module(x), na_oracle(module, x))
 
 
-def test_rpb_gets_gradients_on_both_paths():
-    module = NeighborhoodAttention(16, 2, 3, dilation=2).double()
-    for spatial in ((6, 6), (4, 6)):
-        module.rpb.grad = None
-        module(torch.randn(1, *spatial, 16, dtype=torch.float64)).square().sum().backward()
-        assert module.rpb.grad.abs().sum() > 0
+@pytest.mark.parametrize(("backend", "spatial"), [("torch", (6, 7)), ("triton", (6, 7)), ("torch", (4, 7))])
+def test_rpb_and_projection_gradients_match_the_dense_oracle(backend, spatial):
+    """d rpb, d qkv and d proj of the unfused reference (float64), of the fused kernel (float32, the interpreter on
+    the CPU) and of the padded path of grids smaller than kernel x dilation (4 < 3 x 2), against autograd through
+    na_oracle in float64. The RPB is drawn at std 0.5 (init: 0.02) so that misplaced bias terms show."""
+    torch.manual_seed(0)
+    exact = NeighborhoodAttention(32, 2, 3, dilation=2).double()
+    with torch.no_grad():
+        exact.rpb.normal_(0.0, 0.5)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    module = copy.deepcopy(exact).to(dtype)
+    module.backend = backend
+    x, g = torch.randn(2, 2, *spatial, 32, dtype=torch.float64).unbind(0)
+    want = parameter_gradients(exact, na_oracle(exact, x), g)
+    got = parameter_gradients(module, module(x.to(dtype)), g.to(dtype))
+    assert_same_gradients(got, want, **({"atol": 1e-5, "rtol": 1e-4} if backend == "triton" else {}))
 
 
 def test_bad_arguments_raise_naming_them():
@@ -140,18 +152,3 @@ def test_compiles():
     x = torch.randn(1, 3, 64, 64)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled Triton NA kernel in bf16")
-@pytest.mark.parametrize("name", ["nat_tiny", "dinat_tiny"])
-def test_gpu_bf16_training_step_matches_the_reference_path(name):
-    torch.manual_seed(0)
-    x, target = torch.randn(4, 3, 224, 224, device="cuda"), torch.arange(4, device="cuda")
-    grads = []
-    for backend in ("triton", "torch"):
-        torch.manual_seed(0)
-        model = timm.create_model(name, attn_backend=backend, drop_path_rate=0.0).cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            F.cross_entropy(model(x), target).backward()
-        grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters()]))
-    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 2e-2

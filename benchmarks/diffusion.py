@@ -1,26 +1,36 @@
 """Radial attention on the GPU (bf16, forward): mmattn's block-sparse kernel vs cuDNN dense SDPA vs FlexAttention
-on the same mask, at Wan 480p / 720p and HunyuanVideo 720p shapes; then one denoising step of a full-size
-Wan2.1-1.3B transformer (random weights, built from its config) with Radial on every step vs dense.
-Writes benchmarks/results/diffusion.md. Ratios are peer time / our time (above 1: we are faster).
+on the same mask (and FlexAttention's FLASH backend, FlashAttention-4, where `flash_attn.cute` is installed), at Wan
+480p / 720p and HunyuanVideo 720p shapes; then one denoising step of a full-size Wan2.1-1.3B transformer (random
+weights, built from its config) with Radial on every layer but the first vs dense. Writes
+benchmarks/results/diffusion.md. Ratios are peer time / our time (above 1: we are faster).
 
-    python benchmarks/diffusion.py [--quick] [--out benchmarks/results/diffusion.md]
+Before timing, each attention case checks mmattn's output against FlexAttention's on the same inputs, and the Radial
+step checks its output against the same step with Radial run by FlexAttention (benchmarks/common.py: error against
+FlexAttention in float32 at most 2x FlexAttention's own, plus slack); a disagreement stops the run.
 
---quick runs tiny shapes on the CPU (exact torch backends, wall-clock timer) to smoke-test the script.
+    python benchmarks/diffusion.py [--fast]     # every case; writes benchmarks/results/diffusion.md (needs diffusers)
+    python benchmarks/diffusion.py --quick      # tiny shapes on the CPU (exact torch backends): a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import platform
+import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from block_sparse import has_fa4
+from common import (
+    RESULTS, check_agreement, highest_precision, median_ms, outputs_and_grads, provenance, results_target, set_fast, upcast, worst,
+    write_results,
+)
+
 from mmattn.diffusion import RadialConfig, apply_radial_attention, radial_mask
 from mmattn.kernels import block_sparse_attention
 
@@ -39,6 +49,7 @@ WAN_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config
     "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
 }
 WAN_TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64, num_layers=2)
+DEFAULT_OUT = RESULTS / "diffusion.md"
 
 
 def wan_step(quick: bool, device, dtype) -> tuple[torch.nn.Module, dict]:
@@ -66,102 +77,150 @@ def sparse_step_config(quick: bool) -> RadialConfig:
     return dataclasses.replace(preset, block_size=16, backend="torch") if quick else preset
 
 
-def timer(quick: bool):
-    """Median milliseconds of a callable: do_bench on the GPU, a plain wall clock in --quick mode."""
-    if quick:
-        def wall(fn, repeats=3):
-            fn()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return sorted(times)[len(times) // 2]
+def attention_peers(device: str) -> dict:
+    """name -> fn(q, k, v, mask), forward only; the first (FlexAttention) is also the higher-precision reference."""
+    peers = {"flex": lambda q, k, v, mask: block_sparse_attention(q, k, v, mask, backend="flex")}
+    if device == "cuda" and has_fa4():
+        from torch.nn.attention.flex_attention import flex_attention
 
-        return wall
-    import triton
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        compiled = torch.compile(flex_attention, dynamic=False)
+        peers["FA4 (flex FLASH)"] = lambda q, k, v, mask: compiled(
+            q, k, v, block_mask=mask.flex_block_mask, kernel_options={"BACKEND": "FLASH"})
+    return peers
 
 
 @torch.no_grad()
-def attention_rows(cases, quick: bool) -> list[str]:
-    device, dtype = ("cpu", torch.float32) if quick else ("cuda", torch.bfloat16)
-    ours_backend, dense_backend = ("torch", SDPBackend.MATH) if quick else ("triton", SDPBackend.CUDNN_ATTENTION)
-    measure = timer(quick)
+def attention_rows(cases, device: str) -> tuple[list[str], list[str]]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ours_backend, dense_backend = ("triton", SDPBackend.CUDNN_ATTENTION) if device == "cuda" else ("torch", SDPBackend.MATH)
+    block = 128 if device == "cuda" else 16
+    peers = attention_peers(device)
     rows = []
     for name, frames, per_frame, text, heads, decay, rule in cases:
-        mask = radial_mask(frames, per_frame, block_size=128 if not quick else 16, decay_factor=decay, model=rule,
-                           text_tokens=text, device=device)
+        mask = radial_mask(frames, per_frame, block_size=block, decay_factor=decay, model=rule, text_tokens=text,
+                           device=device)
         n = frames * per_frame + text
-        q, k, v = (torch.randn(1, heads, n, 128 if not quick else 32, device=device, dtype=dtype) for _ in range(3))
-        ours = measure(lambda q=q, k=k, v=v, mask=mask: block_sparse_attention(q, k, v, mask, backend=ours_backend))
-        flex = measure(lambda q=q, k=k, v=v, mask=mask: block_sparse_attention(q, k, v, mask, backend="flex"))
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, heads, n, 128 if device == "cuda" else 32, device=device, dtype=dtype) for _ in range(3))
+
+        def ours_fn(q, k, v, mask=mask):
+            return block_sparse_attention(q, k, v, mask, backend=ours_backend)
+
+        # the check, before any timing (forward only: this table times the forward)
+        with highest_precision():
+            reference = outputs_and_grads(lambda *t, mask=mask: peers["flex"](*t, mask), *upcast(q, k, v), None)
+        ours_out = outputs_and_grads(ours_fn, q, k, v, None)
+        checks = {
+            peer_name: check_agreement(name, ours_out, outputs_and_grads(lambda *t, p=peer, mask=mask: p(*t, mask), q, k, v, None),
+                                       reference, peer_name=peer_name, reference_name=f"flex in {reference['out'].dtype}")
+            for peer_name, peer in peers.items()
+        }
+        del reference, ours_out
+
+        ours = median_ms(lambda: ours_fn(q, k, v), device)
+        timed = {peer_name: median_ms(lambda p=peer: p(q, k, v, mask), device) for peer_name, peer in peers.items()}
         with sdpa_kernel([dense_backend]):
-            dense = measure(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-        density = mask.density()
-        rows.append(
-            f"| {name} | {n:,} | {heads} | {density:.4f} | {ours:.2f} | {dense:.2f} | {flex:.2f} | "
-            f"{dense / ours:.2f}x (goal {0.85 / density:.2f}x) | {flex / ours:.2f}x (goal 1.15x) |"
-        )
+            dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
+        density, flex = mask.density(), timed["flex"]
+        cells = [name, f"{n:,}", str(heads), f"{density:.4f}", f"{ours:.2f}", f"{dense:.2f}", f"{flex:.2f}",
+                 f"{dense / ours:.2f}x (goal {0.85 / density:.2f}x)", f"{flex / ours:.2f}x (goal 1.15x)"]
+        for peer_name in list(peers)[1:]:
+            cells += [f"{timed[peer_name]:.2f}", f"{timed[peer_name] / ours:.2f}x"]
+        cells += [f"{checks['flex']['out'].vs_peer:.1e}", worst(checks["flex"])]
+        rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
-    return rows
+    return rows, list(peers)
 
 
 @torch.no_grad()
-def wan_step_rows(quick: bool) -> list[str]:
-    device, dtype = ("cpu", torch.float32) if quick else ("cuda", torch.bfloat16)
-    model, inputs = wan_step(quick, device, dtype)
-    latent = inputs["hidden_states"].shape
-    measure = timer(quick)
-    dense = measure(lambda: model(**inputs))
-    with apply_radial_attention(model, sparse_step_config(quick)):
-        radial = measure(lambda: model(**inputs))
+def wan_step_rows(quick: bool, device: str) -> list[str]:
+    """Dense vs Radial (our kernel) on one step, after checking the Radial step against Radial run by FlexAttention
+    (bf16, and float32 as the reference; relative error of the transformer output)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    reference_model, inputs = wan_step(quick, device, torch.float32 if device == "cuda" else torch.float64)
+    model = copy.deepcopy(reference_model).to(dtype)  # the same random weights, rounded
+    inputs_low = {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+                  for key, value in inputs.items()}
+    config = sparse_step_config(quick)
+    flex_config = dataclasses.replace(config, backend="flex")
+    with apply_radial_attention(reference_model, flex_config), highest_precision():
+        reference = {"output": reference_model(**inputs)[0]}
+    del reference_model
+    with apply_radial_attention(model, config):
+        ours = {"output": model(**inputs_low)[0]}
+    with apply_radial_attention(model, flex_config):
+        peer = {"output": model(**inputs_low)[0]}
+    step = "Wan2.1-1.3B step" if not quick else "tiny Wan step"
+    check = check_agreement(f"{step} (Radial)", ours, peer, reference, peer_name="Radial through flex",
+                            reference_name=f"Radial through flex in {reference['output'].dtype}", metric="relative")
+    del ours, peer, reference
+
+    latent = inputs_low["hidden_states"].shape
+    dense = median_ms(lambda: model(**inputs_low), device)
+    with apply_radial_attention(model, config):
+        radial = median_ms(lambda: model(**inputs_low), device)
     tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
-    row = f"| Wan2.1-1.3B step, {tokens:,} tokens | {dense:.1f} | {radial:.1f} | {dense / radial:.2f}x (goal 1.8x) |"
+    row = (f"| {step}, {tokens:,} tokens | {dense:.1f} | {radial:.1f} | {dense / radial:.2f}x (goal 1.8x) | "
+           f"{check['output'].vs_peer:.1e} | {check['output'].ours_err:.1e}/{check['output'].peer_err:.1e} |")
     print(row, flush=True)
     return [row]
 
 
-def environment(quick: bool) -> str:
-    if quick:
-        return f"Device: CPU (--quick smoke test); torch {torch.__version__}; Python {platform.python_version()}"
-    import triton
-
-    return f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; Python {platform.python_version()}"
+def table(attention: list[str], peers: list[str], step: list[str], device: str) -> str:
+    gpu = device == "cuda"
+    extra_heads = "".join(f" {p} ms | vs {p} |" for p in peers[1:])
+    extra_rule = "---|---|" * (len(peers) - 1)
+    fa4 = "" if not gpu or len(peers) > 1 else (
+        " FlashAttention-4 (`flash_attn.cute`, through FlexAttention's FLASH backend) was not installed: no FA4 "
+        "columns.")
+    precision = "float32" if gpu else "float64"
+    return "\n".join([
+        "# Radial attention (mmattn.diffusion)",
+        "",
+        provenance(device, ("diffusers",)),
+        "",
+        (f"Attention forward, median ms, {'bf16' if gpu else 'float32'}, N(0, 1) inputs, head dim "
+         f"{128 if gpu else 32}. Radial mask (block {128 if gpu else 16}) as in the official repo; ours = mmattn "
+         f"{'Triton' if gpu else 'torch'} block-sparse, dense = {'cuDNN' if gpu else 'math'} SDPA, flex = "
+         f"FlexAttention ({'compiled' if gpu else 'eager'}) on the same mask.{fa4} Check, before each row was timed: "
+         f"mmattn's output and each block-sparse peer's against flex in {precision} on the same inputs, "
+         "max|ours - ref| <= 2 x max|peer - ref| + 1e-3 x max(1, max|ref|); the last columns give the output's "
+         "max abs difference to flex and the errors (ours/flex) of the checked tensor."),
+        "",
+        f"| case | tokens | heads | density | ours ms | dense ms | flex ms | vs dense | vs flex |{extra_heads} "
+        "out max abs ours-flex | check: error ours/flex |",
+        f"|---|---|---|---|---|---|---|---|---|{extra_rule}---|---|",
+        *attention,
+        "",
+        ("One denoising step (transformer forward, one CFG branch), random weights (seed 0), median ms; dense = "
+         "diffusers' stock attention; radial = preset `wan2.1-t2v-1.3b` on a sparse step (layer 0 dense), mmattn's "
+         "kernel. Check, before timing: the Radial step's output against the same step with Radial run by "
+         f"FlexAttention, both against that step in {precision} (same weights): relative error (Frobenius) ours <= 2 "
+         "x flex's + 1e-3."),
+        "",
+        "| case | dense ms | radial ms | speedup | output rel. diff ours-flex | check: rel. error ours/flex |",
+        "|---|---|---|---|---|---|",
+        *step,
+        "",
+    ])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffusion.md")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test")
+    parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
+    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
     args = parser.parse_args()
     if not args.quick and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --quick)")
-    lines = [
-        "# Radial attention (mmattn.diffusion)",
-        "",
-        environment(args.quick),
-        "",
-        ("Attention forward, median ms. Radial mask (block 128) as in the official repo; ours = mmattn Triton "
-        "block-sparse, dense = cuDNN SDPA, flex = FlexAttention (compiled) on the same mask."),
-        "",
-        "| case | tokens | heads | density | ours ms | dense ms | flex ms | vs dense | vs flex |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *attention_rows(QUICK_CASES if args.quick else ATTENTION_CASES, args.quick),
-        "",
-        ("One denoising step (transformer forward, CFG branch), random weights, median ms; radial = preset "
-        "`wan2.1-t2v-1.3b` on a sparse step (layer 0 dense)."),
-        "",
-        "| case | dense ms | radial ms | speedup |",
-        "|---|---|---|---|",
-        *wan_step_rows(args.quick),
-        "",
-    ]
-    if not args.quick or args.out != parser.get_default("out"):
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines))
-        print(f"wrote {args.out}")
+    if importlib.util.find_spec("diffusers") is None:
+        parser.error("needs diffusers for the Wan step (pip install 'mmattn[diffusion]'); nothing was measured")
+    device = "cpu" if args.quick else "cuda"
+    target = results_target(parser, args.out, DEFAULT_OUT, not args.quick, "--quick")
+    set_fast(args.fast)
+    attention, peers = attention_rows(QUICK_CASES if args.quick else ATTENTION_CASES, device)
+    step = wan_step_rows(args.quick, device)
+    write_results(table(attention, peers, step, device), target)
 
 
 if __name__ == "__main__":

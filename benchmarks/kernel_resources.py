@@ -32,6 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, command_line, results_target
 from neighborhood import CASES as NEIGHBORHOOD_CASES
 
 from mmattn.kernels import Neighborhood
@@ -166,7 +167,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--kernels", default="fwd,dq,dkdv", help="comma-separated subset of fwd,dq,dkdv")
     parser.add_argument("--first", action="store_true", help="only the tile taken without autotuning")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernel_resources.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default benchmarks/results/kernel_resources.md, for a run of every case)")
     args = parser.parse_args()
     builds = _block_sparse_builds() + _neighborhood_builds() + _routed_builds()
     cases = list(dict.fromkeys(build.case for build in builds))
@@ -174,11 +176,15 @@ def main() -> None:
     kernels = args.kernels.split(",")
     if not set(only) <= set(cases) or not set(kernels) <= {"fwd", "dq", "dkdv"}:
         parser.error(f"--only must name cases of {cases}; --kernels a subset of fwd,dq,dkdv")
+    complete = set(only) == set(cases) and set(kernels) == {"fwd", "dq", "dkdv"} and not args.first
+    out = results_target(parser, args.out, RESULTS / "kernel_resources.md", complete, "--only, --kernels or --first")
     lines = [
         "# mmattn's Triton kernels on Hopper: registers, spills, shared memory",
         "",
         (f"Compiled for sm_90a without a GPU: Triton {triton.__version__} and its ptxas; bf16, no rpb. Every tile the "
          "autotuner keeps for the case; spills are ptxas spill-store bytes per thread."),
+        "",
+        f"Command: `{command_line()}`. Every row below comes from this one run.",
         "",
         "| case | kernel | tile | registers | spill bytes | shared KiB | verdict |",
         "|---|---|---|---|---|---|---|",
@@ -186,9 +192,13 @@ def main() -> None:
           for row in build_rows(build, args.first)),
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    if out is None:
+        print("\n".join(lines))
+        print("(not written: a subset run writes only where --out says)")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,35 @@
 """LVLM intervention overhead: prefill latency, decode tokens/s and KV-cache memory on a LLaVA-1.5-7B-shaped model
 with random weights (576 image tokens), for no hook, VAR, GIFT, FastV (K=2, R=0.75) and VFlowOpt keep 10 %.
 
-GPU:   python benchmarks/vlm.py            (bf16, writes benchmarks/results/vlm.md)
-CPU:   python benchmarks/vlm.py --quick    (tiny config, smoke test only)
+GPU:   python benchmarks/vlm.py                              (bf16, writes benchmarks/results/vlm.md)
+       python benchmarks/vlm.py --interleaved --repeats 4    (latency in rounds, writes benchmarks/results/vlm_interleaved.md)
+CPU:   python benchmarks/vlm.py --quick                      (tiny config, smoke test only; prints the table)
+
+Before timing, VAR's and GIFT's fused decode rows (`backend="auto"`) are checked against their explicit decode rows
+(`backend="torch"`) on the benchmark prompt: the logits of the prefill and of the first decoding step may differ by at
+most 2x the model's bf16 noise floor (the difference between SDPA and eager attention for the unedited model, same
+logits) + 1e-3 x max(1, max|logit|) (benchmarks/common.py), or the run stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS as RESULTS_DIR
+from common import command_line, judge, max_abs_diff, results_target
+
 from mmattn import vlm
 
-RESULTS = Path(__file__).resolve().parent / "results" / "vlm.md"
+RESULTS = RESULTS_DIR / "vlm.md"
+INTERLEAVED_RESULTS = RESULTS_DIR / "vlm_interleaved.md"
 FUSED_DECODE = ("VAR", "GIFT")  # methods whose decode rows have a fused kernel, also timed on the explicit path
 
 
@@ -173,6 +185,47 @@ def interleaved_latency(model, batch: dict, device: str, new_tokens: int, repeat
     return {label: (sorted(t)[len(t) // 2], min(t)) for label, t in times.items()}
 
 
+def first_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy generation of 2 tokens: the prefill's last logits, the first decoding step's logits, the tokens."""
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    prompt = batch["input_ids"].shape[1]
+    return output.logits[0].float(), output.logits[1].float(), output.sequences[:, prompt:]
+
+
+def check_decode_rows(model, batch: dict, chosen: dict) -> list[str]:
+    """VAR's and GIFT's fused decode rows against their explicit ones, within twice the model's bf16 noise floor
+    (SDPA vs eager attention, no intervention); raises `Disagreement` otherwise. Returns one line per method."""
+    sdpa = first_logits(model, batch)
+    model.set_attn_implementation("eager")
+    try:
+        eager = first_logits(model, batch)
+    finally:
+        model.set_attn_implementation("sdpa")
+    noise = [max_abs_diff(a, b) for a, b in zip(sdpa[:2], eager[:2])]
+    lines = []
+    for name in FUSED_DECODE:
+        results = {}
+        for backend in ("auto", "torch"):
+            with vlm.apply(model, chosen[name], backend=backend):
+                results[backend] = first_logits(model, batch)
+        fused, explicit = results["auto"], results["torch"]
+        parts = []
+        for index, label in enumerate(("prefill logits", "first decode-step logits")):
+            if index == 1 and not torch.equal(fused[2][:, 0], explicit[2][:, 0]):
+                parts.append(f"{label}: not compared (the prefills picked different tokens, a near-tie)")
+                continue
+            diff = max_abs_diff(fused[index], explicit[index])
+            verdict = judge(f"{name} (fused vs explicit decode rows)", label, diff, noise[index], diff,
+                            scale=explicit[index].abs().max().item(), peer_name="SDPA vs eager attention",
+                            reference_name="the explicit decode rows")
+            parts.append(f"{label} max abs diff {diff:.2e} (tolerance {verdict.tolerance:.2e})")
+        lines.append(f"- {name}: " + "; ".join(parts) + ".")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def methods(size: str) -> dict:
     """The compared interventions; layer settings scale with depth (the LLaVA-1.5-7B presets at 32 layers)."""
     layers = SIZES[size][1]["num_hidden_layers"]
@@ -193,16 +246,25 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch of the batched-prefill table")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (GPU runs)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results file (default {RESULTS.name}, or {INTERLEAVED_RESULTS.name} with --interleaved; "
+                             "a --quick run writes only where --out says)")
     parser.add_argument("--interleaved", action="store_true",
                         help="only the latency of none, VAR and GIFT (fused and explicit decode rows), in rounds")
     args = parser.parse_args()
+    target = results_target(parser, args.out, INTERLEAVED_RESULTS if args.interleaved else RESULTS, not args.quick,
+                            "--quick")
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     new_tokens, repeats = (8, 1) if args.quick else (args.new_tokens, args.repeats)
     size = "quick" if args.quick else "full"
     model = build(size, device, dtype)
     batch = inputs(device, dtype)
+    check_lines = check_decode_rows(model, batch, methods(size))
+    check_text = ["", ("Check, before timing: fused decode rows (`backend=\"auto\"`) against explicit ones "
+                       "(`backend=\"torch\"`), max abs logit difference <= 2 x that of SDPA vs eager attention on the "
+                       "unedited model + 1e-3 x max(1, max|logit|):"), *check_lines]
+    provenance_line = f"Command: `{command_line()}`. Every row below comes from this one run."
     if args.interleaved:
         chosen = methods(size)
         plan = {"none": (None, "auto")}
@@ -213,12 +275,12 @@ def main() -> None:
         base_median, base_least = latency["none"]
         title = (f"Total latency of greedy generation ({new_tokens} new tokens) in {repeats} interleaved rounds; "
                  f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}.")
-        lines = [title, "", "| method | median ms | x none | least ms | x none |", "|---|---:|---:|---:|---:|"]
+        lines = ["# LVLM interventions: latency in interleaved rounds", "", title, "", provenance_line, "",
+                 "| method | median ms | x none | least ms | x none |", "|---|---:|---:|---:|---:|"]
         for label, (median, least) in latency.items():
             lines.append(f"| {label} | {median * 1e3:.0f} | {median / base_median:.2f} | {least * 1e3:.0f} | "
                          f"{least / base_least:.2f} |")
-        print("\n".join(lines))
-        args.out.write_text("\n".join(lines) + "\n")
+        write(lines + check_text, target)
         return
     rows, batched = {}, {}
     prompts = inputs(device, dtype, args.batch)
@@ -255,6 +317,8 @@ def main() -> None:
             f"transformers {transformers.__version__}. Ratios are to `none` (plain greedy, SDPA) in the same process."
         ),
         "",
+        provenance_line,
+        "",
         (
             "| method | prefill ms | x none | prefill GPU kernels ms | x none | decode tok/s | total latency x none "
             "| KV cache MiB | KV x none | prompt KV x none | image-token KV x none |"
@@ -285,10 +349,17 @@ def main() -> None:
         lines.append(f"| {name} | {row['prefill_ms']:.1f} | {row['prefill_ms'] / batched['none']['prefill_ms']:.2f} | "
                      f"{row['prefill_kernel_ms']:.1f} | "
                      f"{row['prefill_kernel_ms'] / batched['none']['prefill_kernel_ms']:.2f} |")
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(lines + check_text, target)
+
+
+def write(lines: list[str], target: Path | None) -> None:
+    print("\n".join(lines), flush=True)
+    if target is None:
+        print("(not written: a --quick run writes only where --out says)")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(lines) + "\n")
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":

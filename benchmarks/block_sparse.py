@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (
     RESULTS, bench, check_agreement, highest_precision, outputs_and_grads, provenance, results_target, set_fast, tflops, upcast, worst,
-    write_results,
+    tiles_picked, write_results,
 )
 
 from mmattn.kernels import BlockSparseMask, block_sparse_attention
@@ -158,15 +158,7 @@ def run(shapes, densities, device: str) -> tuple[list[dict], list[str], list[str
 def picked_tiles() -> str:
     from mmattn.kernels.triton import block_sparse as kernels
 
-    def describe(kernel) -> str:
-        config = getattr(kernel, "best_config", None)
-        if config is None:
-            return "?"
-        kw = config.kwargs
-        return f"{kw.get('BLOCK_M', '?')}x{kw.get('BLOCK_N', '?')} w{config.num_warps} s{config.num_stages}"
-
-    return ", ".join(f"{name} {describe(kernel)}" for name, kernel in
-                     (("fwd", kernels.fwd_kernel), ("dK/dV", kernels.dkdv_kernel), ("dQ", kernels.dq_kernel)))
+    return tiles_picked(kernels, lambda kw: f"{kw['BLOCK_M']}x{kw['BLOCK_N']}")
 
 
 def format_row(r, peers: list[str]) -> str:

@@ -367,3 +367,15 @@ def write_results(text: str, target: Path | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text if text.endswith("\n") else text + "\n")
     print(f"wrote {target}", flush=True)
+
+
+def tiles_picked(kernels, describe: Callable[[dict], str]) -> str:
+    """The tile the autotuner last picked for each kernel of a Triton family module (fwd, dQ, dK/dV), its
+    compile-time tile arguments worded by `describe`."""
+
+    def word(kernel) -> str:
+        config = getattr(kernel, "best_config", None)
+        return "?" if config is None else f"{describe(config.kwargs)} w{config.num_warps} s{config.num_stages}"
+
+    return ", ".join(f"{part} {word(kernel)}" for part, kernel in
+                     (("fwd", kernels.fwd_kernel), ("dQ", kernels.dq_kernel), ("dK/dV", kernels.dkdv_kernel)))

@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (
     RESULTS, bench, check_agreement, highest_precision, outputs_and_grads, provenance, results_target, set_fast, tflops, upcast, worst,
-    write_results,
+    tiles_picked, write_results,
 )
 
 from mmattn.kernels import Neighborhood, neighborhood_attention
@@ -124,19 +124,7 @@ def run(cases, device: str) -> tuple[list[dict], list[str]]:
 def picked_tiles() -> str:
     from mmattn.kernels.triton import neighborhood as kernels
 
-    def describe(kernel) -> str:
-        config = getattr(kernel, "best_config", None)
-        if config is None:
-            return "?"
-        kw = config.kwargs
-        try:
-            return (f"Q {kw['TQ0']}x{kw['TQ1']}x{kw['TQ2']} KV {kw['TK0']}x{kw['TK1']}x{kw['TK2']} "
-                    f"w{config.num_warps} s{config.num_stages}")
-        except KeyError:
-            return f"{kw} w{config.num_warps} s{config.num_stages}"
-
-    return ", ".join(f"{part} {describe(kernel)}"
-                     for part, kernel in (("fwd", kernels.fwd_kernel), ("dQ", kernels.dq_kernel), ("dK/dV", kernels.dkdv_kernel)))
+    return tiles_picked(kernels, lambda kw: f"Q {kw['TQ0']}x{kw['TQ1']}x{kw['TQ2']} KV {kw['TK0']}x{kw['TK1']}x{kw['TK2']}")
 
 
 def format_row(r) -> str:

@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from typing_extensions import Self
 
-from ..kernels.column_sets import COLUMN_SET_BACKENDS
+from ..kernels.backends import backend_choices, check_backend
 from .attention import AttentionRows, eager_attention, rows_attention
 from .interventions.base import CACHE_ARGUMENTS, CallState, Intervention, ModelContext, Runtime, passed_cache
 from .interventions.pruning import _PruningIntervention
@@ -193,8 +193,7 @@ def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto")
     over the key cache, `mmattn.kernels.column_set_attention`), `"torch"` (explicit fp32 probabilities, edited in
     place, as transformers' eager attention) or `"auto"` (Triton on CUDA). Prompt rows always take the explicit path.
     """
-    if backend not in COLUMN_SET_BACKENDS:
-        raise ValueError(f"backend: expected one of {COLUMN_SET_BACKENDS}, got {backend!r}")
+    check_backend(backend, backend_choices("column_sets"))
     if not interventions:
         raise ValueError("interventions: expected at least one intervention, got none")
     for intervention in interventions:

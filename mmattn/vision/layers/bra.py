@@ -16,7 +16,7 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from mmattn.kernels import routed_attention
-from mmattn.kernels.routed import ROUTED_BACKENDS
+from mmattn.kernels.backends import backend_choices
 
 from .backends import check_backend
 from .hilo import dense_attention
@@ -61,7 +61,7 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"need n_win >= 1 and 1 <= topk <= n_win**2, got n_win={n_win}, topk={topk}")
         self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
         self.scale = qk_scale or dim ** -0.5
-        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
+        self.attn_backend = check_backend(attn_backend, backend_choices("routed"))
         self.qkv = nn.Linear(dim, 3 * dim, **dd)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
         self.wo = nn.Linear(dim, dim, **dd)
@@ -118,7 +118,7 @@ class GlobalAttentionLePE(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
+        self.attn_backend = check_backend(attn_backend, backend_choices("routed"))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
         self.proj = nn.Linear(dim, dim, **dd)

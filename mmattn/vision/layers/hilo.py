@@ -16,7 +16,7 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from mmattn.kernels import reference, routed_attention
-from mmattn.kernels.routed import ROUTED_BACKENDS
+from mmattn.kernels.backends import backend_choices
 
 from .backends import check_backend
 
@@ -77,7 +77,7 @@ class HiLoAttention(nn.Module):
             raise ValueError(f"window_size must be >= 1, got {window_size}")
         head_dim = dim // num_heads
         self.window_size = window_size
-        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
+        self.attn_backend = check_backend(attn_backend, backend_choices("routed"))
         self.scale = qk_scale or head_dim ** -0.5
         self.l_heads = num_heads if window_size == 1 else int(num_heads * alpha)
         self.h_heads = num_heads - self.l_heads

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from common import (
 )
 
 from mmattn.kernels import BlockSparseMask, block_sparse_attention
+from mmattn.kernels.backends import INTERPRETED
 
 SHAPES = [(1, 24, 32760, 128), (1, 12, 16384, 64), (8, 16, 4096, 128)]
 DENSITIES = [1.0, 0.5, 0.25, 0.1, 0.05]
@@ -100,7 +100,7 @@ def dense_sdpa(device: str):
 
 def run(shapes, densities, device: str) -> tuple[list[dict], list[str], list[str]]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    ours_backend = "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    ours_backend = "triton" if device == "cuda" or INTERPRETED else "torch"
     peers = make_peers(device)
     reference_peer = next(iter(peers))
     dense = dense_sdpa(device)

@@ -36,8 +36,6 @@ from common import RESULTS, command_line, results_target
 from neighborhood import CASES as NEIGHBORHOOD_CASES
 
 from mmattn.kernels import Neighborhood
-from mmattn.kernels import ops as block_sparse_ops
-from mmattn.kernels.na_ops import _compile_time_args, _pattern
 from mmattn.kernels.triton import block_sparse, routed
 from mmattn.kernels.triton import neighborhood as fna
 
@@ -67,8 +65,8 @@ def _meta_tokens(tokens: int, head_dim: int) -> torch.Tensor:
 def _neighborhood_builds() -> list[Build]:
     builds = []
     for name, _, _, spatial, head_dim, kernel_size, dilation in NEIGHBORHOOD_CASES:
-        pattern = _pattern(Neighborhood.create(spatial, kernel_size, dilation, 1, False))
-        constants = _compile_time_args(pattern, 1, head_dim, False, "tf32")
+        pattern = fna.pattern_ints(Neighborhood.create(spatial, kernel_size, dilation, 1, False))
+        constants = fna.compile_time_args(pattern, 1, head_dim, False, "tf32")
         tiles = fna.prune_configs(fna.CONFIGS, {**constants, "L0": pattern[0], "L1": pattern[1], "L2": pattern[2]})
         for kernel, fn, extra in (("fwd", fna._fwd_kernel, {}), ("dq", fna._dq_kernel, {"WRITE_DS": False}),
                                   ("dkdv", fna._dkdv_kernel, {})):
@@ -80,7 +78,7 @@ def _block_sparse_builds() -> list[Build]:
     builds = []
     for head_dim in (64, 128):
         q = _meta_tokens(4096, head_dim)
-        constants = block_sparse_ops._launch_args(q, q, 128, 128)
+        constants = block_sparse.launch_args(q, q, 128, 128)
         for kernel, fn, configs in (("fwd", block_sparse._fwd_kernel, block_sparse.FWD_CONFIGS),
                                     ("dq", block_sparse._bwd_dq, block_sparse.DQ_CONFIGS),
                                     ("dkdv", block_sparse._bwd_dkdv, block_sparse.DKDV_CONFIGS)):
@@ -94,7 +92,7 @@ def _routed_builds() -> list[Build]:
     builds = []
     for stage, (region, topk) in enumerate(((64, 1), (16, 4), (4, 16)), start=1):
         q = _meta_tokens(49 * region, 32)
-        constants = routed._launch_args(q, q, region, region, topk, has_valid=False)
+        constants = routed.launch_args(q, q, region, region, topk, has_valid=False)
         for kernel, fn, configs in (("fwd", routed._fwd_kernel, routed.FWD_CONFIGS),
                                     ("dq", routed._dq_kernel, routed.DQ_CONFIGS),
                                     ("dkdv", routed._dkdv_kernel, routed.DKDV_CONFIGS)):

@@ -18,7 +18,6 @@ with the NA mask expanded to tokens (FlexAttention has no CPU backward).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from common import (
 )
 
 from mmattn.kernels import Neighborhood, neighborhood_attention
+from mmattn.kernels.backends import INTERPRETED
 
 # name, batch, heads, spatial, head_dim, kernel_size, dilation (benchmarks/kernel_resources.py reads these too)
 CASES = [
@@ -78,7 +78,7 @@ def make_peer(nbhd: Neighborhood, device: str, compiled_flex):
 
 def run(cases, device: str) -> tuple[list[dict], list[str]]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    ours_backend = "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    ours_backend = "triton" if device == "cuda" or INTERPRETED else "torch"
     peer_name = "flex" if device == "cuda" else "SDPA (token mask)"
     compiled_flex = None
     if device == "cuda":

@@ -1,8 +1,8 @@
-"""Vision backbones on the GPU: each model on mmattn's kernels (`attn_backend="auto"`) against the same model, same
+"""Vision backbones on the GPU: each model on mmattn's kernels (`backend="auto"`) against the same model, same
 weights, on a baseline path. One results table per family, each written whole by one run:
 benchmarks/results/vision_<family>.md (biformer, litv2, nat, dinat, agent).
 
-Baselines (the `attn_backend` of the same timm model; each results file describes its own):
+Baselines (the `backend` of the same timm model; each results file describes its own):
 - BiFormer, LITv2, Agent: `"torch"`, the official algorithm (BASELINES says what differs from the official code);
 - NAT, DiNAT: `"flex"`, FlexAttention with the NA mask (the fastest peer here: NATTEN is not installed). mmattn's
   `"torch"` path for NA is its memory-bounded chunked reference, not an official formulation, and is not timed.
@@ -54,29 +54,29 @@ def family_file(family: str) -> Path:
 OFFICIAL, FLEX = "official (torch)", "FlexAttention"
 
 BASELINES = {
-    "BiFormer": (OFFICIAL, {"attn_backend": "torch"},
-                 "`attn_backend=\"torch\"`: the official Bi-Level Routing Attention algorithm, the routed regions' keys "
+    "BiFormer": (OFFICIAL, {"backend": "torch"},
+                 "`backend=\"torch\"`: the official Bi-Level Routing Attention algorithm, the routed regions' keys "
                  "and values gathered (a top-k-fold copy) and attended with an explicit softmax region by region "
-                 "(`mmattn.kernels.routed.gather_attention`), and the last stage's global attention with an explicit "
+                 "(`mmattn.kernels.reference.gather_attention`), and the last stage's global attention with an explicit "
                  "softmax. It is mmattn's reference code, not the official file: the attention matmuls and softmax "
                  "run in float32 on the bf16 activations, and every routed layer checks the routing indices on the "
                  "host (one device synchronization), where the official code under autocast runs those matmuls in "
                  "bf16 without a synchronization; so this baseline may be slower than the official code by a margin "
                  "not measured here."),
-    "LITv2": (OFFICIAL, {"attn_backend": "torch"},
-              "`attn_backend=\"torch\"`: HiLo's official formulation, Hi-Fi attention inside 2x2 windows and Lo-Fi "
+    "LITv2": (OFFICIAL, {"backend": "torch"},
+              "`backend=\"torch\"`: HiLo's official formulation, Hi-Fi attention inside 2x2 windows and Lo-Fi "
               "attention to the average-pooled map, both with an explicit softmax. As for BiFormer it is mmattn's "
               "reference code: float32 attention math on bf16 activations, the windows gathered through the routed "
               "reference (one copy of their keys and values that the official reshape avoids, and one host "
               "synchronization per layer)."),
-    "NAT": (FLEX, {"attn_backend": "flex"},
-            "`attn_backend=\"flex\"`: compiled FlexAttention with the neighborhood `mask_mod` and the relative position "
+    "NAT": (FLEX, {"backend": "flex"},
+            "`backend=\"flex\"`: compiled FlexAttention with the neighborhood `mask_mod` and the relative position "
             "bias as `score_mod` (NATTEN's own FlexAttention formulation). The official implementation, NATTEN's CUDA "
             "kernels, is not installed here; mmattn's `\"torch\"` path is a memory-bounded chunked reference, not an "
             "official formulation, and is not timed."),
-    "DiNAT": (FLEX, {"attn_backend": "flex"}, "as for NAT, with the dilated neighborhoods."),
-    "Agent": (OFFICIAL, {"attn_backend": "torch"},
-              "`attn_backend=\"torch\"`: the official order of operations (the softmax scale applied to the queries, "
+    "DiNAT": (FLEX, {"backend": "flex"}, "as for NAT, with the dilated neighborhoods."),
+    "Agent": (OFFICIAL, {"backend": "torch"},
+              "`backend=\"torch\"`: the official order of operations (the softmax scale applied to the queries, "
               "the agent biases rebuilt every forward), matmuls in bf16 under autocast as in the official code: the "
               "official algorithm."),
 }
@@ -224,7 +224,7 @@ def check(case: Case, models: dict[str, torch.nn.Module], baseline_name: str, se
     x = torch.randn(setting.batch, 3, setting.size, setting.size, device=setting.device)
     target = torch.randint(0, 1000, (setting.batch,), device=setting.device)
     high = torch.float32 if setting.device == "cuda" else torch.float64
-    reference_model = build(case, {"attn_backend": "torch"}, setting.device).to(high)
+    reference_model = build(case, {"backend": "torch"}, setting.device).to(high)
     reference_model.load_state_dict(models["ours"].state_dict())
     reference = logits_and_grads(reference_model, x.to(high), target, low=False)
     del reference_model
@@ -344,7 +344,7 @@ def table(family: str, lines: list[str], rows: dict, setting: Setting) -> str:
         f"{provenance(setting.device, ('timm',))}\n\n"
         f"bf16 autocast; images/s at {setting.size}x{setting.size}, batch {setting.batch}; peak activation memory "
         f"(MiB, weights excluded) of a batch-1 inference at {setting.memory_size}x{setting.memory_size}, after a "
-        "warm-up call. Ours = `attn_backend=\"auto\"` (mmattn's kernels); baseline = the same model, same weights, "
+        "warm-up call. Ours = `backend=\"auto\"` (mmattn's kernels); baseline = the same model, same weights, "
         "on the path below. Ratios above 1: mmattn wins. \"OOM\": the path did not fit. Each model's two paths are "
         "timed one after the other, `rounds` times in alternating order (medians).\n\n"
         f"Baseline, {name}: {description}\n\n"
@@ -429,7 +429,7 @@ def main() -> None:
     setting = Setting(2, 64, 128, device) if args.quick else Setting(128, 224, 1024, device)
     if args.quick and device != "cuda":  # FlexAttention has no CPU backward: the NA smoke run takes the reference
         for family in ("NAT", "DiNAT"):
-            BASELINES[family] = ("torch (CPU stand-in)", {"attn_backend": "torch"},
+            BASELINES[family] = ("torch (CPU stand-in)", {"backend": "torch"},
                                  "the chunked torch reference, standing in for FlexAttention (no CPU backward).")
     run(cases, setting, rounds, targets, args.out)
 

@@ -6,8 +6,9 @@ W_n = sum_j A_j S_jn v_j: the edited output is O + sum_n c_n W_n. The Triton pat
 keys, so a decoding step costs one kernel instead of explicit probabilities and a dozen small ops. Inference only
 (no autograd).
 
-Backends: `"triton"` (one kernel; the sink redistribution is fused into it, the head-ranked enhancement is a second
-kernel over every head of a batch row), `"torch"` (the exact reference) or `"auto"` (Triton on CUDA).
+Backends (`backends.REGISTRY["column_sets"]`): `"triton"` (one kernel, `triton/column_sets.py`; the sink
+redistribution is fused into it, the head-ranked enhancement is a second kernel over every head of a batch row),
+`"torch"` (the exact reference, `reference.py`) or `"auto"` (the fastest that runs the case here: Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from . import reference
 from .backends import resolve_backend
 from .validation import check_number, check_qkv, resolve_scale
 
-__all__ = ["COLUMN_SET_BACKENDS", "ColumnSets", "column_set_attention", "ranked_head_enhancement", "sink_redistribution_attention"]
+__all__ = ["ColumnSets", "column_set_attention", "ranked_head_enhancement", "sink_redistribution_attention"]
 
-COLUMN_SET_BACKENDS = ("auto", "triton", "torch")
 _MAX_SETS = 8
-_HEAD_DIMS = range(1, 257)  # no dots: any head dim up to 256, no multiple required
 
 
 class ColumnSets(NamedTuple):
@@ -62,7 +61,7 @@ def _check(query, key, value, columns, visible, sets: int | None) -> None:
 def _triton(query, key, value, backend: str) -> bool:
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("query, key, value: expected a unit last stride (rows read contiguously)")
-    return resolve_backend(backend, query, COLUMN_SET_BACKENDS, _HEAD_DIMS, 1) == "triton"
+    return resolve_backend("column_sets", backend, query) == "triton"
 
 
 def column_set_attention(
@@ -133,7 +132,7 @@ def ranked_head_enhancement(
     beta = check_number("beta", beta)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if resolve_backend(backend, sets.output, COLUMN_SET_BACKENDS, _HEAD_DIMS, 1) == "triton":
+    if resolve_backend("column_sets", backend, sets.output) == "triton":
         from .triton.column_sets import ranked_heads_forward
 
         return ranked_heads_forward(*sets, beta, dtype)

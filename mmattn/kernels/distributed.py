@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from .backends import resolve_backend
+from .block_sparse import block_sparse_attention
 from .mask import BlockSparseMask
 from .validation import resolve_scale
 
@@ -129,8 +130,6 @@ def _ring(q, k, v, mask: BlockSparseMask, group, scale, backend) -> torch.Tensor
     are zero padding, dropped after) and key shard j is taken as the keys of the blocks that start in rank j's
     tokens, so every key is attended exactly once. (query shard, key shard) pairs without a block are skipped.
     """
-    from . import block_sparse_attention
-
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     shard, total = q.shape[2], mask.q_len
     (q_block, kv_block), start = mask.block_size, rank * shard
@@ -173,12 +172,10 @@ def context_parallel_attention(
     and key/value heads to divide by its group size. A group of None or of size 1 is not used. Returns this
     rank's `(B, H, S / W, D)` output.
     """
-    from . import block_sparse_attention
-
     ulysses, ring = _group_size(ulysses_group), _group_size(ring_group)
     _check_shards(q, k, v, mask, ulysses * ring)
     # Before any exchange, so that every rank refuses a bad argument alike.
-    scale, backend = resolve_scale(scale, q.shape[-1]), resolve_backend(backend, q)
+    scale, backend = resolve_scale(scale, q.shape[-1]), resolve_backend("block_sparse", backend, q)
     if ulysses > 1:
         for name, heads in (("q", q.shape[1]), ("k", k.shape[1])):
             if heads % ulysses:

@@ -16,6 +16,7 @@ from .neighborhood import Neighborhood
 __all__ = [
     "block_sparse_attention",
     "column_set_attention",
+    "gather_attention",
     "masked_attention",
     "neighborhood_attention",
     "ranked_head_enhancement",
@@ -153,6 +154,34 @@ def routed_attention(
     rows = _rows_per_chunk(batch * heads * k.shape[2])
     return _in_chunks(_routed_chunk, q_len, rows, q, k, v, region_indices, kv_valid, q_region, kv_region, scale)
 
+
+def gather_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None,
+    q_region: int, kv_region: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention as the official BRA token attention computes it (the `"torch"` backend of
+    `mmattn.kernels.routed_attention`): gather the routed regions' keys and values (a `topk`-fold copy), then
+    softmax attention region by region. Indices must lie in range. `(out, lse)`; see `routed_attention`."""
+    batch, heads, q_len, head_dim = q.shape
+    n_q_regions, topk = q_len // q_region, indices.shape[-1]
+    if indices.shape[1] != 1 and k.shape[1] != heads:  # per-head routing over shared (GQA) keys
+        groups = heads // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    gather_heads = k.shape[1] if indices.shape[1] == 1 else heads
+    flat = indices.long().expand(batch, gather_heads, n_q_regions, topk).flatten(2)
+    select = flat[..., None, None].expand(-1, -1, -1, kv_region, head_dim)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        regions = t.unflatten(2, (-1, kv_region)).expand(batch, gather_heads, -1, -1, -1)
+        return regions.gather(2, select).reshape(batch, gather_heads, n_q_regions, topk * kv_region, head_dim)
+
+    mask = None
+    if kv_valid is not None:
+        valid = kv_valid.unflatten(1, (-1, kv_region))[:, None].expand(batch, flat.shape[1], -1, -1)
+        mask = valid.gather(2, flat[..., None].expand(-1, -1, -1, kv_region))
+        mask = mask.reshape(batch, flat.shape[1], n_q_regions, 1, topk * kv_region)
+    out, lse = masked_attention(q.unflatten(2, (n_q_regions, q_region)), gather(k), gather(v), mask, scale)
+    return out.flatten(2, 3), lse.flatten(2, 3)
 
 def column_set_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, visible: torch.Tensor | None,

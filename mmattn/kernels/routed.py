@@ -1,24 +1,22 @@
 """Routed attention (BiFormer's bi-level routing, token-to-token level): each query region attends to the keys of
 the key regions its routing index lists.
 
-Backends: `"triton"` loads the routed regions' rows through index arithmetic, forward and deterministic backward,
-never materializing the gathered keys and values; `"torch"` is the official gather algorithm (a k-fold copy of the
-routed keys and values, then softmax attention per region), kept as the reference path; `"auto"` picks Triton
-on CUDA and torch elsewhere.
+Backends (`backends.REGISTRY["routed"]`): `"triton"` loads the routed regions' rows through index arithmetic,
+forward and deterministic backward, never materializing the gathered keys and values (`triton/routed.py`);
+`"torch"` is the official gather algorithm (a k-fold copy of the routed keys and values, then softmax attention per
+region, `reference.gather_attention`), kept as the reference path; `"auto"` takes the fastest that runs the case
+here.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.library import custom_op
 
+from . import reference
 from .backends import resolve_backend
-from .reference import masked_attention
 from .validation import check_qkv, resolve_scale
 
-__all__ = ["ROUTED_BACKENDS", "routed_attention"]
-
-ROUTED_BACKENDS = ("auto", "triton", "torch")
+__all__ = ["routed_attention"]
 
 
 def _check_region_size(name: str, value: int, length: int) -> int:
@@ -64,113 +62,6 @@ def _check_kv_valid(kv_valid: torch.Tensor | None, k: torch.Tensor) -> torch.Ten
     return kv_valid
 
 
-def gather_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None,
-    q_region: int, kv_region: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official BRA token attention: gather the routed regions' keys and values (a `topk`-fold copy), then
-    softmax attention region by region. `(out, lse)`; see `routed_attention`."""
-    batch, heads, q_len, head_dim = q.shape
-    n_q_regions, topk = q_len // q_region, indices.shape[-1]
-    if indices.shape[1] != 1 and k.shape[1] != heads:  # per-head routing over shared (GQA) keys
-        groups = heads // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    gather_heads = k.shape[1] if indices.shape[1] == 1 else heads
-    flat = indices.long().expand(batch, gather_heads, n_q_regions, topk).flatten(2)
-    select = flat[..., None, None].expand(-1, -1, -1, kv_region, head_dim)
-
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        regions = t.unflatten(2, (-1, kv_region)).expand(batch, gather_heads, -1, -1, -1)
-        return regions.gather(2, select).reshape(batch, gather_heads, n_q_regions, topk * kv_region, head_dim)
-
-    mask = None
-    if kv_valid is not None:
-        valid = kv_valid.unflatten(1, (-1, kv_region))[:, None].expand(batch, flat.shape[1], -1, -1)
-        mask = valid.gather(2, flat[..., None].expand(-1, -1, -1, kv_region))
-        mask = mask.reshape(batch, flat.shape[1], n_q_regions, 1, topk * kv_region)
-    out, lse = masked_attention(q.unflatten(2, (n_q_regions, q_region)), gather(k), gather(v), mask, scale)
-    return out.flatten(2, 3), lse.flatten(2, 3)
-
-
-@custom_op("mmattn::routed_fwd", mutates_args=())
-def routed_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None,
-    q_region: int, kv_region: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routed attention forward with the Triton kernel: `(out, lse)`."""
-    from .triton.routed import routed_forward
-
-    return routed_forward(q, k, v, indices, kv_valid, q_region, kv_region, scale)
-
-
-@custom_op("mmattn::routed_bwd", mutates_args=())
-def routed_bwd(
-    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None, q_region: int,
-    kv_region: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Routed attention backward with the Triton kernels: `(dq, dk, dv)`."""
-    from .triton.routed import routed_backward
-
-    return routed_backward(grad_out, grad_lse, q, k, v, out, lse, indices, kv_valid, q_region, kv_region, scale)
-
-
-@routed_fwd.register_fake
-def _routed_fwd_fake(q, k, v, indices, kv_valid, q_region, kv_region, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-@routed_bwd.register_fake
-def _routed_bwd_fake(grad_out, grad_lse, q, k, v, *rest):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, indices, kv_valid, q_region, kv_region, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, indices, kv_valid)
-    ctx.sizes = (q_region, kv_region, scale)
-
-
-def _backward_through(launch):
-    """The autograd backward running the backward kernels through `launch` (the custom op or a direct call)."""
-
-    def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
-        q, k, v, out, lse, indices, kv_valid = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = launch(grad_out, grad_lse, q, k, v, out, lse, indices, kv_valid, *ctx.sizes)
-        return dq, dk, dv, None, None, None, None, None
-
-    return backward
-
-
-routed_fwd.register_autograd(_backward_through(routed_bwd), setup_context=_setup_context)
-
-
-def _backward_kernels(*args):
-    """The backward kernels called directly, imported on first use (Triton stays out of import time)."""
-    from .triton.routed import routed_backward
-
-    return routed_backward(*args)
-
-
-class _RoutedAttention(torch.autograd.Function):
-    """The eager path: the custom ops' forward and backward without the dispatcher's host cost (a forward taking
-    `ctx`, as with a separate `setup_context` `apply` binds its arguments through `inspect.signature` every call)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, indices, kv_valid, q_region, kv_region, scale):
-        from .triton.routed import routed_forward
-
-        ctx.set_materialize_grads(False)
-        output = routed_forward(q, k, v, indices, kv_valid, q_region, kv_region, scale)
-        _setup_context(ctx, (q, k, v, indices, kv_valid, q_region, kv_region, scale), output)
-        return output
-
-    backward = staticmethod(_backward_through(_backward_kernels))
-
-
 def routed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -204,14 +95,14 @@ def routed_attention(
     indices = _check_indices(region_indices, q, q.shape[2] // q_region)
     kv_valid = _check_kv_valid(kv_valid, k)
     scale = resolve_scale(scale, q.shape[-1])
-    backend = resolve_backend(backend, q, ROUTED_BACKENDS)
+    backend = resolve_backend("routed", backend, q)
     if backend == "triton":
-        valid = None if kv_valid is None else kv_valid.view(torch.uint8).contiguous()
-        args = (q, k, v, indices.int().contiguous(), valid, q_region, kv_region, scale)
-        out, lse = routed_fwd(*args) if torch.compiler.is_compiling() else _RoutedAttention.apply(*args)
+        from .triton.routed import attend
+
+        out, lse = attend(q, k, v, indices, kv_valid, q_region, kv_region, scale)
     else:
         n_kv_regions = k.shape[2] // kv_region
         if not torch.compiler.is_compiling() and not indices.is_meta and bool((indices < 0).any() | (indices >= n_kv_regions).any()):
             raise ValueError(f"region_indices must lie in [0, {n_kv_regions}) (the key regions), got values outside")
-        out, lse = gather_attention(q, k, v, indices, kv_valid, q_region, kv_region, scale)
+        out, lse = reference.gather_attention(q, k, v, indices, kv_valid, q_region, kv_region, scale)
     return (out, lse) if return_lse else out

@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from typing_extensions import Self
 
-from ..kernels.column_sets import COLUMN_SET_BACKENDS
+from ..kernels.backends import backend_choices, check_backend, resolve_backend
 from .attention import AttentionRows, eager_attention, rows_attention
 from .interventions.base import CACHE_ARGUMENTS, CallState, Intervention, ModelContext, Runtime, passed_cache
 from .interventions.pruning import _PruningIntervention
@@ -167,16 +167,18 @@ class InterventionHandle:
         return output, None
 
     def _fused_last_row(self, runtime, layer, query, key, value, attention_mask, scaling) -> torch.Tensor | None:
-        """The last row's edited output [B, H, 1, D] through the runtime's fused kernel (backend "triton", or
-        "auto" on CUDA), or None where it has none or the mask is not a boolean one."""
-        if self.backend == "torch" or (self.backend == "auto" and not query.is_cuda):
+        """The last row's edited output [B, H, 1, D] through the runtime's fused kernel on the handle's backend as
+        the column-set kernels resolve it ("auto": the fastest that runs this query here, Triton on CUDA), or None
+        where that is "torch", the runtime has no fused kernel or the mask is not a boolean one."""
+        backend = resolve_backend("column_sets", self.backend, query)
+        if backend == "torch":
             return None
         visible = None
         if attention_mask is not None:
             if attention_mask.dtype != torch.bool:
                 return None
             visible = attention_mask[:, 0, -1, : key.shape[2]].expand(query.shape[0], -1)
-        return runtime.fused_last_row(layer, query[:, :, -1:], key, value, visible, scaling, self.call)
+        return runtime.fused_last_row(layer, query[:, :, -1:], key, value, visible, scaling, self.call, backend)
 
 
 def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto") -> InterventionHandle:
@@ -191,10 +193,11 @@ def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto")
 
     `backend`: how decoding rows edited by a single intervention are computed: `"triton"` (one fused kernel per layer
     over the key cache, `mmattn.kernels.column_set_attention`), `"torch"` (explicit fp32 probabilities, edited in
-    place, as transformers' eager attention) or `"auto"` (Triton on CUDA). Prompt rows always take the explicit path.
+    place, as transformers' eager attention) or `"auto"` (the fastest of these that runs the layer's query here, as
+    `mmattn.kernels.supported_backends("column_sets", query)` orders them: Triton on CUDA, else torch). Prompt rows
+    always take the explicit path.
     """
-    if backend not in COLUMN_SET_BACKENDS:
-        raise ValueError(f"backend: expected one of {COLUMN_SET_BACKENDS}, got {backend!r}")
+    check_backend(backend, backend_choices("column_sets"))
     if not interventions:
         raise ValueError("interventions: expected at least one intervention, got none")
     for intervention in interventions:

@@ -128,12 +128,12 @@ def test_compiles_fullgraph_with_autograd():
 
 
 def test_operator_registration_passes_opcheck():
-    from mmattn.kernels.ops import block_sparse_fwd
+    from mmattn.kernels.triton.block_sparse import block_sparse_op
 
     mask = random_mask(1, 2, 48, 64, (16, 32), seed=6)
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 1, 48, 64, 16, torch.float32))
     args = (q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices, 16, 32, 0.25)
-    torch.library.opcheck(block_sparse_fwd, args)
+    torch.library.opcheck(block_sparse_op.forward_op, args)
 
 
 def test_backward_is_deterministic():

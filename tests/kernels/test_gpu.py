@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mmattn.kernels import block_sparse_attention
-from mmattn.kernels.ops import block_sparse_fwd
-from mmattn.kernels.triton.launch import INTERPRETED
+from mmattn.kernels.backends import INTERPRETED
+from mmattn.kernels.triton.block_sparse import block_sparse_op
 
 from .helpers import random_mask, random_qkv
 
@@ -83,7 +83,7 @@ def test_opcheck():
     mask = random_mask(1, 2, 300, 200, (64, 32), seed=6).to("cuda")
     q, k, v = (t.cuda().requires_grad_() for t in random_qkv(1, 2, 1, 300, 200, 64, torch.float16))
     args = (q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices, 64, 32, 0.125)
-    torch.library.opcheck(block_sparse_fwd, args)
+    torch.library.opcheck(block_sparse_op.forward_op, args)
 
 
 def test_int64_offsets():

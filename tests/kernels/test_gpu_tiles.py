@@ -28,7 +28,7 @@ from mmattn.kernels import block_sparse_attention, neighborhood_attention, route
 from mmattn.kernels.triton import block_sparse as bs
 from mmattn.kernels.triton import neighborhood as fna
 from mmattn.kernels.triton import routed
-from mmattn.kernels.triton.launch import INTERPRETED
+from mmattn.kernels.backends import INTERPRETED
 
 from .helpers import random_mask, random_qkv
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmattn.kernels import neighborhood_attention
-from mmattn.kernels.triton.launch import INTERPRETED
+from mmattn.kernels.backends import INTERPRETED
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
                                 reason="needs a CUDA GPU and MMATTN_TEST_GPU=1 (compiled Triton)")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmattn.kernels import neighborhood_attention
-from mmattn.kernels.na_ops import neighborhood_fwd
+from mmattn.kernels.triton.neighborhood import neighborhood_op
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3}
 
@@ -86,5 +86,5 @@ def test_operator_registration_passes_opcheck():
     q, k, v = (torch.randn(1, 2, 12, 16, requires_grad=True) for _ in range(3))
     rpb = torch.randn(2, 5, requires_grad=True)
     pattern = [1, 1, 12, 1, 1, 3, 1, 1, 2, 1, 1, 1, 0, 0, 0]
-    torch.library.opcheck(neighborhood_fwd, (q, k, v, rpb, pattern, 0.25),
+    torch.library.opcheck(neighborhood_op.forward_op, (q, k, v, rpb, pattern, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -214,12 +214,12 @@ def attention_backends(model) -> set[str]:
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_fast_path_matches_the_reference_path_in_training_and_inference(name):
-    """A model built with attn_backend="auto" and its copy built with "torch": the gradient of each parameter after
+    """A model built with backend="auto" and its copy built with "torch": the gradient of each parameter after
     a training step, and the outputs in inference (auto: fused SDPA windows, kept biases), at the trained grid and at
     a padded one with resized biases (features before the pooling and head)."""
     torch.manual_seed(0)
     fast = spread_biases(timm.create_model(name, num_classes=5, drop_path_rate=0.0, **TINY[name]).double())
-    reference = timm.create_model(name, num_classes=5, drop_path_rate=0.0, attn_backend="torch", **TINY[name]).double()
+    reference = timm.create_model(name, num_classes=5, drop_path_rate=0.0, backend="torch", **TINY[name]).double()
     reference.load_state_dict(fast.state_dict())
     assert attention_backends(fast) == {"auto"} and attention_backends(reference) == {"torch"}
     x = torch.randn(2, 3, *TINY_INPUT[name], dtype=torch.float64)

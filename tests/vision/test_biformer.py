@@ -38,7 +38,7 @@ def dense_bra(layer: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("size", [(14, 14), (15, 11)])
 def test_bra_equals_dense_attention_masking_non_routed_regions(size):
     torch.manual_seed(0)
-    layer = BiLevelRoutingAttention(32, num_heads=2, n_win=7, topk=3, attn_backend="torch").double()
+    layer = BiLevelRoutingAttention(32, num_heads=2, n_win=7, topk=3, backend="torch").double()
     x = torch.randn(2, *size, 32, dtype=torch.float64)
     torch.testing.assert_close(layer(x), dense_bra(layer, x), rtol=1e-9, atol=1e-10)
 
@@ -58,8 +58,8 @@ def test_bra_scale_is_full_width_and_each_query_sees_64_tokens_at_224():
 def test_training_step_through_the_triton_kernel_matches_the_gather_path():
     torch.manual_seed(0)
     small = {**TINY, "n_win": 3, "topks": (1, 2, 4, -2)}  # few regions: the interpreter runs per program
-    fast = timm.create_model("biformer_tiny", num_classes=5, attn_backend="triton", **small)
-    ref = timm.create_model("biformer_tiny", num_classes=5, attn_backend="torch", **small)
+    fast = timm.create_model("biformer_tiny", num_classes=5, backend="triton", **small)
+    ref = timm.create_model("biformer_tiny", num_classes=5, backend="torch", **small)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 3, 40, 44)  # padded regions at stages 1-3
     grads = []

@@ -1,5 +1,5 @@
 """The vision models on a CUDA GPU: a bf16 (autocast) training step through the fast attention path against the same
-model, weights and inputs on the reference path (attn_backend="torch"), per parameter group.
+model, weights and inputs on the reference path (backend="torch"), per parameter group.
 
 Truth: the reference path in float32 (no TF32). Yardstick: the reference path under the same bf16 autocast, whose
 error against the truth is what bf16 itself costs. The logits and the gradient of each parameter group (stage x
@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmattn.kernels.triton.launch import INTERPRETED
+from mmattn.kernels.backends import INTERPRETED
 
 timm = pytest.importorskip("timm")
 
@@ -96,7 +96,7 @@ def test_gpu_bf16_training_step_matches_the_reference_path_per_parameter_group(n
     routing = SharedRouting(monkeypatch)
     torch.manual_seed(0)
     truth_model, naive_model, fast_model = (
-        timm.create_model(name, attn_backend=backend, drop_rate=0.0, drop_path_rate=0.0).cuda()
+        timm.create_model(name, backend=backend, drop_rate=0.0, drop_path_rate=0.0).cuda()
         for backend in ("torch", "torch", MODELS[name]))
     for model in (naive_model, fast_model):
         model.load_state_dict(truth_model.state_dict())

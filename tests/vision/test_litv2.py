@@ -52,7 +52,7 @@ def reference_hilo(layer: HiLoAttention, x: torch.Tensor) -> torch.Tensor:
 def test_hilo_equals_the_per_window_reference(size, window, alpha):
     torch.manual_seed(0)
     layer = HiLoAttention(32, num_heads=4, qkv_bias=True, window_size=window, alpha=alpha,
-                          attn_backend="torch").double()
+                          backend="torch").double()
     x = torch.randn(2, *size, 32, dtype=torch.float64)
     torch.testing.assert_close(layer(x), reference_hilo(layer, x), rtol=1e-9, atol=1e-10)
 
@@ -79,8 +79,8 @@ def test_dtm_with_zero_offsets_is_a_2x2_stride_2_conv():
 @pytest.mark.skipif(not backend_info("cpu")["triton"][0], reason="needs TRITON_INTERPRET=1")
 def test_training_step_through_the_triton_kernel_matches_the_reference_path():
     torch.manual_seed(0)
-    fast = timm.create_model("litv2_small", num_classes=5, attn_backend="triton", **TINY)
-    ref = timm.create_model("litv2_small", num_classes=5, attn_backend="torch", **TINY)
+    fast = timm.create_model("litv2_small", num_classes=5, backend="triton", **TINY)
+    ref = timm.create_model("litv2_small", num_classes=5, backend="torch", **TINY)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 3, 52, 60)  # stage 3 is 3x3 (padded Hi-Fi windows), DTM inputs odd
     grads = []

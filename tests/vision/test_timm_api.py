@@ -1,5 +1,5 @@
 """The timm model API on every family beyond what timm's own tests check (test_timm_model_tests.py): factory
-device/dtype on every variant, `attn_backend` errors, `forward_intermediates`/`prune_intermediate_layers` values,
+device/dtype on every variant, `backend` errors, `forward_intermediates`/`prune_intermediate_layers` values,
 torch.fx graphs run at another input size than traced."""
 
 import copy
@@ -34,9 +34,9 @@ def test_factory_device_and_dtype_reach_every_parameter_and_buffer(name):
     ("biformer_tiny", {}), ("litv2_small", {}), ("nat_mini", {}), ("dinat_mini", {}), ("agent_deit_tiny", {}),
     ("agent_deit_tiny", {"agent_layers": 0}), ("agent_pvt_tiny", {}), ("agent_swin_tiny", {}),
 ])  # fmt: skip
-def test_a_bad_attn_backend_is_named_as_the_user_passed_it(name, kwargs):
-    with pytest.raises(ValueError, match=r"^attn_backend must be one of \(.*\), got 'bogus'$"):
-        timm.create_model(name, attn_backend="bogus", device="meta", **kwargs)
+def test_a_bad_backend_is_named_as_the_user_passed_it(name, kwargs):
+    with pytest.raises(ValueError, match=r"^backend must be one of \(.*\), got 'bogus'$"):
+        timm.create_model(name, backend="bogus", device="meta", **kwargs)
 
 
 def _nchw(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

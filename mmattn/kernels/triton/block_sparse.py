@@ -1,13 +1,16 @@
 """Block-sparse FlashAttention in Triton: forward, and an atomic-free (deterministic) backward.
 
 Forward (FlashAttention-2 online softmax in base 2): one program per (query tile, batch x query head) walks the
-key blocks its query block lists in `kv_indices`. Backward: `_bwd_preprocess` forms delta = rowsum(dO * O)
+key blocks its query block lists in `kv_indices`. Backward: the shared delta kernel forms delta = rowsum(dO * O)
 minus dLSE; `_bwd_dkdv` gives each (key tile, batch x key head) program its own dK and dV, accumulated over the
 query blocks of the transposed index and over the query heads of its GQA group; `_bwd_dq` mirrors the forward.
 No program writes another's output, so the backward needs no atomics and is bitwise reproducible.
 
 A mask block of `Q_BLOCK x KV_BLOCK` tokens is covered by tiles of `BLOCK_M x BLOCK_N` (the tile sides divide
 the block sides). Rows and columns past the true lengths are masked by position.
+
+`forward` and `backward` launch the kernels; `attend` is the differentiable entry point the public
+`block_sparse_attention` calls (custom ops under torch.compile, see `..autograd`).
 """
 
 from __future__ import annotations
@@ -16,27 +19,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import backward_lse2, online_softmax_step, program_heads, softmax_output
-from .launch import head_dim_block, row_strides, tuned
+from ..autograd import kernel_op
+from ..mask import BlockSparseMask
+from .common import LOG2E, backward_lse2, online_softmax_step, program_heads, softmax_output
+from .launch import (
+    backward_delta,
+    broadcast_stride,
+    dot_precision,
+    head_dim_block,
+    row_strides,
+    rows_contiguous,
+    size_bucket,
+    tile_configs,
+    tuned,
+)
 
-LOG2E = 1.4426950408889634
+__all__ = ["attend", "backward", "block_sparse_op", "forward"]
 
-
-def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
-FWD_CONFIGS = _configs(
+FWD_CONFIGS = tile_configs(
     [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
      (64, 32, 4, 4), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 # At head dim 128 the larger backward tiles spill registers; (64, 64, 8 warps) for dK/dV and (64, 32) for dQ do
 # not (benchmarks/results/kernel_resources.md).
-DKDV_CONFIGS = _configs(
+DKDV_CONFIGS = tile_configs(
     [(64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 4, 3),
      (128, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
-DQ_CONFIGS = _configs(
+DQ_CONFIGS = tile_configs(
     [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
      (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
@@ -137,7 +147,7 @@ def _fwd_kernel(
     v_base = V + b * stride_vb + kv_h * stride_vh
     n_blocks = tl.load(KvNum + b * stride_nb + h * stride_nh + q_blk)
     idx_ptr = KvIdx + b * stride_ib + h * stride_ih + q_blk * stride_iq
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     n_full = (n_blocks - _partial_last_block(idx_ptr, n_blocks, kv_len, KV_BLOCK, EVEN_KV)) * TILES
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -158,30 +168,6 @@ def _fwd_kernel(
         tl.store(lse_ptrs, lse)
     else:
         tl.store(lse_ptrs, lse, mask=rows < q_len)
-
-
-@triton.jit
-def _bwd_preprocess(
-    Out, DOut, DLse, Delta,
-    stride_ob, stride_oh, stride_om,
-    stride_db, stride_dh, stride_dm,
-    num_heads, q_len,
-    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta = rowsum(dO * O) - dLSE (the gradient of the log-sum-exp output enters here)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_om, q_len, HEAD_DIM, False, BLOCK_D)
-    do = _load_tile(DOut + b * stride_db + h * stride_dh, rows, offs_d, stride_dm, q_len, HEAD_DIM, False, BLOCK_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    ptrs = pid_bh.to(tl.int64) * q_len + rows
-    if HAS_DLSE:
-        dlse = tl.load(DLse + ptrs, mask=rows < q_len, other=0.0)
-        delta -= tl.where(dlse == dlse, dlse, 0.0)
-    tl.store(Delta + ptrs, delta, mask=rows < q_len)
 
 
 @triton.jit
@@ -244,7 +230,7 @@ def _bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b * stride_kb + kv_h * stride_kh, cols, offs_d, stride_kn, kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
     v = _load_tile(V + b * stride_vb + kv_h * stride_vh, cols, offs_d, stride_vn, kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -328,7 +314,7 @@ def _bwd_dq(
     v_base = V + b * stride_vb + kv_h * stride_vh
     n_blocks = tl.load(KvNum + b * stride_nb + h * stride_nh + q_blk)
     idx_ptr = KvIdx + b * stride_ib + h * stride_ih + q_blk * stride_iq
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     n_full = (n_blocks - _partial_last_block(idx_ptr, n_blocks, kv_len, KV_BLOCK, EVEN_KV)) * TILES
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -348,22 +334,119 @@ _TUNE_KEY = ["Q_BLOCK", "KV_BLOCK", "HEAD_DIM", "GROUPS", "size_bucket"]
 
 
 # Under the interpreter: tiles small enough for tiny test shapes.
-_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-                        triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+_INTERPRETER_CONFIGS = tile_configs([(32, 32, 4, 1), (16, 16, 4, 1)])
 fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 dkdv_kernel = tuned(_bwd_dkdv, DKDV_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 dq_kernel = tuned(_bwd_dq, DQ_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 
 
-def backward_delta(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None,
-                   lse: torch.Tensor) -> torch.Tensor:
-    """FlashAttention's backward row term D = rowsum(dO * O) - dLSE, `(B, H, L)` float32, for `(B, H, L, D)`
-    outputs with unit last stride (shared by every kernel family's backward)."""
-    batch, heads, length, head_dim = out.shape
-    delta = torch.empty_like(lse)
-    _bwd_preprocess[(triton.cdiv(length, 64), batch * heads)](
-        out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
-        *row_strides(out, grad_out), heads, length,
-        HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=64,
+
+def launch_args(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int) -> dict:
+    """Compile-time kernel arguments shared by the forward and backward launches."""
+    head_dim = q.shape[-1]
+    return {
+        "GROUPS": q.shape[1] // k.shape[1],
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": head_dim_block(head_dim),
+        "Q_BLOCK": q_block,
+        "KV_BLOCK": kv_block,
+        "EVEN_Q": q.shape[2] % q_block == 0,
+        "EVEN_KV": k.shape[2] % kv_block == 0,
+        "DOT_PRECISION": dot_precision(q.dtype),
+    }
+
+
+def _tune_key(q: torch.Tensor, launch: dict) -> tuple:
+    """What the tuned tile depends on: dtype, length bucket and the compile-time arguments."""
+    return (q.dtype, size_bucket(q.shape[2]), *launch.values())
+
+
+def _index_strides(counts: torch.Tensor, indices: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a `[B|1, H|1, n]` count tensor and its `[B|1, H|1, n, width]` index; 0 on broadcast dims."""
+    return (broadcast_stride(counts, 0), broadcast_stride(counts, 1), broadcast_stride(indices, 0),
+            broadcast_stride(indices, 1), indices.stride(2))
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward kernel: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward."""
+    q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
+    batch, heads, q_len, _head_dim = q.shape
+    out = q.new_empty(q.shape)
+    lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+    launch = launch_args(q, k, q_block, kv_block)
+    fwd_kernel.launch(
+        grid, _tune_key(q, launch),
+        q, k, v, out, lse, kv_num_blocks, kv_indices,
+        *row_strides(q, k, v, out),
+        *_index_strides(kv_num_blocks, kv_indices),
+        heads, q_len, k.shape[2], scale, size_bucket(q_len),
+        **launch,
     )
-    return delta
+    return out, lse
+
+
+def backward(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the backward kernels: `(dq, dk, dv)`, deterministic (no atomics)."""
+    q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    batch, heads, q_len, _head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    launch = launch_args(q, k, q_block, kv_block)
+    delta = backward_delta(out, grad_out, grad_lse, lse)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(k.shape, device=v.device, dtype=v.dtype)
+    strides = row_strides(q, k, v, grad_out)
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads)
+
+    dkdv_kernel.launch(
+        dkdv_grid, _tune_key(q, launch),
+        q, k, v, grad_out, lse, delta, dk, dv, q_num_blocks, q_indices,
+        *strides,
+        *row_strides(dk),
+        *_index_strides(q_num_blocks, q_indices),
+        heads, kv_heads, q_len, kv_len, scale, size_bucket(q_len),
+        **launch,
+    )
+
+    def dq_grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+    dq_kernel.launch(
+        dq_grid, _tune_key(q, launch),
+        q, k, v, grad_out, lse, delta, dq, kv_num_blocks, kv_indices,
+        *strides,
+        *row_strides(dq),
+        *_index_strides(kv_num_blocks, kv_indices),
+        heads, q_len, kv_len, scale, size_bucket(q_len),
+        **launch,
+    )
+    return dq, dk, dv
+
+
+def _save(inputs: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[tuple, tuple]:
+    q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale = inputs
+    return (q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices), (q_block, kv_block, scale)
+
+
+block_sparse_op = kernel_op("mmattn::block_sparse", forward, backward, save=_save, grads=3)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with the Triton kernels: `(out, lse)`, differentiable in q, k, v (and through lse)."""
+    return block_sparse_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices,
+                           *mask.block_size, scale)

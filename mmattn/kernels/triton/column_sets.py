@@ -14,10 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import program_heads
-from .launch import head_dim_block
+from .common import LOG2E, program_heads
+from .launch import head_dim_block, next_power_of_2
 
-LOG2E = tl.constexpr(1.4426950408889634)
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal
 
 
@@ -138,11 +137,6 @@ def ranked_heads_kernel(
     tl.store(result, edited.to(RESULT.dtype.element_ty), mask=tile)
 
 
-def _sets_block(count: int) -> int:
-    """A power of two of at least 2 (Triton's smallest useful arange) holding `count` sets or heads."""
-    return max(2, 1 << (count - 1).bit_length())
-
-
 def column_sets_forward(q, k, v, columns, visible, scale: float, redistribution: tuple[float, float, float] | None):
     """Launches `column_set_kernel`: `(out [B, H, 1, D] fp32, masses [B, H, N], weighted [B, H, N, D])`, or with
     `redistribution = (share, rho, min_mass)` the redistributed output [B, H, 1, D] in q's dtype."""
@@ -160,7 +154,8 @@ def column_sets_forward(q, k, v, columns, visible, scale: float, redistribution:
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1),
         *(visible.stride() if has_visible else (0, 0)), out.stride(0), out.stride(1), masses.stride(0), masses.stride(1),
         *weighted.stride()[:3], heads, k.shape[2], columns.shape[1], sets, scale, share, rho, min_mass,
-        GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_T=16, SETS=_sets_block(sets),
+        GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_T=16,
+        SETS=next_power_of_2(sets, 2),  # at least 2: Triton's smallest useful arange
         HAS_VISIBLE=has_visible, REDISTRIBUTE=redistribution is not None, num_warps=4,
     )
     return out if redistribution else (out, masses, weighted)
@@ -173,6 +168,6 @@ def ranked_heads_forward(out, masses, weighted, beta: float, dtype):
     ranked_heads_kernel[(batch,)](
         out, masses, weighted, result, out.stride(0), out.stride(1), masses.stride(0), masses.stride(1),
         *weighted.stride()[:3], result.stride(0), result.stride(1), heads, beta,
-        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_H=_sets_block(heads), num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_H=next_power_of_2(heads, 2), num_warps=4,
     )
     return result

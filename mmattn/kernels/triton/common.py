@@ -1,10 +1,14 @@
-"""Triton building blocks shared by the block-sparse, neighborhood and routed kernels: FlashAttention-2's online
-softmax in base 2, its finish, the backward's row term, and row gathers/scatters by token index."""
+"""Triton building blocks shared by the kernel families: FlashAttention-2's online softmax in base 2, its finish,
+the backward's row terms (the forward's lse in base 2, and the delta kernel), row gathers/scatters by token index,
+and the constant `LOG2E` that turns natural-log logits into base 2."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+"""log2(e): `scale * LOG2E` scales logits for `exp2`."""
 
 
 @triton.jit
@@ -41,7 +45,7 @@ def softmax_output(acc, l_i, m_i):
 @triton.jit
 def backward_lse2(lse):
     """The forward's lse in base 2 for recomputing probabilities; empty rows (-inf) take +inf, so p = 0."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 @triton.jit
@@ -55,3 +59,28 @@ def load_rows(base, rows, ok, cols, stride_row, HEAD_DIM: tl.constexpr):
 def store_rows(base, value, rows, ok, cols, stride_row, HEAD_DIM: tl.constexpr):
     ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :]
     tl.store(ptrs, value, mask=ok[:, None] & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def backward_delta_kernel(
+    Out, DOut, DLse, Delta,
+    stride_ob, stride_oh, stride_om,
+    stride_db, stride_dh, stride_dm,
+    num_heads, q_len,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dLSE (the gradient of the log-sum-exp output enters here); launched by
+    `launch.backward_delta`."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b, h, _ = program_heads(pid_bh, num_heads, 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_rows = rows < q_len
+    o = load_rows(Out + b * stride_ob + h * stride_oh, rows, in_rows, offs_d, stride_om, HEAD_DIM)
+    do = load_rows(DOut + b * stride_db + h * stride_dh, rows, in_rows, offs_d, stride_dm, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    ptrs = pid_bh.to(tl.int64) * q_len + rows
+    if HAS_DLSE:
+        dlse = tl.load(DLse + ptrs, mask=in_rows, other=0.0)
+        delta -= tl.where(dlse == dlse, dlse, 0.0)
+    tl.store(Delta + ptrs, delta, mask=in_rows)

@@ -1,5 +1,5 @@
-"""How mmattn launches its Triton kernels: autotuning with a cached pick, and the host-side argument helpers
-shared by the block-sparse, neighborhood and routed kernels."""
+"""How mmattn launches its Triton kernels: autotuning with a cached pick, tile lists, and the host-side helpers
+shared by every kernel family (strides, padded sizes, the backward's delta launch)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator
 import torch
 import triton
 
-__all__ = ["INTERPRETED", "TunedKernel", "dot_precision", "head_dim_block", "row_strides", "rows_contiguous", "size_bucket",
-           "tuned"]
+from ..backends import INTERPRETED
+from .common import backward_delta_kernel
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "dot_precision", "head_dim_block", "next_power_of_2",
+           "row_strides", "rows_contiguous", "size_bucket", "tile_configs", "tuned"]
 
 
 class TunedKernel:
@@ -81,6 +82,16 @@ def tuned(kernel, configs: list[triton.Config], key: list[str], prune, interpret
     return TunedKernel(autotuner(kernel), configs, prune)
 
 
+def tile_configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """`(BLOCK_M, BLOCK_N, num_warps, num_stages)` rows as autotuner configs."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+def next_power_of_2(n: int, at_least: int = 1) -> int:
+    """The smallest power of two >= `n`, and >= `at_least` (a tile side, a padded head dim, a tuning bucket)."""
+    return max(at_least, 1 << max(0, n - 1).bit_length())
+
+
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels address rows by stride and read each row's elements contiguously (unit last stride);
     expanded or strided tensors, such as the gradient of a `.sum()`, are copied to that layout."""
@@ -92,16 +103,35 @@ def row_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(s for t in tensors for s in t.stride()[:3])
 
 
+def broadcast_stride(t: torch.Tensor, dim: int) -> int:
+    """`t.stride(dim)`, or 0 where `dim` has extent 1 (broadcast over the batch or the heads)."""
+    return 0 if t.shape[dim] == 1 else t.stride(dim)
+
+
 def size_bucket(length: int) -> int:
     """Autotuning key: lengths within one power of two share a tuned config (no re-tuning per length)."""
-    return 1 << max(0, length - 1).bit_length()
+    return next_power_of_2(length)
 
 
 def head_dim_block(head_dim: int) -> int:
     """The padded head dim the kernels tile with: a power of two, at least 16."""
-    return max(16, 1 << (head_dim - 1).bit_length())
+    return next_power_of_2(head_dim, 16)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """IEEE fp32 dots unless the user allowed TF32 (half precision inputs are unaffected)."""
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def backward_delta(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None,
+                   lse: torch.Tensor) -> torch.Tensor:
+    """FlashAttention's backward row term D = rowsum(dO * O) - dLSE, `(B, H, L)` float32, for `(B, H, L, D)`
+    outputs with unit last stride (shared by every kernel family's backward)."""
+    batch, heads, length, head_dim = out.shape
+    delta = torch.empty_like(lse)
+    backward_delta_kernel[(triton.cdiv(length, 64), batch * heads)](
+        out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
+        *row_strides(out, grad_out), heads, length,
+        HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=64,
+    )
+    return delta

@@ -9,14 +9,25 @@ every query's window ("full tile") skips the element-wise mask. The backward mir
 per key tile over the queries whose windows reach it (found by bisection), dQ per query tile as in the
 forward; no program writes another's output, so it needs no atomics. With a relative position bias (NAT's
 `rpb`) the dQ kernel also writes dS in neighbor layout `(B, H, N, prod(K))` for the bias gradient.
+
+`forward` and `backward` launch the kernels on flat tokens; `attend` is the differentiable entry point the public
+`neighborhood_attention` calls (custom ops under torch.compile, see `..autograd`). The pattern travels to them
+as 15 ints (`pattern_ints`): extents, kernel sizes, dilations, strides and causal flags, each padded to three axes.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
+import torch
 import triton
 import triton.language as tl
 
+from ..autograd import kernel_op
+from ..neighborhood import Neighborhood, eager_cache
 from .common import (
+    LOG2E,
     backward_lse2,
     load_rows,
     online_softmax_step,
@@ -24,7 +35,18 @@ from .common import (
     softmax_output,
     store_rows,
 )
-from .launch import tuned
+from .launch import (
+    backward_delta,
+    dot_precision,
+    head_dim_block,
+    next_power_of_2,
+    row_strides,
+    rows_contiguous,
+    size_bucket,
+    tuned,
+)
+
+__all__ = ["attend", "backward", "forward", "neighborhood_op"]
 
 
 @triton.jit
@@ -89,7 +111,7 @@ def _bias(Rpb, kp0, kp1, kp2, p0, p1, p2, K0: tl.constexpr, K1: tl.constexpr, K2
     i0 = tl.minimum(tl.maximum(kp0 - p0 + K0 - 1, 0), 2 * K0 - 2)
     i1 = tl.minimum(tl.maximum(kp1 - p1 + K1 - 1, 0), 2 * K1 - 2)
     i2 = tl.minimum(tl.maximum(kp2 - p2 + K2 - 1, 0), 2 * K2 - 2)
-    return tl.load(Rpb + (i0 * (2 * K1 - 1) + i1) * (2 * K2 - 1) + i2).to(tl.float32) * 1.4426950408889634
+    return tl.load(Rpb + (i0 * (2 * K1 - 1) + i1) * (2 * K2 - 1) + i2).to(tl.float32) * LOG2E
 
 
 @triton.jit
@@ -227,7 +249,7 @@ def _fwd_kernel(
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     rpb_h = Rpb + h * (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([TQ0 * TQ1 * TQ2], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], dtype=tl.float32)
@@ -287,7 +309,7 @@ def _dq_kernel(
     v_base = V + b * stride_vb + kv_h * stride_vh
     rpb_h = Rpb + h * (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     ds_rows = DS + (row_base + rows.to(tl.int64)) * (K0 * K1 * K2)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([TQ0 * TQ1 * TQ2, BLOCK_D], dtype=tl.float32)
     for it in range(n_tiles):
@@ -350,7 +372,7 @@ def _dkdv_kernel(
     l0, l1, l2 = _split3(tl.arange(0, TQ0 * TQ1 * TQ2), TQ1, TQ2)
     k = load_rows(K + b * stride_kb + kv_h * stride_kh, cols, cols_ok, offs_d, stride_kn, HEAD_DIM)
     v = load_rows(V + b * stride_vb + kv_h * stride_vh, cols, cols_ok, offs_d, stride_vn, HEAD_DIM)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dk = tl.zeros([TK0 * TK1 * TK2, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([TK0 * TK1 * TK2, BLOCK_D], dtype=tl.float32)
@@ -422,15 +444,11 @@ INTERPRETER_CONFIGS = [_config((1, 1, 16), (1, 1, 16), 4, 1), _config((1, 4, 4),
                        _config((2, 2, 4), (2, 2, 4), 4, 1)]
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _fallback_tile(extents: list[int]) -> tuple[int, int, int]:
     """A tile of 16 to 64 positions for grids no listed tile fits (e.g. a tiny axis): filled from the last axis."""
     tile = [1, 1, 1]
     for a in (2, 1, 0):
-        tile[a] = min(_pow2_at_least(extents[a]), max(1, 64 // (tile[0] * tile[1] * tile[2])))
+        tile[a] = min(next_power_of_2(extents[a]), max(1, 64 // (tile[0] * tile[1] * tile[2])))
     while tile[0] * tile[1] * tile[2] < 16:
         tile[2] *= 2
     return tuple(tile)
@@ -448,7 +466,7 @@ def prune_configs(configs, named_args, **kwargs):
             continue
         tq = [config.kwargs[f"TQ{a}"] for a in range(3)]
         tk = [config.kwargs[f"TK{a}"] for a in range(3)]
-        if any(e == 1 and (q, k) != (1, 1) or q > _pow2_at_least(e) for e, q, k in zip(extents, tq, tk)):
+        if any(e == 1 and (q, k) != (1, 1) or q > next_power_of_2(e) for e, q, k in zip(extents, tq, tk)):
             continue
         if extents[1] > 1 and tq[1] == 1:  # row tiles serve 1D problems only
             continue
@@ -470,3 +488,129 @@ _TUNE_KEY = ["HEAD_DIM", "GROUPS", "HAS_RPB", "K0", "K1", "K2", "D0", "D1", "D2"
 fwd_kernel = tuned(_fwd_kernel, CONFIGS, _TUNE_KEY, prune_configs, INTERPRETER_CONFIGS)
 dq_kernel = tuned(_dq_kernel, CONFIGS, _TUNE_KEY, prune_configs, INTERPRETER_CONFIGS)
 dkdv_kernel = tuned(_dkdv_kernel, CONFIGS, _TUNE_KEY, prune_configs, INTERPRETER_CONFIGS)
+
+
+@eager_cache
+def pattern_ints(nbhd: Neighborhood) -> tuple[int, ...]:
+    """The pattern as the kernels take it: extents, kernel sizes, dilations, strides, causal flags, 3 axes each."""
+    pad = 3 - len(nbhd.shape)
+    fields = (nbhd.shape, nbhd.kernel_size, nbhd.dilation, nbhd.stride, nbhd.is_causal)
+    return tuple(int(x) for field, fill in zip(fields, (1, 1, 1, 1, 0)) for x in (fill,) * pad + tuple(field))
+
+
+def launch_args(q: torch.Tensor, k: torch.Tensor, pattern: list[int], has_rpb: bool) -> dict:
+    return compile_time_args(tuple(pattern), q.shape[1] // k.shape[1], q.shape[-1], has_rpb, dot_precision(q.dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def compile_time_args(pattern: tuple[int, ...], groups: int, head_dim: int, has_rpb: bool, precision: str) -> dict:
+    """The kernels' compile-time arguments (cached: they are rebuilt on every call otherwise)."""
+    shape, kernel, dilation, stride, causal = (pattern[i : i + 3] for i in range(0, 15, 3))
+    longest_group = max(-(-n // d) for n, d in zip(shape, dilation))
+    args = {
+        "GROUPS": groups,
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": head_dim_block(head_dim),
+        "HAS_RPB": has_rpb,
+        "STEPS": longest_group.bit_length() + 1,
+        "DOT_PRECISION": precision,
+    }
+    for name, values in zip("KDSC", (kernel, dilation, stride, causal)):
+        args.update({f"{name}{a}": (bool(v) if name == "C" else v) for a, v in enumerate(values)})
+    return args
+
+
+def _grid(pattern: list[int], tile: str, rows: int):
+    shape, dilation = pattern[0:3], pattern[6:9]
+
+    def grid(meta):
+        tiles = math.prod(triton.cdiv(triton.cdiv(n, d), meta[f"{tile}{a}"]) * d for a, (n, d) in enumerate(zip(shape, dilation)))
+        return (tiles, rows)
+
+    return grid
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, pattern: list[int], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`."""
+    q, k, v = (rows_contiguous(t) for t in (q, k, v))
+    batch, heads, tokens, _ = q.shape
+    out = q.new_empty(q.shape)
+    lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
+    launch = launch_args(q, k, pattern, rpb is not None)
+    fwd_kernel.launch(
+        _grid(pattern, "TQ", batch * heads), (q.dtype, size_bucket(tokens), *launch.values()),
+        q, k, v, out, lse, rpb.contiguous() if rpb is not None else q,
+        *row_strides(q, k, v, out),
+        heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), **launch,
+    )
+    return out, lse
+
+
+def backward(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, pattern: list[int], scale: float, rpb_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the backward kernels: `(dq, dk, dv, drpb)`, drpb empty unless `rpb_grad`."""
+    q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    batch, heads, tokens, _head_dim = q.shape
+    kv_heads = k.shape[1]
+    launch = launch_args(q, k, pattern, rpb is not None)
+    tune_key = (q.dtype, size_bucket(tokens), *launch.values())
+    delta = backward_delta(out, grad_out, grad_lse, lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rpb_arg = rpb.contiguous() if rpb is not None else q
+    neighbors = math.prod(pattern[3:6])
+    ds = torch.zeros((batch, heads, tokens, neighbors), device=q.device, dtype=torch.float32) if rpb_grad else q
+    common = row_strides(q, k, v, grad_out)
+    dq_kernel.launch(
+        _grid(pattern, "TQ", batch * heads), tune_key,
+        q, k, v, grad_out, lse, delta, dq, rpb_arg, ds, *common, *row_strides(dq),
+        heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), WRITE_DS=rpb_grad, **launch,
+    )
+    dkdv_kernel.launch(
+        _grid(pattern, "TK", batch * kv_heads), tune_key,
+        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, *common, *row_strides(dk),
+        heads, kv_heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), **launch,
+    )
+    drpb = _bias_gradient(ds, rpb, pattern) if rpb_grad else q.new_empty(0)
+    return dq, dk, dv, drpb
+
+
+def _bias_gradient(ds: torch.Tensor, rpb: torch.Tensor, pattern: list[int]) -> torch.Tensor:
+    """d rpb: dS (neighbor layout) summed over the batch and scattered to each pair's bias offset. Slots holding no
+    pair are zero in dS, so every slot is scattered (to a clamped offset) and no boolean selection syncs the host."""
+    shape, kernel, dilation, stride, causal = (pattern[i : i + 3] for i in range(0, 15, 3))
+    ndim = rpb.dim() - 1
+    nbhd = Neighborhood.create(shape[3 - ndim :], kernel[3 - ndim :], dilation[3 - ndim :], stride[3 - ndim :],
+                               [bool(c) for c in causal[3 - ndim :]])
+    _, _, rpb_index = nbhd.neighbors(0, nbhd.num_tokens, ds.device)
+    flat = 0
+    for index, extent in zip(rpb_index, nbhd.rpb_shape):
+        flat = flat * extent + index.clamp(0, extent - 1)
+    flat = flat.expand(nbhd.num_tokens, *nbhd.kernel_size).flatten()
+    grad = torch.zeros((rpb.shape[0], math.prod(nbhd.rpb_shape)), device=ds.device, dtype=torch.float32)
+    grad.index_add_(1, flat, ds.sum(0).flatten(1))
+    return grad.view(rpb.shape).to(rpb.dtype)
+
+
+def _save(inputs: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[tuple, tuple]:
+    q, k, v, rpb, pattern, scale = inputs
+    return (q, k, v, rpb), (pattern, scale, rpb is not None and needs_input_grad[3])
+
+
+def _backward_fake(grad_out, grad_lse, out, lse, q, k, v, rpb, pattern, scale, rpb_grad):
+    drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpb
+
+
+neighborhood_op = kernel_op("mmattn::neighborhood", forward, backward, save=_save, grads=4,
+                            backward_fake=_backward_fake)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nbhd: Neighborhood, rpb: torch.Tensor | None,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused neighborhood attention on flat tokens `(B, H, N, D)`: `(out, lse)`, differentiable (rpb included)."""
+    return neighborhood_op(q, k, v, rpb, list(pattern_ints(nbhd)), scale)

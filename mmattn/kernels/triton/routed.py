@@ -13,6 +13,9 @@ Forward: one program per (query region x query tile, batch x head), FlashAttenti
 Backward: `_dq_kernel` mirrors the forward; `_dkdv_kernel` gives each (key region x key tile, batch x key head)
 its own dK and dV, summed over the query regions that routed to it (a CSR transposed index) and over its GQA
 group, so no program writes another's output.
+
+`forward` and `backward` launch the kernels; `attend` is the differentiable entry point the public
+`routed_attention` calls (custom ops under torch.compile, see `..autograd`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_sparse as bs
+from ..autograd import kernel_op
 from .common import (
+    LOG2E,
     backward_lse2,
     load_rows,
     online_softmax_step,
@@ -30,37 +34,38 @@ from .common import (
     softmax_output,
     store_rows,
 )
-from .launch import dot_precision, head_dim_block, row_strides, rows_contiguous, tuned
+from .launch import (
+    backward_delta,
+    broadcast_stride,
+    dot_precision,
+    head_dim_block,
+    next_power_of_2,
+    row_strides,
+    rows_contiguous,
+    tile_configs,
+    tuned,
+)
 
-__all__ = ["routed_backward", "routed_forward"]
+__all__ = ["attend", "backward", "forward", "routed_op", "transpose_routing"]
 
-
-def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
-FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
-                        (16, 32, 2, 2), (16, 16, 2, 2)])
-DKDV_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2),
-                         (16, 16, 2, 2)])
+FWD_CONFIGS = tile_configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+                            (16, 32, 2, 2), (16, 16, 2, 2)])
+DKDV_CONFIGS = tile_configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2),
+                             (16, 16, 2, 2)])
 DQ_CONFIGS = FWD_CONFIGS
 
 
-def _tile_cap(rows: int) -> int:
-    """The largest useful tile side for `rows` rows: the next power of two, at least 16."""
-    return max(16, 1 << max(0, rows - 1).bit_length())
-
-
 def _prune(configs, named_args, **kwargs):
-    """Keeps tiles no larger than the query region (BLOCK_M) and the key rows a program walks (BLOCK_N)."""
+    """Keeps tiles no larger than the query region (BLOCK_M) and the key rows a program walks (BLOCK_N): the next
+    power of two of each, at least 16."""
     args = {**named_args, **kwargs}
-    m_cap, n_cap = _tile_cap(args["Q_REGION"]), _tile_cap(args["N_TILE_ROWS"])
+    m_cap, n_cap = next_power_of_2(args["Q_REGION"], 16), next_power_of_2(args["N_TILE_ROWS"], 16)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
     return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=2)]
 
 
 _TUNE_KEY = ["Q_REGION", "KV_REGION", "TOPK", "HEAD_DIM", "GROUPS"]
-_INTERPRETER_CONFIGS = _configs([(16, 32, 4, 1), (16, 16, 4, 1)])
+_INTERPRETER_CONFIGS = tile_configs([(16, 32, 4, 1), (16, 16, 4, 1)])
 
 
 @triton.jit
@@ -109,7 +114,7 @@ def _fwd_kernel(
     v_base = V + b * stride_vb + kv_h * stride_vh
     idx_ptr = Idx + b * stride_ib + h * stride_ih + region * stride_ir
     valid_ptr = Valid + b * stride_valid_b
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -158,7 +163,7 @@ def _dq_kernel(
     v_base = V + b * stride_vb + kv_h * stride_vh
     idx_ptr = Idx + b * stride_ib + h * stride_ih + region * stride_ir
     valid_ptr = Valid + b * stride_valid_b
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, TOPK * KV_REGION, BLOCK_N):
@@ -205,7 +210,7 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     k = load_rows(K + b * stride_kb + kv_h * stride_kh, cols, col_in, offs_d, stride_kn, HEAD_DIM)
     v = load_rows(V + b * stride_vb + kv_h * stride_vh, cols, col_in, offs_d, stride_vn, HEAD_DIM)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -245,12 +250,8 @@ dq_kernel = tuned(_dq_kernel, DQ_CONFIGS, _TUNE_KEY, _prune, _INTERPRETER_CONFIG
 dkdv_kernel = tuned(_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY, _prune, _INTERPRETER_CONFIGS)
 
 
-def _broadcast_stride(t: torch.Tensor, dim: int) -> int:
-    return 0 if t.shape[dim] == 1 else t.stride(dim)
-
-
-def _launch_args(q: torch.Tensor, k: torch.Tensor, q_region: int, kv_region: int, topk: int,
-                 has_valid: bool) -> dict:
+def launch_args(q: torch.Tensor, k: torch.Tensor, q_region: int, kv_region: int, topk: int,
+                has_valid: bool) -> dict:
     head_dim = q.shape[-1]
     return {
         "GROUPS": q.shape[1] // k.shape[1], "HEAD_DIM": head_dim, "BLOCK_D": head_dim_block(head_dim),
@@ -268,10 +269,10 @@ def _valid_args(kv_valid: torch.Tensor | None, k: torch.Tensor) -> tuple[torch.T
     """The key-validity pointer (a dummy when absent) and its batch stride."""
     if kv_valid is None:
         return k, 0
-    return kv_valid, _broadcast_stride(kv_valid, 0)
+    return kv_valid, broadcast_stride(kv_valid, 0)
 
 
-def routed_forward(
+def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None,
     q_region: int, kv_region: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +282,7 @@ def routed_forward(
     batch, heads, q_len, _ = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
-    launch = _launch_args(q, k, q_region, kv_region, indices.shape[-1], kv_valid is not None)
+    launch = launch_args(q, k, q_region, kv_region, indices.shape[-1], kv_valid is not None)
     valid, stride_valid = _valid_args(kv_valid, k)
     n_q_regions = q_len // q_region
 
@@ -292,7 +293,7 @@ def routed_forward(
         grid, _tune_key(q, launch),
         q, k, v, out, lse, indices, valid,
         *row_strides(q, k, v, out),
-        _broadcast_stride(indices, 0), _broadcast_stride(indices, 1), indices.stride(2), stride_valid,
+        broadcast_stride(indices, 0), broadcast_stride(indices, 1), indices.stride(2), stride_valid,
         heads, q_len, k.shape[2] // kv_region, scale,
         **launch,
     )
@@ -314,9 +315,9 @@ def transpose_routing(indices: torch.Tensor, n_kv_regions: int) -> tuple[torch.T
     return starts.int().contiguous(), counts.int().contiguous(), (order // topk).int().contiguous()
 
 
-def routed_backward(
-    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None, q_region: int,
+def backward(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None, q_region: int,
     kv_region: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(dq, dk, dv)` of routed attention, deterministic (no atomics)."""
@@ -325,10 +326,10 @@ def routed_backward(
     batch, heads, q_len, _head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     n_kv_regions = kv_len // kv_region
-    launch = _launch_args(q, k, q_region, kv_region, indices.shape[-1], kv_valid is not None)
+    launch = launch_args(q, k, q_region, kv_region, indices.shape[-1], kv_valid is not None)
     valid, stride_valid = _valid_args(kv_valid, k)
 
-    delta = bs.backward_delta(out, grad_out, grad_lse, lse)
+    delta = backward_delta(out, grad_out, grad_lse, lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = row_strides(q, k, v, grad_out)
 
@@ -339,7 +340,7 @@ def routed_backward(
         dq_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dq, indices, valid, *strides,
         *row_strides(dq),
-        _broadcast_stride(indices, 0), _broadcast_stride(indices, 1), indices.stride(2), stride_valid,
+        broadcast_stride(indices, 0), broadcast_stride(indices, 1), indices.stride(2), stride_valid,
         heads, q_len, n_kv_regions, scale,
         **launch,
     )
@@ -353,9 +354,25 @@ def routed_backward(
         dkdv_grid, _tune_key(q, {**launch, "N_TILE_ROWS": kv_region}),
         q, k, v, grad_out, lse, delta, dk, dv, starts, counts, query_regions, valid, *strides,
         *row_strides(dk),
-        _broadcast_stride(starts, 0), _broadcast_stride(starts, 1),
-        _broadcast_stride(query_regions, 0), _broadcast_stride(query_regions, 1), stride_valid,
+        broadcast_stride(starts, 0), broadcast_stride(starts, 1),
+        broadcast_stride(query_regions, 0), broadcast_stride(query_regions, 1), stride_valid,
         heads, kv_heads, q_len, n_kv_regions, scale,
         **{**launch, "N_TILE_ROWS": kv_region},
     )
     return dq, dk, dv
+
+
+def _save(inputs: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[tuple, tuple]:
+    q, k, v, indices, kv_valid, q_region, kv_region, scale = inputs
+    return (q, k, v, indices, kv_valid), (q_region, kv_region, scale)
+
+
+routed_op = kernel_op("mmattn::routed", forward, backward, save=_save, grads=3)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, kv_valid: torch.Tensor | None,
+           q_region: int, kv_region: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention with the Triton kernels: `(out, lse)`, differentiable in q, k, v (and through lse).
+    `indices` `(B|1, H|1, n_q_regions, topk)`, `kv_valid` bool `(B|1, Lk)` or None."""
+    valid = None if kv_valid is None else kv_valid.view(torch.uint8).contiguous()
+    return routed_op(q, k, v, indices.int().contiguous(), valid, q_region, kv_region, scale)

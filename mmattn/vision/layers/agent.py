@@ -16,6 +16,8 @@ from timm.layers import DropPath, Mlp, register_notrace_module
 from torch import nn
 from torch.nn.init import trunc_normal_
 
+from mmattn.kernels.backends import check_backend
+
 from .inference_cache import InferenceCache
 
 __all__ = ["AGENT_BACKENDS", "AgentAttention", "AgentBlock", "resize_grid_bias"]
@@ -123,9 +125,7 @@ class AgentAttention(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in AGENT_BACKENDS:
-            raise ValueError(f"backend must be one of {AGENT_BACKENDS}, got {value!r}")
-        self._backend = value
+        self._backend = check_backend(value, AGENT_BACKENDS)
 
     def _agent_biases(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """PB (heads, agents, P + h*w) and AB (heads, P + h*w, agents) for an h x w grid."""

@@ -16,9 +16,8 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from mmattn.kernels import routed_attention
-from mmattn.kernels.routed import ROUTED_BACKENDS
+from mmattn.kernels.backends import backend_choices, check_backend
 
-from .backends import check_backend
 from .hilo import dense_attention
 
 __all__ = ["BiLevelRoutingAttention", "GlobalAttentionLePE"]
@@ -46,12 +45,12 @@ class BiLevelRoutingAttention(nn.Module):
     The scale is `dim ** -0.5` (BiFormer's full-width scale) unless `qk_scale` is given; routing is computed on
     detached descriptors (`diff_routing=False`). Maps whose sides are not multiples of `n_win` are zero-padded to
     them after the qkv projection, and the padded tokens are masked from the routing descriptors and from attention
-    (the official `auto_pad` instead attends to unmasked bias vectors). `attn_backend`: `"triton"`, `"torch"`
+    (the official `auto_pad` instead attends to unmasked bias vectors). `backend`: `"triton"`, `"torch"`
     (the official gather algorithm) or `"auto"`.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, topk: int = 4, qk_scale: float | None = None,
-                 side_dwconv: int = 5, attn_backend: str = "auto", device: torch.device | str | None = None,
+                 side_dwconv: int = 5, backend: str = "auto", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -61,7 +60,7 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"need n_win >= 1 and 1 <= topk <= n_win**2, got n_win={n_win}, topk={topk}")
         self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
         self.scale = qk_scale or dim ** -0.5
-        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
+        self.backend = check_backend(backend, backend_choices("routed"))
         self.qkv = nn.Linear(dim, 3 * dim, **dd)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
         self.wo = nn.Linear(dim, dim, **dd)
@@ -100,7 +99,7 @@ class BiLevelRoutingAttention(nn.Module):
         indices = self.route(q, k, valid, region_tokens)
         heads = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = routed_attention(*heads, indices, q_region_size=region_tokens, kv_valid=valid, scale=self.scale,
-                               backend=self.attn_backend)
+                               backend=self.backend)
         out = _from_regions(out.transpose(1, 2).reshape(batch, -1, channels), self.n_win, padded_h, padded_w)
         return self.wo(out[:, :height, :width] + lepe)
 
@@ -110,7 +109,7 @@ class GlobalAttentionLePE(nn.Module):
     depthwise-conv LePE of the attention input, added before the output projection."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, side_dwconv: int = 5,
-                 attn_backend: str = "auto", device: torch.device | str | None = None,
+                 backend: str = "auto", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -118,7 +117,7 @@ class GlobalAttentionLePE(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
+        self.backend = check_backend(backend, backend_choices("routed"))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
@@ -126,6 +125,6 @@ class GlobalAttentionLePE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
         qkv = self.qkv(x).view(batch, -1, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = dense_attention(qkv[0], qkv[1], qkv[2], self.scale, self.attn_backend)
+        out = dense_attention(qkv[0], qkv[1], qkv[2], self.scale, self.backend)
         lepe = self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out.transpose(1, 2).reshape(batch, height, width, channels) + lepe)

@@ -16,9 +16,8 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from mmattn.kernels import reference, routed_attention
-from mmattn.kernels.routed import ROUTED_BACKENDS
+from mmattn.kernels.backends import backend_choices, check_backend
 
-from .backends import check_backend
 
 __all__ = ["HiLoAttention", "dense_attention"]
 
@@ -61,11 +60,11 @@ class HiLoAttention(nn.Module):
 
     `alpha` is the Lo-Fi share of the heads (`int(num_heads * alpha)` Lo-Fi heads); `window_size` is `s`. Hi-Fi
     windows run through `mmattn.kernels.routed_attention` (each window routed to itself); Lo-Fi through SDPA.
-    `attn_backend="torch"` gives the official algorithm (explicit softmax), `"triton"`/`"auto"` the fused kernels.
+    `backend="torch"` gives the official algorithm (explicit softmax), `"triton"`/`"auto"` the fused kernels.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
-                 window_size: int = 2, alpha: float = 0.5, attn_backend: str = "auto",
+                 window_size: int = 2, alpha: float = 0.5, backend: str = "auto",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -77,7 +76,7 @@ class HiLoAttention(nn.Module):
             raise ValueError(f"window_size must be >= 1, got {window_size}")
         head_dim = dim // num_heads
         self.window_size = window_size
-        self.attn_backend = check_backend(attn_backend, ROUTED_BACKENDS)
+        self.backend = check_backend(backend, backend_choices("routed"))
         self.scale = qk_scale or head_dim ** -0.5
         self.l_heads = num_heads if window_size == 1 else int(num_heads * alpha)
         self.h_heads = num_heads - self.l_heads
@@ -99,7 +98,7 @@ class HiLoAttention(nn.Module):
         n_windows = tokens.shape[1] // self.window_size ** 2
         self_routing = torch.arange(n_windows, device=x.device).view(1, n_windows, 1)
         out = routed_attention(qkv[0], qkv[1], qkv[2], self_routing, q_region_size=self.window_size ** 2,
-                               kv_valid=valid, scale=self.scale, backend=self.attn_backend)
+                               kv_valid=valid, scale=self.scale, backend=self.backend)
         out = window_reverse(out.transpose(1, 2).reshape(batch, -1, self.h_dim), self.window_size, height, width)
         return self.h_proj(out)
 
@@ -112,7 +111,7 @@ class HiLoAttention(nn.Module):
             pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.window_size, ceil_mode=True, count_include_pad=False)
             pooled = pooled.permute(0, 2, 3, 1)
         kv = self.l_kv(pooled).view(batch, -1, 2, self.l_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = dense_attention(q, kv[0], kv[1], self.scale, self.attn_backend)
+        out = dense_attention(q, kv[0], kv[1], self.scale, self.backend)
         return self.l_proj(out.transpose(1, 2).reshape(batch, height, width, self.l_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from timm.layers import register_notrace_module
 from torch import nn
 from torch.nn.init import trunc_normal_
 
-from mmattn.kernels import BACKENDS, Neighborhood, neighborhood_attention
+from mmattn.kernels import Neighborhood, neighborhood_attention
+from mmattn.kernels.backends import backend_choices, check_backend
 
 __all__ = ["NeighborhoodAttention", "padded_neighborhood_bias"]
 
@@ -126,9 +127,7 @@ class NeighborhoodAttention(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
+        self._backend = check_backend(value, backend_choices("na"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[-1] != self.qkv.in_features:

@@ -14,8 +14,9 @@ from timm.models.vision_transformer import (
     checkpoint_filter_fn as vit_checkpoint_filter_fn,
 )
 
+from mmattn.kernels.backends import check_backend
+
 from ..layers.agent import AGENT_BACKENDS, AgentAttention, resize_grid_bias
-from ..layers.backends import check_backend
 
 __all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
 
@@ -23,7 +24,7 @@ __all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
 class AgentVisionTransformer(VisionTransformer):
     """DeiT whose first ``agent_layers`` blocks run agent attention; ``agent_num`` is one count or one per block.
 
-    ``attn_backend`` of the agent blocks: "auto" (agent attention with fewer launches) or "torch" (the official order).
+    ``backend`` of the agent blocks: "auto" (agent attention with fewer launches) or "torch" (the official order).
     """
 
     def __init__(
@@ -31,12 +32,12 @@ class AgentVisionTransformer(VisionTransformer):
         *,
         agent_num: int | list[int] = 49,
         agent_layers: int | None = None,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **kwargs,
     ) -> None:
-        check_backend(attn_backend, AGENT_BACKENDS)
+        check_backend(backend, AGENT_BACKENDS)
         super().__init__(device=device, dtype=dtype, **kwargs)
         depth = len(self.blocks)
         agent_layers = depth if agent_layers is None else agent_layers
@@ -56,7 +57,7 @@ class AgentVisionTransformer(VisionTransformer):
                 qkv_bias=block.attn.qkv.bias is not None,
                 attn_drop=block.attn.attn_drop.p,
                 proj_drop=block.attn.proj_drop.p,
-                backend=attn_backend,
+                backend=backend,
                 device=device,
                 dtype=dtype,
             )

@@ -19,8 +19,9 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 from torch.nn.init import trunc_normal_
 
+from mmattn.kernels.backends import check_backend
+
 from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
-from ..layers.backends import check_backend
 from ._classifier import PooledClassifierMixin
 from ._stages import StagesMixin
 
@@ -74,7 +75,7 @@ class AgentPVTStage(nn.Module):
         drop_path: list[float],
         qkv_bias: bool,
         drop_rate: float,
-        attn_backend: str,
+        backend: str,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -95,7 +96,7 @@ class AgentPVTStage(nn.Module):
                 qkv_bias=qkv_bias,
                 drop_path=dp,
                 norm_layer=_layer_norm,
-                backend=attn_backend,
+                backend=backend,
                 **dd,
             )
             for dp in drop_path
@@ -113,7 +114,7 @@ class AgentPVTStage(nn.Module):
 class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
     """Agent-PVT classifier/backbone: ``forward_features`` gives the stage-4 map (B, C4, H/32, W/32).
 
-    ``attn_backend``: "auto" (agent attention with fewer launches) or "torch" (the official order).
+    ``backend``: "auto" (agent attention with fewer launches) or "torch" (the official order).
     """
 
     def __init__(
@@ -130,13 +131,13 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        check_backend(attn_backend, AGENT_BACKENDS)
+        check_backend(backend, AGENT_BACKENDS)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -154,7 +155,7 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
             self.stages.append(
                 AgentPVTStage(
                     in_chs, dim, depth, num_heads[i], agent_nums[i], mlp_ratios[i], patch_size, grid,
-                    rates[start : start + depth], qkv_bias, drop_rate, attn_backend, **dd,
+                    rates[start : start + depth], qkv_bias, drop_rate, backend, **dd,
                 )
             )  # fmt: skip
             self.feature_info.append({"num_chs": dim, "reduction": reduction, "module": f"stages.{i}"})

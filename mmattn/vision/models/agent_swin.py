@@ -19,8 +19,9 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 from torch.nn.init import trunc_normal_
 
+from mmattn.kernels.backends import check_backend
+
 from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
-from ..layers.backends import check_backend
 from ..layers.inference_cache import InferenceCache
 from ._classifier import PooledClassifierMixin
 from ._stages import StagesMixin
@@ -74,9 +75,7 @@ class WindowAttention(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in AGENT_BACKENDS:
-            raise ValueError(f"backend must be one of {AGENT_BACKENDS}, got {value!r}")
-        self._backend = value
+        self._backend = check_backend(value, AGENT_BACKENDS)
 
     def _relative_bias(self, wh: int, ww: int, device: torch.device) -> torch.Tensor:
         """(heads, wh*ww, wh*ww) bias from the table of the trained window (smaller windows use its centre)."""
@@ -150,14 +149,14 @@ class SwinBlock(nn.Module):
         shift_size: int,
         mlp_ratio: float,
         drop_path: float,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(dim, **dd)
-        self.attn = WindowAttention(dim, num_heads, window_size, shift_size, backend=attn_backend, **dd)
+        self.attn = WindowAttention(dim, num_heads, window_size, shift_size, backend=backend, **dd)
         self.norm2 = nn.LayerNorm(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -200,7 +199,7 @@ class AgentSwinStage(nn.Module):
         mlp_ratio: float,
         drop_path: list[float],
         downsample: bool,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -211,12 +210,12 @@ class AgentSwinStage(nn.Module):
             if i < agent_depth:
                 blocks.append(
                     AgentBlock(dim, num_heads, agent_num, grid_size, mlp_ratio=mlp_ratio, drop_path=drop_path[i],
-                               backend=attn_backend, **dd)
+                               backend=backend, **dd)
                 )  # fmt: skip
             else:
                 shift = 0 if i % 2 == 0 or min(grid_size) <= window_size else window_size // 2
                 blocks.append(
-                    SwinBlock(dim, num_heads, window_size, shift, mlp_ratio, drop_path[i], attn_backend, **dd)
+                    SwinBlock(dim, num_heads, window_size, shift, mlp_ratio, drop_path[i], backend, **dd)
                 )
         self.blocks = nn.ModuleList(blocks)
         self.downsample = PatchMerging(dim, **dd) if downsample else None
@@ -235,7 +234,7 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
     """Agent-Swin classifier and backbone; ``forward_features`` returns the normalized last map, channels-last
     ``(B, H/32, W/32, 8C)`` as timm's Swin.
 
-    ``attn_backend``: "auto" (agent attention with fewer launches, fused SDPA for window
+    ``backend``: "auto" (agent attention with fewer launches, fused SDPA for window
     attention in inference) or "torch" (the official explicit softmax).
     """
 
@@ -258,13 +257,13 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        check_backend(attn_backend, AGENT_BACKENDS)
+        check_backend(backend, AGENT_BACKENDS)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         if any(a > d for a, d in zip(agent_depths, depths)):
@@ -284,7 +283,7 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
             self.layers.append(
                 AgentSwinStage(
                     embed_dim * 2**i, depth, agent_depths[i], num_heads[i], agent_nums[i], (grid, grid), window_size,
-                    mlp_ratio, rates[start : start + depth], downsample=i < len(depths) - 1, attn_backend=attn_backend,
+                    mlp_ratio, rates[start : start + depth], downsample=i < len(depths) - 1, backend=backend,
                     **dd,
                 )
             )  # fmt: skip

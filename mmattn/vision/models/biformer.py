@@ -30,15 +30,15 @@ class BiFormerBlock(nn.Module):
     """`x + DWConv3x3(x)`, then `x + DropPath(attn(LN x))` and `x + DropPath(MLP(LN x))`; NCHW in and out."""
 
     def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float, drop_path: float,
-                 attn_backend: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 backend: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
         if topk > 0:
-            self.attn = BiLevelRoutingAttention(dim, num_heads, n_win=n_win, topk=topk, attn_backend=attn_backend, **dd)
+            self.attn = BiLevelRoutingAttention(dim, num_heads, n_win=n_win, topk=topk, backend=backend, **dd)
         else:  # the released models mark global attention with topk=-2
-            self.attn = GlobalAttentionLePE(dim, num_heads=8, attn_backend=attn_backend, **dd)
+            self.attn = GlobalAttentionLePE(dim, num_heads=8, backend=backend, **dd)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -54,7 +54,7 @@ class BiFormerStage(nn.Module):
     """A downsampler (3x3 stride-2 conv + BN; none in stage 1, which follows the stem) and the blocks."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float,
-                 drop_path: list[float], attn_backend: str, device: torch.device | str | None = None,
+                 drop_path: list[float], backend: str, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -62,7 +62,7 @@ class BiFormerStage(nn.Module):
         self.downsample = nn.Identity() if in_dim == dim else nn.Sequential(
             nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, **dd), nn.BatchNorm2d(dim, **dd))
         self.blocks = nn.Sequential(*(
-            BiFormerBlock(dim, num_heads, n_win, topk, mlp_ratio, drop_path[i], attn_backend, **dd)
+            BiFormerBlock(dim, num_heads, n_win, topk, mlp_ratio, drop_path[i], backend, **dd)
             for i in range(depth)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ class BiFormer(StagesMixin, PooledClassifierMixin, nn.Module):
         mlp_ratio: float = 3.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -111,7 +111,7 @@ class BiFormer(StagesMixin, PooledClassifierMixin, nn.Module):
         self.feature_info = []
         for i, depth in enumerate(depths):
             stages.append(BiFormerStage(in_dim, embed_dims[i], depth, num_heads[i], n_win, topks[i], mlp_ratio,
-                                        rates[sum(depths[:i]):sum(depths[:i + 1])], attn_backend, **dd))
+                                        rates[sum(depths[:i]):sum(depths[:i + 1])], backend, **dd))
             self.feature_info.append({"num_chs": embed_dims[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"})
             in_dim = embed_dims[i]
         self.stages = nn.Sequential(*stages)

@@ -75,14 +75,14 @@ class LITv2Block(nn.Module):
     """`x + DropPath(HiLo(LN x))` (when `attn` is set) and `x + DropPath(DWMlp(LN x))`, NHWC."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, alpha: float, mlp_ratio: float, drop_path: float,
-                 has_attn: bool, attn_backend: str,
+                 has_attn: bool, backend: str,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if has_attn:
             self.norm1 = nn.LayerNorm(dim, **dd)
             self.attn = HiLoAttention(dim, num_heads, qkv_bias=True, window_size=window_size, alpha=alpha,
-                                      attn_backend=attn_backend, **dd)
+                                      backend=backend, **dd)
         self.has_attn = has_attn
         self.norm2 = nn.LayerNorm(dim, **dd)
         self.mlp = DWMlp(dim, int(dim * mlp_ratio), **dd)
@@ -98,14 +98,14 @@ class LITv2Stage(nn.Module):
     """DTM from the previous stage (none in stage 1), then the blocks; NCHW in and out."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int, alpha: float,
-                 mlp_ratio: float, drop_path: list[float], attn_backend: str,
+                 mlp_ratio: float, drop_path: list[float], backend: str,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
         self.downsample = nn.Identity() if in_dim == dim else DeformableTokenMerging(in_dim, dim, **dd)
         self.blocks = nn.Sequential(*(
-            LITv2Block(dim, num_heads, window_size, alpha, mlp_ratio, drop_path[i], window_size > 0, attn_backend,
+            LITv2Block(dim, num_heads, window_size, alpha, mlp_ratio, drop_path[i], window_size > 0, backend,
                        **dd)
             for i in range(depth)))
 
@@ -150,7 +150,7 @@ class LITv2(StagesMixin, PooledClassifierMixin, nn.Module):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -166,7 +166,7 @@ class LITv2(StagesMixin, PooledClassifierMixin, nn.Module):
         stages, self.feature_info = [], []
         for i, depth in enumerate(depths):
             stages.append(LITv2Stage(dims[max(0, i - 1)], dims[i], depth, num_heads[i], window_sizes[i], alpha,
-                                     mlp_ratio, rates[sum(depths[:i]):sum(depths[:i + 1])], attn_backend, **dd))
+                                     mlp_ratio, rates[sum(depths[:i]):sum(depths[:i + 1])], backend, **dd))
             self.feature_info.append({"num_chs": dims[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"})
         self.stages = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features, **dd)

@@ -17,9 +17,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
-from mmattn.kernels import BACKENDS
+from mmattn.kernels.backends import backend_choices, check_backend
 
-from ..layers.backends import check_backend
 from ..layers.neighborhood import NeighborhoodAttention
 from ._classifier import PooledClassifierMixin
 from ._stages import StagesMixin
@@ -70,14 +69,14 @@ class NATBlock(nn.Module):
         mlp_ratio: float,
         drop_path: float,
         layer_scale: float | None,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(dim, **dd)
-        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation, backend=attn_backend, **dd)
+        self.attn = NeighborhoodAttention(dim, num_heads, kernel_size, dilation=dilation, backend=backend, **dd)
         self.norm2 = nn.LayerNorm(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -107,14 +106,14 @@ class NATLevel(nn.Module):
         drop_path: list[float],
         layer_scale: float | None,
         downsample: bool,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.blocks = nn.ModuleList(
-            NATBlock(dim, num_heads, kernel_size, d, mlp_ratio, dp, layer_scale, attn_backend, **dd)
+            NATBlock(dim, num_heads, kernel_size, d, mlp_ratio, dp, layer_scale, backend, **dd)
             for d, dp in zip(dilations, drop_path)
         )
         self.downsample = ConvDownsampler(dim, **dd) if downsample else None
@@ -127,7 +126,7 @@ class NATLevel(nn.Module):
 
 
 class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
-    """NAT / DiNAT classifier and backbone. ``dilations``: one list per level (None: NAT, all 1). ``attn_backend``:
+    """NAT / DiNAT classifier and backbone. ``dilations``: one list per level (None: NAT, all 1). ``backend``:
     the ``neighborhood_attention`` backend ("auto": fused Triton on CUDA; "flex"; "torch": the unfused reference).
 
     ``forward_features`` returns the normalized last map, channels-last ``(B, H/32, W/32, 8C)``.
@@ -151,13 +150,13 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
         layer_scale: float | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
-        attn_backend: str = "auto",
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        check_backend(attn_backend, BACKENDS)
+        check_backend(backend, backend_choices("na"))
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         dilations = [[1] * depth for depth in depths] if dilations is None else [list(d) for d in dilations]
@@ -175,7 +174,7 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
             self.levels.append(
                 NATLevel(
                     dim, num_heads[i], kernel_size, dilations[i], mlp_ratio, rates[start : start + depth],
-                    layer_scale, downsample=i < len(depths) - 1, attn_backend=attn_backend, **dd,
+                    layer_scale, downsample=i < len(depths) - 1, backend=backend, **dd,
                 )
             )  # fmt: skip
             self.feature_info.append({"num_chs": dim, "reduction": 4 * 2**i, "module": f"levels.{i}"})

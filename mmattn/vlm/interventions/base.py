@@ -163,10 +163,11 @@ class Runtime:
 
     def fused_last_row(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
-        scale: float, call: CallState,
+        scale: float, call: CallState, backend: str,
     ) -> torch.Tensor | None:
         """The edited attention output [B, H, 1, D] of the last query row `query` [B, H, 1, D] by a fused kernel over
-        the keys (`visible` [B, kv] bool or None), or None to take the explicit-probabilities path."""
+        the keys (`visible` [B, kv] bool or None) on the column-set `backend` the handle resolved, or None to take the
+        explicit-probabilities path."""
         return None
 
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:

@@ -203,10 +203,10 @@ class _GIFTRuntime(Runtime):
         scale_columns(rows, coefficients, moves)
         rows.probs.mul_(before / rows.probs.sum(-1, keepdim=True))
 
-    def fused_last_row(self, layer, query, key, value, visible, scale, call):
+    def fused_last_row(self, layer, query, key, value, visible, scale, call, backend):
         if self._collects_saliency(layer, call):
             return None
         masses, _ = self._enhance_columns(layer)
-        sets = column_set_attention(query, key, value, masses, visible=visible, scale=scale, backend="triton")
-        return ranked_head_enhancement(sets, beta=self.settings.beta, dtype=query.dtype, backend="triton")
+        sets = column_set_attention(query, key, value, masses, visible=visible, scale=scale, backend=backend)
+        return ranked_head_enhancement(sets, beta=self.settings.beta, dtype=query.dtype, backend=backend)
 

@@ -150,13 +150,13 @@ class _VARRuntime(Runtime):
         # coefficients of the moves (-p sinks, p receivers): 1 and sum_sink A / sum_receivers A
         scale_columns(rows, (mass[..., 2:] / mass[..., 2:3]).masked_fill_(other, 0.0), moves)
 
-    def fused_last_row(self, layer, query, key, value, visible, scale, call):
+    def fused_last_row(self, layer, query, key, value, visible, scale, call, backend):
         if not call.decoding:  # prompt rows are selected per batch row: the explicit path
             return None
         settings = self.settings
         return sink_redistribution_attention(
             query, key, value, self.columns[layer][2], share=settings.p, rho=settings.rho,
-            min_mass=settings.min_visual_mass, visible=visible, scale=scale, backend="triton",
+            min_mass=settings.min_visual_mass, visible=visible, scale=scale, backend=backend,
         )
 
 

@@ -1,0 +1,115 @@
+"""The backend registry: capability predicates, `supported_backends` in preference order, and `resolve_backend`."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mmattn.kernels import backends, supported_backends
+from mmattn.kernels.backends import (
+    FAMILIES,
+    REGISTRY,
+    backend_choices,
+    can_run_flex,
+    can_run_torch,
+    can_run_triton,
+    resolve_backend,
+)
+
+
+def cpu_q(dtype=torch.float32, head_dim=16, batch=1):
+    return torch.zeros(batch, 2, 8, head_dim, dtype=dtype)
+
+
+def cuda_like(dtype=torch.float16, head_dim=64):
+    """What the predicates read of a CUDA tensor (device, dtype, shape), without a GPU."""
+    return SimpleNamespace(device=torch.device("cuda"), is_cuda=True, dtype=dtype, shape=(1, 2, 8, head_dim),
+                           numel=lambda: 16 * head_dim)
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    monkeypatch.setattr(backends, "INTERPRETED", False)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setattr(backends, "INTERPRETED", True)
+
+
+def test_every_family_lists_torch_and_takes_auto():
+    assert set(REGISTRY) == set(FAMILIES)
+    for family in FAMILIES:
+        assert "torch" in REGISTRY[family]
+        assert backend_choices(family) == ("auto", *REGISTRY[family])
+    assert backend_choices("routed") == ("auto", "triton", "torch")
+    assert backend_choices("na") == ("auto", "triton", "flex", "torch")
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_on_the_cpu_without_the_interpreter_triton_is_not_supported():
+    q = cpu_q()
+    assert not can_run_triton("block_sparse", q)
+    assert can_run_flex("block_sparse", q) and can_run_torch("block_sparse", q)
+    assert supported_backends("block_sparse", q) == ("torch", "flex")
+    assert supported_backends("routed", q) == ("torch",)
+    assert supported_backends("column_sets", q) == ("torch",)
+    assert resolve_backend("na", "auto", q) == "torch"
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_an_explicit_backend_that_cannot_run_raises_naming_backend():
+    with pytest.raises(ValueError, match=r"^backend='triton' cannot run here: needs a CUDA GPU, or TRITON_INTERPRET=1"):
+        resolve_backend("block_sparse", "triton", cpu_q())
+    with pytest.raises(ValueError, match="backend='triton'"):
+        can_run_triton("routed", cpu_q(), raise_error=True)
+
+
+@pytest.mark.usefixtures("interpreter")
+def test_under_the_interpreter_triton_runs_on_the_cpu_but_auto_keeps_the_reference():
+    q = cpu_q()
+    assert can_run_triton("block_sparse", q)
+    assert supported_backends("block_sparse", q) == ("torch", "triton", "flex")
+    assert supported_backends("routed", q) == ("torch", "triton")
+    assert resolve_backend("routed", "auto", q) == "torch"
+    assert resolve_backend("routed", "triton", q) == "triton"
+
+
+@pytest.mark.usefixtures("interpreter")
+def test_triton_limits_dtype_and_head_dim_per_family():
+    assert not can_run_triton("na", cpu_q(torch.float64))
+    with pytest.raises(TypeError, match=r"^backend='triton' takes float16, bfloat16 or float32 inputs, got torch.float64"):
+        resolve_backend("na", "triton", cpu_q(torch.float64))
+    with pytest.raises(ValueError, match=r"^backend='triton' takes head_dim a multiple of 8 in \[16, 256\], got 12"):
+        resolve_backend("block_sparse", "triton", cpu_q(head_dim=12))
+    assert can_run_triton("column_sets", cpu_q(head_dim=12))  # no dots: any head dim up to 256
+    assert not can_run_triton("column_sets", cpu_q(head_dim=260))
+
+
+@pytest.mark.usefixtures("interpreter")
+def test_an_empty_batch_runs_the_reference():
+    assert resolve_backend("block_sparse", "triton", cpu_q(batch=0)) == "torch"
+    assert resolve_backend("block_sparse", "flex", cpu_q(batch=0)) == "torch"
+
+
+@pytest.mark.skipif(not backends._HAS_TRITON, reason="needs triton installed")
+def test_on_cuda_auto_prefers_triton_then_flex_then_the_reference():
+    assert supported_backends("block_sparse", cuda_like()) == ("triton", "flex", "torch")
+    assert supported_backends("column_sets", cuda_like()) == ("triton", "torch")
+    assert resolve_backend("block_sparse", "auto", cuda_like()) == "triton"
+    assert supported_backends("na", cuda_like(head_dim=12)) == ("flex", "torch")  # Triton's dots need multiples of 8
+    assert supported_backends("na", cuda_like(torch.float64)) == ("torch",)
+    with pytest.raises(TypeError, match=r"^backend='flex' takes float16, bfloat16 or float32 inputs on CUDA"):
+        resolve_backend("na", "flex", cuda_like(torch.float64))
+
+
+def test_unknown_backends_and_families_are_refused():
+    with pytest.raises(ValueError, match=r"^backend must be one of \('auto', 'triton', 'torch'\), got 'flex'$"):
+        resolve_backend("routed", "flex", cpu_q())
+    with pytest.raises(ValueError, match=r"^backend must be one of .*, got None$"):
+        resolve_backend("na", None, cpu_q())
+    with pytest.raises(ValueError, match="^family must be one of"):
+        supported_backends("dense", cpu_q())
+    assert not can_run_flex("routed", cpu_q())
+    with pytest.raises(ValueError, match="^backend='flex' has no routed kernel$"):
+        can_run_flex("routed", cpu_q(), raise_error=True)

@@ -2,7 +2,8 @@
 
 Attention processors only see flattened token sequences; the (frames, height, width) grid after patchify
 is known only to the transformer's forward, so a diffusers `ModelHook` reads it there before every call
-(a new resolution or frame count therefore always reaches the mask builder).
+(a new resolution or frame count therefore always reaches the mask builder). Which reader serves which
+transformer class is said once, in `mmattn.diffusion.models`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GRID_HOOK_NAME", "GRID_READERS", "VideoGrid", "grid_capture_hook", "grid_from_forward"]
+__all__ = [
+    "GRID_HOOK_NAME",
+    "VideoGrid",
+    "channels_first_grid",
+    "channels_last_grid",
+    "cogvideox_grid",
+    "grid_capture_hook",
+    "grid_from_forward",
+    "packed_grid",
+]
 
 
 @dataclass(frozen=True)
@@ -38,44 +48,51 @@ def _patch(config, name: str, default: int = 1) -> int:
     return default if value is None else int(value)
 
 
-def _channels_first_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> VideoGrid:
-    """(B, C, F, H, W) latents, patch (patch_size_t or 1, patch_size, patch_size)."""
+def channels_first_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> VideoGrid:
+    """(B, C, F, H, W) latents (Wan 2.1/2.2 incl. TI2V-5B and VACE, HunyuanVideo 1.0/1.5, Mochi).
+
+    The patch is the transformer's own: a (t, h, w) tuple, or `patch_size` with `patch_size_t` (default 1).
+    """
     patch = transformer.config.patch_size
-    patch_t, patch_s = (patch[0], patch[1]) if isinstance(patch, (tuple, list)) else (_patch(transformer.config, "patch_size_t"), patch)
+    if isinstance(patch, (tuple, list)):
+        patch_t, patch_h, patch_w = patch
+    else:
+        patch_t, patch_h, patch_w = _patch(transformer.config, "patch_size_t"), patch, patch
     _, _, frames, height, width = hidden_states.shape
-    return VideoGrid(frames // patch_t, height // patch_s, width // patch_s)
+    return VideoGrid(frames // patch_t, height // patch_h, width // patch_w)
 
 
-def _cogvideox_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> VideoGrid:
+def channels_last_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> VideoGrid:
+    """(B, F, H, W, C) latents with a (t, h, w) `patch_size` (Kandinsky 5)."""
+    patch_t, patch_h, patch_w = transformer.config.patch_size
+    _, frames, height, width, _ = hidden_states.shape
+    return VideoGrid(frames // patch_t, height // patch_h, width // patch_w)
+
+
+def cogvideox_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> VideoGrid:
     """(B, F, C, H, W) latents (frame axis 1), patch_size_t None (1.0) or 2 (1.5)."""
     patch_s, patch_t = transformer.config.patch_size, _patch(transformer.config, "patch_size_t")
     _, frames, _, height, width = hidden_states.shape
     return VideoGrid(frames // patch_t, height // patch_s, width // patch_s)
 
 
-def _ltx_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor, num_frames: int, height: int, width: int) -> VideoGrid:
-    """Packed (B, S, C) tokens; the latent grid comes as `num_frames`, `height`, `width` (patch 1 in LTX)."""
+def packed_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor, num_frames: int, height: int, width: int) -> VideoGrid:
+    """Packed (B, S, C) tokens whose latent grid comes as `num_frames`, `height`, `width` (LTX-Video, LTX-2).
+
+    Each axis counts its patches the way the models' rotary coordinates do (a trailing partial patch counts).
+    """
+    if num_frames is None or height is None or width is None:
+        raise ValueError(
+            f"{type(transformer).__name__}: Radial attention reads the token grid from num_frames, height and width; "
+            f"got num_frames={num_frames}, height={height}, width={width}"
+        )
     patch_s, patch_t = _patch(transformer.config, "patch_size"), _patch(transformer.config, "patch_size_t")
-    return VideoGrid(num_frames // patch_t, height // patch_s, width // patch_s)
+    return VideoGrid(-(-num_frames // patch_t), -(-height // patch_s), -(-width // patch_s))
 
 
-GRID_READERS: dict[str, Callable[..., VideoGrid]] = {
-    "WanTransformer3DModel": _channels_first_grid,
-    "HunyuanVideoTransformer3DModel": _channels_first_grid,
-    "MochiTransformer3DModel": _channels_first_grid,
-    "CogVideoXTransformer3DModel": _cogvideox_grid,
-    "LTXVideoTransformer3DModel": _ltx_grid,
-}
-"""Transformer class name -> reader of its forward arguments (only the ones it names are passed)."""
-
-
-def grid_from_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> VideoGrid:
-    """The token grid of a call `transformer(*args, **kwargs)` of a supported diffusers video transformer."""
-    name = type(transformer).__name__
-    if name not in GRID_READERS:
-        raise TypeError(f"transformer must be one of {sorted(GRID_READERS)}, got {name}")
+def grid_from_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict, reader: Callable[..., VideoGrid]) -> VideoGrid:
+    """The token grid of a call `transformer(*args, **kwargs)`, read by `reader` from the forward arguments it names."""
     bound = inspect.signature(type(transformer).forward).bind(transformer, *args, **kwargs).arguments
-    reader = GRID_READERS[name]
     wanted = list(inspect.signature(reader).parameters)[1:]
     return reader(transformer, *(bound.get(param) for param in wanted))
 
@@ -83,13 +100,13 @@ def grid_from_forward(transformer: torch.nn.Module, args: tuple, kwargs: dict) -
 GRID_HOOK_NAME = "mmattn_grid_capture"
 
 
-def grid_capture_hook(on_grid: Callable[[VideoGrid], None]):
-    """A diffusers `ModelHook` that hands each call's `VideoGrid` to `on_grid` before the forward runs."""
+def grid_capture_hook(reader: Callable[..., VideoGrid], on_grid: Callable[[VideoGrid], None]):
+    """A diffusers `ModelHook` that hands each call's `VideoGrid` (read by `reader`) to `on_grid` before the forward runs."""
     from diffusers.hooks import ModelHook
 
     class GridCaptureHook(ModelHook):
         def pre_forward(self, module, *args, **kwargs):
-            on_grid(grid_from_forward(module, args, kwargs))
+            on_grid(grid_from_forward(module, args, kwargs, reader))
             return args, kwargs
 
     return GridCaptureHook()

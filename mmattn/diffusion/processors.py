@@ -1,8 +1,9 @@
 """Radial attention processors for diffusers' video transformers.
 
 Each class follows its stock diffusers processor step for step (projections, QK norms, rotary embedding,
-text concatenation, output projections) and differs only in the attention call, which goes through
-`RadialAttention.attend` with the stock call as its dense fallback.
+text concatenation, gates, output projections) and differs only in the attention call, which goes through
+`RadialAttention.attend` with the stock call as its dense fallback. Which processor serves which modules of
+which transformer is said once, in `mmattn.diffusion.models`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from .attention import RadialAttention
 
 __all__ = [
     "CogVideoXRadialAttnProcessor",
+    "HunyuanVideo15RadialAttnProcessor",
     "HunyuanVideoRadialAttnProcessor",
+    "Kandinsky5RadialAttnProcessor",
+    "LTX2RadialAttnProcessor",
     "LTXRadialAttnProcessor",
     "MochiRadialAttnProcessor",
     "RadialProcessor",
@@ -65,7 +69,11 @@ def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
 
 
 class WanRadialAttnProcessor(RadialProcessor):
-    """Wan 2.1/2.2 self-attention (`attn1`): video tokens only; text enters through the dense `attn2`."""
+    """Wan 2.1/2.2 (T2V, I2V, TI2V, VACE) self-attention (`attn1`): video tokens only.
+
+    Text, and in image-to-video the CLIP image tokens (`add_k_proj` / `add_v_proj`), enter through the
+    cross-attention `attn2`, which keeps its stock processor; the stock self-attention has no image branch.
+    """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
@@ -260,3 +268,166 @@ class LTXRadialAttnProcessor(RadialProcessor):
         )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def _text_prefix_lengths(text_mask: torch.Tensor) -> torch.Tensor:
+    """Per sample, the count of valid text tokens of a [B, T] key mask whose valid tokens come first."""
+    text_mask = text_mask.bool()
+    counts = text_mask.sum(-1)
+    prefix = torch.arange(text_mask.shape[1], device=text_mask.device) < counts.unsqueeze(-1)
+    if not torch.equal(text_mask, prefix):
+        raise ValueError("attention_mask: expected the valid text tokens left-aligned (valid first, padding last)")
+    return counts
+
+
+class HunyuanVideo15RadialAttnProcessor(RadialProcessor):
+    """HunyuanVideo 1.5 double-stream blocks: joint [video | text] sequence, text reordered valid-first.
+
+    The text segment is the model's [image | ByT5 | Qwen] tokens, valid ones first; `attention_mask` `[B, T]`
+    marks them. As in the stock processor, padded text tokens neither attend nor are attended to: their
+    outputs are zero.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query, key, value = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text_tokens = 0
+        if encoder_hidden_states is not None:
+            text_tokens = encoder_hidden_states.shape[1]
+            text = (proj(encoder_hidden_states) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            text_q, text_k, text_v = (t.unflatten(2, (attn.heads, -1)) for t in text)
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query, key, value = (torch.cat(pair, 1) for pair in ((query, text_q), (key, text_k), (value, text_v)))
+
+        def dense():  # the stock call: a [B, 1, S, S] mask, valid query AND valid key
+            batch, tokens = query.shape[:2]
+            keys = F.pad(attention_mask, (tokens - attention_mask.shape[1], 0), value=True).bool()
+            keys = keys.view(batch, 1, 1, tokens).repeat(1, 1, tokens, 1)
+            return self._dispatch_dense(query, key, value, keys & keys.transpose(2, 3))()
+
+        if self.radial.is_dense(self.layer_index) or not text_tokens:
+            hidden_states = dense()
+        else:
+            if attention_mask.shape[1] != text_tokens:
+                raise ValueError(
+                    f"attention_mask: expected a [B, {text_tokens}] text mask, got shape {tuple(attention_mask.shape)}"
+                )
+            valid = _text_prefix_lengths(attention_mask)
+            hidden_states = self.radial.attend(
+                query, key, value, layer_index=self.layer_index, dense=dense, text_tokens=text_tokens,
+                valid_text_tokens=valid, parallel_config=self._parallel_config,
+            )
+            video_tokens = query.shape[1] - text_tokens
+            padded = torch.arange(text_tokens, device=valid.device) >= valid.unsqueeze(-1)  # [B, T]
+            text_out = hidden_states[:, video_tokens:].masked_fill(padded[..., None, None], 0)
+            hidden_states = torch.cat([hidden_states[:, :video_tokens], text_out], 1)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+class LTX2RadialAttnProcessor(RadialProcessor):
+    """LTX-2 video self-attention (`attn1`) only: video tokens, RoPE (interleaved or split) before the head split.
+
+    Audio self-attention (`audio_attn1`), the text cross-attentions (`attn2`, `audio_attn2`) and the cross-modal
+    audio-to-video / video-to-audio attentions keep their stock processors. Per-head gates (`to_gate_logits`)
+    and spatio-temporal guidance (`perturbation_mask`, `all_perturbed` of `LTX2PerturbedAttnProcessor`) are
+    reproduced; a call with a `video_self_attention_mask` (IC-LoRA reference tokens) runs dense, since Radial
+    has no additive bias.
+    """
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
+        key_rotary_emb=None, perturbation_mask=None, all_perturbed=None,
+    ):
+        from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
+
+        if encoder_hidden_states is not None:
+            raise ValueError("LTX2RadialAttnProcessor serves the video self-attention attn1 only (no encoder_hidden_states)")
+        batch_size, tokens, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.to_gate_logits is not None:
+            gate_logits = attn.to_gate_logits(hidden_states)
+        value = attn.to_v(hidden_states)
+        if all_perturbed is None:
+            all_perturbed = torch.all(perturbation_mask == 0) if perturbation_mask is not None else False
+
+        if all_perturbed:  # spatio-temporal guidance skips attention: the values pass through
+            hidden_states = value
+        else:
+            query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states))
+            rotate = {"interleaved": apply_interleaved_rotary_emb, "split": apply_split_rotary_emb}.get(attn.rope_type)
+            if query_rotary_emb is not None and rotate is not None:
+                query = rotate(query, query_rotary_emb)
+                key = rotate(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
+            query, key, heads_value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+            dense = self._dispatch_dense(query, key, heads_value, attention_mask)
+            if attention_mask is None:
+                hidden_states = self.radial.attend(
+                    query, key, heads_value, layer_index=self.layer_index, dense=dense, parallel_config=self._parallel_config
+                )
+            else:
+                hidden_states = dense()
+            hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+            if perturbation_mask is not None:
+                hidden_states = torch.lerp(value, hidden_states, perturbation_mask)
+
+        if attn.to_gate_logits is not None:
+            gates = 2.0 * torch.sigmoid(gate_logits)  # [B, S, H]; zero logits give gates of 1
+            hidden_states = (hidden_states.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def _rotate_kandinsky(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Kandinsky 5's rotary embedding: 2x2 rotation matrices per channel pair in float32, rounded through bfloat16
+    as the stock processor does (also for float32 / float64 models)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 1, 2).float()
+    return (rope * pairs).sum(-1).reshape(x.shape).to(torch.bfloat16).type_as(x)
+
+
+class Kandinsky5RadialAttnProcessor(RadialProcessor):
+    """Kandinsky 5 visual self-attention (`visual_transformer_blocks[i].self_attention`): video tokens only.
+
+    Text enters through the dense `cross_attention`; the text encoder blocks keep their stock processors.
+    Dense ("regular") Kandinsky 5 only: with NABLA (`attention_type="nabla"`, `sparse_params` given) the
+    tokens are in 8x8 fractal order and the stock processor already runs its own sparse FlexAttention mask.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, rotary_emb=None, sparse_params=None):
+        if encoder_hidden_states is not None:
+            raise ValueError("Kandinsky5RadialAttnProcessor serves the visual self-attention only (no encoder_hidden_states)")
+        if sparse_params is not None:
+            raise ValueError(
+                "sparse_params: Radial attention needs Kandinsky 5's raster token order (attention_type='regular'); "
+                f"got NABLA parameters with attention_type={sparse_params.get('attention_type')!r}"
+            )
+        query, key, value = (
+            t.unflatten(-1, (attn.num_heads, -1))
+            for t in (attn.to_query(hidden_states), attn.to_key(hidden_states), attn.to_value(hidden_states))
+        )
+        query = attn.query_norm(query.float()).type_as(query)
+        key = attn.key_norm(key.float()).type_as(key)
+        if rotary_emb is not None:
+            query, key = _rotate_kandinsky(query, rotary_emb), _rotate_kandinsky(key, rotary_emb)
+        dense = self._dispatch_dense(query, key, value)
+        hidden_states = self.radial.attend(
+            query, key, value, layer_index=self.layer_index, dense=dense, parallel_config=self._parallel_config
+        )
+        return attn.out_layer(hidden_states.flatten(-2, -1))

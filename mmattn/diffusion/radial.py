@@ -1,15 +1,13 @@
 """`apply_radial_attention(pipe_or_transformer, config) -> handle`: Radial attention on a diffusers video model.
 
-Installs the per-model processors on the self-attention modules (Wan `blocks[i].attn1`; HunyuanVideo the 20
-double-stream then 40 single-stream `attn`; CogVideoX, Mochi and LTX `transformer_blocks[i].attn1`), and a
-diffusers hook on the transformer that captures each call's token grid. The denoising-loop index comes from
-the pipeline's scheduler. `handle.remove()` puts back the very processor objects that were there.
+Installs the per-model processors on the self-attention modules its `mmattn.diffusion.models` entry lists
+(e.g. Wan `blocks[i].attn1`, HunyuanVideo the 20 double-stream then 40 single-stream `attn`), and a diffusers
+hook on the transformer that captures each call's token grid. A pipeline with two experts (Wan 2.2 A14B
+`transformer` and `transformer_2`) gets both. The denoising-loop index comes from the pipeline's scheduler.
+`handle.remove()` puts back the very processor objects that were there.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from typing_extensions import Self
@@ -18,39 +16,9 @@ from ._extras import require
 from .attention import RadialAttention, StepSource
 from .config import RadialConfig
 from .layout import GRID_HOOK_NAME, grid_capture_hook
-from .processors import (
-    CogVideoXRadialAttnProcessor,
-    HunyuanVideoRadialAttnProcessor,
-    LTXRadialAttnProcessor,
-    MochiRadialAttnProcessor,
-    RadialProcessor,
-    WanRadialAttnProcessor,
-)
+from .models import model_support
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "RadialHandle", "apply_radial_attention", "pipeline_step"]
-
-
-@dataclass(frozen=True)
-class _ModelSupport:
-    processor: type[RadialProcessor]
-    mask_rule: str
-    attention_modules: Callable[[torch.nn.Module], Iterable[torch.nn.Module]]
-
-
-SUPPORTED_TRANSFORMERS: dict[str, _ModelSupport] = {
-    "WanTransformer3DModel": _ModelSupport(WanRadialAttnProcessor, "wan", lambda t: (b.attn1 for b in t.blocks)),
-    "HunyuanVideoTransformer3DModel": _ModelSupport(
-        HunyuanVideoRadialAttnProcessor,
-        "hunyuan",
-        lambda t: [b.attn for b in t.transformer_blocks] + [b.attn for b in t.single_transformer_blocks],
-    ),
-    "CogVideoXTransformer3DModel": _ModelSupport(
-        CogVideoXRadialAttnProcessor, "hunyuan", lambda t: (b.attn1 for b in t.transformer_blocks)
-    ),
-    "MochiTransformer3DModel": _ModelSupport(MochiRadialAttnProcessor, "hunyuan", lambda t: (b.attn1 for b in t.transformer_blocks)),
-    "LTXVideoTransformer3DModel": _ModelSupport(LTXRadialAttnProcessor, "wan", lambda t: (b.attn1 for b in t.transformer_blocks)),
-}
-"""Transformer class -> Radial processor, default mask rule (sink or not) and its self-attention modules in layer order."""
+__all__ = ["RadialHandle", "apply_radial_attention", "pipeline_step"]
 
 
 def pipeline_step(pipe) -> tuple[int, int] | None:
@@ -91,12 +59,13 @@ class RadialHandle:
     def _install(self, transformer: torch.nn.Module, config: RadialConfig, step_source: StepSource | None) -> None:
         from diffusers.hooks import HookRegistry
 
-        support = SUPPORTED_TRANSFORMERS[type(transformer).__name__]
+        support = model_support(transformer)
         radial = RadialAttention(config, config.model or support.mask_rule, step_source)
-        for layer_index, module in enumerate(support.attention_modules(transformer)):
+        for layer_index, module in support.attention_modules(transformer):
             self._stock.append((module, module.processor))
             _set_processor(module, support.processor(radial, layer_index, stock=module.processor))
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(grid_capture_hook(radial.set_grid), GRID_HOOK_NAME)
+        hook = grid_capture_hook(support.grid, radial.set_grid)
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, GRID_HOOK_NAME)
         self._hooked.append(transformer)
         self.radial.append(radial)
 
@@ -129,11 +98,10 @@ def _transformers_of(target) -> list[torch.nn.Module]:
         transformers = [t for t in (target.transformer, getattr(target, "transformer_2", None)) if t is not None]
     else:
         raise TypeError(f"pipe_or_transformer must be a diffusers pipeline or transformer, got {type(target).__name__}")
+    if not transformers:
+        raise ValueError("pipe_or_transformer: the pipeline has neither a transformer nor a transformer_2")
     for transformer in transformers:
-        if type(transformer).__name__ not in SUPPORTED_TRANSFORMERS:
-            raise TypeError(
-                f"pipe_or_transformer: transformer must be one of {sorted(SUPPORTED_TRANSFORMERS)}, got {type(transformer).__name__}"
-            )
+        model_support(transformer)  # ValueError naming the class and the supported ones
         registry = getattr(transformer, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(GRID_HOOK_NAME) is not None:
             raise ValueError("pipe_or_transformer already has Radial attention; remove() its handle first")
@@ -148,8 +116,10 @@ def apply_radial_attention(
 ) -> RadialHandle:
     """Switches a diffusers video pipeline (or transformer) to Radial attention (arXiv 2506.19852).
 
-    `pipe_or_transformer`: a `WanPipeline` (2.1, and 2.2 with `transformer_2`), `HunyuanVideoPipeline`,
-    `CogVideoXPipeline`, `MochiPipeline`, `LTXPipeline`, or one of their transformers. `config`: a
+    `pipe_or_transformer`: a pipeline whose transformer is in `mmattn.diffusion.models.MODELS` (Wan 2.1/2.2
+    T2V, I2V, TI2V and VACE, with both Wan 2.2 A14B experts; HunyuanVideo 1.0 and 1.5; CogVideoX; Mochi;
+    LTX-Video; LTX-2, video self-attention only; Kandinsky 5 with regular attention), or such a
+    transformer; any other class is a `ValueError` naming it and the supported ones. `config`: a
     `RadialConfig` or a preset name (`RadialConfig.preset`). `step_source` returns the running
     (step index, step count); pipelines default to their scheduler's, a bare transformer needs one when the
     config has dense steps. Returns the handle whose `remove()` restores the stock processors.

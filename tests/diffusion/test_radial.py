@@ -193,8 +193,10 @@ def test_invalid_configs_and_targets():
     model, _ = tiny_models.wan()
     with pytest.raises(ValueError, match="step_source"):
         apply_radial_attention(model, RadialConfig(dense_steps=3))
-    with pytest.raises(TypeError, match="transformer must be one of"):
+    with pytest.raises(ValueError, match=r"Radial attention supports \[.*'WanTransformer3DModel'.*\], got Linear"):
         apply_radial_attention(torch.nn.Linear(2, 2), RadialConfig())
+    with pytest.raises(TypeError, match="pipe_or_transformer"):
+        apply_radial_attention("wan", RadialConfig())
     with apply_radial_attention(model, RadialConfig()), pytest.raises(ValueError, match="already has Radial"):
         apply_radial_attention(model, RadialConfig())
 
@@ -202,8 +204,18 @@ def test_invalid_configs_and_targets():
 def test_presets_load():
     from mmattn.diffusion import preset_names
 
-    assert {"wan2.1-t2v-14b", "wan2.2-t2v-a14b", "hunyuan-video", "cogvideox", "mochi-1", "ltx-video"} <= set(preset_names())
+    assert {
+        "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "hunyuan-video", "hunyuan-video-1.5",
+        "cogvideox", "mochi-1", "ltx-video", "ltx-2", "kandinsky-5",
+    } <= set(preset_names())
     wan22 = RadialConfig.preset("wan2.2-t2v-a14b")
     assert (wan22.block_size, wan22.decay_factor, wan22.dense_steps, wan22.dense_layers) == (64, 0.8, 11, 1)
     hunyuan = RadialConfig.preset("hunyuan-video")
     assert (hunyuan.decay_factor, hunyuan.dense_steps, hunyuan.dense_layers, hunyuan.model) == (0.95, 12, 0, "hunyuan")
+    hunyuan15, ltx2, kandinsky5 = (RadialConfig.preset(n) for n in ("hunyuan-video-1.5", "ltx-2", "kandinsky-5"))
+    assert (hunyuan15.model, hunyuan15.decay_factor, hunyuan15.dense_steps) == ("hunyuan", 0.95, 12)
+    assert (ltx2.model, ltx2.decay_factor, ltx2.dense_steps, ltx2.dense_layers) == ("wan", 1.0, 7, 1)
+    assert (kandinsky5.model, kandinsky5.decay_factor, kandinsky5.dense_steps, kandinsky5.dense_layers) == ("wan", 0.2, 12, 1)
+    for name in ("wan2.2-i2v-a14b", "wan2.2-ti2v-5b"):
+        wan22_variant = RadialConfig.preset(name)
+        assert (wan22_variant.block_size, wan22_variant.decay_factor, wan22_variant.dense_layers) == (64, 0.8, 1)

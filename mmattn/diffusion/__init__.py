@@ -1,7 +1,9 @@
 """mmattn.diffusion: Radial attention and DiTCtrl for diffusers video pipelines.
 
 `radial_block_mask` / `radial_mask` build Radial attention's static mask; `apply_radial_attention(pipe,
-config)` switches a Wan / HunyuanVideo / CogVideoX / Mochi / LTX pipeline to it (`handle.remove()` undoes).
+config)` switches a video pipeline whose transformer `mmattn.diffusion.models.MODELS` lists (Wan 2.1/2.2,
+HunyuanVideo 1.0/1.5, CogVideoX, Mochi, LTX-Video, LTX-2, Kandinsky 5) to it (`handle.remove()` undoes).
+`mmattn.diffusion.train_lora` trains a LoRA with Radial on; `mmattn.diffusion.patterns` builds STA and NABLA masks.
 `mmattn.diffusion.ditctrl` generates multi-prompt long videos with CogVideoX; `mmattn.diffusion.metrics`
 scores them (CSCV, PSNR/SSIM). diffusers, open_clip and decord are imported only when used.
 """

@@ -1,5 +1,5 @@
 """Training-free attention interventions for LVLMs on Hugging Face transformers: VAR, GIFT and visual-token pruning
-(FastV, VFlowOpt, PyramidDrop), switched on and off with one call.
+(FastV, VFlowOpt, PyramidDrop, VisionZip, DivPrune, random pruning), switched on and off with one call.
 
     with mmattn.vlm.apply(model, VAR(), FastV(k=2, ratio=0.5)):
         model.generate(**inputs)
@@ -14,15 +14,19 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from .handle import InterventionHandle, apply
 from .interventions.base import Intervention
+from .interventions.divprune import DivPrune
 from .interventions.gift import GIFT
 from .interventions.pruning import FastV, PruneStage, PruningPlan, PyramidDrop, VFlowOpt
+from .interventions.random_prune import RandomPrune
 from .interventions.var import VAR, find_sink_dims
+from .interventions.visionzip import VisionZip
 from .interventions.words import content_words, spacy_content_words
 from .layout import FAMILIES, TokenLayout
 from .presets import load_preset
 
 __all__ = [
     "FAMILIES",
+    "DivPrune",
     "GIFT",
     "VAR",
     "FastV",
@@ -31,8 +35,10 @@ __all__ = [
     "PruneStage",
     "PruningPlan",
     "PyramidDrop",
+    "RandomPrune",
     "TokenLayout",
     "VFlowOpt",
+    "VisionZip",
     "apply",
     "content_words",
     "find_sink_dims",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["FAMILIES", "FamilySpec", "TokenLayout", "resolve_family"]
+__all__ = ["FAMILIES", "FAMILY_CLASSES", "FamilySpec", "TokenLayout", "resolve_family"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,31 @@ FAMILIES: dict[str, FamilySpec] = {
     "llava_onevision": FamilySpec("llava_onevision", ("image_token_id", "image_token_index"), 151646, False, 2, 5),
     "qwen2_vl": FamilySpec("qwen2_vl", ("image_token_id",), 151655, True, 1, 5),
     "qwen2_5_vl": FamilySpec("qwen2_5_vl", ("image_token_id",), 151655, True, 1, 5),
+    # Qwen3-VL: <|vision_start|> <|image_pad|> x n <|vision_end|> per image, interleaved multi-axis rotary positions;
+    # DeepStack adds vision features into the first decoder layers at the image positions (the pruning engine
+    # prunes those feature lists with the tokens).
+    "qwen3_vl": FamilySpec("qwen3_vl", ("image_token_id",), 151655, True, 1, 5),
+    "qwen3_vl_moe": FamilySpec("qwen3_vl_moe", ("image_token_id",), 151655, True, 1, 5),
+    # InternVL3 (hf format): <img> <IMG_CONTEXT> x 256 per 448-pixel tile (pixel-shuffled 32x32 patches) </img>\n;
+    # all tiles of one image sit in one contiguous run, images are separate runs.
+    "internvl": FamilySpec("internvl", ("image_token_id",), 151667, False, 2, 5),
+    # Gemma 3: <start_of_image> <image_soft_token> x 256 (4x4-pooled SigLIP patches) <end_of_image> \n\n; the
+    # prefill masks let image tokens of one image attend each other bidirectionally (token_type_ids), and
+    # sliding-window layers alternate with global ones.
+    "gemma3": FamilySpec("gemma3", ("image_token_id", "image_token_index"), 262144, False, 2, 5),
+}
+
+#: The transformers classes of each family, for error messages.
+FAMILY_CLASSES: dict[str, str] = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
 }
 
 
@@ -45,8 +70,8 @@ def resolve_family(model: nn.Module) -> tuple[FamilySpec, int]:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(
-            f"model: expected a transformers LVLM of type {sorted(FAMILIES)}, got {type(model).__name__} "
-            f"(model_type={model_type!r})"
+            f"model: expected a transformers LVLM of type {sorted(FAMILIES)} ({', '.join(FAMILY_CLASSES.values())}), "
+            f"got {type(model).__name__} (model_type={model_type!r})"
         )
     family = FAMILIES[model_type]
     for attr in family.image_token_attrs:

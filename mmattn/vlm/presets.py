@@ -9,19 +9,32 @@ import yaml
 from mmattn import presets
 
 from .interventions.base import Intervention
+from .interventions.divprune import DivPrune
 from .interventions.gift import GIFT
 from .interventions.pruning import FastV, PyramidDrop, VFlowOpt
+from .interventions.random_prune import RandomPrune
 from .interventions.var import VAR
+from .interventions.visionzip import VisionZip
 
 __all__ = ["PRESET_DIR", "load_preset"]
 
 PRESET_DIR = presets.folder("vlm")
-_METHODS = {"var": VAR, "gift": GIFT, "fastv": FastV, "pyramiddrop": PyramidDrop, "vflowopt": VFlowOpt}
+_METHODS = {
+    "var": VAR,
+    "gift": GIFT,
+    "fastv": FastV,
+    "pyramiddrop": PyramidDrop,
+    "vflowopt": VFlowOpt,
+    "visionzip": VisionZip,
+    "divprune": DivPrune,
+    "random": RandomPrune,
+}
 _TUPLE_FIELDS = ("sink_dims", "saliency_layers", "enhance_layers", "layers", "llm_layers", "llm_ratios")
 
 
 def load_preset(model: str | Path, method: str, **overrides: object) -> Intervention:
-    """The `method` intervention ("var", "gift", "fastv", "pyramiddrop", "vflowopt") with the settings of preset
+    """The `method` intervention ("var", "gift", "fastv", "pyramiddrop", "vflowopt", "visionzip", "divprune",
+    "random") with the settings of preset
     `model` (a name in mmattn/presets/vlm such as "llava-1.5-7b", or a YAML path); keyword overrides win."""
     path = Path(model) if str(model).endswith(".yaml") else PRESET_DIR / f"{model}.yaml"
     if not path.is_file():

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from mmattn import vlm
+from mmattn.vlm.interventions.divprune import DivPrune
+from mmattn.vlm.interventions.random_prune import RandomPrune
 
 from .tiny_models import MODEL_TYPES, llava_inputs, tiny_inputs, tiny_llava, tiny_model, tiny_qwen2vl, with_question
 
@@ -14,6 +16,10 @@ IDENTITY = {
     # the saliency layer follows an enhancement layer: an extra prefill of the decoder, which leaves the cache alone
     "GIFT-extra-pass": vlm.GIFT(alpha=0.0, beta=1.0, saliency_layers=(2,), enhance_layers=(1, 3)),
     "FastV": vlm.FastV(k=2, ratio=0.0),
+    # keeping every image token before the LLM: the decoder input passes through the engine (and, on Qwen3-VL,
+    # DeepStack's additions through its own copy of them) unchanged
+    "DivPrune": DivPrune(keep=1.0),
+    "Random": RandomPrune(keep=1.0, layer=1),
 }
 
 
@@ -23,14 +29,14 @@ def generate(model, inputs, **kwargs):
 
 
 def split(inputs, row, family):
-    if family.startswith("qwen"):
+    if family.startswith("qwen") or family in ("internvl", "gemma3"):  # several patch rows / images per prompt
         per_image = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
         rows = {k: v[row : row + 1] for k, v in inputs.items() if k != "pixel_values"}
         rows["pixel_values"] = inputs["pixel_values"][row * per_image : (row + 1) * per_image]
     else:
         rows = {k: v[row : row + 1] for k, v in inputs.items()}
     keep = rows["attention_mask"][0].bool()
-    return {k: (v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in rows.items()}
+    return {k: (v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") else v) for k, v in rows.items()}
 
 
 def edited_batch(family: str, attn_implementation: str = "eager", layers: int = 4):
@@ -79,6 +85,8 @@ INTERVENTIONS = {
     "GIFT": lambda: vlm.GIFT(alpha=4.0, saliency_layers=(1,), enhance_layers=(0, 2)),
     "FastV": lambda: vlm.FastV(k=1, ratio=0.5),
     "PyramidDrop": lambda: vlm.PyramidDrop(layers=(1, 2), ratio=0.5, positions="keep"),
+    "DivPrune": lambda: DivPrune(keep=0.5),
+    "Random": lambda: RandomPrune(keep=0.5, seed=1),
 }
 
 
@@ -177,7 +185,7 @@ def test_bad_arguments_name_themselves():
         vlm.apply(tiny_qwen2vl(), vlm.PyramidDrop(layers=(1,), positions="reindex"))
 
 
-@pytest.mark.parametrize("family", [family for family in MODEL_TYPES if family != "llava"])
+@pytest.mark.parametrize("family", [family for family in MODEL_TYPES if family not in ("llava", "gemma3")])
 def test_vflowopt_names_the_models_it_supports(family):
     with pytest.raises(ValueError, match=f"model: .* model_type 'llava' .*; got model_type '{family}'"):
         vlm.apply(tiny_model(family), vlm.VFlowOpt(llm_layers=(1, 2)))

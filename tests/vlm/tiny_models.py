@@ -1,10 +1,14 @@
 """Tiny random models of every supported family (spec vlm.md section 5.4) and their inputs: LLaVA, LLaVA-NeXT and
-LLaVA-OneVision (anyres), Qwen2-VL and Qwen2.5-VL."""
+LLaVA-OneVision (anyres), Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE, with DeepStack), InternVL3 and Gemma 3."""
 
 from __future__ import annotations
 
 import torch
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -16,6 +20,10 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 LLAVA_IMAGE_ID = 99
@@ -123,6 +131,96 @@ def tiny_qwen2_5_vl(layers: int = 3, attn_implementation: str = "eager") -> Qwen
     return _built(Qwen2_5_VLForConditionalGeneration, config, attn_implementation)
 
 
+_QWEN3_TEXT = {**_QWEN_TEXT, "head_dim": 8,
+               "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                   "rope_theta": 1e4}}
+#: DeepStack: the features of vision blocks 0 and 1 are added to the outputs of decoder layers 0 and 1.
+_QWEN3_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 37, "num_heads": 4, "out_hidden_size": 32,
+                 "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1], **_QWEN_PATCHES}
+
+
+def tiny_qwen3_vl(layers: int = 3, attn_implementation: str = "eager") -> Qwen3VLForConditionalGeneration:
+    """Qwen3-VL: q/k norms, interleaved multi-axis rotary positions, DeepStack features into layers 0 and 1."""
+    config = Qwen3VLConfig(text_config={**_QWEN3_TEXT, "num_hidden_layers": layers}, vision_config=_QWEN3_VISION,
+                           **_QWEN_IDS)
+    return _built(Qwen3VLForConditionalGeneration, config, attn_implementation)
+
+
+def tiny_qwen3_vl_moe(layers: int = 3, attn_implementation: str = "eager") -> Qwen3VLMoeForConditionalGeneration:
+    """Qwen3-VL-MoE: as tiny_qwen3_vl with 4 experts of which 2 route each token."""
+    text = {**_QWEN3_TEXT, "num_hidden_layers": layers, "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16, "decoder_sparse_step": 1}
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=_QWEN3_VISION, **_QWEN_IDS)
+    return _built(Qwen3VLMoeForConditionalGeneration, config, attn_implementation)
+
+
+INTERNVL_IMAGE_ID, INTERNVL_IMAGE_START, INTERNVL_IMAGE_END = 95, 96, 97
+
+
+def tiny_internvl(layers: int = 4, attn_implementation: str = "eager") -> InternVLForConditionalGeneration:
+    """InternVL3: a 56x56 tile of 14-pixel patches (4x4) pixel-shuffled into 2x2 = 4 <IMG_CONTEXT> tokens; Qwen2."""
+    config = InternVLConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": [56, 56], "patch_size": [14, 14]},
+        text_config={**_LLAMA, "model_type": "qwen2", "num_hidden_layers": layers},
+        image_token_id=INTERNVL_IMAGE_ID, image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1,
+    )
+    return _built(InternVLForConditionalGeneration, config, attn_implementation)
+
+
+GEMMA_IMAGE_ID, GEMMA_IMAGE_START, GEMMA_IMAGE_END = 95, 96, 97
+
+
+def tiny_gemma3(
+    layers: int = 4, attn_implementation: str = "eager", sliding_window: int = 256
+) -> Gemma3ForConditionalGeneration:
+    """Gemma 3: a 56x56 SigLIP image (4x4 patches) average-pooled into 2x2 = 4 image tokens; layers alternate
+    sliding-window (window `sliding_window`) and global attention; image tokens attend each other both ways."""
+    config = Gemma3Config(
+        vision_config={"model_type": "siglip_vision_model", **_VISION, "image_size": 56},
+        text_config={**_LLAMA, "model_type": "gemma3_text", "head_dim": 8, "num_hidden_layers": layers,
+                     "sliding_window": sliding_window,
+                     "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]},
+        mm_tokens_per_image=4, image_token_index=GEMMA_IMAGE_ID, boi_token_index=GEMMA_IMAGE_START,
+        eoi_token_index=GEMMA_IMAGE_END,
+    )
+    return _built(Gemma3ForConditionalGeneration, config, attn_implementation)
+
+
+def bracketed_inputs(
+    model: PreTrainedModel, prompts: int = 1, seed: int = 0, pad: tuple[int, ...] = (), images: int = 1
+) -> dict:
+    """InternVL / Gemma 3 prompts: [text, (<start> image tokens x n <end> text) x images, text], left-padded; Gemma 3
+    gets token_type_ids (1 on image tokens) for its bidirectional image mask."""
+    gemma = model.config.model_type == "gemma3"
+    image_id, start, end = (GEMMA_IMAGE_ID, GEMMA_IMAGE_START, GEMMA_IMAGE_END) if gemma else (
+        INTERNVL_IMAGE_ID, INTERNVL_IMAGE_START, INTERNVL_IMAGE_END)
+    n_image = model.config.mm_tokens_per_image if gemma else model.config.image_seq_length
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in range(prompts):
+        parts = [torch.randint(1, 90, (3,), generator=generator)]
+        for _ in range(images):
+            parts += [torch.tensor([start]), torch.full((n_image,), image_id), torch.tensor([end]),
+                      torch.randint(1, 90, (2,), generator=generator)]
+        parts.append(torch.randint(1, 90, (3 + row,), generator=generator))
+        rows.append(torch.cat(parts))
+    pads = list(pad) + [0] * (prompts - len(pad))
+    width = max(len(r) + p for r, p in zip(rows, pads))
+    ids = torch.zeros(prompts, width, dtype=torch.long)
+    mask = torch.zeros(prompts, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    size = model.config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    inputs = {"input_ids": ids, "attention_mask": mask,
+              "pixel_values": torch.randn(prompts * images, 3, size, size, generator=generator)}
+    if gemma:
+        inputs["token_type_ids"] = (ids == image_id).long()
+    return inputs
+
+
 def qwen_inputs(prompts: int = 1, seed: int = 0, grid: tuple[int, int, int] = (1, 4, 4)) -> dict:
     """Rows of [text, <vision_start>, image pads, <vision_end>, text] with left padding to equal length."""
     generator = torch.Generator().manual_seed(seed)
@@ -152,6 +250,10 @@ _BUILDERS = {
     "llava_onevision": tiny_llava_onevision,
     "qwen2_vl": tiny_qwen2vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen3_vl": tiny_qwen3_vl,
+    "qwen3_vl_moe": tiny_qwen3_vl_moe,
+    "internvl": tiny_internvl,
+    "gemma3": tiny_gemma3,
 }
 #: The model types `mmattn.vlm.apply` supports, one tiny model each.
 MODEL_TYPES = tuple(_BUILDERS)
@@ -167,6 +269,8 @@ def tiny_inputs(model: PreTrainedModel, prompts: int = 1, seed: int = 0, pad: tu
     length by one text token, so `pad` does not apply)."""
     if model.config.model_type.startswith("qwen"):
         return qwen_inputs(prompts, seed, grid=(1, 8, 8))
+    if model.config.model_type in ("internvl", "gemma3"):
+        return bracketed_inputs(model, prompts, seed, pad, images=2)
     return llava_inputs(model, prompts, seed, pad)
 
 
@@ -176,6 +280,7 @@ def with_question(inputs: dict, tokens: int = 10) -> dict:
     extra = torch.randint(1, 90, (batch, tokens), generator=torch.Generator().manual_seed(1))
     grown = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
              "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)}
-    if "mm_token_type_ids" in inputs:
-        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    for name in ("mm_token_type_ids", "token_type_ids"):
+        if name in inputs:
+            grown[name] = torch.cat([inputs[name], torch.zeros_like(extra)], 1)
     return grown

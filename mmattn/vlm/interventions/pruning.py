@@ -1,14 +1,21 @@
-"""Visual-token pruning engine shared by FastV, PyramidDrop and VFlowOpt.
+"""Visual-token pruning engine shared by FastV, PyramidDrop, VFlowOpt, and the methods that choose their tokens
+themselves (VisionZip, DivPrune, random: score="custom", their runtimes override `choose`).
 
 A plan says where the sequence shrinks (stages: the first decoder layer that runs on fewer image tokens, 0 = before
 the LLM), how many image tokens each stage keeps, where the token scores come from, whether pruned tokens are merged
 into kept ones (recycling), and which rotary positions the kept tokens get. Pruning happens once, in the prefill;
 layers >= a stage cache only the kept tokens, so the KV cache and the attention cost really shrink, and decode tokens
 attend the fixed kept set.
+
+Per model: Qwen3-VL's DeepStack features (added to the outputs of its first decoder layers at the image positions)
+are added by the engine, at the tokens still held, so they follow every prune; Gemma 3's prefill masks (bidirectional
+image blocks, sliding windows) are restricted per layer like any 4D mask, and its decoding masks are built by the
+engine over the keys the decoder holds, which needs prompt and generation within its sliding window.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import sys
@@ -18,17 +25,30 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from ..attention import AttentionRows, repeat_kv
-from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime, check_indices, check_number
+from .base import (
+    LAST_ROW,
+    CallState,
+    Intervention,
+    ModelContext,
+    RowSelection,
+    Runtime,
+    check_indices,
+    check_number,
+    passed_cache,
+)
 from .gather import take_mask, take_tokens
 from .vision_importance import context_relevance, patch_entropy, vit_attention_map
 
 __all__ = ["VFLOWOPT_PRESETS", "FastV", "PruneStage", "PruningPlan", "PyramidDrop", "VFlowOpt", "VisionImportance"]
 
-SCORE_SOURCES = ("previous_layer", "own_layer", "vision")
+SCORE_SOURCES = ("previous_layer", "own_layer", "vision", "custom")
 _PREFILL, _DECODE = object(), object()
 POSITION_POLICIES = ("keep", "reindex")
+#: Families whose multimodal model turns the 2D padding mask into the decoder's 4D masks itself (Gemma 3).
+_MASKS_BEFORE_DECODER = ("gemma3",)
 COUNT_RULES = ("round", "floor", "relative")
 
 
@@ -55,13 +75,15 @@ class VisionImportance:
 class PruningPlan:
     """stages: ascending layers. score: "previous_layer" (FastV: last prompt row of the attention of layer K-1,
     head mean), "own_layer" (PyramidDrop: the stage layer's own q/k of the last prompt row), "vision" (VFlowOpt:
-    `importance`). positions, at the stages inside the decoder: "keep" the rotary positions (gaps allowed; Qwen2-VL's
-    multi-axis positions are gathered) or "reindex" contiguously; the tokens a layer-0 stage keeps are numbered
-    contiguously, as the decoder never holds the pruned ones. recycle_cell: VFlowOpt's cell side m for merging the
+    `importance`), "custom" (the intervention's runtime chooses the kept image tokens itself: VisionZip, DivPrune,
+    random). positions, at the stages inside the decoder: "keep" the rotary positions (gaps allowed; Qwen2-VL's
+    multi-axis positions are gathered) or "reindex" contiguously; the tokens a layer-0 stage keeps are numbered as
+    `input_positions` says. recycle_cell: VFlowOpt's cell side m for merging the
     pruned tokens of a layer-0 stage (None: drop them). count, the image tokens each stage keeps, as the official
     code of each method: "round" round(N·keep) of the prompt's N (FastV), "floor" int(N·keep) (PyramidDrop), both
     with non-increasing keeps, or "relative": a stage keeps n - round(n·(1-keep)) of the n image tokens the previous
-    one left (VFlowOpt)."""
+    one left (VFlowOpt). input_positions: the rotary positions of the tokens a layer-0 stage keeps, "reindex"
+    (contiguous, as a decoder input that never held the pruned ones) or "keep" (gathered: multi-axis positions)."""
 
     stages: tuple[PruneStage, ...]
     score: str = "previous_layer"
@@ -69,6 +91,7 @@ class PruningPlan:
     recycle_cell: float | None = None
     importance: VisionImportance | None = None
     count: str = "round"
+    input_positions: str = "reindex"
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -86,8 +109,13 @@ class PruningPlan:
             raise ValueError(f"score: expected one of {SCORE_SOURCES}, got {self.score!r}")
         if self.positions not in POSITION_POLICIES:
             raise ValueError(f"positions: expected one of {POSITION_POLICIES}, got {self.positions!r}")
-        if layers[0] == 0 and self.score != "vision":
-            raise ValueError(f"stages: a stage at layer 0 needs score='vision' (no LLM attention yet), got {self.score!r}")
+        if self.input_positions not in POSITION_POLICIES:
+            raise ValueError(f"input_positions: expected one of {POSITION_POLICIES}, got {self.input_positions!r}")
+        if layers[0] == 0 and self.score not in ("vision", "custom"):
+            raise ValueError(
+                "stages: a stage at layer 0 needs score='vision' or 'custom' (no LLM attention yet), got "
+                f"{self.score!r}"
+            )
         if (self.score == "vision") != (self.importance is not None):
             raise ValueError("importance: give a VisionImportance exactly when score='vision'")
         if self.recycle_cell is not None and (layers[0] != 0 or self.recycle_cell < 1):
@@ -96,6 +124,7 @@ class PruningPlan:
 
 class _PruningIntervention(Intervention):
     layers_argument: ClassVar[str]  # the setting that names the stage layers
+    runtime_class: ClassVar[type | None] = None  # None: _PruningRuntime
 
     def __post_init__(self) -> None:
         self.plan()  # checks the settings as they are made, not at apply()
@@ -103,29 +132,39 @@ class _PruningIntervention(Intervention):
     def plan(self) -> PruningPlan:
         raise NotImplementedError
 
+    def plan_for(self, context: ModelContext) -> PruningPlan:
+        """The plan on this model (by default the same on every model)."""
+        return self.plan()
+
     def bind(self, context: ModelContext) -> Runtime:
-        plan = self.plan()
+        plan = self.plan_for(context)
         if plan.stages[-1].layer >= context.num_layers:
             raise ValueError(
                 f"{self.layers_argument}: layer {plan.stages[-1].layer} >= the model's {context.num_layers} layers"
             )
-        if plan.positions == "reindex" and context.family.multi_axis_rope:
+        if plan.score == "vision" and context.family.name not in ("llava", "gemma3"):
+            raise ValueError(
+                "model: the ViT importance map needs one CLIP/SigLIP crop per image whose patches map onto the image "
+                "tokens, as in model_type 'llava' (LLaVA-1.5, llava-interleave) or 'gemma3' (k x k patches pooled "
+                f"per token); got model_type {context.family.name!r} (anyres tiles and newline tokens, merged Qwen "
+                "patches, or InternVL's tiles and pixel shuffle)"
+            )
+        if context.family.multi_axis_rope and plan.stages[0].layer == 0 and plan.input_positions == "reindex":
+            raise ValueError(
+                f"input_positions: {context.family.name}'s multi-axis rotary positions must be gathered, not "
+                "renumbered; use input_positions='keep'"
+            )
+        if plan.positions == "reindex" and context.family.multi_axis_rope and any(s.layer > 0 for s in plan.stages):
             raise ValueError(
                 f"positions: {context.family.name}'s multi-axis rotary positions must be gathered, not renumbered; "
                 "use positions='keep'"
             )
-        if plan.score == "vision" and context.family.name != "llava":
-            raise ValueError(
-                "model: the ViT importance map needs one ViT patch per image token, as in model_type 'llava' "
-                "(LLaVA-1.5, llava-interleave: one CLIP/SigLIP crop per image); got model_type "
-                f"{context.family.name!r} (anyres tiles and newline tokens, or merged Qwen patches)"
-            )
-        return _PruningRuntime(plan, context)
+        return (self.runtime_class or _PruningRuntime)(plan, context, self)
 
 
 class _PruningRuntime(Runtime):
-    def __init__(self, plan: PruningPlan, context: ModelContext) -> None:
-        self.plan, self.context = plan, context
+    def __init__(self, plan: PruningPlan, context: ModelContext, settings: Intervention | None = None) -> None:
+        self.plan, self.context, self.settings = plan, context, settings
         self.stages = {stage.layer: stage for stage in plan.stages}
         self.first_layer = plan.stages[0].layer
         self.call: CallState | None = None
@@ -134,8 +173,17 @@ class _PruningRuntime(Runtime):
         self.importance: torch.Tensor | None = None
         self.relevance: torch.Tensor | None = None
         self.pixel_values: torch.Tensor | None = None
+        self.deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         if plan.score == "vision":
             self._install_vision_hook()
+        self._mask_gathered = False
+        if context.family.name in _MASKS_BEFORE_DECODER:
+            context.hooks.append(context.model.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        text_model = context.text_model
+        if "deepstack_visual_embeds" in inspect.signature(text_model.forward).parameters:
+            # Qwen3-VL's DeepStack adds vision features to the outputs of its first decoder layers at the image
+            # positions; the engine takes those additions over, so they follow the pruned sequence
+            context.hooks.append(text_model.norm.register_forward_pre_hook(self._deepstack_after_last_layer))
 
     # -- per call ------------------------------------------------------------------------------------------------
     def start_call(self, call: CallState) -> None:
@@ -147,6 +195,7 @@ class _PruningRuntime(Runtime):
         self.call, self.image_count, self.scores, self.importance = call, counts[0], {}, None
         self.present = self.image_count
         self._layer_inputs: tuple = ((), {})
+        self.deepstack = None
 
     def _kept_count(self, stage: PruneStage) -> int:
         if self.plan.count == "relative":
@@ -170,8 +219,11 @@ class _PruningRuntime(Runtime):
         attention = module.self_attn
         x = module.input_layernorm(hidden)
         batch, length, _ = x.shape
-        query = attention.q_proj(x[:, -1:]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-        key = attention.k_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        query = attention.q_proj(x[:, -1:]).view(batch, 1, -1, attention.head_dim)
+        key = attention.k_proj(x).view(batch, length, -1, attention.head_dim)
+        if hasattr(attention, "q_norm"):  # Qwen3, Gemma 3: per-head RMSNorm of q and k before the rotation
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         cos, sin = kwargs["position_embeddings"]
         query, _ = rotate(query, query, cos[..., -1:, :], sin[..., -1:, :])
@@ -188,9 +240,11 @@ class _PruningRuntime(Runtime):
         model = self.context.model
         vision = model.model.vision_tower
         encoder_layers = vision.vision_model.encoder.layers if hasattr(vision, "vision_model") else vision.encoder.layers
-        feature_layer = model.config.vision_feature_layer
+        feature_layer = getattr(model.config, "vision_feature_layer", -1)  # Gemma 3: the last layer's output
         if not isinstance(feature_layer, int):
             raise TypeError(f"vision_feature_layer: VFlowOpt needs a single feature layer, got {feature_layer}")
+        # Gemma 3 average-pools k x k patches into one image token: so is the importance map
+        self.pool = getattr(model.model.multi_modal_projector, "kernel_size", 1)
         vit_layer = self.plan.importance.vit_layer
         if vit_layer is None:
             vit_layer = len(encoder_layers) + feature_layer if feature_layer < 0 else feature_layer - 1
@@ -207,11 +261,15 @@ class _PruningRuntime(Runtime):
         pre-encodes images), so the map waits in `relevance` until the prefill's layout is known."""
         settings, model = self.plan.importance, self.context.model
         relevance = context_relevance(vit_attention_map(module, args[0]), settings.threshold)
-        if model.config.vision_feature_select_strategy == "default":
+        if getattr(model.config, "vision_feature_select_strategy", "full") == "default":
             relevance = relevance[:, 1:]
         if settings.entropy_weight:
             entropy = patch_entropy(self.pixel_values, model.config.vision_config.patch_size)
             relevance = relevance + settings.entropy_weight * entropy.softmax(-1)
+        if self.pool > 1:
+            side = math.isqrt(relevance.shape[1])
+            grid = relevance.view(-1, 1, side, side)
+            relevance = nn.functional.avg_pool2d(grid, self.pool, self.pool).flatten(1)
         self.relevance = relevance.flatten().detach()
 
     def _importance(self) -> torch.Tensor:
@@ -294,59 +352,176 @@ class _PruningRuntime(Runtime):
 
     # -- the decoder's inputs (stage at layer 0) -----------------------------------------------------------------
     def shorten_decoder_inputs(self, kwargs: dict, call: CallState) -> dict:
+        if not call.decoding and kwargs.get("deepstack_visual_embeds") is not None:
+            mask = kwargs.pop("visual_pos_masks")
+            self.deepstack = (mask, list(kwargs.pop("deepstack_visual_embeds")))
         if self.first_layer != 0:
             return kwargs
         if call.decoding:
-            mask, ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                tail = torch.arange(call.layout.prompt_len, mask.shape[1], device=mask.device)
-                columns = torch.cat([call.lm_positions, tail.expand(mask.shape[0], -1)], 1)
-                kwargs["attention_mask"] = take_mask(mask, None, columns)
-            if ids is not None:  # counted over the full prompt; without ids the decoder counts its shorter cache
-                kwargs["position_ids"] = ids - (call.layout.prompt_len - call.lm_positions.shape[1])
-            return kwargs
+            return self._decode_decoder_inputs(kwargs, call)
         embeds = kwargs["inputs_embeds"].clone()
         kept = self._kept_count(self.stages[0])
         image = call.layout.image
-        scores = self._importance()
-        if self.plan.recycle_cell is not None:
-            local = self._recycle(embeds, scores, image, kept)
+        if self.plan.score == "custom":
+            local = self._chosen(self.choose(0, embeds, image, kept), image)
+        elif self.plan.recycle_cell is not None:
+            local = self._recycle(embeds, self._importance(), image, kept)
         else:
-            local = self._select(scores, image, kept)
+            local = self._select(self._importance(), image, kept)
         if local is None:
             return kwargs
         kwargs["inputs_embeds"] = take_tokens(embeds, local, 1)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
+        if isinstance(mask, dict):  # Gemma 3: one prefill mask per layer type, image blocks bidirectional
+            kwargs["attention_mask"] = {name: take_mask(m, local, local) for name, m in mask.items()}
+        elif isinstance(mask, torch.Tensor):
             kwargs["attention_mask"] = take_mask(mask, local if mask.dim() == 4 else None, local)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
-        # contiguous, as in the official code, whose decoder input never held the pruned tokens
-        removed_before = local - torch.arange(local.shape[1], device=local.device)
-        kwargs["position_ids"] = take_tokens(kwargs["position_ids"], local, -1) - removed_before
+        kwargs["position_ids"] = take_tokens(kwargs["position_ids"], local, -1)
+        if self.plan.input_positions == "reindex":
+            # contiguous, as in the official code, whose decoder input never held the pruned tokens
+            removed_before = local - torch.arange(local.shape[1], device=local.device)
+            kwargs["position_ids"] = kwargs["position_ids"] - removed_before
+        elif kwargs.get("attention_mask") is None:
+            # positions with gaps and no mask would read as packed sequences: an all-visible padding mask instead
+            kwargs["attention_mask"] = torch.ones(local.shape, dtype=torch.long, device=local.device)
+        self._prune_deepstack(local)
         call.lm_positions = local
         return kwargs
+
+    def _decode_decoder_inputs(self, kwargs: dict, call: CallState) -> dict:
+        """A decoding step's decoder kwargs after a layer-0 stage: mask columns of the kept prompt tokens, positions
+        counted over the full prompt (shifted when the kept ones were renumbered)."""
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        removed = call.layout.prompt_len - call.lm_positions.shape[1]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if ids is None and self.plan.input_positions == "keep":
+                ids = (mask.long().cumsum(-1) - 1)[:, -kwargs["inputs_embeds"].shape[1] :]
+            tail = torch.arange(call.layout.prompt_len, mask.shape[1], device=mask.device)
+            columns = torch.cat([call.lm_positions, tail.expand(mask.shape[0], -1)], 1)
+            kwargs["attention_mask"] = take_mask(mask, None, columns)
+        elif mask is not None and not self._mask_gathered:
+            raise ValueError("attention_mask: a decoding step's 4D mask cannot be restricted to the kept tokens")
+        if ids is not None and self.plan.input_positions == "reindex":
+            ids = ids - removed  # counted over the full prompt; without ids the decoder counts its shorter cache
+        if ids is not None:
+            kwargs["position_ids"] = ids
+        return kwargs
+
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Gemma 3 builds its per-layer-type masks before the decoder runs, each sized by the cache of the first
+        layer of its type, which may be a pruned one. In a decoding step they are built here instead, over every key
+        the decoder input holds (the prompt, or the tokens a layer-0 stage kept, then the decoded ones), so that each
+        layer restricts them to its own keys: padding, and for sliding layers the window over cache positions."""
+        self._mask_gathered = False
+        cache, call, ids = passed_cache(kwargs), self.call, kwargs.get("input_ids")
+        if cache is None or cache.get_seq_length() == 0 or call is None or ids is None:
+            return args, kwargs
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            raise ValueError("attention_mask: pruning builds Gemma 3's decoding masks itself; pass the 2D padding mask")
+        prompt_len, step = call.layout.prompt_len, ids.shape[1]
+        total = prompt_len + cache.get_seq_length() - call.lm_positions.shape[1] + step  # layer 0 is never cropped
+        if mask is None:
+            mask = torch.ones(ids.shape[0], total, dtype=torch.long, device=ids.device)
+        window = getattr(self.context.text_model.config, "sliding_window", None)
+        if window is not None and total > window:
+            raise ValueError(
+                f"input_ids: prompt and generated tokens ({total}) exceed the sliding window ({window}) of "
+                f"{type(self.context.model).__name__}, whose sliding cache then drops keys; pruning needs them "
+                "within it"
+            )
+        if step != 1:
+            raise ValueError(f"input_ids: pruning decodes one token per step on this model, got {step}")
+        tail = torch.arange(prompt_len, mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+        columns = torch.cat([call.lm_positions, tail], 1) if self.first_layer == 0 else tail.new_tensor(
+            range(mask.shape[1])).expand(mask.shape[0], -1)
+        if kwargs.get("position_ids") is None and self.plan.input_positions == "keep" and self.first_layer == 0:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1)[:, -step:]
+        visible = mask.gather(1, columns).bool()[:, None, None, :]
+        sliding = visible & (columns > mask.shape[1] - 1 - (window or mask.shape[1] + 1))[:, None, None, :]
+        implementation = self.context.text_model.config._attn_implementation
+        if AttentionMaskInterface._global_mapping.get(implementation) is eager_mask:  # additive float masks
+            minimum = torch.finfo(self.context.text_model.dtype).min
+            visible, sliding = (torch.zeros(m.shape, dtype=self.context.text_model.dtype, device=m.device)
+                                .masked_fill(~m, minimum) for m in (visible, sliding))
+        kwargs["attention_mask"] = {"full_attention": visible, "sliding_attention": sliding}
+        self._mask_gathered = True
+        return args, kwargs
+
+    def choose(self, layer: int, hidden: torch.Tensor, image: torch.Tensor, kept: int) -> torch.Tensor:
+        """score='custom': [B, P] bool, the image tokens (of `image` [B, P], the tokens entering layer `layer`) to
+        keep, the same count in every row; `hidden` [B, P, D] may be edited in place (merging)."""
+        raise NotImplementedError
+
+    def _chosen(self, chosen: torch.Tensor, image: torch.Tensor) -> torch.Tensor | None:
+        """Sorted local indices of every non-image token and the `chosen` image tokens; None when all are kept."""
+        chosen = chosen & image
+        counts = chosen.sum(1).tolist()
+        if len(set(counts)) != 1:
+            raise ValueError(f"input_ids: batch rows keep different image-token counts {counts}; prune them one by one")
+        if counts[0] >= self.present:
+            return None
+        self.present = counts[0]
+        return _true_indices(~image | chosen, image.shape[1] - int(image[0].sum()) + counts[0])
+
+    # -- DeepStack (Qwen3-VL) --------------------------------------------------------------------------------------
+    def _prune_deepstack(self, local: torch.Tensor) -> None:
+        """Keep the DeepStack features of the kept tokens, and their positions: `local` [B, n] indexes the tokens."""
+        if self.deepstack is None:
+            return
+        mask, features = self.deepstack
+        kept = torch.zeros_like(mask).scatter_(1, local, True)
+        remaining = kept[mask]  # row-major, as the features are stored
+        self.deepstack = (mask.gather(1, local), [feature[remaining] for feature in features])
+
+    def _add_deepstack(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's own DeepStack addition of feature list `index` (after decoder layer `index`)."""
+        if self.deepstack is None or index >= len(self.deepstack[1]):
+            return hidden
+        mask, features = self.deepstack
+        return self.context.text_model._deepstack_process(hidden, mask, features[index])
+
+    def _deepstack_after_last_layer(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self.deepstack is None or self.call is None or self.call.decoding:
+            return None
+        return (self._add_deepstack(self.context.num_layers - 1, args[0]), *args[1:])
 
     # -- decoder layers ------------------------------------------------------------------------------------------
     def shorten_layer_inputs(
         self, layer: int, hidden: torch.Tensor, kwargs: dict, call: CallState
     ) -> tuple[torch.Tensor, dict]:
+        if layer > 0 and not call.decoding:
+            hidden = self._add_deepstack(layer - 1, hidden)
         if layer < max(self.first_layer, 1):
             return hidden, kwargs
         if call.decoding:
             return hidden, self._decode_inputs(layer, hidden, kwargs, call)
         current = call.keep.get(layer - 1)
         if layer in self.stages and layer > 0:
-            scores = self._stage_scores(layer, hidden, self._gathered(kwargs, current, hidden))
             image = call.at_layer(layer - 1, call.layout.image)
-            local = self._select(scores, image, self._kept_count(self.stages[layer]))
+            kept = self._kept_count(self.stages[layer])
+            if self.plan.score == "custom":
+                local = self._chosen(self.choose(layer, hidden, image, kept), image)
+            else:
+                scores = self._stage_scores(layer, hidden, self._gathered(kwargs, current, hidden, layer))
+                local = self._select(scores, image, kept)
             if local is not None:
                 hidden = take_tokens(hidden, local, 1)
+                self._prune_deepstack(local)
                 current = local if current is None else current.gather(1, local)
         if current is None:
             return hidden, kwargs
         call.keep[layer] = current
-        return hidden, self._gathered(kwargs, current, hidden)
+        return hidden, self._gathered(kwargs, current, hidden, layer)
+
+    def _rotary(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's rotary tables for renumbered positions (Gemma 3: of the layer's type, local or global)."""
+        rotary = self.context.text_model.rotary_emb
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            return rotary(hidden, ids, self.context.text_model.config.layer_types[layer])
+        return rotary(hidden, ids)
 
     def _memo(self, key: tuple, build: Callable[[], dict]) -> dict:
         """The layer-input updates for the inputs `key` (compared by identity; the first entry names the phase):
@@ -357,7 +532,7 @@ class _PruningRuntime(Runtime):
             self._layer_inputs = (key, updates)
         return updates
 
-    def _gathered(self, kwargs: dict, keep: torch.Tensor | None, hidden: torch.Tensor) -> dict:
+    def _gathered(self, kwargs: dict, keep: torch.Tensor | None, hidden: torch.Tensor, layer: int = 0) -> dict:
         """The layer kwargs of the full prefill restricted to the kept tokens (rows and columns of the mask)."""
         if keep is None:
             return kwargs
@@ -367,12 +542,12 @@ class _PruningRuntime(Runtime):
             ids = None if position_ids is None else take_tokens(position_ids, keep, -1)
             if self.plan.positions == "reindex":
                 ids = ids - (keep - torch.arange(keep.shape[1], device=keep.device))
-                embeddings = self.context.text_model.rotary_emb(hidden, ids)
+                embeddings = self._rotary(layer, hidden, ids)
             else:
                 embeddings = (take_tokens(cos, keep, -2), take_tokens(sin, keep, -2))
             return {"attention_mask": take_mask(mask, keep, keep), "position_ids": ids, "position_embeddings": embeddings}
 
-        return {**kwargs, **self._memo((_PREFILL, keep, mask, position_ids, cos), build)}
+        return {**kwargs, **self._memo((_PREFILL, keep, mask, position_ids, cos), build)}  # cos: one per layer type
 
     def _decode_inputs(self, layer: int, hidden: torch.Tensor, kwargs: dict, call: CallState) -> dict:
         """A decoding step's layer kwargs for a layer holding the `keep` prompt tokens and every decoded token."""
@@ -389,10 +564,11 @@ class _PruningRuntime(Runtime):
                 updates["attention_mask"] = take_mask(mask, None, torch.cat([keep, tail], 1))
             if self.plan.positions == "reindex":
                 updates["position_ids"] = position_ids - (lm_length - keep.shape[1])
-                updates["position_embeddings"] = self.context.text_model.rotary_emb(hidden, updates["position_ids"])
+                updates["position_embeddings"] = self._rotary(layer, hidden, updates["position_ids"])
             return updates
 
-        return {**kwargs, **self._memo((_DECODE, keep, mask, position_ids), build)}
+        cos = kwargs["position_embeddings"][0]  # one table per layer type (Gemma 3)
+        return {**kwargs, **self._memo((_DECODE, keep, mask, position_ids, cos), build)}
 
 
 def _square_images(positions: torch.Tensor) -> tuple[int, int]:
@@ -474,6 +650,8 @@ class VFlowOpt(_PruningIntervention):
     for the recycled cells, and each LLM stage removes round(n·(1-r)) of the n image tokens then present (r: its
     `llm_ratios` entry). The prune is applied to the decoder's input embeddings, and the kept tokens take contiguous
     rotary positions, as the official decoder input that never held the pruned ones; LLM stages keep positions.
+    Models: LlavaForConditionalGeneration (one ViT patch per image token) and Gemma3ForConditionalGeneration (the map
+    averaged over the k x k patches each image token pools; each image's token grid is recycled on its own).
     """
 
     keep: float = 0.1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["context_relevance", "patch_entropy", "vit_attention_map"]
+__all__ = ["context_relevance", "patch_entropy", "vit_attention_and_keys", "vit_attention_map"]
 
 
 def vit_attention_map(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -48,3 +48,19 @@ def patch_entropy(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     counts.scatter_add_(1, patches, torch.ones_like(patches, dtype=counts.dtype))
     probabilities = counts / patches.shape[1]
     return -(probabilities * torch.log2(probabilities.clamp_min(1e-12))).sum(1)
+
+
+def vit_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head-summed softmax attention [images, T, T], head-mean keys [images, T, head_dim]) of a CLIP / SigLIP
+    encoder layer, from the layer's input: VisionZip's dominance score and merging metric."""
+    attention = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    images, tokens, _ = x.shape
+    heads = attention.num_heads
+
+    def split(projection: nn.Linear) -> torch.Tensor:
+        return projection(x).view(images, tokens, heads, -1).transpose(1, 2).float()
+
+    keys = split(attention.k_proj)
+    logits = split(attention.q_proj) @ keys.transpose(-1, -2) * attention.scale
+    return logits.softmax(-1).sum(1), keys.mean(1)

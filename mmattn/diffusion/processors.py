@@ -107,6 +107,19 @@ def _valid_prefix_lengths(key_mask: torch.Tensor, video_tokens: int) -> torch.Te
     return counts
 
 
+def _joint_outputs(attn, hidden_states: torch.Tensor, encoder_hidden_states, text_tokens: int):
+    """HunyuanVideo's [video | text] attention output split back into (video, text), each through its own output
+    projection (`to_out`, `to_add_out`) where the block has one; text-free calls return (video, None)."""
+    if encoder_hidden_states is None:
+        return hidden_states, None
+    hidden_states, encoder_hidden_states = hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]
+    if getattr(attn, "to_out", None) is not None:
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if getattr(attn, "to_add_out", None) is not None:
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 class HunyuanVideoRadialAttnProcessor(RadialProcessor):
     """HunyuanVideo double- and single-stream blocks: joint [video | text] sequence, text right-padded."""
 
@@ -149,15 +162,7 @@ class HunyuanVideoRadialAttnProcessor(RadialProcessor):
             query, key, value, layer_index=self.layer_index, dense=dense, text_tokens=text_tokens,
             valid_text_tokens=valid, parallel_config=self._parallel_config,
         )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+        return _joint_outputs(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states, text_tokens)
 
 
 class CogVideoXRadialAttnProcessor(RadialProcessor):
@@ -330,15 +335,7 @@ class HunyuanVideo15RadialAttnProcessor(RadialProcessor):
             padded = torch.arange(text_tokens, device=valid.device) >= valid.unsqueeze(-1)  # [B, T]
             text_out = hidden_states[:, video_tokens:].masked_fill(padded[..., None, None], 0)
             hidden_states = torch.cat([hidden_states[:, :video_tokens], text_out], 1)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+        return _joint_outputs(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states, text_tokens)
 
 
 class LTX2RadialAttnProcessor(RadialProcessor):

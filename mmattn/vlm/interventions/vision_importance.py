@@ -13,18 +13,23 @@ from torch import nn
 __all__ = ["context_relevance", "patch_entropy", "vit_attention_and_keys", "vit_attention_map"]
 
 
-def vit_attention_map(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Head-mean softmax attention [images, T, T] of a CLIP / SigLIP encoder layer, from the layer's input."""
+def _heads_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-head float32 queries and keys [images, heads, T, head_dim] of a CLIP / SigLIP encoder layer, from the
+    layer's input, and its softmax scale."""
     attention = layer.self_attn
     x = layer.layer_norm1(hidden)
     images, tokens, _ = x.shape
-    heads = attention.num_heads
 
     def split(projection: nn.Linear) -> torch.Tensor:
-        return projection(x).view(images, tokens, heads, -1).transpose(1, 2).float()
+        return projection(x).view(images, tokens, attention.num_heads, -1).transpose(1, 2).float()
 
-    logits = split(attention.q_proj) @ split(attention.k_proj).transpose(-1, -2) * attention.scale
-    return logits.softmax(-1).mean(1)
+    return split(attention.q_proj), split(attention.k_proj), attention.scale
+
+
+def vit_attention_map(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax attention [images, T, T] of a CLIP / SigLIP encoder layer, from the layer's input."""
+    queries, keys, scale = _heads_qk(layer, hidden)
+    return (queries @ keys.transpose(-1, -2) * scale).softmax(-1).mean(1)
 
 
 def context_relevance(attention: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -53,14 +58,5 @@ def patch_entropy(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
 def vit_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(head-summed softmax attention [images, T, T], head-mean keys [images, T, head_dim]) of a CLIP / SigLIP
     encoder layer, from the layer's input: VisionZip's dominance score and merging metric."""
-    attention = layer.self_attn
-    x = layer.layer_norm1(hidden)
-    images, tokens, _ = x.shape
-    heads = attention.num_heads
-
-    def split(projection: nn.Linear) -> torch.Tensor:
-        return projection(x).view(images, tokens, heads, -1).transpose(1, 2).float()
-
-    keys = split(attention.k_proj)
-    logits = split(attention.q_proj) @ keys.transpose(-1, -2) * attention.scale
-    return logits.softmax(-1).sum(1), keys.mean(1)
+    queries, keys, scale = _heads_qk(layer, hidden)
+    return (queries @ keys.transpose(-1, -2) * scale).softmax(-1).sum(1), keys.mean(1)

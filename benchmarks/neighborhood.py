@@ -48,9 +48,13 @@ QUICK_CASES = [
 ]
 DEFAULT_OUT = RESULTS / "neighborhood.md"
 GOALS = (
-    "Goals: NAT stage shapes >= 2x FlexAttention, forward and forward+backward; FLUX-like 2D >= 4x cuDNN dense; "
-    "video 3D >= 3x cuDNN dense."
+    "Goals: NAT stage shapes >= 2x FlexAttention, forward and forward+backward; FLUX-like 2D >= 6x cuDNN dense "
+    "(NATTEN's Hopper kernel); video 3D >= 4x cuDNN dense."
 )
+DENSE_GOALS = {"FLUX-like 2D": 6.0, "video 3D": 4.0}
+NATTEN_HOPPER = {"FLUX-like 2D": (6.0, 5.2), "video 3D": (3.6, 3.4)}
+"""NATTEN's published Hopper FNA forward speed-up over cuDNN dense on these cases (H100, fp16, its docs/profiler.md
+sample outputs; kernel only, and with its token permutation): the target, since NATTEN's kernels are not installed."""
 
 
 def flat(fn):
@@ -158,12 +162,15 @@ def goals(rows) -> str:
             verdict = "met" if min(ratios) >= 2 else "missed"
             lines.append(f"- NAT/DiNAT stage shapes vs FlexAttention, {part}: {min(ratios):.2f}-{max(ratios):.2f}x "
                          f"(goal >= 2x: {verdict}).")
-    for name, goal in (("FLUX-like 2D", 4.0), ("video 3D", 3.0)):
+    for name, goal in DENSE_GOALS.items():
         if name in by_name:
             r = by_name[name]
             fwd, fb = r["cudnn"].fwd_ms / r["ours"].fwd_ms, r["cudnn"].fwd_bwd_ms / r["ours"].fwd_bwd_ms
+            kernel, permuted = NATTEN_HOPPER[name]
             lines.append(f"- {name} vs cuDNN dense: forward {fwd:.2f}x ({'met' if fwd >= goal else 'missed'}), "
-                         f"forward+backward {fb:.2f}x ({'met' if fb >= goal else 'missed'}); goal >= {goal:g}x.")
+                         f"forward+backward {fb:.2f}x ({'met' if fb >= goal else 'missed'}); goal >= {goal:g}x. "
+                         f"NATTEN's Hopper kernel, published (H100): forward {kernel:g}x, {permuted:g}x with its "
+                         "token permutation.")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """Radial attention on the GPU (bf16, forward): mmattn's block-sparse kernel vs cuDNN dense SDPA vs FlexAttention
 on the same mask (and FlexAttention's FLASH backend, FlashAttention-4, where `flash_attn.cute` is installed), at Wan
-480p / 720p and HunyuanVideo 720p shapes; then one denoising step of a full-size Wan2.1-1.3B transformer (random
-weights, built from its config) with Radial on every layer but the first vs dense. Writes
-benchmarks/results/diffusion.md. Ratios are peer time / our time (above 1: we are faster).
+480p / 720p and HunyuanVideo 1.0 / 1.5 720p shapes; then full-size Wan transformers (random weights, built from their
+configs) with Radial on a sparse step vs dense: a Wan2.1-1.3B and a Wan2.2-TI2V-5B denoising step, and a Wan2.1-1.3B
+training step (forward+backward). Writes benchmarks/results/diffusion.md. Ratios are peer time / our time (above 1:
+we are faster).
 
 Before timing, each attention case checks mmattn's output against FlexAttention's on the same inputs, and the Radial
 step checks its output against the same step with Radial run by FlexAttention (benchmarks/common.py: error against
@@ -15,7 +16,7 @@ FlexAttention in float32 at most 2x FlexAttention's own, plus slack); a disagree
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import dataclasses
 import importlib.util
 import sys
@@ -41,6 +42,8 @@ ATTENTION_CASES = [
     ("Wan 720p 81f (1.3B heads)", 21, 45 * 80, 0, 12, 0.2, "wan"),
     ("Wan 720p 81f (14B heads)", 21, 45 * 80, 0, 40, 0.2, "wan"),
     ("HunyuanVideo 720p 129f", 33, 45 * 80, 256, 24, 0.95, "hunyuan"),
+    # HunyuanVideo 1.5: 4x16x16 VAE, patch 1 -> 31 x 45 x 80; 16 heads; text = 1,000 Qwen2.5-VL + 256 byT5 tokens
+    ("HunyuanVideo 1.5 720p 121f", 31, 45 * 80, 1256, 16, 0.95, "hunyuan"),
 ]
 QUICK_CASES = [("tiny wan", 4, 64, 0, 2, 0.5, "wan"), ("tiny hunyuan", 5, 48, 20, 2, 0.95, "hunyuan")]
 WAN_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config
@@ -48,32 +51,69 @@ WAN_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config
     "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": True,
     "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
 }
+WAN_TI2V_5B = dict(WAN_1_3B, num_attention_heads=24, ffn_dim=14336, in_channels=48, out_channels=48)
+"""Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer config (3072 wide, 48 latent channels of its 4x16x16 VAE)."""
 WAN_TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64, num_layers=2)
 DEFAULT_OUT = RESULTS / "diffusion.md"
 
 
-def wan_step(quick: bool, device, dtype) -> tuple[torch.nn.Module, dict]:
-    """Wan2.1-1.3B (random weights, seed 0) and the inputs of one denoising step at 720p 81 frames: latent
-    21 x 90 x 160, 75,600 tokens (quick: the tiny config on 4 x 16 x 16)."""
+@dataclasses.dataclass(frozen=True)
+class StepCase:
+    """One transformer call of a Wan model: `latent` (B, C, F, H, W) with `preset`'s Radial on a sparse step;
+    `train`: forward+backward through every weight (a full fine-tuning step) instead of the forward alone;
+    `check_frames`: the latent frames of the (smaller) clip the agreement check runs on, when the float32 check
+    at the timed size would not fit the GPU."""
+
+    name: str
+    config: dict
+    latent: tuple[int, ...]
+    preset: str
+    goal: float
+    train: bool = False
+    check_frames: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        _, _, frames, height, width = self.latent
+        return frames * (height // 2) * (width // 2)
+
+
+STEP_CASES = [
+    StepCase("Wan2.1-1.3B step, 720p 81f", WAN_1_3B, (1, 16, 21, 90, 160), "wan2.1-t2v-1.3b", 1.8),
+    StepCase("Wan2.2-TI2V-5B step, 720p 121f", WAN_TI2V_5B, (1, 48, 31, 44, 80), "wan2.2-ti2v-5b", 2.0),
+    StepCase("Wan2.1-1.3B training step, 480p 81f", WAN_1_3B, (1, 16, 21, 60, 104), "wan2.1-t2v-1.3b", 1.8,
+             train=True, check_frames=5),
+]
+QUICK_STEP_CASES = [
+    StepCase("tiny Wan step", WAN_TINY, (1, 16, 4, 16, 16), "wan2.1-t2v-1.3b", 1.8),
+    StepCase("tiny Wan training step", WAN_TINY, (1, 16, 4, 16, 16), "wan2.1-t2v-1.3b", 1.8, train=True, check_frames=2),
+]
+
+
+def wan_model(case: StepCase, device, dtype) -> torch.nn.Module:
+    """The case's Wan transformer with random weights (seed 0)."""
     from diffusers import WanTransformer3DModel
 
-    config = WAN_TINY if quick else WAN_1_3B
     torch.manual_seed(0)
     with torch.device(device):
-        model = WanTransformer3DModel(**config).to(dtype).eval()
-    latent = (1, config["in_channels"], 4, 16, 16) if quick else (1, 16, 21, 90, 160)
-    inputs = {
-        "hidden_states": torch.randn(latent, device=device, dtype=dtype),
-        "encoder_hidden_states": torch.randn(1, 512, config["text_dim"], device=device, dtype=dtype),
+        return WanTransformer3DModel(**case.config).to(dtype).eval()
+
+
+def wan_inputs(case: StepCase, frames: int, device, dtype) -> dict:
+    """One call's inputs: N(0, 1) latents of `frames` latent frames, 512 N(0, 1) text states, timestep 500."""
+    generator = torch.Generator().manual_seed(1)
+    latent = (*case.latent[:2], frames, *case.latent[3:])
+    return {
+        "hidden_states": torch.randn(latent, generator=generator).to(device, dtype),
+        "encoder_hidden_states": torch.randn(1, 512, case.config["text_dim"], generator=generator).to(device, dtype),
         "timestep": torch.tensor([500], device=device),
         "return_dict": False,
     }
-    return model, inputs
 
 
-def sparse_step_config(quick: bool) -> RadialConfig:
-    """Preset `wan2.1-t2v-1.3b` on a sparse step (layer 0 stays dense); quick: 16-token blocks, torch backend."""
-    preset = dataclasses.replace(RadialConfig.preset("wan2.1-t2v-1.3b"), dense_steps=0)
+def sparse_step_config(case: StepCase, quick: bool) -> RadialConfig:
+    """The case's preset on a sparse step (its dense layers stay dense); quick: 16-token blocks, torch backend."""
+    preset = dataclasses.replace(RadialConfig.preset(case.preset), dense_steps=0, dense_last_steps=0)
     return dataclasses.replace(preset, block_size=16, backend="torch") if quick else preset
 
 
@@ -132,38 +172,63 @@ def attention_rows(cases, device: str) -> tuple[list[str], list[str]]:
     return rows, list(peers)
 
 
-@torch.no_grad()
-def wan_step_rows(quick: bool, device: str) -> list[str]:
-    """Dense vs Radial (our kernel) on one step, after checking the Radial step against Radial run by FlexAttention
-    (bf16, and float32 as the reference; relative error of the transformer output)."""
+def step_results(model: torch.nn.Module, inputs: dict, train: bool) -> dict[str, torch.Tensor]:
+    """The transformer output; for a training step also every weight's gradient of `(output * g).sum()`, g ~ N(0, 1)
+    (seed 2), joined into one vector."""
+    if not train:
+        with torch.no_grad():
+            return {"output": model(**inputs)[0].float()}
+    model.zero_grad(set_to_none=True)
+    output = model(**inputs)[0]
+    grad = torch.randn(output.shape, generator=torch.Generator().manual_seed(2)).to(output.device, output.dtype)
+    output.backward(grad)
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return {"output": output.detach().float(), "weight grads": grads}
+
+
+def training_step(model: torch.nn.Module, inputs: dict) -> None:
+    """What the training row times: forward, backward of the output's sum into every weight, gradients freed."""
+    model(**inputs)[0].sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def step_row(case: StepCase, quick: bool, device: str) -> str:
+    """Dense vs Radial (our kernel) on one call, after checking the Radial call against Radial run by FlexAttention
+    (bf16, and float32 as the reference; relative errors of the output, and for training of the weight gradients)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    reference_model, inputs = wan_step(quick, device, torch.float32 if device == "cuda" else torch.float64)
-    model = copy.deepcopy(reference_model).to(dtype)  # the same random weights, rounded
-    inputs_low = {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
-                  for key, value in inputs.items()}
-    config = sparse_step_config(quick)
-    flex_config = dataclasses.replace(config, backend="flex")
+    high = torch.float32 if device == "cuda" else torch.float64
+    config = sparse_step_config(case, quick)
+    peer_backend = "flex" if device == "cuda" or not case.train else "torch"  # no FlexAttention backward on the CPU
+    flex_config = dataclasses.replace(config, backend=peer_backend)
+    check_frames = case.check_frames or case.latent[2]
+    reference_model = wan_model(case, device, high).requires_grad_(case.train)
     with apply_radial_attention(reference_model, flex_config), highest_precision():
-        reference = {"output": reference_model(**inputs)[0]}
+        reference = step_results(reference_model, wan_inputs(case, check_frames, device, high), case.train)
+    model = reference_model.to(dtype)  # the same random weights, rounded
     del reference_model
+    inputs = wan_inputs(case, check_frames, device, dtype)
     with apply_radial_attention(model, config):
-        ours = {"output": model(**inputs_low)[0]}
+        ours = step_results(model, inputs, case.train)
     with apply_radial_attention(model, flex_config):
-        peer = {"output": model(**inputs_low)[0]}
-    step = "Wan2.1-1.3B step" if not quick else "tiny Wan step"
-    check = check_agreement(f"{step} (Radial)", ours, peer, reference, peer_name="Radial through flex",
-                            reference_name=f"Radial through flex in {reference['output'].dtype}", metric="relative")
+        peer = step_results(model, inputs, case.train)
+    where = "" if check_frames == case.latent[2] else f" (checked on {check_frames} latent frames)"
+    check = check_agreement(f"{case.name} (Radial){where}", ours, peer, reference, peer_name=f"Radial through {peer_backend}",
+                            reference_name=f"Radial through {peer_backend} in {high}", metric="relative")
     del ours, peer, reference
 
-    latent = inputs_low["hidden_states"].shape
-    dense = median_ms(lambda: model(**inputs_low), device)
-    with apply_radial_attention(model, config):
-        radial = median_ms(lambda: model(**inputs_low), device)
-    tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
-    row = (f"| {step}, {tokens:,} tokens | {dense:.1f} | {radial:.1f} | {dense / radial:.2f}x (goal 1.8x) | "
-           f"{check['output'].vs_peer:.1e} | {check['output'].ours_err:.1e}/{check['output'].peer_err:.1e} |")
+    inputs = wan_inputs(case, case.latent[2], device, dtype)
+    call = (lambda: training_step(model, inputs)) if case.train else (lambda: model(**inputs))
+    with torch.no_grad() if not case.train else contextlib.nullcontext():
+        dense = median_ms(call, device)
+        with apply_radial_attention(model, config):
+            radial = median_ms(call, device)
+    del model
+    checked = "; ".join(f"{name} {a.vs_peer:.1e}, {a.ours_err:.1e}/{a.peer_err:.1e}" for name, a in check.items())
+    row = (f"| {case.name}, {case.tokens:,} tokens{where} | {dense:.1f} | {radial:.1f} | "
+           f"{dense / radial:.2f}x (goal {case.goal:g}x) | {checked} |")
     print(row, flush=True)
-    return [row]
+    return row
 
 
 def table(attention: list[str], peers: list[str], step: list[str], device: str) -> str:
@@ -192,14 +257,16 @@ def table(attention: list[str], peers: list[str], step: list[str], device: str) 
         f"|---|---|---|---|---|---|---|---|---|{extra_rule}---|---|",
         *attention,
         "",
-        ("One denoising step (transformer forward, one CFG branch), random weights (seed 0), median ms; dense = "
-         "diffusers' stock attention; radial = preset `wan2.1-t2v-1.3b` on a sparse step (layer 0 dense), mmattn's "
-         "kernel. Check, before timing: the Radial step's output against the same step with Radial run by "
-         f"FlexAttention, both against that step in {precision} (same weights): relative error (Frobenius) ours <= 2 "
-         "x flex's + 1e-3."),
+        ("One transformer call (one CFG branch), random weights (seed 0), median ms; dense = diffusers' stock "
+         "attention; radial = the model's preset (`wan2.1-t2v-1.3b`, `wan2.2-ti2v-5b`) on a sparse step (its dense "
+         "layers dense), mmattn's kernel. Denoising steps time the forward; the training step times forward and "
+         "backward through every weight (full fine-tuning). Check, before timing: the Radial call's output (and the "
+         "training step's weight gradients of `(output * g).sum()`, g ~ N(0, 1), one vector) against the same call with Radial run "
+         f"by FlexAttention, both against that call in {precision} (same weights): relative error (Frobenius) ours "
+         "<= 2 x flex's + 1e-3; where the float32 run would not fit the GPU, the check runs on fewer latent frames."),
         "",
-        "| case | dense ms | radial ms | speedup | output rel. diff ours-flex | check: rel. error ours/flex |",
-        "|---|---|---|---|---|---|",
+        "| case | dense ms | radial ms | speedup | check: rel. diff ours-flex, rel. error ours/flex |",
+        "|---|---|---|---|---|",
         *step,
         "",
     ])
@@ -219,7 +286,7 @@ def main() -> None:
     target = results_target(parser, args.out, DEFAULT_OUT, not args.quick, "--quick")
     set_fast(args.fast)
     attention, peers = attention_rows(QUICK_CASES if args.quick else ATTENTION_CASES, device)
-    step = wan_step_rows(args.quick, device)
+    step = [step_row(case, args.quick, device) for case in (QUICK_STEP_CASES if args.quick else STEP_CASES)]
     write_results(table(attention, peers, step, device), target)
 
 

@@ -1,4 +1,5 @@
-"""Video tab: Radial attention's mask and density, DiTCtrl's segment plan, and a tiny Wan run shown as a video."""
+"""Video tab: Radial attention's mask and density, DiTCtrl's segment plan, and a tiny random pipeline run (Wan 2.1,
+Wan 2.2 TI2V, HunyuanVideo 1.5, LTX-2, Kandinsky 5; dense, Radial, STA or NABLA attention) shown as a video."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import torch
 from mmattn.diffusion import radial_block_mask
 from mmattn.diffusion.masks import MASK_RULES
 
-from .fields import Choice, Clip, Flag, InputError, Number
+from .fields import Choice, Clip, InputError, Number
 from .handlers import handler, output_path
 from .rendering import line_plot, mask_image, write_video
-from .video_pipeline import latent_frames_as_video, run_tiny_wan
+from .video_pipeline import PATTERNS, TINY_MODELS, latent_frames_as_video, run_tiny
 
 __all__ = ["VIDEO", "build", "density_curve", "plan_figure", "radial_from_video", "radial_view", "tiny_run"]
 
@@ -33,7 +34,9 @@ OVERLAP = Number("Overlap", 0, 25)
 TRANSITIONS = Number("Transition segments", 0, 4)
 NUM_FRAMES = Choice("Frames", (5, 9, 13, 17))
 STEPS = Number("Denoising steps", 1, 10)
-RADIAL = Flag("Radial attention")
+MODEL = Choice("Model", tuple(TINY_MODELS))
+PATTERN = Choice("Attention", PATTERNS)
+_PATTERN_NAMES = {"dense": "dense", "radial": "Radial", "sta": "sliding-tile (STA)", "nabla": "NABLA"}
 
 
 def density_curve(frames: int, tokens_per_frame: int, block_size: int, decay_factor: float, model: str):
@@ -96,17 +99,18 @@ def plan_figure(num_prompts: int, segment_frames: int, overlap: int, transitions
 
 
 def tiny_run(
-    num_frames: int, steps: int, radial: bool, progress: gr.Progress = gr.Progress()  # noqa: B008 (Gradio injects it)
+    num_frames: int, steps: int, model: str, pattern: str,
+    progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
 ) -> tuple[str, str]:
-    """A tiny random Wan 2.1 run (stock or Radial attention) as an MP4 of its latent channels, and a note."""
-    num_frames, steps, radial = NUM_FRAMES(num_frames), STEPS(steps), RADIAL(radial)
-    latents = run_tiny_wan(num_frames, steps, radial,
-                           on_step=lambda step, total: progress(step / total, desc=f"denoising step {step}/{total}"))
+    """A tiny random run of `model` (dense, Radial, STA or NABLA attention) as an MP4 of its latent channels, and a note."""
+    num_frames, steps, model, pattern = NUM_FRAMES(num_frames), STEPS(steps), MODEL(model), PATTERN(pattern)
+    latents = run_tiny(model, num_frames, steps, pattern,
+                       on_step=lambda step, total: progress(step / total, desc=f"denoising step {step}/{total}"))
     if not torch.isfinite(latents).all():
         raise ValueError("the run produced non-finite latents")
     path = write_video(latent_frames_as_video(latents), output_path(".mp4"), fps=4)
-    note = (f"Tiny random Wan 2.1 transformer ({'Radial' if radial else 'dense'} attention), {latents.shape[1]} latent "
-            "frames; no VAE, so latent channels 0-2 are shown as colours.")
+    note = (f"Tiny random {TINY_MODELS[model]} transformer ({_PATTERN_NAMES[pattern]} attention), {latents.shape[1]} "
+            "latent frames; no VAE, so latent channels 0-2 are shown as colours.")
     return str(path), note
 
 
@@ -141,7 +145,8 @@ def build() -> None:
             gr.Markdown("### Tiny pipeline run")
             num_frames = NUM_FRAMES.dropdown(13, info="pixel space")
             steps = STEPS.slider(4)
-            radial = RADIAL.checkbox(True)
+            model = MODEL.dropdown("wan2.1", info="diffusers' test-sized transformer, random weights")
+            pattern = PATTERN.radio("radial", info="the sparse ones keep the first step dense")
             run = gr.Button("Generate", elem_id="video-run")
         with gr.Column():
             note = gr.Markdown(elem_id="video-note")
@@ -151,5 +156,5 @@ def build() -> None:
     video.upload(handler(radial_from_video), [video, block, decay, rule], [frames, tokens, mask, summary, curve],
                  api_name="video_radial_from_video")
     plan_button.click(handler(plan_figure), [prompts, segment, overlap, transitions], plan, api_name="video_plan")
-    run.click(handler(tiny_run), [num_frames, steps, radial], [clip, note], api_name="video_run",
+    run.click(handler(tiny_run), [num_frames, steps, model, pattern], [clip, note], api_name="video_run",
               concurrency_id="models")

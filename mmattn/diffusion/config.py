@@ -1,4 +1,8 @@
-"""`RadialConfig`: the Radial attention hyper-parameters and the dense fallback schedule, with YAML presets."""
+"""`RadialConfig`: the Radial attention hyper-parameters and the dense fallback schedule, with YAML presets.
+
+Presets are `mmattn/presets/diffusion/<name>.yaml`; a file with a `pattern: sta` or `pattern: nabla` key holds
+an `STAConfig` / `NABLAConfig` (`load_preset` reads any of them), the others a `RadialConfig`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from mmattn import presets
 
 from .masks import MASK_RULES, check_radial_args
 
-__all__ = ["PRESET_DIR", "RadialConfig", "preset_names"]
+__all__ = ["PRESET_DIR", "RadialConfig", "load_preset", "preset_names"]
+
+_PATTERN_KEY = "pattern"
 
 PRESET_DIR = presets.folder("diffusion")
 """Per-model presets from the official scripts: the package data `mmattn/presets/diffusion/<name>.yaml`."""
@@ -66,9 +72,47 @@ class RadialConfig:
         path = PRESET_DIR / f"{name}.yaml"
         if not path.is_file():
             raise ValueError(f"name must be one of {preset_names()}, got {name!r}")
+        pattern = _pattern_of(path)
+        if pattern != "radial":
+            raise ValueError(f"name: {name!r} is a {pattern!r} preset, not a Radial one; read it with load_preset")
         return cls.from_yaml(path)
 
 
-def preset_names() -> list[str]:
-    """Names of the presets in `PRESET_DIR`."""
-    return presets.names("diffusion")
+def _read(path) -> dict:
+    import yaml
+
+    values = yaml.safe_load(path.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping, got {values!r}")
+    return values
+
+
+def _pattern_of(path) -> str:
+    return _read(path).get(_PATTERN_KEY, "radial")
+
+
+def load_preset(name: str):
+    """The named preset of any pattern: a `RadialConfig`, `STAConfig` or `NABLAConfig` (by its `pattern` key)."""
+    from .patterns import NABLAConfig, STAConfig
+
+    path = PRESET_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        raise ValueError(f"name must be one of {preset_names(None)}, got {name!r}")
+    values = _read(path)
+    pattern = values.pop(_PATTERN_KEY, "radial")
+    classes = {"radial": RadialConfig, "sta": STAConfig, "nabla": NABLAConfig}
+    if pattern not in classes:
+        raise ValueError(f"{path}: pattern must be one of {sorted(classes)}, got {pattern!r}")
+    cls = classes[pattern]
+    known = {f.name for f in fields(cls)}
+    if not set(values) <= known:
+        raise ValueError(f"{path}: expected keys from {sorted(known)}, got {sorted(set(values) - known)!r}")
+    return cls(**values)
+
+
+def preset_names(pattern: str | None = "radial") -> list[str]:
+    """Names of the presets in `PRESET_DIR` of `pattern` (`"radial"`, `"sta"`, `"nabla"`; None: all)."""
+    names = presets.names("diffusion")
+    if pattern is None:
+        return names
+    return [n for n in names if _pattern_of(PRESET_DIR / f"{n}.yaml") == pattern]

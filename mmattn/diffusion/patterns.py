@@ -78,13 +78,34 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _check_dense_policy(config) -> None:
+    """The dense fallback schedule every pattern config shares with `RadialConfig` (ints >= 0)."""
+    for name in ("dense_steps", "dense_layers", "dense_last_steps"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _valid(valid_text_tokens, text: int) -> int:
+    valid = text if valid_text_tokens is None else valid_text_tokens
+    if not isinstance(valid, int) or isinstance(valid, bool) or not 0 <= valid <= text:
+        raise ValueError(f"valid_text_tokens must be an int in [0, text_tokens={text}], got {valid_text_tokens!r}")
+    return valid
+
+
+def _cut_keys(blocks: torch.Tensor, block: int, tokens: int, kv_len: int) -> BlockSparseMask:
+    """The mask of `[..., n_blocks, n_blocks]` over `tokens` queries with the keys cut at `kv_len` (padded text)."""
+    return BlockSparseMask.from_dense(blocks[..., : -(-kv_len // block)], block, tokens, kv_len)
+
+
 @dataclass(frozen=True)
 class STAConfig:
     """Sliding-tile attention settings: `tile` tokens per 3D tile, `window` tiles per query tile (per axis).
 
     `clamp=True` is the paper's rule (the window is shifted inward at the borders, so every query tile sees
     `min(window, tiles)` tiles per axis); `False` cuts it at the borders. `block_size` defaults to the tile
-    volume (block = tile).
+    volume (block = tile). `dense_steps`, `dense_layers`, `dense_last_steps`: the dense fallback schedule of
+    `RadialConfig` (stock attention at those denoising-loop indices and layers).
     """
 
     tile: tuple[int, int, int] = (6, 8, 8)
@@ -92,6 +113,9 @@ class STAConfig:
     clamp: bool = True
     block_size: int | None = None
     backend: str = "auto"
+    dense_steps: int = 0
+    dense_layers: int = 0
+    dense_last_steps: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tile", _triple("tile", self.tile))
@@ -100,6 +124,7 @@ class STAConfig:
             raise ValueError(f"clamp must be a bool, got {self.clamp!r}")
         _block(self.block_size, self.tile)
         _check_backend(self.backend)
+        _check_dense_policy(self)
 
 
 @dataclass(frozen=True)
@@ -108,7 +133,8 @@ class NABLAConfig:
 
     `threshold` (P) in (0, 1]: the cumulative softmax mass of the pooled scores each query block keeps.
     `window`: the STA window ORed in (None: no STA term); `clamp=False` as Kandinsky's window is cut at the
-    borders. `block_size` defaults to the tile volume.
+    borders. `block_size` defaults to the tile volume. `dense_steps`, `dense_layers`, `dense_last_steps`: the
+    dense fallback schedule of `RadialConfig`.
     """
 
     threshold: float = 0.9
@@ -117,6 +143,9 @@ class NABLAConfig:
     clamp: bool = False
     block_size: int | None = None
     backend: str = "auto"
+    dense_steps: int = 0
+    dense_layers: int = 0
+    dense_last_steps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
@@ -128,6 +157,7 @@ class NABLAConfig:
             raise ValueError(f"clamp must be a bool, got {self.clamp!r}")
         _block(self.block_size, self.tile)
         _check_backend(self.backend)
+        _check_dense_policy(self)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -149,11 +179,19 @@ class TileOrder:
 
     def permute(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Frame-major -> tile order along `dim` (tokens)."""
-        return x.index_select(dim, self.order.to(x.device))
+        return x.index_select(dim, self._on("order", x.device))
 
     def unpermute(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Tile order -> frame-major along `dim`."""
-        return x.index_select(dim, self.inverse.to(x.device))
+        return x.index_select(dim, self._on("inverse", x.device))
+
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        """`order` / `inverse` on `device`, copied there once (not at every attention call)."""
+        copies = self.__dict__.setdefault("_copies", {})
+        key = (name, str(device))
+        if key not in copies:
+            copies[key] = getattr(self, name).to(device)
+        return copies[key]
 
 
 @functools.lru_cache(maxsize=64)
@@ -232,9 +270,10 @@ def _sta_blocks(grid, tile, window, clamp, text, block) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _sta_mask(grid, tile, window, clamp, text, block, device: str) -> BlockSparseMask:
+def _sta_mask(grid, tile, window, clamp, text, block, device: str, valid: int) -> BlockSparseMask:
     tokens = math.prod(grid) + text
-    return BlockSparseMask.from_dense(_sta_blocks(grid, tile, window, clamp, text, block).to(device), block, tokens, tokens)
+    blocks = _sta_blocks(grid, tile, window, clamp, text, block).to(device)
+    return _cut_keys(blocks, block, tokens, math.prod(grid) + valid)
 
 
 def sta_block_mask(
@@ -245,6 +284,7 @@ def sta_block_mask(
     clamp: bool = True,
     text_tokens: int = 0,
     block_size: int | None = None,
+    valid_text_tokens: int | None = None,
     device: str | torch.device = "cpu",
 ) -> BlockSparseMask:
     """Sliding-tile attention's mask over the tile-ordered [video | text] sequence (`tile_order`).
@@ -252,12 +292,16 @@ def sta_block_mask(
     A query in tile (a, b, c) attends to the keys in the tiles of its window: per axis the `window` tiles
     starting at `clamp(tile - window // 2, 0, tiles - window)` (the paper's clamped centre; `clamp=False`:
     `|key tile - query tile| <= window // 2`). Text tokens (after the video) are dense. `block_size`
-    defaults to the tile volume. Cached by its arguments: the same arguments return the same object.
+    defaults to the tile volume. `valid_text_tokens` (default: all) cuts the keys after the valid
+    (left-aligned) text tokens, as `radial_mask` does. Cached by its arguments: the same arguments return the
+    same object.
     """
     grid, tile, window = _grid(grid), _triple("tile", tile), _triple("window", window)
     if not isinstance(clamp, bool):
         raise ValueError(f"clamp must be a bool, got {clamp!r}")
-    return _sta_mask(grid, tile, window, clamp, _text(text_tokens), _block(block_size, tile), str(torch.device(device)))
+    text = _text(text_tokens)
+    device = str(torch.device(device))
+    return _sta_mask(grid, tile, window, clamp, text, _block(block_size, tile), device, _valid(valid_text_tokens, text))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -316,6 +360,7 @@ def nabla_block_mask(
     config: NABLAConfig | None = None,
     *,
     text_tokens: int = 0,
+    valid_text_tokens: int | None = None,
     scale: float | None = None,
 ) -> BlockSparseMask:
     """NABLA's data-dependent mask `[B, H, n_blocks, n_blocks]` over the tile-ordered [video | text] sequence.
@@ -324,7 +369,8 @@ def nabla_block_mask(
     per block of the tile order; for each query block, the key blocks whose softmax(pooled_q · pooled_k *
     scale) mass, together with all smaller ones, reaches `1 - threshold` are kept (= the largest blocks
     holding mass `threshold`), then ORed with the STA window (`config.window`) and dense text rows/columns.
-    `scale` defaults to `D ** -0.5`. Builds every call; `NABLAMaskCache` caches per step.
+    `valid_text_tokens` (default: all) cuts the keys after the valid text tokens (the pooled scores still see
+    every token). `scale` defaults to `D ** -0.5`. Builds every call; `NABLAMaskCache` caches per step.
     """
     config = NABLAConfig() if config is None else config
     grid, text = _grid(grid), _text(text_tokens)
@@ -332,17 +378,17 @@ def nabla_block_mask(
     block = _block(config.block_size, config.tile)
     order = _tile_order(grid, config.tile, text)
     pooled_q, pooled_k = _pooled(q, order, block), _pooled(k, order, block)
-    return _nabla_mask(pooled_q, pooled_k, grid, config, text, scale)
+    return _nabla_mask(pooled_q, pooled_k, grid, config, text, scale, _valid(valid_text_tokens, text))
 
 
-def _nabla_mask(pooled_q, pooled_k, grid, config: NABLAConfig, text: int, scale) -> BlockSparseMask:
+def _nabla_mask(pooled_q, pooled_k, grid, config: NABLAConfig, text: int, scale, valid: int | None = None) -> BlockSparseMask:
     block = _block(config.block_size, config.tile)
     order = _tile_order(grid, config.tile, text)
     scale = pooled_q.shape[-1] ** -0.5 if scale is None else scale
     sta = None if config.window is None else _sta_blocks(grid, config.tile, config.window, config.clamp, text, block)
     video = math.prod(grid)
     blocks = _nabla_blocks(pooled_q, pooled_k, scale, order, video, text, block, config.threshold, sta)
-    return BlockSparseMask.from_dense(blocks, block, video + text, video + text)
+    return _cut_keys(blocks, block, video + text, video + (text if valid is None else valid))
 
 
 @dataclass
@@ -375,18 +421,21 @@ class NABLAMaskCache:
         step,
         key=None,
         text_tokens: int = 0,
+        valid_text_tokens: int | None = None,
         scale: float | None = None,
     ) -> BlockSparseMask:
         """The NABLA mask of `nabla_block_mask(q, k, grid, self.config, ...)`, built at most once per (step, key, inputs)."""
         grid, text = _grid(grid), _text(text_tokens)
+        valid = _valid(valid_text_tokens, text)
         _check_qk(q, k, math.prod(grid) + text)
         if step != self.step:
             self._entries.clear()
             self.step = step
         block = _block(self.config.block_size, self.config.tile)
         order = _tile_order(grid, self.config.tile, text)
-        pooled_q, pooled_k = _pooled(q, order, block), _pooled(k, order, block)
-        entry_key = (key, grid, text, scale)
+        with torch.no_grad():  # the mask is not differentiable; nothing of it goes into the autograd graph
+            pooled_q, pooled_k = _pooled(q.detach(), order, block), _pooled(k.detach(), order, block)
+        entry_key = (key, grid, text, valid, scale)
         entry = self._entries.get(entry_key)
         if (
             entry is not None
@@ -396,7 +445,8 @@ class NABLAMaskCache:
             and torch.equal(entry.pooled_k, pooled_k)
         ):
             return entry.mask
-        mask = _nabla_mask(pooled_q, pooled_k, grid, self.config, text, scale)
+        with torch.no_grad():
+            mask = _nabla_mask(pooled_q, pooled_k, grid, self.config, text, scale, valid)
         self.builds += 1
         self._entries[entry_key] = _Entry(pooled_q, pooled_k, mask)
         return mask

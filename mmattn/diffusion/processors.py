@@ -2,7 +2,7 @@
 
 Each class follows its stock diffusers processor step for step (projections, QK norms, rotary embedding,
 text concatenation, gates, output projections) and differs only in the attention call, which goes through
-`RadialAttention.attend` with the stock call as its dense fallback. Which processor serves which modules of
+`SparseAttention.attend` with the stock call as its dense fallback. Which processor serves which modules of
 which transformer is said once, in `mmattn.diffusion.models`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import RadialAttention
+from .attention import SparseAttention
 
 __all__ = [
     "CogVideoXRadialAttnProcessor",
@@ -33,12 +33,12 @@ def _dispatch():
 
 
 class RadialProcessor:
-    """Base: the handle's `RadialAttention` state and this layer's index (paper: dense layers come first)."""
+    """Base: the handle's `SparseAttention` state and this layer's index (paper: dense layers come first)."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, radial: RadialAttention, layer_index: int, stock=None) -> None:
+    def __init__(self, radial: SparseAttention, layer_index: int, stock=None) -> None:
         self.radial = radial
         self.layer_index = layer_index
         # Keep the backend the user chose for the stock processor: the dense fallback runs on it.

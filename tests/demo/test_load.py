@@ -138,7 +138,7 @@ REQUESTS = {  # endpoint: its arguments, from the inputs folder
     "/video_radial": lambda f: (12, 256, 64, 1.0, "wan"),
     "/video_radial_from_video": _clip,
     "/video_plan": lambda f: (3, 13, 9, 2),
-    "/video_run": lambda f: (5, 2, True),
+    "/video_run": lambda f: (5, 2, "wan2.1", "radial"),
 }
 
 

@@ -217,6 +217,8 @@ def test_nabla_cache_builds_once_per_step_and_key():
         (NABLAConfig, {"threshold": 1.5}, "threshold"),
         (NABLAConfig, {"window": (1, 1)}, "window"),
         (NABLAConfig, {"clamp": 1}, "clamp"),
+        (STAConfig, {"dense_layers": -1}, "dense_layers"),
+        (NABLAConfig, {"dense_last_steps": 1.5}, "dense_last_steps"),
     ],
 )
 def test_invalid_configs(factory, kwargs, match):
@@ -232,3 +234,25 @@ def test_invalid_inputs():
     q = torch.randn(1, 2, 100, 8)
     with pytest.raises(ValueError, match="q: expected 128 tokens"):
         nabla_block_mask(q, q, (2, 8, 8), NABLAConfig(tile=(1, 4, 4)))
+    with pytest.raises(ValueError, match="valid_text_tokens"):
+        sta_block_mask((4, 8, 8), (1, 4, 4), (1, 1, 1), text_tokens=5, valid_text_tokens=6)
+
+
+@pytest.mark.parametrize("valid", [0, 3, 21])
+def test_valid_text_cuts_the_keys_of_sta_and_nabla(valid):
+    """Padded text keys (after `valid`) are cut, as `radial_mask` does: same rows, keys up to video + valid."""
+    grid, text = (2, 8, 8), 21
+    video = 128
+    full = sta_block_mask(grid, (1, 4, 4), (1, 1, 1), text_tokens=text)
+    cut = sta_block_mask(grid, (1, 4, 4), (1, 1, 1), text_tokens=text, valid_text_tokens=valid)
+    assert (cut.q_len, cut.kv_len) == (video + text, video + valid)
+    columns = -(-(video + valid) // 16)
+    assert torch.equal(cut.to_dense(), full.to_dense()[..., :columns])
+    assert cut is sta_block_mask(grid, (1, 4, 4), (1, 1, 1), text_tokens=text, valid_text_tokens=valid)  # cached
+    q, k = torch.randn(2, 2, video + text, 8), torch.randn(2, 2, video + text, 8)
+    cfg = NABLAConfig(threshold=0.5, tile=(1, 4, 4), window=None)
+    full = nabla_block_mask(q, k, grid, cfg, text_tokens=text)
+    cut = nabla_block_mask(q, k, grid, cfg, text_tokens=text, valid_text_tokens=valid)
+    assert cut.kv_len == video + valid and torch.equal(cut.to_dense(), full.to_dense()[..., :columns])
+    cache = NABLAMaskCache(cfg)
+    assert torch.equal(cache.mask(q, k, grid, step=0, text_tokens=text, valid_text_tokens=valid).to_dense(), cut.to_dense())

@@ -10,7 +10,7 @@ from mmattn.diffusion import (
     apply_radial_attention,
     radial_block_mask,
 )
-from mmattn.diffusion.attention import RadialAttention
+from mmattn.diffusion.attention import SparseAttention
 
 from . import tiny_models
 
@@ -136,7 +136,7 @@ def test_sparse_equals_stock_attention_given_the_token_mask(name, monkeypatch):
 @pytest.mark.parametrize("text_first", [False, True])
 def test_attend_with_text_segment_and_padded_keys(text_first):
     grid, text = VideoGrid(5, 4, 8), 11
-    radial = RadialAttention(RadialConfig(block_size=16, decay_factor=0.3), "hunyuan", None)
+    radial = SparseAttention(RadialConfig(block_size=16, decay_factor=0.3), "hunyuan", None)
     radial.set_grid(grid)
     n = grid.tokens + text
     q, k, v = (torch.randn(3, n, 2, 16, dtype=torch.float64) for _ in range(3))

@@ -78,11 +78,15 @@ def _grouped(states: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def _tail_mask(
     attention_mask: torch.Tensor | None, tail: int, q_len: int, kv_len: int, device: torch.device
 ) -> torch.Tensor | None:
-    """The additive fp32 mask [B|1, 1, tail, kv] of the last `tail` query rows (None when they see every key)."""
+    """The additive fp32 mask [B|1, 1, tail, kv] of the last `tail` query rows (None when they see every key).
+
+    Without a mask, several query rows attend causally with SDPA's upper-left alignment (`is_causal`): row i sees
+    keys 0..i. transformers skips the mask so when the keys are the queries, or when a prefill fills an empty static
+    cache, whose keys past the prompt are unwritten slots."""
     if attention_mask is None:
-        if tail == 1:
+        if q_len == 1 or (tail == 1 and kv_len == q_len):
             return None
-        rows = torch.arange(kv_len - tail, kv_len, device=device)
+        rows = torch.arange(q_len - tail, q_len, device=device)
         allowed = torch.arange(kv_len, device=device) <= rows[:, None]
     else:
         allowed = attention_mask[..., q_len - tail : q_len, :kv_len]

@@ -17,7 +17,7 @@ from typing_extensions import Self
 from ..kernels.backends import backend_choices, check_backend, resolve_backend
 from .attention import AttentionRows, eager_attention, rows_attention
 from .interventions.base import CACHE_ARGUMENTS, CallState, Intervention, ModelContext, Runtime, passed_cache
-from .interventions.pruning import _PruningIntervention
+from .interventions.pruning import _PruningIntervention, _PruningRuntime
 from .layout import TokenLayout, resolve_family
 
 __all__ = ["InterventionHandle", "apply"]
@@ -84,7 +84,7 @@ class InterventionHandle:
         """A call with a filled cache decodes; any other starts a new prompt."""
         arguments = {**dict(zip(self.model_parameters, args)), **kwargs}
         cache = passed_cache(arguments)
-        if cache is not None and cache.get_seq_length() > 0:
+        if self._decoding(cache, arguments.get("input_ids")):
             if self.call is None:
                 names = "/".join(CACHE_ARGUMENTS)
                 raise ValueError(f"{names}: the cache was filled before the interventions were applied")
@@ -94,24 +94,45 @@ class InterventionHandle:
         if input_ids is None:
             raise ValueError("input_ids: the interventions locate image tokens by id, got inputs_embeds only")
         layout = TokenLayout.from_input_ids(
-            input_ids, arguments.get("attention_mask"), self.context.image_token_id, self.context.family
+            input_ids, _padding_mask(arguments.get("attention_mask"), input_ids), self.context.image_token_id,
+            self.context.family,
         )
         positions = torch.arange(layout.prompt_len, device=input_ids.device).expand(input_ids.shape[0], -1)
-        self.call = CallState(layout=layout, lm_positions=positions)
+        self.call = CallState(layout=layout, lm_positions=positions, cache=cache)
         for runtime in self.runtimes:
             runtime.start_call(self.call)
 
+    def _active(self) -> list[Runtime]:
+        """The runtimes that see this forward: all, except inside a runtime's own extra pass of the decoder (GIFT's
+        saliency prefill), which runs the plain decoder with that runtime alone, so that the other interventions'
+        per-call state (pruning's kept tokens, VAR's sinks) comes from the real prefill only."""
+        return [rt for rt in self.runtimes if rt.in_auxiliary_pass] or self.runtimes
+
+    def _decoding(self, cache: object | None, input_ids: torch.Tensor | None) -> bool:
+        """Whether a forward with this cache is a decoding step: its cache holds tokens. Under `torch.compile` (the
+        decoding steps `generate` compiles with a static cache) that length is not read from the device: a compiled
+        forward decodes when it gets one new token and the cache that the current call's prefill filled (a prompt
+        needs its image tokens, so it is never one token long)."""
+        if cache is None:
+            return False
+        if torch.compiler.is_compiling():
+            one_token = input_ids is None or input_ids.shape[1] == 1
+            return self.call is not None and cache is self.call.cache and one_token
+        return bool(cache.get_seq_length() > 0)
+
     def _before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        for runtime in self.runtimes:
+        # an extra pass (GIFT's) sees the decoder input before any pruning of it, whatever the order of apply()
+        for runtime in sorted(self._active(), key=lambda runtime: isinstance(runtime, _PruningRuntime)):
             kwargs = runtime.shorten_decoder_inputs(kwargs, self.call)
         return args, kwargs
 
     def _layer_hook(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            for runtime in self.runtimes:
+            runtimes = self._active()
+            for runtime in runtimes:
                 hidden, kwargs = runtime.shorten_layer_inputs(layer, hidden, kwargs, self.call)
-            for runtime in self.runtimes:
+            for runtime in runtimes:
                 runtime.before_layer(layer, hidden, self.call)
             return (hidden, *args[1:]), kwargs
 
@@ -131,7 +152,7 @@ class InterventionHandle:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         call, layer = self.call, module.layer_idx
         scaling = module.scaling if scaling is None else scaling
-        users = [] if call is None else [rt for rt in self.runtimes if rt.wants_attention(layer, call)]
+        users = [] if call is None else [rt for rt in self._active() if rt.wants_attention(layer, call)]
         selections = [runtime.attention_rows(layer, call) for runtime in users]
         tail = max((selection.tail for selection in selections), default=0)
         if not tail:
@@ -169,16 +190,34 @@ class InterventionHandle:
     def _fused_last_row(self, runtime, layer, query, key, value, attention_mask, scaling) -> torch.Tensor | None:
         """The last row's edited output [B, H, 1, D] through the runtime's fused kernel on the handle's backend as
         the column-set kernels resolve it ("auto": the fastest that runs this query here, Triton on CUDA), or None
-        where that is "torch", the runtime has no fused kernel or the mask is not a boolean one."""
+        where that is "torch", the runtime has no fused kernel or the mask is not a boolean one. Under torch.compile
+        (compiled decoding) "auto" takes the explicit path, which the compiler traces and fuses in one graph."""
+        if self.backend == "auto" and torch.compiler.is_compiling():
+            return None
         backend = resolve_backend("column_sets", self.backend, query)
         if backend == "torch":
             return None
         visible = None
+        q_len, kv_len = query.shape[2], key.shape[2]
         if attention_mask is not None:
             if attention_mask.dtype != torch.bool:
                 return None
-            visible = attention_mask[:, 0, -1, : key.shape[2]].expand(query.shape[0], -1)
+            visible = attention_mask[:, 0, -1, :kv_len].expand(query.shape[0], -1)
+        elif q_len > 1 and kv_len > q_len:  # the prefill of an empty static cache: its unwritten slots are masked
+            visible = (torch.arange(kv_len, device=key.device) < q_len).expand(query.shape[0], -1)
         return runtime.fused_last_row(layer, query[:, :, -1:], key, value, visible, scaling, self.call, backend)
+
+
+def _padding_mask(mask: object, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The [B, P] padding mask of a prefill's `attention_mask`: as given when 2D; from the last prompt row of a 4D
+    mask (a static cache's prefill gets the decoder's mask, [B, 1, P, max_cache_len], boolean or additive; Gemma 3:
+    one per layer type), which sees every non-padding prompt token of a left-padded prompt."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return mask
+    last = mask[:, 0, -1, : input_ids.shape[1]]
+    return last if last.dtype == torch.bool else last == 0
 
 
 def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto") -> InterventionHandle:
@@ -196,8 +235,12 @@ def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto")
     `backend`: how decoding rows edited by a single intervention are computed: `"triton"` (one fused kernel per layer
     over the key cache, `mmattn.kernels.column_set_attention`), `"torch"` (explicit fp32 probabilities, edited in
     place, as transformers' eager attention) or `"auto"` (the fastest of these that runs the layer's query here, as
-    `mmattn.kernels.supported_backends("column_sets", query)` orders them: Triton on CUDA, else torch). Prompt rows
-    always take the explicit path.
+    `mmattn.kernels.supported_backends("column_sets", query)` orders them: Triton on CUDA, else torch; inside a
+    torch.compile'd forward, such as the decoding steps of `generate(..., cache_implementation="static")`, the
+    explicit path, which the compiler fuses). Prompt rows always take the explicit path.
+
+    Compiled decoding: VAR and GIFT trace into the compiled decoding step without a graph break and recompile
+    nothing from step to step; token pruning needs the dynamic cache and raises a ValueError with a static one.
     """
     check_backend(backend, backend_choices("column_sets"))
     if not interventions:

@@ -1,5 +1,6 @@
 """GIFT: saliency from stored attentions, enhancement rules, word selection."""
 
+import pytest
 import torch
 
 from mmattn import vlm
@@ -79,3 +80,27 @@ def test_extra_pass_when_saliency_layer_follows_enhancement_layers():
 def test_default_word_selector_keeps_content_words():
     tokens = ["▁Is", "▁there", "▁a", "▁red", "▁bi", "cycle", "▁in", "▁the", "▁image", "?"]
     assert vlm.content_words(tokens) == [False, False, False, True, True, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("gift_first", [True, False])
+@pytest.mark.parametrize("saliency_layer", [1, 3], ids=["in-pass", "extra-pass"])
+def test_gift_with_fastv_in_one_apply(saliency_layer, gift_first):
+    """GIFT's extra saliency prefill used to run FastV's hooks too: FastV pruned inside it and kept that state, so the
+    real prefill skipped its prune and then gathered its layer inputs with the kept indices of the extra pass (a
+    shape error). The extra pass now runs the plain decoder with GIFT alone. GIFT edits layer 3 only, after FastV's
+    layers 1 (scores) and 2 (prune): the map must be GIFT's alone, the kept tokens FastV's alone, in either order."""
+    model = tiny_llava(layers=4, image_tokens=16)
+    inputs = long_prompt(model, 5)
+    gift = vlm.GIFT(alpha=3.0, saliency_layers=(saliency_layer,), enhance_layers=(3,))
+    fastv = vlm.FastV(k=2, ratio=0.5)
+    with vlm.apply(model, gift) as handle:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        multiplier = handle.runtimes[0].multiplier
+    with vlm.apply(model, fastv) as handle:
+        model(**inputs)
+        kept = handle.call.keep[2]
+    with vlm.apply(model, *((gift, fastv) if gift_first else (fastv, gift))) as handle:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+        assert torch.equal(handle.call.keep[2], kept)
+        torch.testing.assert_close(handle.runtimes[0 if gift_first else 1].multiplier, multiplier)

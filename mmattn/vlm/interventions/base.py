@@ -102,12 +102,14 @@ class CallState:
 
     lm_positions: [B, P'] original prompt position of each token entering the decoder (P' < P once tokens are pruned
     before layer 0). keep: per layer, [B, n] indices into those P' tokens that the layer (and its KV cache) holds.
+    cache: the KV cache object the prefill filled (its decoding steps pass the same one).
     """
 
     layout: TokenLayout
     lm_positions: torch.Tensor
     keep: dict[int, torch.Tensor] = field(default_factory=dict)
     decoding: bool = False
+    cache: object | None = None
     _positions: tuple = (None, None)
 
     def prompt_len(self, layer: int) -> int:
@@ -146,6 +148,10 @@ class CallState:
 
 class Runtime:
     """One intervention bound to one model; the handle calls these hooks. Per-call state lives on the runtime."""
+
+    #: True while this runtime runs an extra forward of the decoder of its own (GIFT's saliency prefill); the
+    #: handle then calls no other runtime's hooks.
+    in_auxiliary_pass: bool = False
 
     def start_call(self, call: CallState) -> None:
         """A new prefill begins: drop everything from the previous call."""

@@ -47,7 +47,9 @@ class GIFT(Intervention):
     tokenizer: to pick informative query words with `word_selector` (default: content words without spaCy;
     `spacy_content_words()` is the official POS rule); without a tokenizer every query token counts.
     When a saliency layer is not before every enhancement layer (Qwen2-VL-7B: [14] vs 5-18) the map comes from an
-    extra prefill of the decoder that stops after the last saliency layer, as the official code's extra pass.
+    extra prefill of the decoder that stops after the last saliency layer, as the official code's extra pass. That
+    pass runs the plain decoder on the full prompt: other interventions of the same apply() (pruning, VAR) sit it out
+    and act in the real prefill only.
     """
 
     alpha: float = 5.0
@@ -82,7 +84,7 @@ class _GIFTRuntime(Runtime):
         self.enhance_layers = frozenset(settings.enhance_layers)
         self.extra_pass = max(self.saliency_layers) >= min(self.enhance_layers)
         self.call: CallState | None = None
-        self.in_saliency_pass = False
+        self.in_auxiliary_pass = False
 
     def start_call(self, call: CallState) -> None:
         self.call = call
@@ -106,31 +108,31 @@ class _GIFTRuntime(Runtime):
 
     # -- extra saliency pass -------------------------------------------------------------------------------------
     def shorten_decoder_inputs(self, kwargs: dict, call: CallState) -> dict:
-        if self.extra_pass and not call.decoding and not self.in_saliency_pass:
-            self.in_saliency_pass = True
+        if self.extra_pass and not call.decoding and not self.in_auxiliary_pass:
+            self.in_auxiliary_pass = True
             try:
                 uncached = {name: value for name, value in kwargs.items() if name not in CACHE_ARGUMENTS}
                 self.context.text_model(**{**uncached, "use_cache": False})
             except _SaliencyReady:
                 pass
             finally:
-                self.in_saliency_pass = False
+                self.in_auxiliary_pass = False
         return kwargs
 
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
-        if self.in_saliency_pass and layer > max(self.saliency_layers):
+        if self.in_auxiliary_pass and layer > max(self.saliency_layers):
             raise _SaliencyReady
 
     # -- attention -----------------------------------------------------------------------------------------------
     def _collects_saliency(self, layer: int, call: CallState) -> bool:
         return (
-            not call.decoding and layer in self.saliency_layers and (self.in_saliency_pass or not self.extra_pass)
+            not call.decoding and layer in self.saliency_layers and (self.in_auxiliary_pass or not self.extra_pass)
         )
 
     def wants_attention(self, layer: int, call: CallState) -> bool:
         if self._collects_saliency(layer, call):
             return True
-        return layer in self.enhance_layers and self.multiplier is not None and not self.in_saliency_pass
+        return layer in self.enhance_layers and self.multiplier is not None and not self.in_auxiliary_pass
 
     def attention_rows(self, layer: int, call: CallState) -> RowSelection:
         return self.saliency_rows if self._collects_saliency(layer, call) else LAST_ROW

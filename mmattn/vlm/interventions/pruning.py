@@ -122,6 +122,18 @@ class PruningPlan:
             raise ValueError(f"recycle_cell: expected m >= 1 with a layer-0 stage, got {self.recycle_cell}, {layers}")
 
 
+#: generate's `cache_implementation` values that preallocate a fixed-size (compileable) cache.
+STATIC_CACHE_NAMES = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked")
+
+
+def _static_cache_message(method: str, got: str) -> str:
+    return (
+        f"cache_implementation: {method} prunes visual tokens, which shortens the KV cache of the pruned layers to "
+        "their kept tokens; that needs the dynamic cache (the default: generate without cache_implementation, or "
+        f"cache_implementation='dynamic'), not a static one (compiled decoding); got {got}"
+    )
+
+
 class _PruningIntervention(Intervention):
     layers_argument: ClassVar[str]  # the setting that names the stage layers
     runtime_class: ClassVar[type | None] = None  # None: _PruningRuntime
@@ -138,6 +150,10 @@ class _PruningIntervention(Intervention):
 
     def bind(self, context: ModelContext) -> Runtime:
         plan = self.plan_for(context)
+        implementation = getattr(getattr(context.model, "generation_config", None), "cache_implementation", None)
+        if implementation in STATIC_CACHE_NAMES:
+            raise ValueError(_static_cache_message(type(self).__name__, f"generation_config.cache_implementation="
+                                                   f"{implementation!r}"))
         if plan.stages[-1].layer >= context.num_layers:
             raise ValueError(
                 f"{self.layers_argument}: layer {plan.stages[-1].layer} >= the model's {context.num_layers} layers"
@@ -187,6 +203,9 @@ class _PruningRuntime(Runtime):
 
     # -- per call ------------------------------------------------------------------------------------------------
     def start_call(self, call: CallState) -> None:
+        if getattr(call.cache, "is_compileable", False):
+            method = "token pruning" if self.settings is None else type(self.settings).__name__
+            raise ValueError(_static_cache_message(method, f"a {type(call.cache).__name__}"))
         counts = call.layout.image_counts.tolist()
         if len(set(counts)) != 1:
             raise ValueError(

@@ -99,17 +99,14 @@ def _cut_keys(blocks: torch.Tensor, block: int, tokens: int, kv_len: int) -> Blo
 
 
 @dataclass(frozen=True)
-class STAConfig:
-    """Sliding-tile attention settings: `tile` tokens per 3D tile, `window` tiles per query tile (per axis).
-
-    `clamp=True` is the paper's rule (the window is shifted inward at the borders, so every query tile sees
-    `min(window, tiles)` tiles per axis); `False` cuts it at the borders. `block_size` defaults to the tile
-    volume (block = tile). `dense_steps`, `dense_layers`, `dense_last_steps`: the dense fallback schedule of
-    `RadialConfig` (stock attention at those denoising-loop indices and layers).
-    """
+class _TiledConfig:
+    """What STA and NABLA share: `tile` tokens per 3D tile, `window` tiles per query tile and axis (None: no
+    window), `clamp` (shift the window inward at the borders, or cut it there), `block_size` (default: the tile
+    volume, block = tile), `backend`, and the dense fallback schedule of `RadialConfig` (`dense_steps`,
+    `dense_layers`, `dense_last_steps`: stock attention at those denoising-loop indices and layers)."""
 
     tile: tuple[int, int, int] = (6, 8, 8)
-    window: tuple[int, int, int] = (3, 3, 3)
+    window: tuple[int, int, int] | None = (3, 3, 3)
     clamp: bool = True
     block_size: int | None = None
     backend: str = "auto"
@@ -119,7 +116,8 @@ class STAConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tile", _triple("tile", self.tile))
-        object.__setattr__(self, "window", _triple("window", self.window))
+        if self.window is not None:
+            object.__setattr__(self, "window", _triple("window", self.window))
         if not isinstance(self.clamp, bool):
             raise ValueError(f"clamp must be a bool, got {self.clamp!r}")
         _block(self.block_size, self.tile)
@@ -128,36 +126,38 @@ class STAConfig:
 
 
 @dataclass(frozen=True)
-class NABLAConfig:
+class STAConfig(_TiledConfig):
+    """Sliding-tile attention settings: a query tile attends to the `window` of key tiles around it (per axis).
+
+    `clamp=True` is the paper's rule (the window is shifted inward at the borders, so every query tile sees
+    `min(window, tiles)` tiles per axis); `False` cuts it at the borders. Other fields: `_TiledConfig`.
+    """
+
+    window: tuple[int, int, int] = (3, 3, 3)
+
+    def __post_init__(self) -> None:
+        if self.window is None:
+            raise ValueError("window must be three positive ints (tiles per axis), got None")
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class NABLAConfig(_TiledConfig):
     """NABLA settings as in Kandinsky 5 (`attention_P`, `attention_w{T,H,W}`, 8x8 spatial tiles of 64 tokens).
 
     `threshold` (P) in (0, 1]: the cumulative softmax mass of the pooled scores each query block keeps.
     `window`: the STA window ORed in (None: no STA term); `clamp=False` as Kandinsky's window is cut at the
-    borders. `block_size` defaults to the tile volume. `dense_steps`, `dense_layers`, `dense_last_steps`: the
-    dense fallback schedule of `RadialConfig`.
+    borders. Other fields: `_TiledConfig`.
     """
 
-    threshold: float = 0.9
     tile: tuple[int, int, int] = (1, 8, 8)
-    window: tuple[int, int, int] | None = (3, 3, 3)
     clamp: bool = False
-    block_size: int | None = None
-    backend: str = "auto"
-    dense_steps: int = 0
-    dense_layers: int = 0
-    dense_last_steps: int = 0
+    threshold: float = 0.9
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
-        object.__setattr__(self, "tile", _triple("tile", self.tile))
-        if self.window is not None:
-            object.__setattr__(self, "window", _triple("window", self.window))
-        if not isinstance(self.clamp, bool):
-            raise ValueError(f"clamp must be a bool, got {self.clamp!r}")
-        _block(self.block_size, self.tile)
-        _check_backend(self.backend)
-        _check_dense_policy(self)
+        super().__post_init__()
 
 
 # ------------------------------------------------------------------------------------------------------

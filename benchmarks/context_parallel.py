@@ -35,7 +35,7 @@ from common import (
     RESULTS, highest_precision, judge, max_abs_diff, provenance, relative_diff, results_target, set_fast, timing,
     write_results,
 )
-from diffusion import sparse_step_config, wan_step
+from diffusion import QUICK_STEP_CASES, STEP_CASES, sparse_step_config, wan_inputs, wan_model
 
 from mmattn.diffusion import apply_radial_attention, radial_mask
 from mmattn.kernels import block_sparse_attention
@@ -146,10 +146,11 @@ def attention_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> lis
 def step_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list[str]:
     from diffusers import ContextParallelConfig
 
-    config = sparse_step_config(quick)
+    case = (QUICK_STEP_CASES if quick else STEP_CASES)[0]  # the Wan2.1-1.3B denoising step (quick: tiny Wan)
+    config = sparse_step_config(case, quick)
 
     def build():
-        model, inputs = wan_step(quick, device, dtype)
+        model, inputs = wan_model(case, device, dtype), wan_inputs(case, case.latent[2], device, dtype)
         if not quick:
             model.set_attention_backend(DENSE_BACKEND)  # before Radial: its dense fallback keeps the stock backend
         return model, inputs

@@ -17,9 +17,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, NamedTuple
 
 from mmattn import __version__
+from mmattn._argparse import OneLineParser
 
 if TYPE_CHECKING:
     import torch
@@ -33,13 +34,6 @@ class Command(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser that reports a bad argument in one line on stderr and exits with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _fail(message: str, status: int = 2) -> int:
@@ -276,7 +270,7 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per entry in ``COMMANDS``."""
-    parser = _Parser(prog="mmattn", description="Sparse and structured attention toolkit.")
+    parser = OneLineParser(prog="mmattn", description="Sparse and structured attention toolkit.")
     parser.add_argument("--version", action="version", version=f"mmattn {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .._argparse import OneLineParser
 from .config import RadialConfig, preset_names
 
 __all__ = [
@@ -219,15 +220,8 @@ def train_lora(
 # command line
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad arguments end with one line on stderr and exit status 2 (no usage block, no traceback)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m mmattn.diffusion.train_lora",
         description="Train a LoRA on a Wan pipeline's transformer with Radial attention, on a folder of captioned clips "
         "(each clip NAME.mp4 with its caption in NAME.txt beside it).",

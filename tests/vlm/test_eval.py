@@ -318,18 +318,25 @@ def test_runner_interventions_from_a_preset(model_dir, coco_dir, tmp_path):
     assert len(pruned["interventions"]) == 2 and pruned["metrics"]["count"] == 3
 
 
-def test_runner_errors_name_the_argument(model_dir, coco_dir, tmp_path):
-    with pytest.raises(ValueError, match="preset"):
-        _run("pope", model_dir, coco_dir, tmp_path, "--intervention", "fastv")
-    with pytest.raises(ValueError, match="model"):
-        _run("pope", tmp_path / "missing", coco_dir, tmp_path)
-    with pytest.raises(ValueError, match="coco"):
-        _run("chair", model_dir, tmp_path, tmp_path)
-    with pytest.raises(ValueError, match="override"):
-        _run("pope", model_dir, coco_dir, tmp_path, "--preset", "llava-1.5-7b", "--intervention", "fastv",
-             "--override", "var.p=0.5")
-    with pytest.raises(SystemExit):
-        _run("pope", model_dir, coco_dir, tmp_path, "--questions", "x.jsonl")
+@pytest.mark.parametrize("task, paths, extra, option", [
+    ("pope", ("model", "coco"), ("--intervention", "fastv"), "--preset"),
+    ("pope", ("missing", "coco"), (), "--model"),
+    ("pope", ("not_a_model", "coco"), (), "--model"),
+    ("chair", ("model", "not_coco"), (), "--coco"),
+    ("pope", ("model", "coco"), ("--preset", "no-such-preset", "--intervention", "var"), "--preset"),
+    ("pope", ("model", "coco"), ("--preset", "llava-1.5-7b", "--intervention", "fastv", "--override", "var.p=0.5"),
+     "--override"),
+    ("pope", ("model", "coco"), ("--batch-size", "0"), "--batch-size"),
+    ("pope", ("model", "coco"), ("--questions", "x.jsonl"), "--questions"),
+])
+def test_runner_errors_are_one_line_naming_the_option(model_dir, coco_dir, tmp_path, capsys, task, paths, extra, option):
+    folders = {"model": model_dir, "coco": coco_dir, "missing": tmp_path / "missing", "not_a_model": tmp_path,
+               "not_coco": tmp_path}
+    with pytest.raises(SystemExit) as exit_info:
+        _run(task, folders[paths[0]], folders[paths[1]], tmp_path, *extra)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error.count("\n") == 1 and error.startswith(f"python -m mmattn.vlm.eval: error: {option}"), error
 
 
 def test_qwen2vl_batched_answers_equal_single_prompt_answers(coco_dir, tmp_path):

@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from ..._argparse import OneLineParser
 from ..handle import apply
 from ..interventions.base import Intervention
 from ..presets import load_preset
@@ -66,12 +67,15 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
     if not Path(path).is_dir():
         raise ValueError(f"model: expected a local model folder, got {str(path)!r}")
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    if getattr(processor, "chat_template", None) is None:
-        raise ValueError(f"model: expected a processor with a chat_template in {path}, got none")
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
-    return model, processor
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError(f"expected a processor with a chat_template in {path}, got none")
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as error:  # not a transformers LVLM folder
+        raise ValueError(f"model: cannot load an image-text-to-text model from {str(path)!r}: {error}") from error
+    return model.to(device).eval(), processor
 
 
 def _prompt(processor: object, question: str) -> str:
@@ -181,11 +185,14 @@ def _interventions(names: Sequence[str], overrides: Sequence[str], preset: str |
         if method not in fields or not field or not value:
             raise ValueError(f"override: expected METHOD.FIELD=VALUE for a method in {list(names)}, got {override!r}")
         fields[method][field] = yaml.safe_load(value)
-    return [load_preset(preset, name, **fields[name]) for name in names]
+    try:
+        return [load_preset(preset, name, **fields[name]) for name in names]
+    except ValueError as error:  # load_preset names its own parameter (model, method): here it is the preset
+        raise ValueError(f"preset: {str(error).partition(': ')[2] or error}") from error
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mmattn.vlm.eval", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m mmattn.vlm.eval", description=__doc__.split("\n")[0])
     tasks = parser.add_subparsers(dest="task", required=True)
     for task, help_line in (("pope", "POPE yes/no object probing"), ("chair", "CHAIR caption hallucination")):
         sub = tasks.add_parser(task, help=help_line)
@@ -217,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_option(message: str) -> str:
+    """A setup error `name: ...` (the argument's Python name) as `--name: ...`, the option the user typed."""
+    name, colon, rest = message.partition(": ")
+    return f"--{name.replace('_', '-')}: {rest}" if colon and name.isidentifier() else message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `python -m mmattn.vlm.eval` entry: run one task and print and save its metrics."""
     parser = _parser()
@@ -225,10 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--questions: expected one --split naming the file's split, got --split all")
     torch.manual_seed(args.seed)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    interventions = _interventions(args.intervention, args.override, args.preset)
-    model, processor = load_model(args.model, args.device, dtype)
-    coco = CocoSplit.from_folder(args.coco, args.coco_split)
-    settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature, args.top_p)
+    try:
+        interventions = _interventions(args.intervention, args.override, args.preset)
+        settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature, args.top_p)
+        coco = CocoSplit.from_folder(args.coco, args.coco_split)  # before the (slow) model load
+        model, processor = load_model(args.model, args.device, dtype)
+    except (ValueError, OSError) as error:  # a bad --model, --coco, --preset, --override, --batch-size ...
+        parser.error(_as_option(str(error)))
     output = Path(args.output)
     with apply(model, *interventions) if interventions else contextlib.nullcontext():
         if args.task == "pope":

@@ -12,7 +12,7 @@ from mmattn.vlm.interventions.visionzip import VisionZip
 from mmattn.vlm.presets import load_preset
 
 from .test_pruning import cache_lengths, recorder
-from .tiny_models import llava_inputs, tiny_llava, tiny_model
+from .tiny_models import assert_llava_rows_equal_single_prompts, llava_inputs, tiny_llava, tiny_model
 
 LAYERS = 4
 
@@ -152,12 +152,7 @@ def test_visionzip_shortens_the_cache_and_batches_like_single_prompts():
         pruned, out = cache_lengths(model, inputs)
         assert [f - p for f, p in zip(full, pruned)] == [16 - 6] * LAYERS
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        for row in range(2):
-            keep = inputs["attention_mask"][row].bool()
-            single = {"input_ids": inputs["input_ids"][row : row + 1, keep],
-                      "attention_mask": inputs["attention_mask"][row : row + 1, keep],
-                      "pixel_values": inputs["pixel_values"][row : row + 1]}
-            assert torch.equal(model.generate(**single, max_new_tokens=4, do_sample=False)[0, -4:], batched[row, -4:])
+        assert_llava_rows_equal_single_prompts(model, inputs, batched)
 
 
 def test_visionzip_names_the_supported_class():

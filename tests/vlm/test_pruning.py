@@ -7,7 +7,7 @@ import torch
 
 from mmattn import vlm
 
-from .tiny_models import llava_inputs, tiny_llava
+from .tiny_models import assert_llava_rows_equal_single_prompts, llava_inputs, tiny_llava
 
 LAYERS = 4
 
@@ -162,12 +162,7 @@ def test_batched_vflowopt_recycling_equals_per_prompt():
     inputs = llava_inputs(model, prompts=2, pad=(1,))
     with vlm.apply(model, vlm.VFlowOpt(keep=0.25, llm_layers=(2, 3), cell=2.0)):
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        for row in range(2):
-            keep = inputs["attention_mask"][row].bool()
-            single = {"input_ids": inputs["input_ids"][row : row + 1, keep],
-                      "attention_mask": inputs["attention_mask"][row : row + 1, keep],
-                      "pixel_values": inputs["pixel_values"][row : row + 1]}
-            assert torch.equal(model.generate(**single, max_new_tokens=4, do_sample=False)[0, -4:], batched[row, -4:])
+        assert_llava_rows_equal_single_prompts(model, inputs, batched)
 
 
 def _two_image_inputs(model, separator: int) -> dict:

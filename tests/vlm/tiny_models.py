@@ -75,6 +75,19 @@ def tiny_llava_onevision(layers: int = 4, attn_implementation: str = "eager") ->
     return _built(LlavaOnevisionForConditionalGeneration, config, attn_implementation)
 
 
+def left_padded(rows: list[torch.Tensor], pad: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows padded on the left with id 0 to one width; `pad[i]`: extra padding
+    of row i beyond what the longest row needs."""
+    pads = list(pad) + [0] * (len(rows) - len(pad))
+    width = max(len(r) + p for r, p in zip(rows, pads))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 def llava_inputs(model: PreTrainedModel, prompts: int = 1, seed: int = 0, pad: tuple[int, ...] = ()) -> dict:
     """`prompts` rows of [text, image x N, text]; row i gets pad[i] left-padding tokens (id 0). One 28x28 image per
     prompt for LLaVA, one 28x56 image (base crop and two tiles) for LLaVA-NeXT / OneVision."""
@@ -87,13 +100,7 @@ def llava_inputs(model: PreTrainedModel, prompts: int = 1, seed: int = 0, pad: t
         before = torch.randint(1, 90, (3,), generator=generator)
         after = torch.randint(1, 90, (5 + row,), generator=generator)
         rows.append(torch.cat([before, torch.full((n_image,), LLAVA_IMAGE_ID), after]))
-    pads = list(pad) + [0] * (prompts - len(pad))
-    width = max(len(r) + p for r, p in zip(rows, pads))
-    ids = torch.zeros(prompts, width, dtype=torch.long)
-    mask = torch.zeros(prompts, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+    ids, mask = left_padded(rows, pad)
     if not anyres:
         pixel_values = torch.randn(prompts, 3, size, size, generator=generator)
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
@@ -108,6 +115,18 @@ _QWEN_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads":
 _QWEN_IDS = {"image_token_id": QWEN_IMAGE_ID, "video_token_id": QWEN_VIDEO_ID,
              "vision_start_token_id": QWEN_VISION_START, "vision_end_token_id": QWEN_VISION_END}
 _QWEN_PATCHES = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+
+
+def assert_llava_rows_equal_single_prompts(model: PreTrainedModel, inputs: dict, batched: torch.Tensor,
+                                           new_tokens: int = 4) -> None:
+    """Each row of a left-padded LLaVA batch's greedy `generate` output equals that prompt generated alone."""
+    for row in range(batched.shape[0]):
+        keep = inputs["attention_mask"][row].bool()
+        single = {"input_ids": inputs["input_ids"][row : row + 1, keep],
+                  "attention_mask": inputs["attention_mask"][row : row + 1, keep],
+                  "pixel_values": inputs["pixel_values"][row : row + 1]}
+        alone = model.generate(**single, max_new_tokens=new_tokens, do_sample=False)
+        assert torch.equal(alone[0, -new_tokens:], batched[row, -new_tokens:])
 
 
 def tiny_qwen2vl(layers: int = 3, attn_implementation: str = "eager") -> Qwen2VLForConditionalGeneration:
@@ -205,13 +224,7 @@ def bracketed_inputs(
                       torch.randint(1, 90, (2,), generator=generator)]
         parts.append(torch.randint(1, 90, (3 + row,), generator=generator))
         rows.append(torch.cat(parts))
-    pads = list(pad) + [0] * (prompts - len(pad))
-    width = max(len(r) + p for r, p in zip(rows, pads))
-    ids = torch.zeros(prompts, width, dtype=torch.long)
-    mask = torch.zeros(prompts, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+    ids, mask = left_padded(rows, pad)
     size = model.config.vision_config.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size
     inputs = {"input_ids": ids, "attention_mask": mask,

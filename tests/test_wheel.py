@@ -103,8 +103,8 @@ def test_vlm_eval_finds_the_preset(installed) -> None:
         assert result.returncode != 0
         return result.stderr
 
-    error = chair("llava-1.5-7b")  # the preset loads; the run stops at the missing model folder
-    assert "preset" not in error and "no-model" in error, error
+    error = chair("llava-1.5-7b")  # the preset loads; the run stops at the missing COCO folder
+    assert "preset" not in error and "--coco" in error and "no-coco" in error, error
     assert "'llava-1.5-7b'" in chair("no-such-preset")  # the error lists the shipped presets
 
 

@@ -45,6 +45,14 @@ class RadialProcessor:
         self._attention_backend = getattr(stock, "_attention_backend", None)
         self._parallel_config = getattr(stock, "_parallel_config", None)
 
+    def _attend_video(self, query, key, value, attention_mask):
+        """Sparse attention of a video-only self-attention call; a call with an attention mask runs the stock call."""
+        dense = self._dispatch_dense(query, key, value, attention_mask)
+        if attention_mask is not None:
+            return dense()
+        return self.radial.attend(query, key, value, layer_index=self.layer_index, dense=dense,
+                                  parallel_config=self._parallel_config)
+
     def _dispatch_dense(self, query, key, value, attn_mask=None):
         return lambda: _dispatch()(
             query,
@@ -85,13 +93,7 @@ class WanRadialAttnProcessor(RadialProcessor):
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = _rotate_interleaved(query, *rotary_emb), _rotate_interleaved(key, *rotary_emb)
-        dense = self._dispatch_dense(query, key, value, attention_mask)
-        if attention_mask is None:
-            hidden_states = self.radial.attend(
-                query, key, value, layer_index=self.layer_index, dense=dense, parallel_config=self._parallel_config
-            )
-        else:
-            hidden_states = dense()
+        hidden_states = self._attend_video(query, key, value, attention_mask)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
@@ -375,13 +377,7 @@ class LTX2RadialAttnProcessor(RadialProcessor):
                 query = rotate(query, query_rotary_emb)
                 key = rotate(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
             query, key, heads_value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-            dense = self._dispatch_dense(query, key, heads_value, attention_mask)
-            if attention_mask is None:
-                hidden_states = self.radial.attend(
-                    query, key, heads_value, layer_index=self.layer_index, dense=dense, parallel_config=self._parallel_config
-                )
-            else:
-                hidden_states = dense()
+            hidden_states = self._attend_video(query, key, heads_value, attention_mask)
             hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
             if perturbation_mask is not None:
                 hidden_states = torch.lerp(value, hidden_states, perturbation_mask)

@@ -283,3 +283,35 @@ def test_fa4_gpu_forward_only_small_kv_block():
     assert (out.double() - exact_out).abs().max() < 2e-2
     finite = torch.isfinite(exact_lse)
     assert torch.equal(torch.isfinite(lse), finite) and (lse[finite].double() - exact_lse[finite]).abs().max() < 1e-2
+
+
+def test_to_flash_field_names(monkeypatch):
+    """`to_flash` fills FA4's NamedTuple by field name: a stand-in with 4.0.0b36's fields catches a misspelling."""
+    import sys
+    import types
+    from typing import NamedTuple
+
+    class BlockSparseTensorsTorch(NamedTuple):  # the field list of flash_attn/cute/block_sparsity.py, 4.0.0b36
+        mask_block_cnt: object
+        mask_block_idx: object
+        full_block_cnt: object = None
+        full_block_idx: object = None
+        cu_total_m_blocks: object = None
+        cu_block_idx_offsets: object = None
+        block_size: object = None
+        dq_write_order: object = None
+        dq_write_order_full: object = None
+        spt: object = None
+
+    module = types.ModuleType("flash_attn.cute.block_sparsity")
+    module.BlockSparseTensorsTorch = BlockSparseTensorsTorch
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.block_sparsity", module)
+    fwd, bwd = to_fa4_tensors(BlockSparseMask.from_dense(random_blocks(1, 2, 3, 3, seed=3), 128))
+    flash = bwd.to_flash(deterministic=True)
+    assert flash.full_block_idx is bwd.full_block_idx and flash.dq_write_order_full is bwd.dq_write_order_full
+    assert flash.block_size == (128, 128) and flash.spt is False and flash.cu_total_m_blocks is None
+    plain = bwd.to_flash(deterministic=False)
+    assert plain.dq_write_order is None and plain.dq_write_order_full is None and plain.spt is None
+    assert fwd.to_flash(deterministic=False).mask_block_cnt is fwd.mask_block_cnt

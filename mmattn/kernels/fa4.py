@@ -1,0 +1,356 @@
+"""FlashAttention-4 (CuTe DSL) adapter: runs `block_sparse_attention` on FA4's block-sparse kernels.
+
+FA4 (`flash-attn-4` 4.0.0b36, import `flash_attn.cute`) is an optional dependency: it is imported inside the
+functions that call it, never when this module is imported. What the adapter relies on, read from that
+version's source (`interface.py`, `block_sparsity.py`, `block_sparse_utils.py`, `flash_fwd_sm90.py`,
+`flash_bwd_sm90.py`, `flash_bwd_sm100.py`):
+
+* Block sparsity is given as `BlockSparseTensorsTorch`: per (batch, head, q-block) a "mask" list (blocks on
+  which a `mask_mod` refines the pattern) and a "full" list (blocks attended whole), plus the transposed lists
+  (per kv-block the q-blocks) for the backward. mmattn attends whole blocks, so every kept block goes into the
+  full list and the mask list is present but empty (FA4 requires the mask tensors; counts of 0 are never read).
+* Sequence bounds: both kernels walk each list from its last entry to its first and apply the key-length mask
+  (`mask_seqlen=True`) to the first block they visit of each list (forward, sm90 and sm100), and the sm90
+  backward applies it to every block. Our lists are sorted ascending, so a partial last key block, when kept, is
+  the last entry and is masked by position; no "mask" list and no `mask_mod` are needed for partial blocks.
+  Query rows past `q_len` are padding FA4 never stores. (Unsorted lists would leave the partial block unmasked.)
+* Batch and head dims of size 1 are accepted and expanded by FA4 as stride-0 views; keeping the head dim at 1
+  also keeps FA4's pack-GQA path available (it is turned off when the sparse tensors have a head dim > 1).
+* Rows with no block: the forward resets the softmax state and writes out = 0, lse = -inf, the convention of
+  mmattn's kernels; the backward never visits them, so their gradients are 0.
+* Deterministic backward with block sparsity needs `dq_write_order` (rank of each kv-block among the kv-blocks
+  that write one q-block's dQ, ascending), `dq_write_order_full` and `spt`; it is implemented on sm100/sm110
+  only. The sm90 backward asserts `not deterministic` on its block-sparse path, so on Hopper the backward is
+  FA4's atomic dQ accumulation (not bitwise reproducible run to run).
+* Tile sizes and the block sizes they admit: see `fa4_tiles` and `fa4_supports`.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass, fields
+
+import torch
+
+from .mask import BlockSparseMask
+
+__all__ = [
+    "FA4SparseTensors",
+    "fa4_available",
+    "fa4_block_sparse_attention",
+    "fa4_supports",
+    "fa4_tiles",
+    "to_fa4_tensors",
+]
+
+FA4_VERSION = "4.0.0b36"
+"""The flash-attn-4 release whose source the rules below were read from."""
+
+_DTYPES = (torch.float16, torch.bfloat16)
+_MIN_TILE_N = 64
+"""Smallest kv tile we let FA4's sm90 forward shrink to (it would go down to 16; those tiles are unmeasured)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# availability
+
+
+@functools.cache
+def _import_status() -> tuple[bool, str]:
+    try:
+        import flash_attn.cute  # noqa: F401
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch  # noqa: F401
+    except Exception as exc:  # ImportError, or a DSL library that fails to load (OSError, RuntimeError)
+        return False, (f"flash_attn.cute does not import ({type(exc).__name__}: {exc}); "
+                       f"install flash-attn-4=={FA4_VERSION}")
+    return True, "flash_attn.cute imports"
+
+
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+@functools.cache
+def _available_on(device_index: int | None) -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (FA4's CuTe kernels run on Hopper sm90 and Blackwell sm100/sm110)"
+    ok, reason = _import_status()
+    if not ok:
+        return False, reason
+    arch = _arch(torch.device("cuda", device_index) if device_index is not None else torch.device("cuda"))
+    if arch // 10 not in (9, 10, 11):
+        return False, f"sm{arch}: FA4's block-sparse forward and backward run on sm90 and sm100/sm110"
+    return True, f"FlashAttention-4 CuTe kernels on sm{arch}"
+
+
+def fa4_available(device: torch.device | str | int | None = None) -> tuple[bool, str]:
+    """Whether FA4's block-sparse kernels can run on `device` (default: the current CUDA device), and why (not).
+    Cached per device."""
+    if device is not None:
+        device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        if device.type != "cuda":
+            return False, f"device {device} is not CUDA (FA4's CuTe kernels run on Hopper/Blackwell GPUs)"
+        return _available_on(device.index)
+    return _available_on(None)
+
+
+# --------------------------------------------------------------------------------------------------
+# conversion: BlockSparseMask -> FA4's block-sparse tensors
+
+
+@dataclass(frozen=True, eq=False)
+class FA4SparseTensors:
+    """The fields of FA4's `BlockSparseTensorsTorch` as plain tensors (testable without FA4).
+
+    Counts `[B|1, H|1, rows]` and indices `[B|1, H|1, rows, width]`, int32 and contiguous; rows are q-blocks
+    (forward) or kv-blocks (backward); `width` may be less than the number of columns (FA4 reads only the first
+    `count` entries of a row). `dq_write_order*` are parallel to the backward index tensors (None forward).
+    """
+
+    mask_block_cnt: torch.Tensor
+    mask_block_idx: torch.Tensor
+    full_block_cnt: torch.Tensor
+    full_block_idx: torch.Tensor
+    block_size: tuple[int, int]
+    dq_write_order: torch.Tensor | None = None
+    dq_write_order_full: torch.Tensor | None = None
+    spt: bool | None = None
+
+    def to_flash(self, deterministic: bool = True):
+        """FA4's `BlockSparseTensorsTorch` NamedTuple (imports flash_attn.cute). Without `deterministic` the
+        write-order fields are left out (the sm90 backward takes none)."""
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not deterministic:
+            values.update(dq_write_order=None, dq_write_order_full=None, spt=None)
+        return BlockSparseTensorsTorch(**values)
+
+
+_CONVERSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""mask -> (forward, backward): BlockSparseMask is immutable, so its conversion is computed once."""
+
+
+def _compact(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`indices` cut to the widest row (at least 1 column), contiguous int32."""
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    return indices[..., :width].to(torch.int32).contiguous()
+
+
+def _empty_lists(counts_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask lists with no block: FA4 requires them, reads none."""
+    cnt = torch.zeros_like(counts_like, dtype=torch.int32).contiguous()
+    return cnt, torch.zeros(*cnt.shape, 1, dtype=torch.int32, device=cnt.device)
+
+
+def _dq_write_order(mask: BlockSparseMask, q_indices: torch.Tensor) -> torch.Tensor:
+    """For each backward entry (kv-block n, i-th q-block m of its list): the rank of n among the kv-blocks that
+    q-block m attends, ascending. The deterministic backward lets the writers of one dQ block add in that order."""
+    dense = mask.to_dense().to(torch.int32)  # [B|1, H|1, M, N]
+    rank = (dense.cumsum(-1, dtype=torch.int32) - dense).transpose(-1, -2)  # [.., N, M]: rank[n, m]
+    order = torch.gather(rank, -1, q_indices.long()).to(torch.int32)
+    valid = torch.arange(q_indices.shape[-1], device=q_indices.device) < mask.q_num_blocks.unsqueeze(-1)
+    return torch.where(valid, order, torch.zeros_like(order)).contiguous()
+
+
+def _convert(mask: BlockSparseMask) -> tuple[FA4SparseTensors, FA4SparseTensors]:
+    fwd_cnt = mask.kv_num_blocks.to(torch.int32).contiguous()
+    fwd_idx = _compact(fwd_cnt, mask.kv_indices)
+    bwd_cnt = mask.q_num_blocks.to(torch.int32).contiguous()
+    bwd_idx = _compact(bwd_cnt, mask.q_indices)
+    fwd_empty_cnt, fwd_empty_idx = _empty_lists(fwd_cnt)
+    bwd_empty_cnt, bwd_empty_idx = _empty_lists(bwd_cnt)
+    block_size = tuple(mask.block_size)
+    forward = FA4SparseTensors(fwd_empty_cnt, fwd_empty_idx, fwd_cnt, fwd_idx, block_size)
+    backward = FA4SparseTensors(
+        bwd_empty_cnt, bwd_empty_idx, bwd_cnt, bwd_idx, block_size,
+        dq_write_order=torch.zeros_like(bwd_empty_idx),
+        dq_write_order_full=_dq_write_order(mask, bwd_idx),
+        spt=False,
+    )
+    return forward, backward
+
+
+def to_fa4_tensors(
+    mask: BlockSparseMask, batch: int | None = None, heads: int | None = None, *, expand: bool = False
+) -> tuple[FA4SparseTensors, FA4SparseTensors]:
+    """FA4's forward and backward block-sparse tensors for `mask` (every kept block a "full" block).
+
+    `batch`/`heads` (query heads) are checked against the mask's broadcast dims (1 or equal). The tensors keep
+    the mask's size-1 dims, which FA4 expands itself (and which keep its pack-GQA path); `expand=True` returns
+    `(batch, heads)`-sized stride-0 views instead. The conversion is cached on the mask.
+    """
+    if not isinstance(mask, BlockSparseMask):
+        raise TypeError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
+    mask_batch, mask_heads = mask.shape[:2]
+    for name, want, have in (("batch", batch, mask_batch), ("heads", heads, mask_heads)):
+        if want is not None and have not in (1, want):
+            raise ValueError(f"mask: {name} dim is {have}, expected 1 or {want}")
+    pair = _CONVERSIONS.get(mask)
+    if pair is None:
+        pair = _CONVERSIONS[mask] = _convert(mask)
+    if not expand:
+        return pair
+    if batch is None or heads is None:
+        raise ValueError("to_fa4_tensors: expand=True needs batch and heads")
+
+    def grow(t: FA4SparseTensors) -> FA4SparseTensors:
+        values = {f.name: getattr(t, f.name) for f in fields(t)}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                values[name] = value.expand(batch, heads, *value.shape[2:])
+        return FA4SparseTensors(**values)
+
+    return grow(pair[0]), grow(pair[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# capability
+
+
+@dataclass(frozen=True)
+class FA4Tiles:
+    """The tiles FA4 picks for a block-sparse call: forward `(tile_m * q_stage, tile_n)`, backward
+    `(tile_m, tile_n)`, and whether kv blocks may span several tiles (sm100) or must equal one (sm90)."""
+
+    forward: tuple[int, int]
+    backward: tuple[int, int]
+    kv_multiple: bool
+
+
+def fa4_tiles(arch: int, head_dim: int, block_size: tuple[int, int], q_len: int, groups: int) -> FA4Tiles | str:
+    """The tiles FA4 4.0.0b36 chooses for a non-causal block-sparse call with `block_size=(q_block, kv_block)`,
+    or why it does not run (head dim). Reimplements its selection rules (`_tile_size_fwd_sm90`,
+    `_fit_sm90_fwd_tile_to_block_sparsity`, `_tile_size_bwd_sm90`, the sm100 defaults) for head_dim == head_dim_v.
+    `groups`: query heads per kv head (FA4 sizes its sm100 Q stages on q_len * groups)."""
+    q_block, kv_block = block_size
+    if arch // 10 == 9:
+        if not (8 <= head_dim <= 256 and head_dim % 8 == 0):
+            return f"head_dim {head_dim}: FA4 on sm90 takes 8..256, a multiple of 8"
+        # forward: base tile per head dim, then tile_m 64 if the q block is no multiple of it, tile_n shrunk to a
+        # smaller kv block (FA4 then requires kv_block == tile_n on sm90)
+        if head_dim <= 96:  # 192-row tiles when the q block allows them (192 x 144 for head_dim 65..96)
+            wide = q_block % 192 == 0
+            tile_m, tile_n = (192 if wide else 128), (144 if wide and head_dim > 64 else 128)
+        elif head_dim <= 192:  # 128 x 128; 128 x 112 when head_dim_v (== head_dim here) exceeds 128
+            tile_m, tile_n = 128, (128 if head_dim <= 128 else 112)
+        else:
+            tile_m, tile_n = 128, 80
+        if q_block % tile_m and q_block % 64 == 0:
+            tile_m = 64
+        if kv_block < tile_n and kv_block % 16 == 0:
+            tile_n = kv_block
+        # backward
+        if head_dim <= 64:
+            bwd = (128, 128)
+        elif head_dim <= 96:
+            bwd = (64, 128)
+        elif head_dim <= 128:
+            bwd = (80 if q_block % 80 == 0 else 64, 128)
+        elif head_dim <= 192:
+            bwd = (64, 96)
+        else:
+            bwd = (64, 64)
+        return FA4Tiles((tile_m, tile_n), bwd, kv_multiple=False)
+    if arch // 10 in (10, 11):
+        if not (8 <= head_dim <= 128 and head_dim % 8 == 0):
+            return f"head_dim {head_dim}: the adapter runs FA4 on sm100 for 8..128, a multiple of 8"
+        q_stage = 2 if q_len * groups > 128 else 1
+        return FA4Tiles((128 * q_stage, 128), (128, 128), kv_multiple=True)
+    return f"sm{arch}: FA4's block-sparse forward and backward run on sm90 and sm100/sm110"
+
+
+def fa4_supports(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, *,
+    backward: bool | None = None, deterministic: bool = False, arch: int | None = None,
+) -> tuple[bool, str]:
+    """Whether `fa4_block_sparse_attention(q, k, v, mask, ...)` runs on FA4 here, and why not.
+
+    `backward`: check the backward's tiles too (default: when autograd will need them: grad mode on and q, k or
+    v requires grad). `deterministic`: a bitwise reproducible backward is required (FA4 has it on sm100 only).
+    `arch` (e.g. 90, 100): judge the case as on that architecture, skipping the device and import checks
+    (planning, tests).
+    Inputs are (B, H, L, D) as `block_sparse_attention` takes them (already validated by it).
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not isinstance(mask, BlockSparseMask):
+        return False, "q, k, v must be tensors and mask a BlockSparseMask"
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES):
+        return False, f"dtype {q.dtype}: FA4's block-sparse path takes float16 or bfloat16"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False, "the FA4 adapter takes (batch, heads, tokens, head_dim) tensors"
+    if q.numel() == 0 or k.numel() == 0:
+        return False, "empty inputs (nothing to launch; the reference returns them)"
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if v.shape[-1] != head_dim or k.shape[-1] != head_dim:
+        return False, f"head dims q {head_dim}, k {k.shape[-1]}, v {v.shape[-1]}: the adapter runs equal head dims"
+    if kv_heads < 1 or heads % kv_heads:
+        return False, f"q heads {heads} not a multiple of k/v heads {kv_heads}"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return False, "q, k, v need a contiguous last dim (stride 1) for FA4's TMA loads"
+    if arch is None:
+        if not (q.is_cuda and k.is_cuda and v.is_cuda and mask.device.type == "cuda"):
+            return False, f"tensors are on {q.device}, mask on {mask.device}: FA4 needs CUDA tensors"
+        ok, reason = fa4_available(q.device)
+        if not ok:
+            return False, reason
+        arch = _arch(q.device)
+    tiles = fa4_tiles(arch, head_dim, mask.block_size, q_len, heads // kv_heads)
+    if isinstance(tiles, str):
+        return False, tiles
+    if backward is None:
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    q_block, kv_block = mask.block_size
+    checks = [("forward", tiles.forward)] + ([("backward", tiles.backward)] if backward else [])
+    for name, (tile_m, tile_n) in checks:
+        if q_block % tile_m:
+            return False, (f"q block {q_block}: FA4's {name} on sm{arch} (head_dim {head_dim}) needs a multiple "
+                           f"of tile_m={tile_m}")
+        if (kv_block % tile_n != 0) if tiles.kv_multiple else (kv_block != tile_n):
+            need = f"a multiple of tile_n={tile_n}" if tiles.kv_multiple else f"kv block == tile_n={tile_n}"
+            return False, f"kv block {kv_block}: FA4's {name} on sm{arch} (head_dim {head_dim}) needs {need}"
+    if not tiles.kv_multiple and tiles.forward[1] < _MIN_TILE_N:
+        return False, (f"kv block {kv_block}: FA4's sm90 forward would run tile_n={tiles.forward[1]} "
+                       f"(< {_MIN_TILE_N}, unmeasured)")
+    if backward and deterministic and arch // 10 == 9:
+        return False, "a deterministic block-sparse backward is not implemented in FA4 on sm90"
+    backward_tile = f", backward tile {tiles.backward}" if backward else ""
+    return True, f"FA4 on sm{arch}: forward tile {tiles.forward}{backward_tile}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the call
+
+
+def fa4_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float,
+    *, deterministic: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention on FA4: q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)` -> `(out (B, Hq, Lq, D), lse
+    (B, Hq, Lq) float32, natural log, -inf on rows with no block)`, differentiable in q, k, v (and through lse)
+    by FA4's own autograd Function. Check `fa4_supports` first.
+
+    `deterministic`: None takes a reproducible backward where FA4 has one for block sparsity (sm100/sm110) and
+    its atomic one on sm90; True on sm90 is an error.
+    """
+    from flash_attn.cute import flash_attn_func
+
+    arch = _arch(q.device)
+    if deterministic is None:
+        deterministic = arch // 10 != 9
+    elif deterministic and arch // 10 == 9:
+        raise ValueError("deterministic=True: FA4 has no deterministic block-sparse backward on sm90")
+    forward, backward = to_fa4_tensors(mask, q.shape[0], q.shape[1])
+    # (B, H, L, D) -> (B, L, H, D) as strided views: FA4 keeps any layout with a unit last stride and 16-byte
+    # aligned strides, and copies only otherwise.
+    out, lse = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        softmax_scale=float(scale),
+        deterministic=deterministic,
+        block_sparse_tensors=forward.to_flash(deterministic=False),
+        block_sparse_tensors_bwd=backward.to_flash(deterministic=deterministic),
+        return_lse=True,
+    )
+    return out.transpose(1, 2), lse

@@ -1,0 +1,317 @@
+"""The FlashAttention-4 adapter: its conversion of a BlockSparseMask into FA4's block-sparse tensors (CPU, checked
+against an oracle built here from the bool block matrix), its capability predicate, and, on a Hopper/Blackwell GPU
+with flash_attn.cute installed, its results against mmattn's float64 reference (tests named `gpu`)."""
+
+import math
+
+import pytest
+import torch
+
+from mmattn.kernels import BlockSparseMask, reference
+from mmattn.kernels.fa4 import fa4_available, fa4_block_sparse_attention, fa4_supports, fa4_tiles, to_fa4_tensors
+
+from .helpers import random_qkv
+
+
+def random_blocks(batch, heads, n_q, n_kv, seed, density=0.4):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.rand((batch, heads, n_q, n_kv), generator=g) < density
+    blocks[..., -1, -1] = True  # the partial corner block
+    if n_q > 1:
+        blocks[..., 0, :] = False  # a query block with no key block
+    return blocks
+
+
+def lists_to_dense(counts, indices, n_cols):
+    """Oracle: the dense bool matrix a CSR (counts, indices) pair lists, read entry by entry, checking that each
+    row's entries are strictly increasing (FA4 masks key positions past kv_len only in the last entry of a row)."""
+    out = torch.zeros(*counts.shape, n_cols, dtype=torch.bool)
+    for pos in torch.cartesian_prod(*(torch.arange(s) for s in counts.shape)).view(-1, counts.dim()).tolist():
+        row = indices[tuple(pos)][: int(counts[tuple(pos)])].tolist()
+        assert row == sorted(set(row)), f"row {pos}: {row} is not strictly increasing"
+        for c in row:
+            assert 0 <= c < n_cols
+            out[tuple(pos) + (c,)] = True
+    return out
+
+
+CASES = [
+    # (mask batch, mask heads, q_len, kv_len, block_size)
+    (1, 1, 512, 512, (128, 128)),
+    (2, 3, 1000, 700, (128, 128)),  # both lengths partial
+    (1, 4, 300, 200, (64, 128)),  # rectangular blocks, partial
+    (2, 1, 100, 90, (128, 128)),  # a single partial block each way
+    (1, 2, 640, 1024, (192, 64)),
+]
+
+
+@pytest.mark.parametrize("batch,heads,q_len,kv_len,block_size", CASES)
+def test_conversion_matches_block_matrix(batch, heads, q_len, kv_len, block_size):
+    n_q, n_kv = math.ceil(q_len / block_size[0]), math.ceil(kv_len / block_size[1])
+    blocks = random_blocks(batch, heads, n_q, n_kv, seed=q_len + kv_len)
+    mask = BlockSparseMask.from_dense(blocks, block_size, q_len, kv_len)
+    fwd, bwd = to_fa4_tensors(mask, batch=2 * batch if batch == 1 else batch, heads=heads)
+    for t in (fwd, bwd):
+        assert t.block_size == block_size
+        for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx"):
+            tensor = getattr(t, name)
+            assert tensor.dtype == torch.int32 and tensor.is_contiguous(), name
+            assert tensor.shape[:2] == (batch, heads), f"{name}: broadcast dims kept"
+        # every kept block is a full block; the mask lists are there but empty
+        assert int(t.mask_block_cnt.abs().sum()) == 0
+    assert fwd.full_block_cnt.shape == (batch, heads, n_q) and bwd.full_block_cnt.shape == (batch, heads, n_kv)
+    assert fwd.full_block_idx.shape[2] == n_q and fwd.full_block_idx.shape[3] <= n_kv
+    assert bwd.full_block_idx.shape[2] == n_kv and bwd.full_block_idx.shape[3] <= n_q
+    assert torch.equal(lists_to_dense(fwd.full_block_cnt, fwd.full_block_idx, n_kv), blocks)
+    assert torch.equal(lists_to_dense(bwd.full_block_cnt, bwd.full_block_idx, n_q), blocks.transpose(-1, -2))
+    assert fwd.dq_write_order is None and bwd.spt is False
+
+
+@pytest.mark.parametrize("batch,heads,q_len,kv_len,block_size", CASES)
+def test_dq_write_order_is_rank_among_writers(batch, heads, q_len, kv_len, block_size):
+    n_q, n_kv = math.ceil(q_len / block_size[0]), math.ceil(kv_len / block_size[1])
+    blocks = random_blocks(batch, heads, n_q, n_kv, seed=7 * q_len + kv_len, density=0.6)
+    _, bwd = to_fa4_tensors(BlockSparseMask.from_dense(blocks, block_size, q_len, kv_len))
+    assert bwd.dq_write_order.shape == bwd.mask_block_idx.shape
+    assert bwd.dq_write_order_full.shape == bwd.full_block_idx.shape
+    assert bwd.dq_write_order_full.dtype == torch.int32 and bwd.dq_write_order_full.is_contiguous()
+    for b in range(batch):
+        for h in range(heads):
+            for n in range(n_kv):
+                for i in range(int(bwd.full_block_cnt[b, h, n])):
+                    m = int(bwd.full_block_idx[b, h, n, i])
+                    writers_before = int(blocks[b, h, m, :n].sum())
+                    assert int(bwd.dq_write_order_full[b, h, n, i]) == writers_before, (b, h, n, i)
+
+
+def test_partial_last_block_is_last_entry():
+    """FA4 applies the key-length mask to the last entry of a row only: a kept partial block must sit there."""
+    blocks = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    fwd, _ = to_fa4_tensors(BlockSparseMask.from_dense(blocks, (64, 64), q_len=150, kv_len=200))
+    assert fwd.full_block_cnt.tolist() == [[[4, 4, 4]]]
+    assert fwd.full_block_idx[0, 0, :, 3].tolist() == [3, 3, 3]
+
+
+def test_broadcast_expand_and_cache():
+    blocks = random_blocks(1, 1, 4, 4, seed=1)
+    mask = BlockSparseMask.from_dense(blocks, 128)
+    first = to_fa4_tensors(mask, 2, 8)
+    assert to_fa4_tensors(mask) is first, "cached on the mask"
+    fwd, bwd = to_fa4_tensors(mask, 2, 8, expand=True)
+    assert fwd.full_block_cnt.shape == (2, 8, 4) and bwd.dq_write_order_full.shape[:2] == (2, 8)
+    assert fwd.full_block_cnt.stride()[:2] == (0, 0), "expanded as views, not copies"
+    assert torch.equal(fwd.full_block_idx[1, 5], first[0].full_block_idx[0, 0])
+    with pytest.raises(ValueError, match="heads"):
+        to_fa4_tensors(BlockSparseMask.from_dense(random_blocks(1, 3, 4, 4, seed=2), 128), 1, 4)
+
+
+def test_all_empty_mask():
+    mask = BlockSparseMask.from_dense(torch.zeros(2, 2, dtype=torch.bool), 128)
+    fwd, bwd = to_fa4_tensors(mask)
+    assert int(fwd.full_block_cnt.sum()) == 0 and fwd.full_block_idx.shape[-1] == 1
+    assert int(bwd.full_block_cnt.sum()) == 0 and bwd.dq_write_order_full.shape[-1] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# capability
+
+
+def qkv_mask(heads=4, kv_heads=4, q_len=1024, kv_len=1024, head_dim=128, block=(128, 128), dtype=torch.bfloat16):
+    q, k, v = random_qkv(1, heads, kv_heads, q_len, kv_len, head_dim, dtype)
+    blocks = torch.ones(math.ceil(q_len / block[0]), math.ceil(kv_len / block[1]), dtype=torch.bool)
+    return q, k, v, BlockSparseMask.from_dense(blocks, block, q_len, kv_len)
+
+
+def test_supports_needs_cuda():
+    ok, reason = fa4_supports(*qkv_mask())
+    assert not ok and "CUDA" in reason
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+def test_supports_reasons(arch):
+    q_block = 128 if arch == 90 else 256  # sm100 runs two 128-row Q stages
+    ok, reason = fa4_supports(*qkv_mask(block=(q_block, 128)), arch=arch, backward=True)
+    assert ok and f"sm{arch}" in reason, reason
+    ok, reason = fa4_supports(*qkv_mask(block=(q_block, 128), dtype=torch.float32), arch=arch)
+    assert not ok and "dtype" in reason
+    ok, reason = fa4_supports(*qkv_mask(block=(q_block, 128), head_dim=512), arch=arch)
+    assert not ok and "head_dim 512" in reason
+    ok, reason = fa4_supports(*qkv_mask(block=(q_block, 128), heads=6, kv_heads=4), arch=arch)
+    assert not ok and "multiple of k/v heads" in reason
+    q, k, v, mask = qkv_mask(block=(q_block, 128))
+    ok, reason = fa4_supports(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, mask, arch=arch)
+    assert not ok and "last dim" in reason
+    ok, reason = fa4_supports(*qkv_mask(block=(96, 128)), arch=arch, backward=False)
+    assert not ok and "q block 96" in reason
+    ok, reason = fa4_supports(*qkv_mask(block=(q_block, 48)), arch=arch, backward=True)
+    assert not ok and "kv block 48" in reason
+    ok, reason = fa4_supports(*qkv_mask(block=(q_block, 128), heads=8, kv_heads=2), arch=arch, backward=True)
+    assert ok, f"GQA: {reason}"
+
+
+def test_supports_sm90_specifics():
+    # forward shrinks tile_n to a 64 kv block, the backward keeps 128
+    assert fa4_supports(*qkv_mask(block=(128, 64)), arch=90, backward=False)[0]
+    ok, reason = fa4_supports(*qkv_mask(block=(128, 64)), arch=90, backward=True)
+    assert not ok and "backward" in reason and "tile_n=128" in reason
+    # head_dim <= 64: the backward's tile_m is 128
+    assert fa4_supports(*qkv_mask(head_dim=64, block=(64, 128)), arch=90, backward=False)[0]
+    ok, reason = fa4_supports(*qkv_mask(head_dim=64, block=(64, 128)), arch=90, backward=True)
+    assert not ok and "tile_m=128" in reason
+    ok, reason = fa4_supports(*qkv_mask(), arch=90, backward=True, deterministic=True)
+    assert not ok and "deterministic" in reason
+    assert fa4_supports(*qkv_mask(head_dim=256, block=(128, 64)), arch=90, backward=True)[0]
+    assert fa4_supports(*qkv_mask(head_dim=192, block=(128, 96)), arch=90, backward=True)[0]
+    ok, reason = fa4_supports(*qkv_mask(block=(128, 32)), arch=90, backward=False)
+    assert not ok and "unmeasured" in reason
+
+
+def test_supports_sm100_specifics():
+    # two 128-row Q stages once q_len * groups > 128: the q block must hold both
+    ok, reason = fa4_supports(*qkv_mask(block=(128, 128)), arch=100, backward=False)
+    assert not ok and "tile_m=256" in reason
+    assert fa4_supports(*qkv_mask(q_len=128, block=(128, 128)), arch=100, backward=True)[0]
+    assert fa4_supports(*qkv_mask(block=(256, 384)), arch=100, backward=True, deterministic=True)[0]
+    ok, reason = fa4_supports(*qkv_mask(head_dim=256, block=(256, 128)), arch=100)
+    assert not ok and "head_dim 256" in reason
+
+
+@pytest.mark.parametrize(
+    "head_dim,block,forward,backward",
+    [
+        (64, (128, 128), (128, 128), (128, 128)),
+        (64, (192, 128), (192, 128), (128, 128)),
+        (96, (192, 128), (192, 128), (64, 128)),
+        (128, (128, 128), (128, 128), (64, 128)),
+        (128, (320, 128), (64, 128), (80, 128)),
+        (128, (256, 64), (128, 64), (64, 128)),
+        (192, (128, 96), (128, 96), (64, 96)),
+        (256, (128, 64), (128, 64), (64, 64)),
+    ],
+)
+def test_sm90_tiles(head_dim, block, forward, backward):
+    tiles = fa4_tiles(90, head_dim, block, 4096, 1)
+    assert (tiles.forward, tiles.backward, tiles.kv_multiple) == (forward, backward, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: against the float64 reference
+
+
+def gpu_ready():
+    ok, reason = fa4_available() if torch.cuda.is_available() else (False, "no CUDA")
+    return ok, reason
+
+
+def band_mask(heads, q_len, kv_len, block, width=1):
+    n_q, n_kv = math.ceil(q_len / block[0]), math.ceil(kv_len / block[1])
+    rows = torch.arange(n_q)[:, None] * n_kv // n_q
+    blocks = (torch.arange(n_kv)[None, :] - rows).abs() <= width
+    blocks[0] = False  # a fully masked query block
+    return BlockSparseMask.from_dense(blocks.expand(heads, -1, -1).clone(), block, q_len, kv_len)
+
+
+def run(fn, q, k, v, grad_out, grad_lse):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    finite = torch.isfinite(lse)
+    loss = (out.double() * grad_out).sum() + (torch.where(finite, lse, 0).double() * grad_lse).sum()
+    loss.backward()
+    return out, lse, q.grad, k.grad, v.grad
+
+
+def gpu_case(mask, heads, kv_heads, q_len, kv_len, head_dim, seed):
+    arch = torch.cuda.get_device_capability()
+    q, k, v = (t.cuda() for t in random_qkv(2, heads, kv_heads, q_len, kv_len, head_dim, torch.bfloat16, seed=seed))
+    mask = mask.to("cuda")
+    ok, reason = fa4_supports(q.requires_grad_(), k, v, mask)
+    assert ok, reason
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64).cuda()
+    grad_lse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64).cuda()
+    scale = head_dim**-0.5
+    ours = run(lambda *t: fa4_block_sparse_attention(*t, mask, scale), q, k, v, grad_out, grad_lse)
+    naive = run(lambda *t: reference.block_sparse_attention(*t, mask, scale), q, k, v, grad_out, grad_lse)
+    exact = run(lambda *t: reference.block_sparse_attention(*t, mask, scale), q.double(), k.double(), v.double(),
+                grad_out, grad_lse)
+    empty = ~torch.isfinite(exact[1])
+    assert torch.equal(~torch.isfinite(ours[1]), empty), f"lse -inf rows differ (arch {arch})"
+    assert (ours[1][empty] == float("-inf")).all()
+    assert (ours[0][empty] == 0).all(), "empty rows give out = 0"
+    for name, a, n, e in zip(("out", "lse", "dq", "dk", "dv"), ours, naive, exact):
+        a, n, e = (torch.where(torch.isfinite(t), t, 0).double() for t in (a, n, e))
+        assert torch.isfinite(a).all(), name
+        err, naive_err = (a - e).abs().max().item(), (n - e).abs().max().item()
+        assert err <= 2 * naive_err + 2e-3, f"{name}: {err:.3g} vs naive bf16 {naive_err:.3g}"
+
+
+def gpu_block():
+    """Blocks both passes of FA4 take for head_dim 128: (128, 128) on sm90; two Q stages on sm100."""
+    return (256, 128) if torch.cuda.get_device_capability()[0] >= 10 else (128, 128)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1024, 1024), (1000, 1100), (777, 300)])
+def test_fa4_gpu_band(q_len, kv_len):
+    ok, reason = gpu_ready()
+    if not ok:
+        pytest.skip(reason)
+    block = gpu_block()
+    gpu_case(band_mask(4, q_len, kv_len, block), 4, 4, q_len, kv_len, 128, seed=q_len)
+
+
+@pytest.mark.parametrize("mask_heads,kv_heads", [(8, 8), (1, 2), (8, 2)])
+def test_fa4_gpu_random_gqa(mask_heads, kv_heads):
+    ok, reason = gpu_ready()
+    if not ok:
+        pytest.skip(reason)
+    block, q_len, kv_len = gpu_block(), 1500, 1300
+    blocks = random_blocks(1, mask_heads, math.ceil(q_len / block[0]), math.ceil(kv_len / block[1]), seed=kv_heads)
+    mask = BlockSparseMask.from_dense(blocks, block, q_len, kv_len)
+    gpu_case(mask, 8, kv_heads, q_len, kv_len, 128, seed=mask_heads)
+
+
+def test_fa4_gpu_forward_only_small_kv_block():
+    ok, reason = gpu_ready()
+    if not ok or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(reason if not ok else "sm90 forward tile shrink")
+    q, k, v = (t.cuda() for t in random_qkv(1, 4, 4, 1000, 1000, 128, torch.bfloat16))
+    mask = band_mask(4, 1000, 1000, (128, 64)).to("cuda")
+    with torch.no_grad():
+        assert fa4_supports(q, k, v, mask)[0]
+        out, lse = fa4_block_sparse_attention(q, k, v, mask, 128**-0.5)
+    exact_out, exact_lse = reference.block_sparse_attention(q.double(), k.double(), v.double(), mask, 128**-0.5)
+    assert (out.double() - exact_out).abs().max() < 2e-2
+    finite = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[finite].double() - exact_lse[finite]).abs().max() < 1e-2
+
+
+def test_to_flash_field_names(monkeypatch):
+    """`to_flash` fills FA4's NamedTuple by field name: a stand-in with 4.0.0b36's fields catches a misspelling."""
+    import sys
+    import types
+    from typing import NamedTuple
+
+    class BlockSparseTensorsTorch(NamedTuple):  # the field list of flash_attn/cute/block_sparsity.py, 4.0.0b36
+        mask_block_cnt: object
+        mask_block_idx: object
+        full_block_cnt: object = None
+        full_block_idx: object = None
+        cu_total_m_blocks: object = None
+        cu_block_idx_offsets: object = None
+        block_size: object = None
+        dq_write_order: object = None
+        dq_write_order_full: object = None
+        spt: object = None
+
+    module = types.ModuleType("flash_attn.cute.block_sparsity")
+    module.BlockSparseTensorsTorch = BlockSparseTensorsTorch
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.block_sparsity", module)
+    fwd, bwd = to_fa4_tensors(BlockSparseMask.from_dense(random_blocks(1, 2, 3, 3, seed=3), 128))
+    flash = bwd.to_flash(deterministic=True)
+    assert flash.full_block_idx is bwd.full_block_idx and flash.dq_write_order_full is bwd.dq_write_order_full
+    assert flash.block_size == (128, 128) and flash.spt is False and flash.cu_total_m_blocks is None
+    plain = bwd.to_flash(deterministic=False)
+    assert plain.dq_write_order is None and plain.dq_write_order_full is None and plain.spt is None
+    assert fwd.to_flash(deterministic=False).mask_block_cnt is fwd.mask_block_cnt

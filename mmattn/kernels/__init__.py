@@ -1,5 +1,5 @@
 """mmattn's shared kernel layer: block-sparse, neighborhood, routed and column-set attention with Triton,
-FlexAttention and exact torch backends.
+FlexAttention and exact torch backends (and FlashAttention-4 for block-sparse attention where it is installed).
 
 Tensors use the SDPA layout `(batch, heads, tokens, head_dim)`; spatial kernels take
 `(batch, heads, *spatial, head_dim)`.
@@ -18,6 +18,8 @@ Every kernel family has the same shape, and a new kernel follows it:
 - `reference.py`: the exact PyTorch implementation, the `"torch"` backend and the tests' oracle.
 - `backends.py`: the family's entry in `REGISTRY` (its backends, fastest first) and, for a new backend, its
   capability predicate `can_run_<backend>`; `supported_backends(family, q)` then lists it and `"auto"` may pick it.
+- An outside library's kernel gets an adapter module beside them (`fa4.py`: FlashAttention-4's block-sparse
+  kernels, with its capability check `fa4_supports` and its custom ops from `kernel_op`).
 - The data a kernel takes: `mask.py` (`BlockSparseMask`), `neighborhood.py` (`Neighborhood`); `flex.py` runs both
   through FlexAttention; `distributed.py` adds context parallelism over any `BlockSparseMask`.
 """

@@ -1,12 +1,14 @@
 """The backend registry: which backends run each kernel family, where, and which one `backend="auto"` takes.
 
 Every public kernel function takes `backend=`: `"auto"` or one of its family's backends in `REGISTRY`. Each
-backend has a capability predicate, `can_run_<backend>(family, q)` (as NATTEN's `can_run_*`), that says whether it
-runs a case (device, dtype, head dim) here; `supported_backends(family, q)` lists the backends that do, fastest
-first, and `"auto"` takes the first. On CUDA the order is the registry's (our Triton kernels, then FlexAttention,
-then the reference); elsewhere the reference comes first, since Triton runs there only interpreted
-(`TRITON_INTERPRET=1`, exact but slow) and FlexAttention only eagerly (unfused). `resolve_backend` turns a user's
-choice into the backend to run: an explicit backend that cannot run the case is an error naming `backend`.
+backend has a capability predicate, `can_run_<backend>(family, q, **case)` (as NATTEN's `can_run_*`), that says
+whether it runs a case (device, dtype, head dim; for FlashAttention-4 also k, v and the mask's block sizes, passed
+as `case`) here; `supported_backends(family, q, **case)` lists the backends that do, fastest first, and `"auto"`
+takes the first. On CUDA the order is the registry's (FlashAttention-4 for block-sparse attention where
+`flash_attn.cute` imports, our Triton kernels, FlexAttention, the reference); elsewhere the reference comes first,
+since Triton runs there only interpreted (`TRITON_INTERPRET=1`, exact but slow) and FlexAttention only eagerly
+(unfused). `resolve_backend` turns a user's choice into the backend to run: an explicit backend that cannot run
+the case is an error naming `backend`; what `"auto"` took is logged at DEBUG level (logger `mmattn.kernels`).
 `backend_info` (the `mmattn info` table) says per device which backends run at all.
 
 Everything a public function calls here is plain Python on tensor attributes, so torch.compile traces it.
@@ -15,6 +17,7 @@ Everything a public function calls here is plain Python on tensor attributes, so
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -27,6 +30,7 @@ __all__ = [
     "REGISTRY",
     "backend_choices",
     "backend_info",
+    "can_run_fa4",
     "can_run_flex",
     "can_run_torch",
     "can_run_triton",
@@ -39,21 +43,20 @@ FAMILIES = ("block_sparse", "na", "routed", "column_sets")
 """The kernel families, one public module each (`block_sparse.py`, `na.py`, `routed.py`, `column_sets.py`)."""
 
 REGISTRY: dict[str, tuple[str, ...]] = {
-    # A FlashAttention-4 backend for block-sparse attention goes first here ("fa4", "triton", ...), with its
-    # predicate `can_run_fa4` in _PREDICATES, its name in BACKENDS and its branch in block_sparse.py.
-    "block_sparse": ("triton", "flex", "torch"),
+    "block_sparse": ("fa4", "triton", "flex", "torch"),
     "na": ("triton", "flex", "torch"),
     "routed": ("triton", "torch"),
     "column_sets": ("triton", "torch"),
 }
 """Per family, its backends in preference order on a GPU (fastest first); "torch" (the exact reference) runs all."""
 
-BACKENDS = ("auto", "triton", "flex", "torch")
+BACKENDS = ("auto", "fa4", "triton", "flex", "torch")
 """Every value a `backend=` argument may take (each family takes "auto" and its own, `backend_choices`)."""
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Triton runs its interpreter on the CPU (read once: triton reads it when imported)."""
 
+_log = logging.getLogger("mmattn.kernels")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,35 +108,62 @@ def _torch_problem(family: str, q: torch.Tensor) -> _Problem:
     return None
 
 
-def _can_run(name: str, problem: Callable[[str, torch.Tensor], _Problem], family: str, q: torch.Tensor,
-             raise_error: bool) -> bool:
+def _fa4_problem(family: str, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                 mask=None) -> _Problem:
+    if q.device.type != "cuda":
+        return ValueError, f"cannot run here: {q.device} is not CUDA (FA4's CuTe kernels run on sm90/sm100 GPUs)"
+    from .fa4 import fa4_available, fa4_supports
+
+    ok, reason = fa4_available(q.device)
+    if not ok:
+        return ValueError, f"cannot run here: {reason}"
+    if mask is not None:
+        ok, reason = fa4_supports(q, k, v, mask, deterministic=torch.are_deterministic_algorithms_enabled())
+        if not ok:
+            return ValueError, f"cannot run this case: {reason}"
+    return None
+
+
+def _can_run(name: str, problem: Callable[..., _Problem], family: str, q: torch.Tensor, raise_error: bool,
+             **case) -> bool:
     found = None if name in _registered(family) else (ValueError, f"has no {family} kernel")
-    found = found or problem(family, q)
+    found = found or problem(family, q, **case)
     if found is not None and raise_error:
         error, reason = found
         raise error(f"backend={name!r} {reason}")
     return found is None
 
 
-def can_run_triton(family: str, q: torch.Tensor, *, raise_error: bool = False) -> bool:
+def can_run_fa4(family: str, q: torch.Tensor, *, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                mask=None, raise_error: bool = False) -> bool:
+    """Whether FlashAttention-4's block-sparse kernels (`fa4.py`) run `family` on tensors like `q`: a Hopper or
+    Blackwell GPU where `flash_attn.cute` imports; given `k`, `v` and `mask`, also this case (dtype, head dims,
+    block sizes against FA4's tiles, and a deterministic backward when torch asks for deterministic algorithms:
+    `fa4.fa4_supports`)."""
+    return _can_run("fa4", _fa4_problem, family, q, raise_error, k=k, v=v, mask=mask)
+
+
+def can_run_triton(family: str, q: torch.Tensor, *, raise_error: bool = False, **case) -> bool:
     """Whether our Triton kernels run `family` on tensors like `q` here: a CUDA device (or the CPU under
     `TRITON_INTERPRET=1`), float16/bfloat16/float32, a head dim the kernels take. With `raise_error`, a
     ValueError/TypeError naming `backend` says why not."""
     return _can_run("triton", _triton_problem, family, q, raise_error)
 
 
-def can_run_flex(family: str, q: torch.Tensor, *, raise_error: bool = False) -> bool:
+def can_run_flex(family: str, q: torch.Tensor, *, raise_error: bool = False, **case) -> bool:
     """Whether FlexAttention runs `family` (block-sparse and neighborhood attention) on tensors like `q`: torch has it;
     on CUDA it compiles to Triton (triton installed; float16/bfloat16/float32)."""
     return _can_run("flex", _flex_problem, family, q, raise_error)
 
 
-def can_run_torch(family: str, q: torch.Tensor, *, raise_error: bool = False) -> bool:
+def can_run_torch(family: str, q: torch.Tensor, *, raise_error: bool = False, **case) -> bool:
     """The exact reference runs every family on every device and dtype."""
     return _can_run("torch", _torch_problem, family, q, raise_error)
 
 
-_PREDICATES: dict[str, Callable[..., bool]] = {"triton": can_run_triton, "flex": can_run_flex, "torch": can_run_torch}
+_PREDICATES: dict[str, Callable[..., bool]] = {
+    "fa4": can_run_fa4, "triton": can_run_triton, "flex": can_run_flex, "torch": can_run_torch,
+}
 
 
 def backend_choices(family: str) -> tuple[str, ...]:
@@ -148,28 +178,33 @@ def check_backend(backend: str, choices: tuple[str, ...]) -> str:
     return backend
 
 
-def _supported(family: str, q: torch.Tensor) -> Iterator[str]:
+def _supported(family: str, q: torch.Tensor, **case) -> Iterator[str]:
     backends = _registered(family)
     if q.device.type != "cuda":
         backends = ("torch", *(name for name in backends if name != "torch"))
-    return (name for name in backends if _PREDICATES[name](family, q))
+    return (name for name in backends if _PREDICATES[name](family, q, **case))
 
 
-def supported_backends(family: str, q: torch.Tensor) -> tuple[str, ...]:
+def supported_backends(family: str, q: torch.Tensor, **case) -> tuple[str, ...]:
     """The backends that run `family` on tensors like `q` here, in the order `"auto"` prefers them (fastest first;
-    "torch" always last on CUDA, first elsewhere)."""
-    return tuple(_supported(family, q))
+    "torch" always last on CUDA, first elsewhere). `case`: the call's other inputs a predicate looks at (block-
+    sparse attention: `k`, `v`, `mask`); without them FA4 is judged on the device alone."""
+    return tuple(_supported(family, q, **case))
 
 
-def resolve_backend(family: str, backend: str, q: torch.Tensor) -> str:
-    """The backend to run `family` on `q`: `"auto"` takes the first of `supported_backends`; an explicit choice that
-    cannot run here is a clear error. An empty `q` (a batch of 0) runs torch, whose reference returns the empty
-    result, as SDPA does: there is nothing for a kernel to launch."""
+def resolve_backend(family: str, backend: str, q: torch.Tensor, **case) -> str:
+    """The backend to run `family` on `q` (and the other inputs in `case`, see `supported_backends`): `"auto"` takes
+    the first of `supported_backends`; an explicit choice that cannot run here is a clear error. An empty `q` (a
+    batch of 0) runs torch, whose reference returns the empty result, as SDPA does: there is nothing for a kernel
+    to launch."""
     check_backend(backend, backend_choices(family))
     if backend == "auto":
-        backend = next(_supported(family, q))  # the first: "torch" runs everything
+        backend = next(_supported(family, q, **case))  # the first: "torch" runs everything
+        if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s attention on %s %s %s: backend='auto' runs %r", family, q.device, q.dtype,
+                       tuple(q.shape), backend)
     else:
-        _PREDICATES[backend](family, q, raise_error=True)
+        _PREDICATES[backend](family, q, raise_error=True, **case)
     return "torch" if q.numel() == 0 else backend
 
 
@@ -191,5 +226,11 @@ def backend_info(device: str | torch.device | None = None) -> dict[str, tuple[bo
         info["flex"] = (False, f"torch {torch.__version__} has no FlexAttention (needs >= 2.5)")
     else:
         info["flex"] = (True, "compiled FlexAttention" if device.type == "cuda" else "eager FlexAttention (unfused)")
+    if device.type == "cuda":
+        from .fa4 import fa4_available
+
+        info["fa4"] = fa4_available(device)
+    else:
+        info["fa4"] = (False, f"needs a Hopper/Blackwell GPU, not {device.type} (block-sparse attention only)")
     info["torch"] = (True, "exact reference, memory-bounded")
     return info

@@ -1,8 +1,10 @@
 """Block-sparse attention: each query block attends only to the key blocks a `BlockSparseMask` lists.
 
-Backends (`backends.REGISTRY["block_sparse"]`): `"triton"` (fused kernels, forward and deterministic backward,
-`triton/block_sparse.py`), `"flex"` (FlexAttention on the same mask, `flex.py`), `"torch"` (the exact reference,
-`reference.block_sparse_attention`); `"auto"` takes the fastest that runs the case here.
+Backends (`backends.REGISTRY["block_sparse"]`): `"fa4"` (FlashAttention-4's CuTe kernels, `fa4.py`, where
+`flash_attn.cute` is installed on a Hopper/Blackwell GPU and the block sizes fit its tiles), `"triton"` (fused
+kernels, forward and deterministic backward, `triton/block_sparse.py`), `"flex"` (FlexAttention on the same mask,
+`flex.py`), `"torch"` (the exact reference, `reference.block_sparse_attention`); `"auto"` takes the fastest that
+runs the case here.
 """
 
 from __future__ import annotations
@@ -44,16 +46,21 @@ def block_sparse_attention(
     """Block-sparse attention: each query block attends only to the key blocks `mask` lists.
 
     q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)` with Hq a multiple of Hkv (grouped-query attention). Query rows
-    with no key get a zero output and no gradient. `scale` defaults to `D ** -0.5`. `backend`: `"triton"`
-    (fused kernels, forward and deterministic backward), `"flex"` (FlexAttention on the same mask), `"torch"`
-    (exact reference) or `"auto"` (the first of `supported_backends("block_sparse", q)`: Triton on CUDA, else
-    torch). With `return_lse`, also returns the natural-log sum of exponentials `(B, Hq, Lq)` in float32 (`-inf`
+    with no key get a zero output and no gradient. `scale` defaults to `D ** -0.5`. `backend`: `"fa4"`
+    (FlashAttention-4; its Hopper backward is not bitwise reproducible), `"triton"` (fused kernels, forward and
+    deterministic backward), `"flex"` (FlexAttention on the same mask), `"torch"` (exact reference) or `"auto"`
+    (the first of `supported_backends("block_sparse", q, k=k, v=v, mask=mask)`: FA4 where it runs the case, else
+    Triton on CUDA; torch elsewhere; under `torch.use_deterministic_algorithms(True)` not FA4 on Hopper). With `return_lse`, also returns the natural-log sum of exponentials `(B, Hq, Lq)` in float32 (`-inf`
     on empty rows), differentiable too.
     """
     _check_inputs(q, k, v, mask)
     scale = resolve_scale(scale, q.shape[-1])
-    backend = resolve_backend("block_sparse", backend, q)
-    if backend == "triton":
+    backend = resolve_backend("block_sparse", backend, q, k=k, v=v, mask=mask)
+    if backend == "fa4":
+        from .fa4 import fa4_block_sparse_attention
+
+        out, lse = fa4_block_sparse_attention(q, k, v, mask, scale)
+    elif backend == "triton":
         from .triton.block_sparse import attend
 
         out, lse = attend(q, k, v, mask, scale)

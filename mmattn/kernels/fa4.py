@@ -28,20 +28,20 @@ version's source (`interface.py`, `block_sparsity.py`, `block_sparse_utils.py`, 
 from __future__ import annotations
 
 import functools
-import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
+from .autograd import kernel_op
 from .mask import BlockSparseMask
 
 __all__ = [
-    "FA4SparseTensors",
+    "dq_write_order",
     "fa4_available",
     "fa4_block_sparse_attention",
+    "fa4_block_sparse_op",
     "fa4_supports",
     "fa4_tiles",
-    "to_fa4_tensors",
 ]
 
 FA4_VERSION = "4.0.0b36"
@@ -67,7 +67,10 @@ def _import_status() -> tuple[bool, str]:
     return True, "flash_attn.cute imports"
 
 
+@torch.compiler.assume_constant_result
 def _arch(device: torch.device) -> int:
+    """The compute capability as one number (90: Hopper). A constant to torch.compile, which does not trace the
+    device query."""
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
@@ -85,9 +88,10 @@ def _available_on(device_index: int | None) -> tuple[bool, str]:
     return True, f"FlashAttention-4 CuTe kernels on sm{arch}"
 
 
+@torch.compiler.assume_constant_result
 def fa4_available(device: torch.device | str | int | None = None) -> tuple[bool, str]:
     """Whether FA4's block-sparse kernels can run on `device` (default: the current CUDA device), and why (not).
-    Cached per device."""
+    Cached per device; a constant to torch.compile (which does not trace imports)."""
     if device is not None:
         device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
         if device.type != "cuda":
@@ -97,113 +101,44 @@ def fa4_available(device: torch.device | str | int | None = None) -> tuple[bool,
 
 
 # --------------------------------------------------------------------------------------------------
-# conversion: BlockSparseMask -> FA4's block-sparse tensors
+# BlockSparseMask -> FA4's block-sparse tensors
 
 
-@dataclass(frozen=True, eq=False)
-class FA4SparseTensors:
-    """The fields of FA4's `BlockSparseTensorsTorch` as plain tensors (testable without FA4).
+def _sparse_tensors(counts: torch.Tensor, indices: torch.Tensor, block_size: tuple[int, int],
+                    write_order: torch.Tensor | None = None):
+    """FA4's `BlockSparseTensorsTorch` listing every block of the CSR pair `(counts, indices)` as a "full" block.
 
-    Counts `[B|1, H|1, rows]` and indices `[B|1, H|1, rows, width]`, int32 and contiguous; rows are q-blocks
-    (forward) or kv-blocks (backward); `width` may be less than the number of columns (FA4 reads only the first
-    `count` entries of a row). `dq_write_order*` are parallel to the backward index tensors (None forward).
-    """
+    The mask's int32 tensors go in as they are (FA4 accepts index rows wider than their counts, and batch/head
+    dims of 1); the "mask" lists FA4 requires are empty. `write_order`: the deterministic backward's dQ order
+    (`dq_write_order`), or None."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    mask_block_cnt: torch.Tensor
-    mask_block_idx: torch.Tensor
-    full_block_cnt: torch.Tensor
-    full_block_idx: torch.Tensor
-    block_size: tuple[int, int]
-    dq_write_order: torch.Tensor | None = None
-    dq_write_order_full: torch.Tensor | None = None
-    spt: bool | None = None
-
-    def to_flash(self, deterministic: bool = True):
-        """FA4's `BlockSparseTensorsTorch` NamedTuple (imports flash_attn.cute). Without `deterministic` the
-        write-order fields are left out (the sm90 backward takes none)."""
-        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        if not deterministic:
-            values.update(dq_write_order=None, dq_write_order_full=None, spt=None)
-        return BlockSparseTensorsTorch(**values)
+    empty_counts = torch.zeros_like(counts)
+    empty_indices = torch.zeros(*counts.shape, 1, dtype=torch.int32, device=counts.device)
+    deterministic = {}
+    if write_order is not None:
+        deterministic = {"dq_write_order": torch.zeros_like(empty_indices), "dq_write_order_full": write_order,
+                         "spt": False}
+    return BlockSparseTensorsTorch(mask_block_cnt=empty_counts, mask_block_idx=empty_indices,
+                                   full_block_cnt=counts, full_block_idx=indices, block_size=tuple(block_size),
+                                   **deterministic)
 
 
-_CONVERSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""mask -> (forward, backward): BlockSparseMask is immutable, so its conversion is computed once."""
-
-
-def _compact(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """`indices` cut to the widest row (at least 1 column), contiguous int32."""
-    width = max(1, int(counts.max())) if counts.numel() else 1
-    return indices[..., :width].to(torch.int32).contiguous()
-
-
-def _empty_lists(counts_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask lists with no block: FA4 requires them, reads none."""
-    cnt = torch.zeros_like(counts_like, dtype=torch.int32).contiguous()
-    return cnt, torch.zeros(*cnt.shape, 1, dtype=torch.int32, device=cnt.device)
-
-
-def _dq_write_order(mask: BlockSparseMask, q_indices: torch.Tensor) -> torch.Tensor:
-    """For each backward entry (kv-block n, i-th q-block m of its list): the rank of n among the kv-blocks that
-    q-block m attends, ascending. The deterministic backward lets the writers of one dQ block add in that order."""
-    dense = mask.to_dense().to(torch.int32)  # [B|1, H|1, M, N]
-    rank = (dense.cumsum(-1, dtype=torch.int32) - dense).transpose(-1, -2)  # [.., N, M]: rank[n, m]
+def dq_write_order(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, q_indices: torch.Tensor,
+                   q_num_blocks: torch.Tensor) -> torch.Tensor:
+    """FA4's `dq_write_order_full` for a mask's transposed index: for entry `i` of kv-block `n`'s list (q-block
+    `m = q_indices[.., n, i]`), the rank of `n` among the kv-blocks q-block `m` attends, ascending. FA4's
+    deterministic backward lets the writers of one dQ block add in that order. Entries past the counts are 0."""
+    n_kv = q_indices.shape[-2]
+    listed = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    dense = torch.zeros(*kv_num_blocks.shape, n_kv + 1, dtype=torch.int32, device=kv_indices.device)
+    dense.scatter_(-1, torch.where(listed, kv_indices.long(), n_kv), 1)  # padding lands in the extra column
+    dense = dense[..., :n_kv]
+    rank = (dense.cumsum(-1, dtype=torch.int32) - dense).transpose(-1, -2)  # rank[n, m]
+    rank = rank.expand(*q_indices.shape[:2], *rank.shape[2:])
     order = torch.gather(rank, -1, q_indices.long()).to(torch.int32)
-    valid = torch.arange(q_indices.shape[-1], device=q_indices.device) < mask.q_num_blocks.unsqueeze(-1)
-    return torch.where(valid, order, torch.zeros_like(order)).contiguous()
-
-
-def _convert(mask: BlockSparseMask) -> tuple[FA4SparseTensors, FA4SparseTensors]:
-    fwd_cnt = mask.kv_num_blocks.to(torch.int32).contiguous()
-    fwd_idx = _compact(fwd_cnt, mask.kv_indices)
-    bwd_cnt = mask.q_num_blocks.to(torch.int32).contiguous()
-    bwd_idx = _compact(bwd_cnt, mask.q_indices)
-    fwd_empty_cnt, fwd_empty_idx = _empty_lists(fwd_cnt)
-    bwd_empty_cnt, bwd_empty_idx = _empty_lists(bwd_cnt)
-    block_size = tuple(mask.block_size)
-    forward = FA4SparseTensors(fwd_empty_cnt, fwd_empty_idx, fwd_cnt, fwd_idx, block_size)
-    backward = FA4SparseTensors(
-        bwd_empty_cnt, bwd_empty_idx, bwd_cnt, bwd_idx, block_size,
-        dq_write_order=torch.zeros_like(bwd_empty_idx),
-        dq_write_order_full=_dq_write_order(mask, bwd_idx),
-        spt=False,
-    )
-    return forward, backward
-
-
-def to_fa4_tensors(
-    mask: BlockSparseMask, batch: int | None = None, heads: int | None = None, *, expand: bool = False
-) -> tuple[FA4SparseTensors, FA4SparseTensors]:
-    """FA4's forward and backward block-sparse tensors for `mask` (every kept block a "full" block).
-
-    `batch`/`heads` (query heads) are checked against the mask's broadcast dims (1 or equal). The tensors keep
-    the mask's size-1 dims, which FA4 expands itself (and which keep its pack-GQA path); `expand=True` returns
-    `(batch, heads)`-sized stride-0 views instead. The conversion is cached on the mask.
-    """
-    if not isinstance(mask, BlockSparseMask):
-        raise TypeError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
-    mask_batch, mask_heads = mask.shape[:2]
-    for name, want, have in (("batch", batch, mask_batch), ("heads", heads, mask_heads)):
-        if want is not None and have not in (1, want):
-            raise ValueError(f"mask: {name} dim is {have}, expected 1 or {want}")
-    pair = _CONVERSIONS.get(mask)
-    if pair is None:
-        pair = _CONVERSIONS[mask] = _convert(mask)
-    if not expand:
-        return pair
-    if batch is None or heads is None:
-        raise ValueError("to_fa4_tensors: expand=True needs batch and heads")
-
-    def grow(t: FA4SparseTensors) -> FA4SparseTensors:
-        values = {f.name: getattr(t, f.name) for f in fields(t)}
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                values[name] = value.expand(batch, heads, *value.shape[2:])
-        return FA4SparseTensors(**values)
-
-    return grow(pair[0]), grow(pair[1])
+    valid = torch.arange(q_indices.shape[-1], device=q_indices.device) < q_num_blocks.unsqueeze(-1)
+    return torch.where(valid, order, 0).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,7 +256,57 @@ def fa4_supports(
 
 
 # --------------------------------------------------------------------------------------------------
-# the call
+# the call: custom ops with autograd (one opaque call each under torch.compile)
+
+
+def _bhld(t: torch.Tensor) -> torch.Tensor:
+    """A `(B, H, L, D)` tensor as the `(B, L, H, D)` view FA4 takes (no copy: FA4 keeps strided layouts)."""
+    return t.transpose(1, 2)
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4's block-sparse forward: `(out (B, H, Lq, D) contiguous, lse (B, H, Lq) float32)`; the backward's
+    index (`q_num_blocks`, `q_indices`) and `deterministic` are kept for the backward."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    _flash_attn_fwd(
+        _bhld(q), _bhld(k), _bhld(v), softmax_scale=scale, out=_bhld(out), lse=lse, return_lse=True,
+        block_sparse_tensors=_sparse_tensors(kv_num_blocks, kv_indices, (q_block, kv_block)),
+    )
+    return out, lse
+
+
+def backward(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA4's block-sparse backward on the transposed index: `(dq, dk, dv)`, contiguous `(B, H, L, D)`."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    order = dq_write_order(kv_num_blocks, kv_indices, q_indices, q_num_blocks) if deterministic else None
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    _flash_attn_bwd(
+        _bhld(q), _bhld(k), _bhld(v), _bhld(out), _bhld(grad_out), lse, scale, deterministic=deterministic,
+        dq=_bhld(grads[0]), dk=_bhld(grads[1]), dv=_bhld(grads[2]), dlse=grad_lse,
+        block_sparse_tensors=_sparse_tensors(q_num_blocks, q_indices, (q_block, kv_block), order),
+    )
+    return tuple(grads)
+
+
+def _save(inputs: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[tuple, tuple]:
+    *tensors, q_block, kv_block, scale, deterministic = inputs
+    return tuple(tensors), (q_block, kv_block, scale, deterministic)
+
+
+fa4_block_sparse_op = kernel_op("mmattn::fa4_block_sparse", forward, backward, save=_save, grads=3)
 
 
 def fa4_block_sparse_attention(
@@ -329,28 +314,16 @@ def fa4_block_sparse_attention(
     *, deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on FA4: q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)` -> `(out (B, Hq, Lq, D), lse
-    (B, Hq, Lq) float32, natural log, -inf on rows with no block)`, differentiable in q, k, v (and through lse)
-    by FA4's own autograd Function. Check `fa4_supports` first.
+    (B, Hq, Lq) float32, natural log, -inf on rows with no block)`, differentiable in q, k, v (and through lse).
+    Check `fa4_supports` first.
 
     `deterministic`: None takes a reproducible backward where FA4 has one for block sparsity (sm100/sm110) and
     its atomic one on sm90; True on sm90 is an error.
     """
-    from flash_attn.cute import flash_attn_func
-
-    arch = _arch(q.device)
+    hopper = _arch(q.device) // 10 == 9
     if deterministic is None:
-        deterministic = arch // 10 != 9
-    elif deterministic and arch // 10 == 9:
+        deterministic = not hopper
+    elif deterministic and hopper:
         raise ValueError("deterministic=True: FA4 has no deterministic block-sparse backward on sm90")
-    forward, backward = to_fa4_tensors(mask, q.shape[0], q.shape[1])
-    # (B, H, L, D) -> (B, L, H, D) as strided views: FA4 keeps any layout with a unit last stride and 16-byte
-    # aligned strides, and copies only otherwise.
-    out, lse = flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        softmax_scale=float(scale),
-        deterministic=deterministic,
-        block_sparse_tensors=forward.to_flash(deterministic=False),
-        block_sparse_tensors_bwd=backward.to_flash(deterministic=deterministic),
-        return_lse=True,
-    )
-    return out.transpose(1, 2), lse
+    return fa4_block_sparse_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices,
+                               *mask.block_size, float(scale), bool(deterministic))

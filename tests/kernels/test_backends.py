@@ -10,6 +10,7 @@ from mmattn.kernels.backends import (
     FAMILIES,
     REGISTRY,
     backend_choices,
+    can_run_fa4,
     can_run_flex,
     can_run_torch,
     can_run_triton,
@@ -44,6 +45,7 @@ def test_every_family_lists_torch_and_takes_auto():
         assert backend_choices(family) == ("auto", *REGISTRY[family])
     assert backend_choices("routed") == ("auto", "triton", "torch")
     assert backend_choices("na") == ("auto", "triton", "flex", "torch")
+    assert backend_choices("block_sparse") == ("auto", "fa4", "triton", "flex", "torch")
 
 
 @pytest.mark.usefixtures("no_interpreter")
@@ -113,3 +115,43 @@ def test_unknown_backends_and_families_are_refused():
     assert not can_run_flex("routed", cpu_q())
     with pytest.raises(ValueError, match="^backend='flex' has no routed kernel$"):
         can_run_flex("routed", cpu_q(), raise_error=True)
+
+
+def test_fa4_is_block_sparse_only_and_needs_cuda():
+    with pytest.raises(ValueError, match=r"^backend='fa4' cannot run here: cpu is not CUDA"):
+        resolve_backend("block_sparse", "fa4", cpu_q())
+    with pytest.raises(ValueError, match=r"^backend must be one of \('auto', 'triton', 'flex', 'torch'\), got 'fa4'$"):
+        resolve_backend("na", "fa4", cpu_q())
+    assert not can_run_fa4("routed", cuda_like())
+
+
+@pytest.mark.skipif(not backends._HAS_TRITON, reason="needs triton installed")
+def test_on_cuda_auto_prefers_fa4_where_it_imports_and_runs_the_case(monkeypatch):
+    from mmattn.kernels import fa4
+
+    monkeypatch.setattr(fa4, "fa4_available", lambda device: (False, "flash_attn.cute does not import"))
+    assert supported_backends("block_sparse", cuda_like()) == ("triton", "flex", "torch")
+    with pytest.raises(ValueError, match=r"^backend='fa4' cannot run here: flash_attn.cute does not import"):
+        resolve_backend("block_sparse", "fa4", cuda_like())
+    monkeypatch.setattr(fa4, "fa4_available", lambda device: (True, "sm90"))
+    assert supported_backends("block_sparse", cuda_like()) == ("fa4", "triton", "flex", "torch")
+    assert supported_backends("na", cuda_like()) == ("triton", "flex", "torch")
+    # given the case, FA4's own check decides, and it is told when torch asks for deterministic algorithms
+    asked = []
+
+    def supports(q, k, v, mask, *, deterministic=False):
+        asked.append(deterministic)
+        return (False, "kv block 64: FA4's backward on sm90 (head_dim 128) needs kv block == tile_n=128")
+
+    monkeypatch.setattr(fa4, "fa4_supports", supports)
+    case = {"k": cuda_like(), "v": cuda_like(), "mask": object()}
+    assert resolve_backend("block_sparse", "auto", cuda_like(), **case) == "triton"
+    with pytest.raises(ValueError, match=r"^backend='fa4' cannot run this case: kv block 64"):
+        resolve_backend("block_sparse", "fa4", cuda_like(), **case)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        supported_backends("block_sparse", cuda_like(), **case)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert asked == [False, False, True]

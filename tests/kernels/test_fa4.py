@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from mmattn.kernels import BlockSparseMask, reference
-from mmattn.kernels.fa4 import fa4_available, fa4_block_sparse_attention, fa4_supports, fa4_tiles, to_fa4_tensors
+from mmattn.kernels import BlockSparseMask, block_sparse_attention, reference, supported_backends
+from mmattn.kernels.fa4 import (
+    _sparse_tensors,
+    dq_write_order,
+    fa4_available,
+    fa4_block_sparse_attention,
+    fa4_supports,
+    fa4_tiles,
+)
 
 from .helpers import random_qkv
 
@@ -22,19 +29,6 @@ def random_blocks(batch, heads, n_q, n_kv, seed, density=0.4):
     return blocks
 
 
-def lists_to_dense(counts, indices, n_cols):
-    """Oracle: the dense bool matrix a CSR (counts, indices) pair lists, read entry by entry, checking that each
-    row's entries are strictly increasing (FA4 masks key positions past kv_len only in the last entry of a row)."""
-    out = torch.zeros(*counts.shape, n_cols, dtype=torch.bool)
-    for pos in torch.cartesian_prod(*(torch.arange(s) for s in counts.shape)).view(-1, counts.dim()).tolist():
-        row = indices[tuple(pos)][: int(counts[tuple(pos)])].tolist()
-        assert row == sorted(set(row)), f"row {pos}: {row} is not strictly increasing"
-        for c in row:
-            assert 0 <= c < n_cols
-            out[tuple(pos) + (c,)] = True
-    return out
-
-
 CASES = [
     # (mask batch, mask heads, q_len, kv_len, block_size)
     (1, 1, 512, 512, (128, 128)),
@@ -46,70 +40,64 @@ CASES = [
 
 
 @pytest.mark.parametrize("batch,heads,q_len,kv_len,block_size", CASES)
-def test_conversion_matches_block_matrix(batch, heads, q_len, kv_len, block_size):
-    n_q, n_kv = math.ceil(q_len / block_size[0]), math.ceil(kv_len / block_size[1])
-    blocks = random_blocks(batch, heads, n_q, n_kv, seed=q_len + kv_len)
-    mask = BlockSparseMask.from_dense(blocks, block_size, q_len, kv_len)
-    fwd, bwd = to_fa4_tensors(mask, batch=2 * batch if batch == 1 else batch, heads=heads)
-    for t in (fwd, bwd):
-        assert t.block_size == block_size
-        for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx"):
-            tensor = getattr(t, name)
-            assert tensor.dtype == torch.int32 and tensor.is_contiguous(), name
-            assert tensor.shape[:2] == (batch, heads), f"{name}: broadcast dims kept"
-        # every kept block is a full block; the mask lists are there but empty
-        assert int(t.mask_block_cnt.abs().sum()) == 0
-    assert fwd.full_block_cnt.shape == (batch, heads, n_q) and bwd.full_block_cnt.shape == (batch, heads, n_kv)
-    assert fwd.full_block_idx.shape[2] == n_q and fwd.full_block_idx.shape[3] <= n_kv
-    assert bwd.full_block_idx.shape[2] == n_kv and bwd.full_block_idx.shape[3] <= n_q
-    assert torch.equal(lists_to_dense(fwd.full_block_cnt, fwd.full_block_idx, n_kv), blocks)
-    assert torch.equal(lists_to_dense(bwd.full_block_cnt, bwd.full_block_idx, n_q), blocks.transpose(-1, -2))
-    assert fwd.dq_write_order is None and bwd.spt is False
-
-
-@pytest.mark.parametrize("batch,heads,q_len,kv_len,block_size", CASES)
 def test_dq_write_order_is_rank_among_writers(batch, heads, q_len, kv_len, block_size):
+    """Oracle: for entry i of kv-block n's list (q-block m), the number of kv-blocks before n that m attends,
+    counted on the bool block matrix; 0 past the list."""
     n_q, n_kv = math.ceil(q_len / block_size[0]), math.ceil(kv_len / block_size[1])
     blocks = random_blocks(batch, heads, n_q, n_kv, seed=7 * q_len + kv_len, density=0.6)
-    _, bwd = to_fa4_tensors(BlockSparseMask.from_dense(blocks, block_size, q_len, kv_len))
-    assert bwd.dq_write_order.shape == bwd.mask_block_idx.shape
-    assert bwd.dq_write_order_full.shape == bwd.full_block_idx.shape
-    assert bwd.dq_write_order_full.dtype == torch.int32 and bwd.dq_write_order_full.is_contiguous()
+    mask = BlockSparseMask.from_dense(blocks, block_size, q_len, kv_len)
+    order = dq_write_order(mask.kv_num_blocks, mask.kv_indices, mask.q_indices, mask.q_num_blocks)
+    assert order.shape == mask.q_indices.shape and order.dtype == torch.int32 and order.is_contiguous()
     for b in range(batch):
         for h in range(heads):
             for n in range(n_kv):
-                for i in range(int(bwd.full_block_cnt[b, h, n])):
-                    m = int(bwd.full_block_idx[b, h, n, i])
-                    writers_before = int(blocks[b, h, m, :n].sum())
-                    assert int(bwd.dq_write_order_full[b, h, n, i]) == writers_before, (b, h, n, i)
+                listed = int(mask.q_num_blocks[b, h, n])
+                for i in range(n_q):
+                    want = int(blocks[b, h, int(mask.q_indices[b, h, n, i]), :n].sum()) if i < listed else 0
+                    assert int(order[b, h, n, i]) == want, (b, h, n, i)
+
+
+def test_sparse_tensors_fields(monkeypatch):
+    """FA4's NamedTuple is filled by field name: a stand-in with 4.0.0b36's fields catches a misspelling. Every
+    kept block is a "full" block (the mask's own tensors); the "mask" lists are there but empty."""
+    import sys
+    import types
+    from typing import NamedTuple
+
+    class BlockSparseTensorsTorch(NamedTuple):  # the field list of flash_attn/cute/block_sparsity.py, 4.0.0b36
+        mask_block_cnt: object
+        mask_block_idx: object
+        full_block_cnt: object = None
+        full_block_idx: object = None
+        cu_total_m_blocks: object = None
+        cu_block_idx_offsets: object = None
+        block_size: object = None
+        dq_write_order: object = None
+        dq_write_order_full: object = None
+        spt: object = None
+
+    module = types.ModuleType("flash_attn.cute.block_sparsity")
+    module.BlockSparseTensorsTorch = BlockSparseTensorsTorch
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.block_sparsity", module)
+    mask = BlockSparseMask.from_dense(random_blocks(1, 2, 3, 3, seed=3), 128)
+    order = dq_write_order(mask.kv_num_blocks, mask.kv_indices, mask.q_indices, mask.q_num_blocks)
+    flash = _sparse_tensors(mask.q_num_blocks, mask.q_indices, mask.block_size, order)
+    assert flash.full_block_cnt is mask.q_num_blocks and flash.full_block_idx is mask.q_indices
+    assert flash.dq_write_order_full is order and flash.spt is False and flash.block_size == (128, 128)
+    assert int(flash.mask_block_cnt.abs().sum()) == 0 and flash.mask_block_cnt.shape == mask.q_num_blocks.shape
+    assert flash.mask_block_idx.dtype == torch.int32 and flash.cu_total_m_blocks is None
+    plain = _sparse_tensors(mask.kv_num_blocks, mask.kv_indices, mask.block_size)
+    assert plain.dq_write_order is None and plain.dq_write_order_full is None and plain.spt is None
 
 
 def test_partial_last_block_is_last_entry():
     """FA4 applies the key-length mask to the last entry of a row only: a kept partial block must sit there."""
     blocks = torch.ones(1, 1, 3, 4, dtype=torch.bool)
-    fwd, _ = to_fa4_tensors(BlockSparseMask.from_dense(blocks, (64, 64), q_len=150, kv_len=200))
-    assert fwd.full_block_cnt.tolist() == [[[4, 4, 4]]]
-    assert fwd.full_block_idx[0, 0, :, 3].tolist() == [3, 3, 3]
-
-
-def test_broadcast_expand_and_cache():
-    blocks = random_blocks(1, 1, 4, 4, seed=1)
-    mask = BlockSparseMask.from_dense(blocks, 128)
-    first = to_fa4_tensors(mask, 2, 8)
-    assert to_fa4_tensors(mask) is first, "cached on the mask"
-    fwd, bwd = to_fa4_tensors(mask, 2, 8, expand=True)
-    assert fwd.full_block_cnt.shape == (2, 8, 4) and bwd.dq_write_order_full.shape[:2] == (2, 8)
-    assert fwd.full_block_cnt.stride()[:2] == (0, 0), "expanded as views, not copies"
-    assert torch.equal(fwd.full_block_idx[1, 5], first[0].full_block_idx[0, 0])
-    with pytest.raises(ValueError, match="heads"):
-        to_fa4_tensors(BlockSparseMask.from_dense(random_blocks(1, 3, 4, 4, seed=2), 128), 1, 4)
-
-
-def test_all_empty_mask():
-    mask = BlockSparseMask.from_dense(torch.zeros(2, 2, dtype=torch.bool), 128)
-    fwd, bwd = to_fa4_tensors(mask)
-    assert int(fwd.full_block_cnt.sum()) == 0 and fwd.full_block_idx.shape[-1] == 1
-    assert int(bwd.full_block_cnt.sum()) == 0 and bwd.dq_write_order_full.shape[-1] == 1
+    mask = BlockSparseMask.from_dense(blocks, (64, 64), q_len=150, kv_len=200)
+    assert mask.kv_num_blocks.tolist() == [[[4, 4, 4]]]
+    assert mask.kv_indices[0, 0, :, 3].tolist() == [3, 3, 3]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,33 +273,31 @@ def test_fa4_gpu_forward_only_small_kv_block():
     assert torch.equal(torch.isfinite(lse), finite) and (lse[finite].double() - exact_lse[finite]).abs().max() < 1e-2
 
 
-def test_to_flash_field_names(monkeypatch):
-    """`to_flash` fills FA4's NamedTuple by field name: a stand-in with 4.0.0b36's fields catches a misspelling."""
-    import sys
-    import types
-    from typing import NamedTuple
-
-    class BlockSparseTensorsTorch(NamedTuple):  # the field list of flash_attn/cute/block_sparsity.py, 4.0.0b36
-        mask_block_cnt: object
-        mask_block_idx: object
-        full_block_cnt: object = None
-        full_block_idx: object = None
-        cu_total_m_blocks: object = None
-        cu_block_idx_offsets: object = None
-        block_size: object = None
-        dq_write_order: object = None
-        dq_write_order_full: object = None
-        spt: object = None
-
-    module = types.ModuleType("flash_attn.cute.block_sparsity")
-    module.BlockSparseTensorsTorch = BlockSparseTensorsTorch
-    for name in ("flash_attn", "flash_attn.cute"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "flash_attn.cute.block_sparsity", module)
-    fwd, bwd = to_fa4_tensors(BlockSparseMask.from_dense(random_blocks(1, 2, 3, 3, seed=3), 128))
-    flash = bwd.to_flash(deterministic=True)
-    assert flash.full_block_idx is bwd.full_block_idx and flash.dq_write_order_full is bwd.dq_write_order_full
-    assert flash.block_size == (128, 128) and flash.spt is False and flash.cu_total_m_blocks is None
-    plain = bwd.to_flash(deterministic=False)
-    assert plain.dq_write_order is None and plain.dq_write_order_full is None and plain.spt is None
-    assert fwd.to_flash(deterministic=False).mask_block_cnt is fwd.mask_block_cnt
+def test_fa4_gpu_auto_compile_and_fallbacks():
+    """`block_sparse_attention(backend="auto")` runs FA4 where it runs the case (the same values as the adapter),
+    one opaque call in a full graph under torch.compile, and our Triton kernels where FA4 cannot (a kv block FA4's
+    backward does not take; a deterministic backward on sm90)."""
+    ok, reason = gpu_ready()
+    if not ok:
+        pytest.skip(reason)
+    block = gpu_block()
+    q, k, v = (t.cuda() for t in random_qkv(2, 4, 2, 1000, 900, 128, torch.bfloat16, seed=5))
+    mask = band_mask(4, 1000, 900, block).to("cuda")
+    q.requires_grad_()
+    assert supported_backends("block_sparse", q, k=k, v=v, mask=mask)[0] == "fa4"
+    out = block_sparse_attention(q, k, v, mask)
+    assert torch.equal(out, fa4_block_sparse_attention(q, k, v, mask, 128**-0.5)[0])
+    compiled = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, mask), fullgraph=True)
+    assert torch.equal(compiled(q, k, v), out)
+    (grad_compiled,) = torch.autograd.grad(compiled(q, k, v).float().square().sum(), q)
+    (grad_eager,) = torch.autograd.grad(out.float().square().sum(), q)
+    assert (grad_compiled.float() - grad_eager.float()).abs().max() <= 1e-2 * grad_eager.float().abs().max()
+    small_kv = band_mask(4, 1000, 900, (block[0], 64)).to("cuda")
+    assert supported_backends("block_sparse", q, k=k, v=v, mask=small_kv)[0] == "triton"
+    if torch.cuda.get_device_capability()[0] == 9:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        try:
+            torch.use_deterministic_algorithms(True)
+            assert supported_backends("block_sparse", q, k=k, v=v, mask=mask)[0] == "triton"
+        finally:
+            torch.use_deterministic_algorithms(deterministic)

@@ -1,5 +1,6 @@
-"""Radial attention on the GPU (bf16, forward): mmattn's block-sparse kernel vs cuDNN dense SDPA vs FlexAttention
-on the same mask (and FlexAttention's FLASH backend, FlashAttention-4, where `flash_attn.cute` is installed), at Wan
+"""Radial attention on the GPU (bf16, forward): mmattn's block-sparse attention ("auto", which runs FlashAttention-4
+where installed, and our Triton kernel alone) vs cuDNN dense SDPA vs FlexAttention on the same mask (and, where
+`flash_attn.cute` is installed, FA4 called directly and through FlexAttention's FLASH backend), at Wan
 480p / 720p and HunyuanVideo 1.0 / 1.5 720p shapes; then full-size Wan transformers (random weights, built from their
 configs) with Radial on a sparse step vs dense: a Wan2.1-1.3B and a Wan2.2-TI2V-5B denoising step, and a Wan2.1-1.3B
 training step (forward+backward). Writes benchmarks/results/diffusion.md. Ratios are peer time / our time (above 1:
@@ -26,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from block_sparse import has_fa4
+from block_sparse import fa4_direct, has_fa4
 from common import (
     RESULTS, check_agreement, highest_precision, median_ms, outputs_and_grads, provenance, results_target, set_fast, upcast, worst,
     write_results,
@@ -79,7 +80,7 @@ class StepCase:
 
 
 STEP_CASES = [
-    StepCase("Wan2.1-1.3B step, 720p 81f", WAN_1_3B, (1, 16, 21, 90, 160), "wan2.1-t2v-1.3b", 1.8),
+    StepCase("Wan2.1-1.3B step, 720p 81f", WAN_1_3B, (1, 16, 21, 90, 160), "wan2.1-t2v-1.3b", 2.2),
     StepCase("Wan2.2-TI2V-5B step, 720p 121f", WAN_TI2V_5B, (1, 48, 31, 44, 80), "wan2.2-ti2v-5b", 2.0),
     StepCase("Wan2.1-1.3B training step, 480p 81f", WAN_1_3B, (1, 16, 21, 60, 104), "wan2.1-t2v-1.3b", 1.8,
              train=True, check_frames=5),
@@ -117,22 +118,29 @@ def sparse_step_config(case: StepCase, quick: bool) -> RadialConfig:
     return dataclasses.replace(preset, block_size=16, backend="torch") if quick else preset
 
 
+DENSE_GOALS = {"Wan 480p 81f (1.3B heads)": 3.3, "Wan 720p 81f (14B heads)": 3.7}
+"""Issue 17's goals for Radial with "auto" over cuDNN dense; the other rows' goal is 0.85 / density (issue 18)."""
+
+
 def attention_peers(device: str) -> dict:
-    """name -> fn(q, k, v, mask), forward only; the first (FlexAttention) is also the higher-precision reference."""
+    """name -> fn(q, k, v, mask), forward only; the first (FlexAttention) is also the higher-precision reference;
+    FlashAttention-4 directly and through FlexAttention's FLASH backend where it is installed."""
     peers = {"flex": lambda q, k, v, mask: block_sparse_attention(q, k, v, mask, backend="flex")}
     if device == "cuda" and has_fa4():
         from torch.nn.attention.flex_attention import flex_attention
 
         compiled = torch.compile(flex_attention, dynamic=False)
-        peers["FA4 (flex FLASH)"] = lambda q, k, v, mask: compiled(
+        peers["FA4"] = fa4_direct
+        peers["flex FLASH"] = lambda q, k, v, mask: compiled(
             q, k, v, block_mask=mask.flex_block_mask, kernel_options={"BACKEND": "FLASH"})
     return peers
 
 
 @torch.no_grad()
-def attention_rows(cases, device: str) -> tuple[list[str], list[str]]:
+def attention_rows(cases, device: str) -> tuple[list[str], list[str], list[str]]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    ours_backend, dense_backend = ("triton", SDPBackend.CUDNN_ATTENTION) if device == "cuda" else ("torch", SDPBackend.MATH)
+    ours = {"auto": "auto", "triton": "triton"} if device == "cuda" else {"ours": "torch"}
+    dense_backend = SDPBackend.CUDNN_ATTENTION if device == "cuda" else SDPBackend.MATH
     block = 128 if device == "cuda" else 16
     peers = attention_peers(device)
     rows = []
@@ -142,34 +150,35 @@ def attention_rows(cases, device: str) -> tuple[list[str], list[str]]:
         n = frames * per_frame + text
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, heads, n, 128 if device == "cuda" else 32, device=device, dtype=dtype) for _ in range(3))
-
-        def ours_fn(q, k, v, mask=mask):
-            return block_sparse_attention(q, k, v, mask, backend=ours_backend)
+        runs = {mine: (lambda q, k, v, mask=mask, backend=backend:
+                       block_sparse_attention(q, k, v, mask, backend=backend)) for mine, backend in ours.items()}
+        runs.update({peer_name: (lambda q, k, v, p=peer, mask=mask: p(q, k, v, mask)) for peer_name, peer in peers.items()})
 
         # the check, before any timing (forward only: this table times the forward)
         with highest_precision():
-            reference = outputs_and_grads(lambda *t, mask=mask: peers["flex"](*t, mask), *upcast(q, k, v), None)
-        ours_out = outputs_and_grads(ours_fn, q, k, v, None)
-        checks = {
-            peer_name: check_agreement(name, ours_out, outputs_and_grads(lambda *t, p=peer, mask=mask: p(*t, mask), q, k, v, None),
-                                       reference, peer_name=peer_name, reference_name=f"flex in {reference['out'].dtype}")
-            for peer_name, peer in peers.items()
-        }
-        del reference, ours_out
+            reference = outputs_and_grads(runs["flex"], *upcast(q, k, v), None)
+        results = {run_name: outputs_and_grads(fn, q, k, v, None) for run_name, fn in runs.items()}
+        checks = {(mine, peer_name): check_agreement(f"{name} {mine}", results[mine], results[peer_name], reference,
+                                                     peer_name=peer_name,
+                                                     reference_name=f"flex in {reference['out'].dtype}")
+                  for mine in ours for peer_name in peers}
+        del reference, results
 
-        ours = median_ms(lambda: ours_fn(q, k, v), device)
-        timed = {peer_name: median_ms(lambda p=peer: p(q, k, v, mask), device) for peer_name, peer in peers.items()}
+        timed = {run_name: median_ms(lambda fn=fn: fn(q, k, v), device) for run_name, fn in runs.items()}
         with sdpa_kernel([dense_backend]):
             dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device)
-        density, flex = mask.density(), timed["flex"]
-        cells = [name, f"{n:,}", str(heads), f"{density:.4f}", f"{ours:.2f}", f"{dense:.2f}", f"{flex:.2f}",
-                 f"{dense / ours:.2f}x (goal {0.85 / density:.2f}x)", f"{flex / ours:.2f}x (goal 1.15x)"]
-        for peer_name in list(peers)[1:]:
-            cells += [f"{timed[peer_name]:.2f}", f"{timed[peer_name] / ours:.2f}x"]
-        cells += [f"{checks['flex']['out'].vs_peer:.1e}", worst(checks["flex"])]
+        density, first = mask.density(), next(iter(ours))
+        goal = DENSE_GOALS.get(name, 0.85 / density)
+        cells = [name, f"{n:,}", str(heads), f"{density:.4f}", f"{dense:.2f}",
+                 *(f"{ms:.2f}" for ms in timed.values()),
+                 f"{dense / timed[first]:.2f}x (goal {goal:.2f}x)", f"{timed['flex'] / timed[first]:.2f}x (goal 1.15x)"]
+        if "FA4" in timed:
+            best = min(timed["FA4"], timed["flex FLASH"])
+            cells.append(f"{best / timed[first]:.2f}x")
+        cells += [f"{checks[(first, 'flex')]['out'].vs_peer:.1e}", worst(checks[(first, "flex")])]
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
-    return rows, list(peers)
+    return rows, list(ours), list(peers)
 
 
 def step_results(model: torch.nn.Module, inputs: dict, train: bool) -> dict[str, torch.Tensor]:
@@ -219,25 +228,29 @@ def step_row(case: StepCase, quick: bool, device: str) -> str:
 
     inputs = wan_inputs(case, case.latent[2], device, dtype)
     call = (lambda: training_step(model, inputs)) if case.train else (lambda: model(**inputs))
+    triton_config = dataclasses.replace(config, backend="triton") if device == "cuda" else config
     with torch.no_grad() if not case.train else contextlib.nullcontext():
         dense = median_ms(call, device)
         with apply_radial_attention(model, config):
             radial = median_ms(call, device)
+        with apply_radial_attention(model, triton_config):
+            radial_triton = median_ms(call, device)
     del model
     checked = "; ".join(f"{name} {a.vs_peer:.1e}, {a.ours_err:.1e}/{a.peer_err:.1e}" for name, a in check.items())
-    row = (f"| {case.name}, {case.tokens:,} tokens{where} | {dense:.1f} | {radial:.1f} | "
-           f"{dense / radial:.2f}x (goal {case.goal:g}x) | {checked} |")
+    row = (f"| {case.name}, {case.tokens:,} tokens{where} | {dense:.1f} | {radial:.1f} | {radial_triton:.1f} | "
+           f"{dense / radial:.2f}x (goal {case.goal:g}x) | {dense / radial_triton:.2f}x | {checked} |")
     print(row, flush=True)
     return row
 
 
-def table(attention: list[str], peers: list[str], step: list[str], device: str) -> str:
+def table(attention: list[str], ours: list[str], peers: list[str], step: list[str], device: str) -> str:
     gpu = device == "cuda"
-    extra_heads = "".join(f" {p} ms | vs {p} |" for p in peers[1:])
-    extra_rule = "---|---|" * (len(peers) - 1)
-    fa4 = "" if not gpu or len(peers) > 1 else (
-        " FlashAttention-4 (`flash_attn.cute`, through FlexAttention's FLASH backend) was not installed: no FA4 "
-        "columns.")
+    names = [*ours, *peers]
+    fa4_ratio = " vs FA4-class |" if "FA4" in peers else ""
+    fa4 = "" if not gpu or "FA4" in peers else (
+        " FlashAttention-4 (`flash_attn.cute`) was not installed: no FA4 columns, and \"auto\" ran Triton.")
+    mine = ("auto = `block_sparse_attention(backend=\"auto\")` (FA4 where installed), triton = our Triton kernel "
+            "alone" if gpu else "ours = mmattn's torch block-sparse reference")
     precision = "float32" if gpu else "float64"
     return "\n".join([
         "# Radial attention (mmattn.diffusion)",
@@ -245,28 +258,33 @@ def table(attention: list[str], peers: list[str], step: list[str], device: str) 
         provenance(device, ("diffusers",)),
         "",
         (f"Attention forward, median ms, {'bf16' if gpu else 'float32'}, N(0, 1) inputs, head dim "
-         f"{128 if gpu else 32}. Radial mask (block {128 if gpu else 16}) as in the official repo; ours = mmattn "
-         f"{'Triton' if gpu else 'torch'} block-sparse, dense = {'cuDNN' if gpu else 'math'} SDPA, flex = "
-         f"FlexAttention ({'compiled' if gpu else 'eager'}) on the same mask.{fa4} Check, before each row was timed: "
-         f"mmattn's output and each block-sparse peer's against flex in {precision} on the same inputs, "
-         "max|ours - ref| <= 2 x max|peer - ref| + 1e-3 x max(1, max|ref|); the last columns give the output's "
-         "max abs difference to flex and the errors (ours/flex) of the checked tensor."),
+         f"{128 if gpu else 32}. Radial mask (block {128 if gpu else 16}) as in the official repo; {mine}; dense = "
+         f"{'cuDNN' if gpu else 'math'} SDPA; flex = FlexAttention ({'compiled' if gpu else 'eager'}) on the same "
+         "mask; FA4 = FlashAttention-4's `flash_attn_func` with the same block lists; flex FLASH = FA4's kernels "
+         f"through FlexAttention's FLASH backend.{fa4} Ratios: dense or peer time / {ours[0]}'s (goals: issue 17 for "
+         "Wan 480p and Wan 720p 14B heads, else 0.85 / density; 1.15x FlexAttention); \"vs FA4-class\" divides the "
+         "faster of FA4 and flex FLASH. Check, before each row was timed: each mmattn column's output and each "
+         f"block-sparse peer's against flex in {precision} on the same inputs, max|ours - ref| <= 2 x max|peer - ref| "
+         f"+ 1e-3 x max(1, max|ref|); the last columns give {ours[0]}'s output max abs difference to flex and the "
+         "errors (ours/flex)."),
         "",
-        f"| case | tokens | heads | density | ours ms | dense ms | flex ms | vs dense | vs flex |{extra_heads} "
-        "out max abs ours-flex | check: error ours/flex |",
-        f"|---|---|---|---|---|---|---|---|---|{extra_rule}---|---|",
+        "| case | tokens | heads | density | dense ms | " + " | ".join(f"{n} ms" for n in names)
+        + f" | {ours[0]} vs dense | {ours[0]} vs flex |{fa4_ratio} out max abs {ours[0]}-flex | check: error ours/flex |",
+        "|---" * (9 + len(names) + bool(fa4_ratio)) + "|",
         *attention,
         "",
         ("One transformer call (one CFG branch), random weights (seed 0), median ms; dense = diffusers' stock "
          "attention; radial = the model's preset (`wan2.1-t2v-1.3b`, `wan2.2-ti2v-5b`) on a sparse step (its dense "
-         "layers dense), mmattn's kernel. Denoising steps time the forward; the training step times forward and "
-         "backward through every weight (full fine-tuning). Check, before timing: the Radial call's output (and the "
-         "training step's weight gradients of `(output * g).sum()`, g ~ N(0, 1), one vector) against the same call with Radial run "
-         f"by FlexAttention, both against that call in {precision} (same weights): relative error (Frobenius) ours "
-         "<= 2 x flex's + 1e-3; where the float32 run would not fit the GPU, the check runs on fewer latent frames."),
+         "layers dense) with `backend=\"auto\"`, radial Triton the same with our Triton kernel. Denoising steps time "
+         "the forward; the training step times forward and backward through every weight (full fine-tuning). Check, "
+         "before timing: the Radial call's output (and the training step's weight gradients of `(output * g).sum()`, "
+         "g ~ N(0, 1), one vector) against the same call with Radial run by FlexAttention, both against that call in "
+         f"{precision} (same weights): relative error (Frobenius) ours <= 2 x flex's + 1e-3; where the float32 run "
+         "would not fit the GPU, the check runs on fewer latent frames."),
         "",
-        "| case | dense ms | radial ms | speedup | check: rel. diff ours-flex, rel. error ours/flex |",
-        "|---|---|---|---|---|",
+        "| case | dense ms | radial ms | radial Triton ms | speedup | speedup Triton | check: rel. diff ours-flex, "
+        "rel. error ours/flex |",
+        "|---|---|---|---|---|---|---|",
         *step,
         "",
     ])
@@ -285,9 +303,9 @@ def main() -> None:
     device = "cpu" if args.quick else "cuda"
     target = results_target(parser, args.out, DEFAULT_OUT, not args.quick, "--quick")
     set_fast(args.fast)
-    attention, peers = attention_rows(QUICK_CASES if args.quick else ATTENTION_CASES, device)
+    attention, ours, peers = attention_rows(QUICK_CASES if args.quick else ATTENTION_CASES, device)
     step = [step_row(case, args.quick, device) for case in (QUICK_STEP_CASES if args.quick else STEP_CASES)]
-    write_results(table(attention, peers, step, device), target)
+    write_results(table(attention, ours, peers, step, device), target)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,10 @@ def test_an_empty_batch_runs_the_reference():
 
 
 @pytest.mark.skipif(not backends._HAS_TRITON, reason="needs triton installed")
-def test_on_cuda_auto_prefers_triton_then_flex_then_the_reference():
+def test_on_cuda_auto_prefers_triton_then_flex_then_the_reference(monkeypatch):
+    from mmattn.kernels import fa4
+
+    monkeypatch.setattr(fa4, "fa4_available", lambda device: (False, "flash_attn.cute does not import"))
     assert supported_backends("block_sparse", cuda_like()) == ("triton", "flex", "torch")
     assert supported_backends("column_sets", cuda_like()) == ("triton", "torch")
     assert resolve_backend("block_sparse", "auto", cuda_like()) == "triton"

@@ -1,5 +1,6 @@
 """Training-free attention interventions for LVLMs on Hugging Face transformers: VAR, GIFT and visual-token pruning
-(FastV, VFlowOpt, PyramidDrop, VisionZip, DivPrune, random pruning), switched on and off with one call.
+(FastV, VFlowOpt, PyramidDrop, VisionZip, DivPrune, random pruning; FastVID for videos), switched on and off with one
+call.
 
     with mmattn.vlm.apply(model, VAR(), FastV(k=2, ratio=0.5)):
         model.generate(**inputs)
@@ -15,6 +16,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from .handle import InterventionHandle, apply
 from .interventions.base import Intervention
 from .interventions.divprune import DivPrune
+from .interventions.fastvid import FastVID
 from .interventions.gift import GIFT
 from .interventions.pruning import FastV, PruneStage, PruningPlan, PyramidDrop, VFlowOpt
 from .interventions.random_prune import RandomPrune
@@ -30,6 +32,7 @@ __all__ = [
     "GIFT",
     "VAR",
     "FastV",
+    "FastVID",
     "Intervention",
     "InterventionHandle",
     "PruneStage",

@@ -221,13 +221,14 @@ def _padding_mask(mask: object, input_ids: torch.Tensor) -> torch.Tensor | None:
 
 
 def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto") -> InterventionHandle:
-    """Install `interventions` (VAR, GIFT, FastV, VFlowOpt, PyramidDrop, VisionZip, DivPrune, RandomPrune) on a loaded transformers LVLM.
+    """Install `interventions` (VAR, GIFT, FastV, VFlowOpt, PyramidDrop, VisionZip, DivPrune, RandomPrune, FastVID) on a
+    loaded transformers LVLM.
 
     Supported: LlavaForConditionalGeneration (LLaVA-1.5, llava-interleave, OneVision-style configs),
     LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration,
     InternVLForConditionalGeneration, Gemma3ForConditionalGeneration (VFlowOpt: LLaVA and Gemma 3; VisionZip: LLaVA
-    only), on transformers 5.17 and later
+    only; FastVID: Qwen2.5-VL and Qwen3-VL videos), on transformers 5.17 and later
     (the KV cache passed as `cache` or `past_key_values`). Works with `generate` (greedy and sampling, KV cache,
     left-padded batches). Returns a handle; use it as a context manager or call `.remove()`. One handle per model:
     pass every intervention to one call.

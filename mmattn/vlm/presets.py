@@ -10,6 +10,7 @@ from mmattn import presets
 
 from .interventions.base import Intervention
 from .interventions.divprune import DivPrune
+from .interventions.fastvid import FastVID
 from .interventions.gift import GIFT
 from .interventions.pruning import FastV, PyramidDrop, VFlowOpt
 from .interventions.random_prune import RandomPrune
@@ -28,13 +29,14 @@ _METHODS = {
     "visionzip": VisionZip,
     "divprune": DivPrune,
     "random": RandomPrune,
+    "fastvid": FastVID,
 }
 _TUPLE_FIELDS = ("sink_dims", "saliency_layers", "enhance_layers", "layers", "llm_layers", "llm_ratios")
 
 
 def load_preset(model: str | Path, method: str, **overrides: object) -> Intervention:
     """The `method` intervention ("var", "gift", "fastv", "pyramiddrop", "vflowopt", "visionzip", "divprune",
-    "random") with the settings of preset
+    "random", "fastvid") with the settings of preset
     `model` (a name in mmattn/presets/vlm such as "llava-1.5-7b", or a YAML path); keyword overrides win."""
     path = Path(model) if str(model).endswith(".yaml") else PRESET_DIR / f"{model}.yaml"
     if not path.is_file():

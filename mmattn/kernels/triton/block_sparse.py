@@ -23,6 +23,7 @@ from ..autograd import kernel_op
 from ..mask import BlockSparseMask
 from .common import LOG2E, backward_lse2, online_softmax_step, program_heads, softmax_output
 from .launch import (
+    TunedKernel,
     backward_delta,
     broadcast_stride,
     dot_precision,
@@ -371,8 +372,22 @@ def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the forward kernel: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward."""
+    """Launches the forward kernel: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward. On Hopper
+    the TMA, warp-specialized kernel of `block_sparse_tma` runs where it applies, this module's otherwise."""
+    from . import block_sparse_tma  # imports this module
+
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
+    if block_sparse_tma.eligible(q, k, v, q_block, kv_block)[0]:
+        return block_sparse_tma.forward(q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
+    return launch_forward(fwd_kernel, q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
+
+
+def launch_forward(
+    kernel: TunedKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs a forward kernel with `_fwd_kernel`'s arguments (it or `block_sparse_tma`'s) on q, k, v with unit
+    last stride: `(out, lse)`."""
     batch, heads, q_len, _head_dim = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
@@ -381,7 +396,7 @@ def forward(
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
     launch = launch_args(q, k, q_block, kv_block)
-    fwd_kernel.launch(
+    kernel.launch(
         grid, _tune_key(q, launch),
         q, k, v, out, lse, kv_num_blocks, kv_indices,
         *row_strides(q, k, v, out),

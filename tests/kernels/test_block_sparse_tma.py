@@ -1,0 +1,135 @@
+"""The Hopper block-sparse forward (TMA descriptors + warp specialization, triton/block_sparse_tma.py) against the
+float64 reference, and the dispatch of `triton.block_sparse.forward` between it and the pointer-load kernel.
+
+On the CPU the kernel runs under TRITON_INTERPRET=1, forced on (MMATTN_TRITON_TMA=1 in effect), in float16 and
+float32: the output and lse must lie within a few units of the dtype's rounding of the float64 reference, empty
+query rows give out 0 and lse -inf. On an sm90 GPU (MMATTN_TEST_GPU=1) the dispatch must pick it by itself, and each
+of its tiles, pinned in turn, is held in bfloat16 to the FlashAttention criterion of test_gpu_tiles.py (Triton 3.6
+miscompiles some warp-specialized tiles to NaN there: specs/kernels.md section 5).
+"""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from mmattn.kernels import BlockSparseMask, reference
+from mmattn.kernels.backends import INTERPRETED
+from mmattn.kernels.triton import block_sparse as bs
+from mmattn.kernels.triton import block_sparse_tma as tma
+
+from .helpers import random_mask, random_qkv
+
+HOPPER = not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="the Triton interpreter runs only with TRITON_INTERPRET=1")
+ULPS = 4  # the error bound, in units of the dtype's epsilon times the largest |value|
+
+
+def dispatch(q, k, v, mask, switch=True):
+    """`block_sparse.forward` with MMATTN_TRITON_TMA taken as `switch`: `(out, lse, whether the TMA kernel ran)`."""
+    with mock.patch.object(tma, "SWITCH", switch), mock.patch.object(tma, "forward", wraps=tma.forward) as spy:
+        out, lse = bs.forward(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices,
+                              *mask.block_size, q.shape[-1] ** -0.5)
+    return out, lse, spy.called
+
+
+def exact(q, k, v, mask):
+    return reference.block_sparse_attention(q.double(), k.double(), v.double(), mask, q.shape[-1] ** -0.5)
+
+
+def assert_close(name, got, want, dtype):
+    """|got - want| within ULPS epsilons of `dtype` times the largest |want|, over the finite entries of `want`."""
+    finite = torch.isfinite(want)
+    err = (got.double() - want).where(finite, 0.0).abs().max().item()
+    tol = ULPS * torch.finfo(dtype).eps * max(1.0, want.where(finite, 0.0).abs().max().item())
+    assert err <= tol, f"{name}: error {err:.3g} > {tol:.3g}"
+
+
+def check_tma(q, k, v, mask):
+    """Runs the forced TMA path and checks it against float64: values, and out 0 / lse -inf on empty rows."""
+    out, lse, used = dispatch(q, k, v, mask)
+    assert used, "the TMA kernel did not run"
+    want_out, want_lse = exact(q, k, v, mask)
+    assert not out.isnan().any() and not lse.isnan().any()
+    empty = torch.isinf(want_lse)
+    assert torch.equal(torch.isinf(lse), empty), "-inf lse pattern differs"
+    assert (lse[empty] == float("-inf")).all() and (out[empty] == 0).all(), "empty rows must give out 0, lse -inf"
+    assert_close("out", out, want_out, q.dtype)
+    assert_close("lse", lse, want_lse, q.dtype)
+    return out, lse
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_len, kv_len, block", [(100, 130, (32, 32)), (70, 200, (64, 64)), (128, 256, (32, 64))])
+def test_partial_last_blocks(dtype, head_dim, q_len, kv_len, block):
+    """Lengths past a whole block (and whole ones), one or two key tiles per block (the interpreter's tile is 32)."""
+    mask = random_mask(1, 2, q_len, kv_len, block, density=0.5, seed=q_len + head_dim)
+    check_tma(*random_qkv(1, 2, 2, q_len, kv_len, head_dim, dtype, seed=kv_len), mask)
+
+
+@interpreted
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 1)])
+def test_grouped_query_attention(heads, kv_heads):
+    mask = random_mask(2, heads, 90, 110, (32, 32), seed=heads + kv_heads)
+    check_tma(*random_qkv(2, heads, kv_heads, 90, 110, 64, torch.float32, seed=kv_heads), mask)
+
+
+@interpreted
+@pytest.mark.parametrize("seed, density", [(0, 0.1), (1, 0.3), (2, 0.7), (3, 1.0)])
+def test_random_masks_strided_layout_and_broadcast(seed, density):
+    """Masks shared over the batch and per head, over (B, L, H, D) storage (16-byte aligned strides: TMA applies)."""
+    mask = random_mask(1, 4, 160, 144, (32, 16), density=density, seed=seed, empty_row=False)
+    check_tma(*random_qkv(2, 4, 2, 160, 144, 64, torch.float16, seed=seed, layout="blhd"), mask)
+
+
+@interpreted
+def test_empty_query_rows_and_an_empty_mask():
+    mask = random_mask(1, 2, 96, 80, (32, 32), seed=4)  # query block 0 lists no key block
+    out, _ = check_tma(*random_qkv(1, 2, 1, 96, 80, 64, torch.float32), mask)
+    assert (out[:, :, :32] == 0).all()
+    nothing = BlockSparseMask.from_dense(torch.zeros(1, 1, 3, 3, dtype=torch.bool), (32, 32), 70, 70)
+    out, lse = check_tma(*random_qkv(1, 1, 1, 70, 70, 128, torch.float16), nothing)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+@interpreted
+def test_dispatch_takes_the_tma_kernel_only_when_switched_on_and_eligible():
+    mask = random_mask(1, 2, 64, 64, (32, 32), seed=5)
+    q, k, v = random_qkv(1, 2, 2, 64, 64, 64, torch.float16)
+    assert dispatch(q, k, v, mask, switch=True)[2]
+    assert not dispatch(q, k, v, mask, switch=None)[2], "under the interpreter only MMATTN_TRITON_TMA=1 runs it"
+    assert not dispatch(q, k, v, mask, switch=False)[2]
+
+    padded = torch.randn(1, 2, 64, 68).half()[..., :64]  # rows 136 bytes apart: TMA needs 16-byte multiples
+    ineligible = {
+        "head dim": random_qkv(1, 2, 2, 64, 64, 96, torch.float16),
+        "aligned": (padded, k, v),
+    }
+    for reason, (q2, k2, v2) in ineligible.items():
+        with mock.patch.object(tma, "SWITCH", True):
+            ok, why = tma.eligible(q2, k2, v2, 32, 32)
+        assert not ok and reason in why, why
+        out, _, used = dispatch(q2, k2, v2, mask)
+        assert not used
+        assert_close("out", out, exact(q2, k2, v2, mask)[0], torch.float16)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm90 GPU and MMATTN_TEST_GPU=1 (compiled Triton)")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("index", range(len(tma.FWD_CONFIGS)))
+def test_gpu_every_tma_tile_matches_float64(head_dim, index):
+    """bf16, GQA 2, lengths past a whole 128-block, density 0.3 with an empty query block: each listed tile pinned."""
+    mask = random_mask(2, 4, 2000, 2000, (128, 128), density=0.3, seed=head_dim).to("cuda")
+    q, k, v = (t.cuda() for t in random_qkv(2, 4, 2, 2000, 2000, head_dim, torch.bfloat16, seed=index))
+    with tma.fwd_kernel.pinned(tma.FWD_CONFIGS[index]):
+        out, lse, used = dispatch(q, k, v, mask, switch=None)
+    assert used, tma.eligible(q, k, v, 128, 128)[1]
+    naive = reference.block_sparse_attention(q, k, v, mask, head_dim ** -0.5)
+    for name, ours, low, want in zip(("out", "lse"), (out, lse), naive, exact(q, k, v, mask)):
+        finite = torch.isfinite(want)
+        assert not ours.isnan().any() and torch.equal(torch.isfinite(ours), finite), f"{name}: NaN or -inf pattern"
+        err, naive_err = ((x.double() - want)[finite].abs().max().item() for x in (ours, low))
+        bound = 2 * naive_err + 2e-3 * max(1.0, want[finite].abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (naive {naive_err:.3g})"

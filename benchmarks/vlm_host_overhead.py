@@ -18,7 +18,7 @@ from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from vlm import build, generated_cache, inputs, kv_bytes, methods
+from vlm import SIZES, build, generated_cache, inputs, kv_bytes, methods, pruning_methods
 
 from mmattn import vlm
 
@@ -116,7 +116,9 @@ def main() -> None:
     model = build(args.size, "cpu", torch.float32)
     batch = inputs("cpu", torch.float32)
     rows = {}
-    for name, intervention in methods(args.size).items():
+    layers = SIZES[args.size][1]["num_hidden_layers"]
+    pruning = {label: row.intervention for label, row in pruning_methods("llava-1.5-7b", layers, 576).items()}
+    for name, intervention in {**methods(args.size), **pruning}.items():
         if args.only and name not in args.only and name != "none":
             continue
         handle = None if intervention is None else vlm.apply(model, intervention)

@@ -1,0 +1,28 @@
+"""`benchmarks/vlm.py --quick`: the whole benchmark (pruning on every benchmarked family, eager and compiled decoding,
+every check) on tiny configs on the CPU, in a fresh process, prints its tables and writes where --out says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_prints_every_table(tmp_path) -> None:
+    out = tmp_path / "vlm.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "benchmarks/vlm.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = out.read_text()
+    for title in ("LLaVA-1.5-7B", "Qwen2.5-VL-7B", "Qwen3-VL-8B", "Gemma-3-4B"):
+        assert f"## Pruning: {title}-shaped random model" in text
+    for row in ("| eager | GIFT |", "| compiled | VAR |", "| compiled | GIFT |", "| VFlowOpt keep 0.1 | 70 x2, 42 x2 |",
+                "| VisionZip 49+9 | 58 x4 |", "| DivPrune keep 0.1 |", "| random keep 0.1 |"):
+        assert row in text
+    assert "recompiles during the timed rounds: 0." in text
+    assert "not timed" not in text and "Run in progress" not in text
+    assert f"wrote {out}" in result.stdout

@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from mmattn.kernels import block_sparse_attention
 from mmattn.kernels.distributed import context_parallel_attention
 
 from .layout import VideoGrid
-from .sparse import RadialPattern, SparseConfig, SparsePattern, pattern_for
+from .sparse import SparseConfig, SparsePattern, pattern_for
 
 __all__ = ["SparseAttention", "StepSource"]
 
@@ -78,9 +79,10 @@ class SparseAttention:
         `valid_text_tokens` `[B]` counts each sample's leading valid text tokens; the padded ones are not
         attended to (they still query). `dense()` is the stock call, used where the policy says dense.
         `parallel_config`: the processor's diffusers `ParallelConfig`; under context parallelism the tensors are
-        this rank's token shard and Radial runs as Ulysses and/or ring attention on the global mask (STA and
-        NABLA refuse it for now). Text goes after the video and, for STA / NABLA, the video tokens into the
-        pattern's tile order before the kernel; the output comes back in the model's order.
+        this rank's token shard and the pattern runs as Ulysses and/or ring attention on the global mask
+        (`_attend_shards`). Text goes after the video and, for STA / NABLA, the tokens into the pattern's tile
+        order (once: NABLA pools the same permuted Q/K) before the kernel; the output comes back in the model's
+        order.
         """
         if self.is_dense(layer_index):
             return dense()
@@ -88,12 +90,7 @@ class SparseAttention:
             raise RuntimeError("the token grid is unknown: sparse attention runs only inside the patched transformer's forward")
         context_parallel = _context_parallel(parallel_config)
         if context_parallel is not None:
-            if not isinstance(self.pattern, RadialPattern):
-                raise ValueError(
-                    f"parallel_config: {type(self.config).__name__} does not run context-parallel yet (only Radial "
-                    "does); disable context parallelism or use Radial"
-                )
-            return self._attend_shards(query, key, value, context_parallel, text_tokens)
+            return self._attend_shards(query, key, value, context_parallel, text_tokens, layer_index)
         grid, seq_len = self.grid, query.shape[1]
         if seq_len != grid.tokens + text_tokens:
             raise ValueError(
@@ -105,16 +102,17 @@ class SparseAttention:
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         counts = [None] if valid_text_tokens is None else valid_text_tokens.tolist()
         step = self._step() if self.pattern.needs_qk else None
+        order = self.pattern.order(grid, text_tokens)
         out = torch.empty_like(query)
         for valid in dict.fromkeys(counts):
             rows = slice(None) if valid is None else [b for b, c in enumerate(counts) if c == valid]
             q, k, v = query[rows], key[rows], value[rows]
-            mask, order = self.pattern.mask_for(
-                grid, text_tokens, valid, query.device, q=q if self.pattern.needs_qk else None,
-                k=k if self.pattern.needs_qk else None, layer=layer_index, step=step, branch=self.branch,
-            )
             if order is not None:
                 q, k, v = (order.permute(t, dim=2) for t in (q, k, v))
+            pooled = (self.pattern.pool(q), self.pattern.pool(k)) if self.pattern.needs_qk else None
+            mask, _ = self.pattern.mask_for(
+                grid, text_tokens, valid, query.device, pooled=pooled, layer=layer_index, step=step, branch=self.branch,
+            )
             o = block_sparse_attention(
                 q, k[:, :, : mask.kv_len], v[:, :, : mask.kv_len], mask, backend=self.config.backend
             )
@@ -122,30 +120,56 @@ class SparseAttention:
         out = out.transpose(1, 2)
         return torch.cat([out[:, -text_tokens:], out[:, :-text_tokens]], 1) if rotate else out
 
-    def _mask(self, device: torch.device, text_tokens: int = 0, valid_text_tokens: int | None = None):
-        """The static mask of the current grid in frame-major order (Radial; cached by `radial_mask`)."""
-        mask, _ = self.pattern.mask_for(self.grid, text_tokens, valid_text_tokens, device)
-        return mask
+    def _attend_shards(self, query, key, value, context_parallel, text_tokens: int, layer_index: int) -> torch.Tensor:
+        """Ulysses / ring attention of this rank's video-token shard (B, S / W, H, D) on the pattern's global mask.
 
-    def _attend_shards(self, query, key, value, context_parallel, text_tokens: int) -> torch.Tensor:
-        """Ulysses / ring attention of this rank's video-token shard (B, S / W, H, D) on the global Radial mask."""
+        Where the tile order goes (STA, NABLA): the shards are contiguous in the model's frame-major order, and
+        a 3D tile spans several shards unless each shard holds whole tile layers (along frames). So the tokens
+        are permuted where they are whole: after the Ulysses all-to-all (every rank then has the full sequence
+        for its heads; `context_parallel_attention(order=...)`), and undone before the all-to-all back. Ring
+        attention keeps the query shards, so it runs only when every ring shard maps onto itself in the tile
+        order (whole tiles per ring shard, e.g. whole tile layers); otherwise a `ValueError` naming `parallel_config`.
+        NABLA's mask needs the pooled Q/K of the whole sequence: each rank pools its shard into the blocks of
+        the tile order and the small `(B, H, n_blocks, D)` sums are all-reduced, so every rank builds the same
+        mask (and the same cache decision) before the exchange.
+        """
+        name = type(self.config).__name__
         if text_tokens:
             raise ValueError(
-                "parallel_config: Radial attention runs context-parallel on video-only self-attention (Wan, LTX); "
+                f"parallel_config: {name} runs context-parallel on video-only self-attention (Wan, LTX); "
                 f"this layer joins {text_tokens} text tokens"
             )
-        world = context_parallel.ring_degree * context_parallel.ulysses_degree
-        if query.shape[1] * world != self.grid.tokens:
+        grid, world = self.grid, context_parallel.ring_degree * context_parallel.ulysses_degree
+        if query.shape[1] * world != grid.tokens:
             raise ValueError(
-                f"query: expected a shard of {self.grid.tokens} video tokens ({self.grid}) over {world} ranks, "
+                f"query: expected a shard of {grid.tokens} video tokens ({grid}) over {world} ranks, "
                 f"got {query.shape[1]} tokens"
             )
+        order = self.pattern.order(grid, 0)
+        ring = context_parallel.ring_degree
+        if order is not None and ring > 1 and not order.keeps_shards(ring):
+            raise ValueError(
+                f"parallel_config: ring attention (ring_degree={ring}) runs {name} only when each ring shard of "
+                f"{grid.tokens // ring} tokens is made of whole {self.config.tile} tiles (e.g. whole tile layers "
+                f"along the frames), not on grid {grid}; use ulysses_degree={world} (Ulysses permutes the whole "
+                "sequence) or a frame count that splits into whole tile layers"
+            )
+        ulysses_group = context_parallel._ulysses_mesh.get_group()
+        ring_group = context_parallel._ring_mesh.get_group()
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        pooled = None
+        if self.pattern.needs_qk:
+            ulysses = context_parallel.ulysses_degree
+            shard = dist.get_rank(ring_group) * ulysses + dist.get_rank(ulysses_group)  # diffusers' mesh order
+            groups = (ulysses_group, ring_group)
+            pooled = tuple(self.pattern.pool_shard(t, grid, shard * q.shape[2], groups) for t in (q, k))
+        step = self._step() if self.pattern.needs_qk else None
+        mask, _ = self.pattern.mask_for(
+            grid, 0, None, query.device, pooled=pooled, layer=layer_index, step=step, branch=self.branch
+        )
         out = context_parallel_attention(
-            *(t.transpose(1, 2) for t in (query, key, value)),
-            self._mask(query.device),
-            ulysses_group=context_parallel._ulysses_mesh.get_group(),
-            ring_group=context_parallel._ring_mesh.get_group(),
-            backend=self.config.backend,
+            q, k, v, mask, ulysses_group=ulysses_group, ring_group=ring_group, backend=self.config.backend,
+            order=None if order is None else order.order,
         )
         return out.transpose(1, 2)
 

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from mmattn.kernels import BACKENDS, BlockSparseMask
 
@@ -185,6 +186,16 @@ class TileOrder:
         """Tile order -> frame-major along `dim`."""
         return x.index_select(dim, self._on("inverse", x.device))
 
+    def keeps_shards(self, shards: int) -> bool:
+        """Whether each of `shards` equal contiguous shards of the sequence is mapped onto itself (then the tile
+        order of the whole is every shard's own tile order, side by side: ring attention can run on it)."""
+        kept = self.__dict__.setdefault("_kept", {})
+        if shards not in kept:
+            tokens = self.order.numel()
+            size = max(tokens // shards, 1)
+            kept[shards] = tokens % shards == 0 and torch.equal(self.order // size, torch.arange(tokens) // size)
+        return kept[shards]
+
     def _on(self, name: str, device: torch.device) -> torch.Tensor:
         """`order` / `inverse` on `device`, copied there once (not at every attention call)."""
         copies = self.__dict__.setdefault("_copies", {})
@@ -192,6 +203,18 @@ class TileOrder:
         if key not in copies:
             copies[key] = getattr(self, name).to(device)
         return copies[key]
+
+    def _span(self, start: int, size: int, block: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+        """For the frame-major tokens `[start, start + size)`: their tile-order positions on `device`, and the
+        token range `[low, high)` of the blocks of `block` tokens that hold them (cached)."""
+        spans = self.__dict__.setdefault("_spans", {})
+        key = (start, size, block, str(device))
+        if key not in spans:
+            positions = self.inverse[start : start + size]
+            low = int(positions.min()) // block * block
+            high = min(-(-(int(positions.max()) + 1) // block) * block, -(-self.order.numel() // block) * block)
+            spans[key] = positions.to(device), low, high
+        return spans[key]
 
 
 @functools.lru_cache(maxsize=64)
@@ -308,17 +331,51 @@ def sta_block_mask(
 # NABLA
 
 
-def _pooled(x: torch.Tensor, order: TileOrder, block: int) -> torch.Tensor:
-    """Mean of the tile-ordered tokens of each block: `(B, H, N, D)` -> `(B, H, ceil(N / B), D)`."""
-    x = order.permute(x, dim=2)
+def _block_counts(tokens: int, block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[ceil(tokens / block), 1]`: the tokens in each block (the last one may be short)."""
+    n_blocks = -(-tokens // block)
+    counts = torch.full((n_blocks, 1), float(block), dtype=dtype, device=device)
+    counts[-1] = tokens - (n_blocks - 1) * block
+    return counts
+
+
+def _pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each block of `block` consecutive tokens of an (already tile-ordered) `(B, H, N, D)` tensor ->
+    `(B, H, ceil(N / block), D)`, in float32 at least."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     tokens, n_blocks = x.shape[2], -(-x.shape[2] // block)
     pad = n_blocks * block - tokens
     sums = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(2, (n_blocks, block)).sum(3)
-    counts = torch.full((n_blocks, 1), float(block), dtype=x.dtype, device=x.device)
-    counts[-1] = block - pad
-    return sums / counts
+    return sums / _block_counts(tokens, block, x.dtype, x.device)
+
+
+def _pooled(x: torch.Tensor, order: TileOrder, block: int) -> torch.Tensor:
+    """Mean of the tile-ordered tokens of each block of a frame-major `(B, H, N, D)`: `(B, H, ceil(N / B), D)`."""
+    return _pool_blocks(order.permute(x, dim=2), block)
+
+
+def _pooled_shard(x: torch.Tensor, order: TileOrder, block: int, start: int, groups=()) -> torch.Tensor:
+    """`_pooled` of the whole sequence from one rank's shard under context parallelism.
+
+    `x`: this rank's `(B, H, s, D)` frame-major tokens `[start, start + s)`. Each rank sums its tokens into the
+    blocks (of the tile order) they fall in, `torch.distributed.all_reduce` over each process group of `groups`
+    (None or size 1: skipped; Ulysses then ring: every rank of the mesh) adds the ranks' sums, so every rank
+    gets the same block means; only the pooled `(B, H, n_blocks, D)` tensor travels. The shard's tokens are
+    copied to their tile-order places in the span of blocks they touch (zeros elsewhere) and summed per block as
+    `_pooled` does: deterministic, and bit-identical to it where no block straddles two shards.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    tokens = order.order.numel()
+    positions, low, high = order._span(start, x.shape[2], block, x.device)
+    span = x.new_zeros(*x.shape[:2], high - low, x.shape[3]).index_copy_(2, positions - low, x)
+    sums = x.new_zeros(*x.shape[:2], -(-tokens // block), x.shape[3])
+    sums[:, :, low // block : high // block] = span.unflatten(2, (-1, block)).sum(3)
+    for group in groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(sums, group=group)
+    return sums / _block_counts(tokens, block, x.dtype, x.device)
 
 
 def _mass_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -402,8 +459,10 @@ class NABLAMaskCache:
     """NABLA masks of the current denoising step, one per caller-chosen key (a layer index, a CFG branch).
 
     `mask(q, k, grid, step=..., key=...)` returns the cached mask while the step and key are the same and the
-    pooled Q/K are equal to the ones it was built from; a new step drops every entry. `builds` counts the
-    masks built. State lives on this object (e.g. on an attention handle), never in globals.
+    pooled Q/K are equal to the ones it was built from; a new step drops every entry. `mask_pooled` takes the
+    block-pooled Q/K directly (a caller that has Q/K in tile order already, or a context-parallel rank that
+    pooled its shard). `builds` counts the masks built. State lives on this object (e.g. on an attention
+    handle), never in globals.
     """
 
     def __init__(self, config: NABLAConfig | None = None) -> None:
@@ -426,15 +485,40 @@ class NABLAMaskCache:
     ) -> BlockSparseMask:
         """The NABLA mask of `nabla_block_mask(q, k, grid, self.config, ...)`, built at most once per (step, key, inputs)."""
         grid, text = _grid(grid), _text(text_tokens)
-        valid = _valid(valid_text_tokens, text)
         _check_qk(q, k, math.prod(grid) + text)
-        if step != self.step:
-            self._entries.clear()
-            self.step = step
         block = _block(self.config.block_size, self.config.tile)
         order = _tile_order(grid, self.config.tile, text)
         with torch.no_grad():  # the mask is not differentiable; nothing of it goes into the autograd graph
             pooled_q, pooled_k = _pooled(q.detach(), order, block), _pooled(k.detach(), order, block)
+        return self.mask_pooled(
+            pooled_q, pooled_k, grid, step=step, key=key, text_tokens=text, valid_text_tokens=valid_text_tokens,
+            scale=scale,
+        )
+
+    def mask_pooled(
+        self,
+        pooled_q: torch.Tensor,
+        pooled_k: torch.Tensor,
+        grid: VideoGrid | tuple[int, int, int],
+        *,
+        step,
+        key=None,
+        text_tokens: int = 0,
+        valid_text_tokens: int | None = None,
+        scale: float | None = None,
+    ) -> BlockSparseMask:
+        """`mask` from the block means of Q and K in tile order, `(B, H, n_blocks, D)` (`mask` pools them itself)."""
+        grid, text = _grid(grid), _text(text_tokens)
+        valid = _valid(valid_text_tokens, text)
+        n_blocks = -(-(math.prod(grid) + text) // _block(self.config.block_size, self.config.tile))
+        for name, t in (("pooled_q", pooled_q), ("pooled_k", pooled_k)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[2] != n_blocks or t.shape != pooled_q.shape:
+                raise ValueError(
+                    f"{name}: expected (batch, heads, {n_blocks} blocks, head_dim) like pooled_q, got {getattr(t, 'shape', t)}"
+                )
+        if step != self.step:
+            self._entries.clear()
+            self.step = step
         entry_key = (key, grid, text, valid, scale)
         entry = self._entries.get(entry_key)
         if (

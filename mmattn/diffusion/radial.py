@@ -205,8 +205,9 @@ def apply_sparse_attention(
     thresholded on cumulative softmax mass and ORed with an STA window), or directly a `RadialConfig`,
     `STAConfig` or `NABLAConfig`. `config`: that pattern's config, a preset name (`load_preset`), or None for
     the config class's defaults. `pipe_or_transformer` and `step_source` as in `apply_radial_attention`, which
-    this generalises (same handle, same dense-step / dense-layer policy). STA and NABLA refuse diffusers'
-    context parallelism for now (a `ValueError` naming `parallel_config` at the first sparse call).
+    this generalises (same handle, same dense-step / dense-layer policy). Under diffusers' context parallelism STA
+    and NABLA run their tile order between Ulysses' exchanges; ring attention needs each ring shard to hold whole
+    tiles (else a `ValueError` naming `parallel_config` at the first sparse call).
     """
     if isinstance(pattern, tuple(PATTERNS.values())):
         if config is not None:

@@ -233,4 +233,4 @@ def backend_info(device: str | torch.device | None = None) -> dict[str, tuple[bo
     else:
         info["fa4"] = (False, f"needs a Hopper/Blackwell GPU, not {device.type} (block-sparse attention only)")
     info["torch"] = (True, "exact reference, memory-bounded")
-    return info
+    return {name: info[name] for name in BACKENDS if name in info}  # preference order

@@ -9,6 +9,10 @@ Each rank of a process group holds one contiguous shard of the tokens, rank r th
   to the (query shard, key shard) pair, skipping pairs the mask leaves empty, and merges the partial outputs
   through their log-sum-exp. Keys and values travel by all-gather (diffusers' `rotate_method="allgather"`).
 
+A mask over a permuted token order (sliding-tile attention's 3D tiles) takes `order=`: the permutation is applied
+where the tokens are whole, after the Ulysses exchange, to each ring rank's tokens, so under ring attention it must
+keep every ring shard in place.
+
 Communication is torch.distributed's own (NCCL on GPUs, gloo on CPUs), made differentiable here, so training
 works too.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -96,21 +101,58 @@ def _check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Block
         raise ValueError(f"mask: expected the global mask over {world} x {q.shape[2]} = {total} tokens, got {mask}")
 
 
-@functools.lru_cache(maxsize=256)
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""mask -> {crop arguments or "has blocks": value}, kept while the mask lives (a data-dependent mask such as NABLA's,
+new each layer and step, takes its pieces with it)."""
+
+
+def _cached(mask: BlockSparseMask, key, make):
+    pieces = _PIECES.setdefault(mask, {})
+    if key not in pieces:
+        pieces[key] = make()
+    return pieces[key]
+
+
 def _cropped(
     mask: BlockSparseMask, q_range: tuple[int, int], kv_range: tuple[int, int], heads: tuple[int, int] | None = None
 ) -> BlockSparseMask:
-    """`mask.crop(...)`, cached: every layer and step asks for the same pieces."""
-    return mask.crop(q_range, kv_range, heads)
+    """`mask.crop(...)`, cached on the mask: every layer and step asks for the same pieces."""
+    return _cached(mask, (q_range, kv_range, heads), lambda: mask.crop(q_range, kv_range, heads))
 
 
-@functools.lru_cache(maxsize=256)
 def _has_blocks(mask: BlockSparseMask) -> bool:
-    return bool(mask.kv_num_blocks.any())
+    return _cached(mask, "has blocks", lambda: bool(mask.kv_num_blocks.any()))
 
 
 def _aligned(position: int, block: int, total: int) -> int:
     return min(math.ceil(position / block) * block, total)
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_order(
+    order: torch.Tensor, shards: int, index: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(permutation, inverse) on `device` of the tokens of shard `index` of `shards` equal ones under the global
+    `order`. Cached per order tensor (callers pass the same cached tensor at every call): checked and copied once.
+    """
+    size = order.numel() // shards
+    positions = torch.arange(order.numel(), device=order.device)
+    if shards > 1 and not torch.equal(order // size, positions // size):  # every shard checked: all ranks refuse alike
+        raise ValueError(
+            f"order: ring attention keeps the query shards in place, so order must map each of the {shards} "
+            f"contiguous shards of {size} tokens onto itself"
+        )
+    local = order[index * size : (index + 1) * size].to(device) - index * size
+    return local, torch.argsort(local)
+
+
+def _check_order(order, total: int) -> None:
+    if not isinstance(order, torch.Tensor) or order.dim() != 1 or order.numel() != total or order.dtype != torch.long:
+        raise ValueError(
+            f"order: expected a permutation of the {total} tokens (1-D int64 tensor), got "
+            f"{tuple(order.shape) if isinstance(order, torch.Tensor) else type(order).__name__}"
+            f"{f' {order.dtype}' if isinstance(order, torch.Tensor) else ''}"
+        )
 
 
 def _merge(out, lse, part_out, part_lse):
@@ -163,17 +205,24 @@ def context_parallel_attention(
     ring_group=None,
     scale: float | None = None,
     backend: str = "auto",
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of token shards under Ulysses, ring attention, or both (Ulysses inside ring).
 
     q, k, v: this rank's `(B, H, S / W, D)` token shard, W = ulysses size x ring size; shard
     `ring_rank * ulysses_size + ulysses_rank` is this rank's (diffusers' mesh order), so the Ulysses exchange
     yields the ring rank's contiguous tokens. `mask` is the global mask over all S tokens. Ulysses needs the query
-    and key/value heads to divide by its group size. A group of None or of size 1 is not used. Returns this
-    rank's `(B, H, S / W, D)` output.
+    and key/value heads to divide by its group size. A group of None or of size 1 is not used. `order` (optional):
+    the token order the mask is over, `order[i]` the index of its i-th token in the sharded order (e.g. a
+    sliding-tile reordering); it is applied after the Ulysses exchange, where every rank holds whole ring shards,
+    and undone before the exchange back, so under ring attention it must map each ring shard onto itself (a
+    `ValueError` otherwise). Returns this rank's `(B, H, S / W, D)` output, in the sharded order.
     """
     ulysses, ring = _group_size(ulysses_group), _group_size(ring_group)
     _check_shards(q, k, v, mask, ulysses * ring)
+    if order is not None:
+        _check_order(order, mask.q_len)
+        order, inverse = _shard_order(order, ring, dist.get_rank(ring_group) if ring > 1 else 0, q.device)
     # Before any exchange, so that every rank refuses a bad argument alike.
     scale, backend = resolve_scale(scale, q.shape[-1]), resolve_backend("block_sparse", backend, q)
     if ulysses > 1:
@@ -183,8 +232,12 @@ def context_parallel_attention(
         first = dist.get_rank(ulysses_group) * q.shape[1] // ulysses
         mask = _cropped(mask, (0, mask.q_len), (0, mask.kv_len), (first, first + q.shape[1] // ulysses))
         q, k, v = (_seq_to_heads(t, ulysses_group) for t in (q, k, v))
+    if order is not None:
+        q, k, v = (t.index_select(2, order) for t in (q, k, v))
     if ring > 1:
         out = _ring(q, k, v, mask, ring_group, scale, backend)
     else:
         out = block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)
+    if order is not None:
+        out = out.index_select(2, inverse)
     return _heads_to_seq(out, ulysses_group) if ulysses > 1 else out

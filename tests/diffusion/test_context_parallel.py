@@ -1,13 +1,25 @@
-"""Radial attention under diffusers' own context parallelism (`enable_parallelism`), in gloo processes on the CPU:
-the parallel output equals the single-process output on a tiny Wan transformer."""
+"""Radial, STA and NABLA attention under diffusers' own context parallelism (`enable_parallelism`), in gloo
+processes on the CPU: the parallel output equals the single-process output on a tiny Wan transformer."""
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from mmattn.diffusion import RadialConfig, VideoGrid, apply_radial_attention, attention
+from mmattn.diffusion import (
+    NABLAConfig,
+    RadialConfig,
+    STAConfig,
+    VideoGrid,
+    apply_radial_attention,
+    apply_sparse_attention,
+    attention,
+)
 from mmattn.diffusion.masks import radial_mask
+from mmattn.kernels import BlockSparseMask
+from mmattn.kernels.distributed import context_parallel_attention
 
 from ..gloo import run_gloo
+from .test_radial import _double
 from .tiny_models import wan
 
 diffusers = pytest.importorskip("diffusers")
@@ -60,3 +72,80 @@ def _sharded_tokens_must_match_the_grid(rank, world):
 
 def test_shard_mismatch_is_named():
     run_gloo(_sharded_tokens_must_match_the_grid, 2)
+
+
+# STA and NABLA: the mask lives in a 3D tile order. Ulysses permutes after its all-to-all (each rank then holds the
+# whole sequence), so any shard works; ring attention needs every ring shard to hold whole tile layers (frames).
+STA = STAConfig(tile=(2, 4, 4), window=(1, 1, 3))  # 32-token tiles = blocks
+NABLA = NABLAConfig(threshold=0.6, tile=(1, 8, 4), window=(1, 1, 1))  # 32-token blocks, a mask per layer and call
+TILED = {"sta": STA, "nabla": NABLA}
+UNEVEN = {"frames": 5, "height": 16, "width": 32}  # 2 shards of 2.5 frames (8 x 16 tokens): tiles straddle them
+EVEN = {"frames": 4, "height": 16, "width": 32}  # 2 shards of 2 frames: whole tile layers per shard
+
+
+def _record_masks(module, name, calls):
+    """Wraps `module.name` (a kernel entry point taking the mask as 4th argument) to record its masks."""
+    function = getattr(module, name)
+    setattr(module, name, lambda *args, **kwargs: calls.append(args[3]) or function(*args, **kwargs))
+    return function
+
+
+def _tiled_parallel_equals_single_process(rank, world, grid, degrees):
+    torch.accelerator.device_count = lambda: 1
+    for pattern, config in TILED.items():
+        model, inputs = wan(**grid)
+        model, inputs = model.double(), _double(inputs)
+        with torch.no_grad():
+            stock = model(**inputs)[0]
+        step = [0]  # NABLA builds its masks anew in a new step: the sharded run cannot reuse the single-process ones
+        with torch.no_grad(), apply_sparse_attention(model, config, step_source=lambda: (step[0], 10)) as handle:
+            single, sharded = [], []
+            kernel = _record_masks(attention, "block_sparse_attention", single)
+            expected = model(**inputs)[0]
+            attention.block_sparse_attention = kernel
+            model.enable_parallelism(config=diffusers.ContextParallelConfig(**degrees))
+            step[0] = 1
+            cp = _record_masks(attention, "context_parallel_attention", sharded)
+            out = model(**inputs)[0]
+            attention.context_parallel_attention = cp
+            if pattern == "nabla":
+                assert handle.radial[0].pattern.cache.builds == 2 * len(model.blocks)
+        assert len(sharded) == len(single) == len(model.blocks), f"{pattern}: every layer runs sparse, sharded"
+        for s, e in zip(sharded, single):  # every rank builds the very mask of the single process
+            assert torch.equal(s.to_dense(), e.to_dense()), pattern
+            assert s.density() < 0.8, (pattern, s.density())
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{pattern}: {m}")
+        assert not torch.allclose(out, stock, atol=1e-6), f"{pattern}: the mask mattered"
+
+
+@pytest.mark.parametrize(
+    "grid, degrees",
+    [(UNEVEN, {"ulysses_degree": 2}), (EVEN, {"ring_degree": 2}), (EVEN, {"ring_degree": 2, "ulysses_degree": 2})],
+    ids=["ulysses-tiles-straddle-shards", "ring-whole-tile-layers", "ring-x-ulysses"],
+)
+def test_context_parallel_sta_and_nabla_match_one_process(grid, degrees):
+    """Float64, tiny Wan: the sharded STA / NABLA output equals the single-process one, with the same masks.
+    Ring x Ulysses: 4 ranks of 1 frame (128 tokens) each, Ulysses inside each ring rank of 2 frames."""
+    world = degrees.get("ring_degree", 1) * degrees.get("ulysses_degree", 1)
+    run_gloo(_tiled_parallel_equals_single_process, world, grid, degrees)
+
+
+def _ring_needs_whole_tile_layers(rank, world):
+    torch.accelerator.device_count = lambda: 1
+    for config in TILED.values():
+        model, inputs = wan(**UNEVEN)
+        with torch.no_grad(), apply_sparse_attention(model, config, step_source=lambda: (0, 10)):
+            model.enable_parallelism(config=diffusers.ContextParallelConfig(ring_degree=2))
+            message = rf"^parallel_config: ring attention \(ring_degree=2\) runs {type(config).__name__} only when"
+            with pytest.raises(ValueError, match=message):
+                model(**inputs)
+    # the kernel itself: a token order that moves tokens between ring shards is refused on every rank
+    q = torch.randn(1, 2, 16, 4)
+    order = torch.arange(32).roll(1)
+    mask = BlockSparseMask.from_dense(torch.ones(2, 2, dtype=torch.bool), 16, 32, 32)
+    with pytest.raises(ValueError, match="^order: ring attention keeps the query shards in place"):
+        context_parallel_attention(q, q, q, mask, ring_group=dist.group.WORLD, order=order)
+
+
+def test_ring_refuses_tiles_that_straddle_shards():
+    run_gloo(_ring_needs_whole_tile_layers, 2)

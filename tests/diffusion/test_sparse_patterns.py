@@ -259,6 +259,56 @@ def test_nabla_repeated_call_reuses_the_mask_and_gradient_checkpointing_recomput
     model.disable_gradient_checkpointing()
 
 
+def test_nabla_permutes_once_and_pools_once_per_call_also_on_a_cache_hit(monkeypatch):
+    """Each sparse NABLA call permutes Q, K and V into tile order once (the pooling reads the permuted Q/K, it
+    does not permute them again) and pools Q and K once: across a denoising loop's steps, layers and CFG calls,
+    and on a repeated call that reuses the cached mask. The masks are bit-identical to `nabla_block_mask` of
+    the call's frame-major Q/K (the pre-existing definition)."""
+    from mmattn.diffusion import attention, patterns, sparse
+
+    permutes, pools, full_pools, kernel_calls = [], [], [], []
+    permute, pool, pooled = patterns.TileOrder.permute, sparse._pool_blocks, patterns._pooled
+    monkeypatch.setattr(
+        patterns.TileOrder, "permute", lambda self, x, dim=1: permutes.append(1) or permute(self, x, dim)
+    )
+    monkeypatch.setattr(sparse, "_pool_blocks", lambda x, block: pools.append(1) or pool(x, block))
+    monkeypatch.setattr(patterns, "_pooled", lambda *args: full_pools.append(1) or pooled(*args))
+    kernel = attention.block_sparse_attention
+    monkeypatch.setattr(
+        attention, "block_sparse_attention",
+        lambda q, k, v, mask, **kw: kernel_calls.append((q, k, mask)) or kernel(q, k, v, mask, **kw),
+    )
+    transformer, inputs = tiny_models.wan(frames=4, height=16, width=16)
+    pipe = diffusers.WanPipeline(
+        tokenizer=None, text_encoder=None, transformer=transformer, vae=None,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    text, negative = torch.randn(1, 12, 16, generator=generator), torch.randn(1, 12, 16, generator=generator)
+    config = NABLAConfig(threshold=0.5, tile=(1, 4, 4), window=(1, 1, 1))
+    steps, layers = 2, len(transformer.blocks)
+    with apply_sparse_attention(pipe, "nabla", config) as handle:
+        pipe(prompt_embeds=text, negative_prompt_embeds=negative, height=128, width=128, num_frames=13,
+             num_inference_steps=steps, guidance_scale=2.0, output_type="latent")  # latent grid: GRID
+        calls = steps * layers * 2
+        assert handle.radial[0].pattern.cache.builds == len(kernel_calls) == calls
+        assert (len(permutes), len(pools), len(full_pools)) == (3 * calls, 2 * calls, 0)
+    with apply_sparse_attention(transformer, config, step_source=lambda: (0, 1)) as handle:
+        with torch.no_grad():
+            first = transformer(**inputs)[0]
+            again = transformer(**inputs)[0]  # the same step and inputs: the cached masks are reused
+        assert handle.radial[0].pattern.cache.builds == layers and torch.equal(first, again)
+        calls += 2 * layers
+        assert (len(permutes), len(pools), len(full_pools)) == (3 * calls, 2 * calls, 0)
+        assert all(kernel_calls[-layers + i][2] is kernel_calls[-2 * layers + i][2] for i in range(layers))
+    monkeypatch.undo()
+    order = patterns.tile_order(GRID, config.tile)
+    for q, k, mask in kernel_calls:
+        expected = nabla_block_mask(order.unpermute(q, dim=2), order.unpermute(k, dim=2), GRID, config)
+        assert torch.equal(mask.to_dense(), expected.to_dense())
+
+
 def test_sta_default_block_is_the_tile_volume():
     config = STAConfig()
     assert config.tile == (6, 8, 8) and config.block_size is None
@@ -310,8 +360,8 @@ def test_errors_name_the_argument():
     class Parallel:
         context_parallel_config = ContextParallel()
 
-    with apply_sparse_attention(model, STA) as handle:
+    with apply_sparse_attention(model, STA):  # context parallel: the processors get one shard, not all 256 tokens
         for block in model.blocks:
             block.attn1.processor._parallel_config = Parallel()
-        with pytest.raises(ValueError, match="^parallel_config: STAConfig does not run context-parallel"):
+        with pytest.raises(ValueError, match="^query: expected a shard of 256 video tokens"):
             _outputs(model, inputs)

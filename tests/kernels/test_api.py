@@ -51,7 +51,8 @@ def test_compiles_fullgraph_with_autograd():
 
 def test_backend_info_lists_every_backend_with_a_reason():
     info = backend_info("cpu")
-    assert list(info) == ["triton", "flex", "torch"]
+    assert list(info) == ["fa4", "triton", "flex", "torch"]
+    assert not info["fa4"][0] and "Hopper/Blackwell GPU" in info["fa4"][1]
     assert info["torch"][0] and all(isinstance(reason, str) and reason for _, reason in info.values())
 
 

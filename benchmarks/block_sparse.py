@@ -12,6 +12,7 @@ and "random" (each query block sees the same number of key blocks drawn at rando
 
     python benchmarks/block_sparse.py [--fast]    # every case; writes benchmarks/results/block_sparse.md
     python benchmarks/block_sparse.py --quick     # tiny shapes, also on the CPU (smoke test; prints the table)
+    python benchmarks/block_sparse.py --only "B1 H24 L32760 D128" --out /tmp/bs.md   # a subset (never the committed file)
 
 On the CPU, "ours" is the exact torch reference, or the Triton kernels under TRITON_INTERPRET=1.
 """
@@ -291,15 +292,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, also on the CPU: a smoke test")
     parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
+    parser.add_argument("--only", default="", help="comma-separated shapes (e.g. 'B1 H24 L32760 D128'): a subset")
     parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.quick and device != "cuda":
         parser.error("needs a CUDA GPU (or --quick for a smoke test on the CPU)")
-    complete = not args.quick and device == "cuda"
-    target = results_target(parser, args.out, DEFAULT_OUT, complete, "--quick")
-    set_fast(args.fast)
     shapes, densities = (QUICK_SHAPES, QUICK_DENSITIES) if args.quick else (SHAPES, DENSITIES)
+    if args.only:
+        names = {"B{} H{} L{} D{}".format(*shape): shape for shape in shapes}
+        unknown = sorted(set(args.only.split(",")) - set(names))
+        if unknown:
+            parser.error(f"--only: unknown shapes {unknown}; known: {sorted(names)}")
+        shapes = [names[name] for name in args.only.split(",")]
+    complete = not args.quick and not args.only and device == "cuda"
+    target = results_target(parser, args.out, DEFAULT_OUT, complete, "--quick" if args.quick else "--only")
+    set_fast(args.fast)
     rows, tiles, ours, peers = run(shapes, densities, device)
     write_results(table(rows, tiles, ours, peers, device), target)
 

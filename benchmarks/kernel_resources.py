@@ -36,7 +36,7 @@ from common import RESULTS, command_line, results_target
 from neighborhood import CASES as NEIGHBORHOOD_CASES
 
 from mmattn.kernels import Neighborhood
-from mmattn.kernels.triton import block_sparse, routed
+from mmattn.kernels.triton import block_sparse, block_sparse_tma, routed
 from mmattn.kernels.triton import neighborhood as fna
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -75,15 +75,21 @@ def _neighborhood_builds() -> list[Build]:
 
 
 def _block_sparse_builds() -> list[Build]:
+    """The pointer-load kernels and the Hopper forward (TMA descriptors, warp specialization), 128x128 blocks."""
     builds = []
-    for head_dim in (64, 128):
-        q = _meta_tokens(4096, head_dim)
-        constants = block_sparse.launch_args(q, q, 128, 128)
-        for kernel, fn, configs in (("fwd", block_sparse._fwd_kernel, block_sparse.FWD_CONFIGS),
-                                    ("dq", block_sparse._bwd_dq, block_sparse.DQ_CONFIGS),
-                                    ("dkdv", block_sparse._bwd_dkdv, block_sparse.DKDV_CONFIGS)):
-            tiles = block_sparse.prune_configs(configs, constants)
-            builds.append(Build(f"block-sparse 128x128 D{head_dim}", kernel, fn, constants, tiles))
+    families = {
+        "block-sparse": ((block_sparse._fwd_kernel, block_sparse.FWD_CONFIGS),
+                         (block_sparse._bwd_dq, block_sparse.DQ_CONFIGS),
+                         (block_sparse._bwd_dkdv, block_sparse.DKDV_CONFIGS)),
+        "block-sparse TMA": ((block_sparse_tma._fwd_kernel, block_sparse_tma.FWD_CONFIGS),),
+    }
+    for family, kernels in families.items():
+        for head_dim in (64, 128):
+            q = _meta_tokens(4096, head_dim)
+            constants = block_sparse.launch_args(q, q, 128, 128)
+            for kernel, (fn, configs) in zip(("fwd", "dq", "dkdv"), kernels):
+                tiles = block_sparse.prune_configs(configs, constants)
+                builds.append(Build(f"{family} 128x128 D{head_dim}", kernel, fn, constants, tiles))
     return builds
 
 

@@ -23,6 +23,11 @@ version's source (`interface.py`, `block_sparsity.py`, `block_sparse_utils.py`, 
   only. The sm90 backward asserts `not deterministic` on its block-sparse path, so on Hopper the backward is
   FA4's atomic dQ accumulation (not bitwise reproducible run to run).
 * Tile sizes and the block sizes they admit: see `fa4_tiles` and `fa4_supports`.
+
+The mask's own int32 index tensors (`kv_num_blocks`/`kv_indices` forward, the transposed `q_num_blocks`/`q_indices`
+backward) are passed as FA4's full-block lists without a copy: FA4 reads only the first `count` entries of a row.
+FA4's forward and backward run as `kernel_op` custom ops (`mmattn::fa4_block_sparse_fwd/_bwd`), one opaque call each
+under torch.compile, writing into contiguous `(B, H, L, D)` outputs through FA4's `out=`/`dq=`/`dk=`/`dv=`.
 """
 
 from __future__ import annotations

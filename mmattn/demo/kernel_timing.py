@@ -14,6 +14,7 @@ from mmattn.kernels import (
     block_sparse_attention,
     neighborhood_attention,
 )
+from mmattn.kernels.backends import backend_choices
 
 __all__ = ["HEADERS", "time_backends"]
 
@@ -46,13 +47,16 @@ def time_backends(tokens: int = 1024, head_dim: int = 64, heads: int = 4, repeat
     mask = BlockSparseMask.from_dense(blocks.to(device), 64, tokens, tokens)
     side = int(tokens ** 0.5)
     grid = [t.unflatten(2, (side, side)) for t in (q, k, v)]
-    kernels = {
-        f"block-sparse (density {mask.density():.2f})": lambda backend: block_sparse_attention(q, k, v, mask, backend=backend),
-        "neighborhood 2-D, 7x7": lambda backend: neighborhood_attention(*grid, 7, backend=backend),
+    kernels = {  # label: (family, run)
+        f"block-sparse (density {mask.density():.2f})":
+            ("block_sparse", lambda backend: block_sparse_attention(q, k, v, mask, backend=backend)),
+        "neighborhood 2-D, 7x7": ("na", lambda backend: neighborhood_attention(*grid, 7, backend=backend)),
     }
     rows = []
     for backend, (usable, detail) in backend_info(device).items():
-        for kernel, run in kernels.items():
+        for kernel, (family, run) in kernels.items():
+            if backend not in backend_choices(family):
+                continue  # e.g. FlashAttention-4 runs block-sparse attention only
             shape = f"{heads}x{tokens}x{head_dim} {str(dtype).removeprefix('torch.')}"
             if usable:
                 timed = _median_ms(lambda run=run, backend=backend: run(backend), repeats)

@@ -91,5 +91,6 @@ def test_hilo_and_agent_maps(demo) -> None:
 def test_backend_timings(client) -> None:
     table = client.predict(256, api_name="/vision_timings")
     rows = table["data"]
-    assert {row[2] for row in rows} == {"triton", "flex", "torch"}
+    assert {row[2] for row in rows} == {"fa4", "triton", "flex", "torch"}
+    assert [row[0].split(" ")[0] for row in rows if row[2] == "fa4"] == ["block-sparse"]  # FA4 runs that family only
     assert all(row[3] is not None and row[3] > 0 for row in rows if row[2] == "torch")

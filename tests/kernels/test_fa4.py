@@ -301,3 +301,22 @@ def test_fa4_gpu_auto_compile_and_fallbacks():
             assert supported_backends("block_sparse", q, k=k, v=v, mask=mask)[0] == "triton"
         finally:
             torch.use_deterministic_algorithms(deterministic)
+
+
+def test_fa4_gpu_custom_ops_pass_opcheck():
+    """FA4's custom ops: schema, fake tensors (shapes and strides of the outputs) and autograd registration."""
+    ok, reason = gpu_ready()
+    if not ok:
+        pytest.skip(reason)
+    from mmattn.kernels.fa4 import fa4_block_sparse_op
+
+    q, k, v = (t.cuda() for t in random_qkv(1, 4, 2, 700, 600, 128, torch.bfloat16, seed=9))
+    mask = band_mask(4, 700, 600, gpu_block()).to("cuda")
+    tensors = (mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
+    args = (q.requires_grad_(), k, v, *tensors, *mask.block_size, 128**-0.5, False)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(fa4_block_sparse_op.forward_op, args, test_utils=checks)
+    out, lse = fa4_block_sparse_op.forward_op(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
+    torch.library.opcheck(fa4_block_sparse_op.backward_op,
+                          (torch.randn_like(out), None, out, lse, q.detach(), k, v, *tensors, *mask.block_size,
+                           128**-0.5, False), test_utils=("test_schema", "test_faketensor"))

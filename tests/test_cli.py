@@ -133,11 +133,12 @@ def test_demo_port_in_use() -> None:
         _assert_one_line_error(_run("-m", "mmattn", "demo", "--port", port), "--port", port, "cannot serve")
 
 
-@pytest.mark.parametrize("name", ["diffusion", "context_parallel"])
-def test_bench_quick_prints_the_table(name) -> None:
+@pytest.mark.parametrize("name,row", [("diffusion", "| tiny wan |"), ("context_parallel", "| tiny wan |"),
+                                      ("block_sparse", "| B1 H2 L700 D64 | random |")])
+def test_bench_quick_prints_the_table(name, row) -> None:
     result = _run("-m", "mmattn", "bench", name, "--quick")
     assert result.returncode == 0, result.stderr
-    assert "| tiny wan |" in result.stdout and f"[{name}]" in result.stderr  # rows of the table, progress on stderr
+    assert row in result.stdout and f"[{name}]" in result.stderr  # rows of the table, progress on stderr
 
 
 def test_bench_unknown_name() -> None:

@@ -22,7 +22,9 @@ version's source (`interface.py`, `block_sparsity.py`, `block_sparse_utils.py`, 
   that write one q-block's dQ, ascending), `dq_write_order_full` and `spt`; it is implemented on sm100/sm110
   only. The sm90 backward asserts `not deterministic` on its block-sparse path, so on Hopper the backward is
   FA4's atomic dQ accumulation (not bitwise reproducible run to run).
-* Tile sizes and the block sizes they admit: see `fa4_tiles` and `fa4_supports`.
+* Tile sizes and the block sizes they admit: see `fa4_tiles` and `fa4_supports`. The sm90 kernels take a kv block of
+  exactly one tile (`tile_n`, 128 at head dim 128); a mask whose kv block is a multiple of it (STA's 384-token tiles)
+  reaches them cut into tiles (`split_kv_blocks`).
 
 The mask's own int32 index tensors (`kv_num_blocks`/`kv_indices` forward, the transposed `q_num_blocks`/`q_indices`
 backward) are passed as FA4's full-block lists without a copy: FA4 reads only the first `count` entries of a row.
@@ -47,6 +49,7 @@ __all__ = [
     "fa4_block_sparse_op",
     "fa4_supports",
     "fa4_tiles",
+    "split_kv_blocks",
 ]
 
 FA4_VERSION = "4.0.0b36"
@@ -146,6 +149,27 @@ def dq_write_order(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, q_indi
     return torch.where(valid, order, 0).contiguous()
 
 
+def split_kv_blocks(
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, q_num_blocks: torch.Tensor, q_indices: torch.Tensor,
+    kv_block: int, tile_n: int, kv_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A mask's forward and transposed lists with every kv block of `kv_block` keys cut into `kv_block // tile_n`
+    blocks of `tile_n` (FA4's sm90 kernels take a kv block of exactly one tile). Pieces wholly past `kv_len` are left
+    out, so each row's last entry is still the piece that holds key `kv_len - 1` (FA4 masks keys past kv_len in a
+    row's last entry only). Returns `(kv_num_blocks, kv_indices, q_num_blocks, q_indices)`, int32, contiguous."""
+    factor = kv_block // tile_n
+    if factor == 1:
+        return kv_num_blocks, kv_indices, q_num_blocks, q_indices
+    pieces = -(-kv_len // tile_n)
+    split = (kv_indices[..., None] * factor + torch.arange(factor, device=kv_indices.device, dtype=kv_indices.dtype))
+    split = split.flatten(-2)
+    listed = torch.arange(split.shape[-1], device=split.device) < (kv_num_blocks * factor).unsqueeze(-1)
+    counts = (listed & (split < pieces)).sum(-1, dtype=torch.int32)  # the kept pieces are a prefix: lists ascend
+    q_counts = q_num_blocks.repeat_interleave(factor, dim=-1)[..., :pieces]
+    q_lists = q_indices.repeat_interleave(factor, dim=-2)[..., :pieces, :]
+    return counts, split.contiguous(), q_counts.contiguous(), q_lists.contiguous()
+
+
 # --------------------------------------------------------------------------------------------------
 # capability
 
@@ -153,7 +177,8 @@ def dq_write_order(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, q_indi
 @dataclass(frozen=True)
 class FA4Tiles:
     """The tiles FA4 picks for a block-sparse call: forward `(tile_m * q_stage, tile_n)`, backward
-    `(tile_m, tile_n)`, and whether kv blocks may span several tiles (sm100) or must equal one (sm90)."""
+    `(tile_m, tile_n)`, and whether FA4 walks kv blocks spanning several tiles itself (sm100) or takes blocks of
+    exactly one tile (sm90, where the adapter cuts larger multiples into tiles: `split_kv_blocks`)."""
 
     forward: tuple[int, int]
     backward: tuple[int, int]
@@ -248,9 +273,9 @@ def fa4_supports(
         if q_block % tile_m:
             return False, (f"q block {q_block}: FA4's {name} on sm{arch} (head_dim {head_dim}) needs a multiple "
                            f"of tile_m={tile_m}")
-        if (kv_block % tile_n != 0) if tiles.kv_multiple else (kv_block != tile_n):
-            need = f"a multiple of tile_n={tile_n}" if tiles.kv_multiple else f"kv block == tile_n={tile_n}"
-            return False, f"kv block {kv_block}: FA4's {name} on sm{arch} (head_dim {head_dim}) needs {need}"
+        if kv_block % tile_n:  # a multiple of one tile is split into whole tiles on sm90 (`split_kv_blocks`)
+            return False, (f"kv block {kv_block}: FA4's {name} on sm{arch} (head_dim {head_dim}) needs a multiple "
+                           f"of tile_n={tile_n}")
     if not tiles.kv_multiple and tiles.forward[1] < _MIN_TILE_N:
         return False, (f"kv block {kv_block}: FA4's sm90 forward would run tile_n={tiles.forward[1]} "
                        f"(< {_MIN_TILE_N}, unmeasured)")
@@ -269,6 +294,13 @@ def _bhld(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)
 
 
+def _kv_tile(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int, which: str) -> int:
+    """The kv block size FA4's lists are given in: one kv tile of the pass on sm90, the mask's block on sm100."""
+    arch = _arch(q.device)
+    tiles = fa4_tiles(arch, q.shape[-1], (q_block, kv_block), q.shape[2], q.shape[1] // k.shape[1])
+    return kv_block if tiles.kv_multiple else getattr(tiles, which)[1]
+
+
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
@@ -278,11 +310,14 @@ def forward(
     index (`q_num_blocks`, `q_indices`) and `deterministic` are kept for the backward."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
+    tile_n = _kv_tile(q, k, q_block, kv_block, "forward")
+    counts, lists, _, _ = split_kv_blocks(kv_num_blocks, kv_indices, q_num_blocks, q_indices, kv_block, tile_n,
+                                          k.shape[2])
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     _flash_attn_fwd(
         _bhld(q), _bhld(k), _bhld(v), softmax_scale=scale, out=_bhld(out), lse=lse, return_lse=True,
-        block_sparse_tensors=_sparse_tensors(kv_num_blocks, kv_indices, (q_block, kv_block)),
+        block_sparse_tensors=_sparse_tensors(counts, lists, (q_block, tile_n)),
     )
     return out, lse
 
@@ -296,12 +331,14 @@ def backward(
     """FA4's block-sparse backward on the transposed index: `(dq, dk, dv)`, contiguous `(B, H, L, D)`."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    order = dq_write_order(kv_num_blocks, kv_indices, q_indices, q_num_blocks) if deterministic else None
+    tile_n = _kv_tile(q, k, q_block, kv_block, "backward")
+    lists = split_kv_blocks(kv_num_blocks, kv_indices, q_num_blocks, q_indices, kv_block, tile_n, k.shape[2])
+    order = dq_write_order(lists[0], lists[1], lists[3], lists[2]) if deterministic else None
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     _flash_attn_bwd(
         _bhld(q), _bhld(k), _bhld(v), _bhld(out), _bhld(grad_out), lse, scale, deterministic=deterministic,
         dq=_bhld(grads[0]), dk=_bhld(grads[1]), dv=_bhld(grads[2]), dlse=grad_lse,
-        block_sparse_tensors=_sparse_tensors(q_num_blocks, q_indices, (q_block, kv_block), order),
+        block_sparse_tensors=_sparse_tensors(lists[2], lists[3], (q_block, tile_n), order),
     )
     return tuple(grads)
 

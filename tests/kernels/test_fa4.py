@@ -15,6 +15,7 @@ from mmattn.kernels.fa4 import (
     fa4_block_sparse_attention,
     fa4_supports,
     fa4_tiles,
+    split_kv_blocks,
 )
 
 from .helpers import random_qkv
@@ -92,6 +93,38 @@ def test_sparse_tensors_fields(monkeypatch):
     assert plain.dq_write_order is None and plain.dq_write_order_full is None and plain.spt is None
 
 
+def token_mask(counts, indices, row_block, col_block, n_rows, n_cols):
+    """Oracle: the token-level mask `[.., n_rows, n_cols]` that CSR lists of blocks give, entry by entry, checking that
+    each row's entries ascend and that its last entry is the block holding column n_cols - 1 whenever that block is
+    listed (FA4 masks columns past n_cols in the last entry only)."""
+    last_block = (n_cols - 1) // col_block
+    out = torch.zeros(*counts.shape[:-1], n_rows, n_cols, dtype=torch.bool)
+    for pos in torch.cartesian_prod(*(torch.arange(s) for s in counts.shape)).view(-1, counts.dim()).tolist():
+        row = indices[tuple(pos)][: int(counts[tuple(pos)])].tolist()
+        assert row == sorted(set(row)) and all(c * col_block < n_cols for c in row), f"row {pos}: {row}"
+        assert last_block not in row or row[-1] == last_block, f"row {pos}: {row}"
+        r = pos[-1]
+        for c in row:
+            out[(*pos[:-1], slice(r * row_block, (r + 1) * row_block), slice(c * col_block, (c + 1) * col_block))] = True
+    return out
+
+
+@pytest.mark.parametrize("q_len,kv_len,block,tile_n", [(700, 1000, (128, 384), 128), (300, 384, (64, 256), 128),
+                                                      (1000, 130, (128, 256), 64), (512, 512, (128, 128), 128)])
+def test_split_kv_blocks_lists_the_same_keys_in_whole_tiles(q_len, kv_len, block, tile_n):
+    n_q, n_kv = math.ceil(q_len / block[0]), math.ceil(kv_len / block[1])
+    blocks = random_blocks(2, 3, n_q, n_kv, seed=kv_len, density=0.5)
+    mask = BlockSparseMask.from_dense(blocks, block, q_len, kv_len)
+    counts, lists, q_counts, q_lists = split_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks,
+                                                       mask.q_indices, block[1], tile_n, kv_len)
+    for t in (counts, lists, q_counts, q_lists):
+        assert t.dtype == torch.int32 and t.is_contiguous()
+    want = mask.to_token_mask()
+    assert torch.equal(token_mask(counts, lists, block[0], tile_n, q_len, kv_len), want)
+    transposed = token_mask(q_counts, q_lists, tile_n, block[0], kv_len, q_len)
+    assert q_counts.shape[-1] == math.ceil(kv_len / tile_n) and torch.equal(transposed, want.transpose(-1, -2))
+
+
 def test_partial_last_block_is_last_entry():
     """FA4 applies the key-length mask to the last entry of a row only: a kept partial block must sit there."""
     blocks = torch.ones(1, 1, 3, 4, dtype=torch.bool)
@@ -152,6 +185,10 @@ def test_supports_sm90_specifics():
     assert fa4_supports(*qkv_mask(head_dim=192, block=(128, 96)), arch=90, backward=True)[0]
     ok, reason = fa4_supports(*qkv_mask(block=(128, 32)), arch=90, backward=False)
     assert not ok and "unmeasured" in reason
+    # a kv block of several tiles (STA's 384-token tiles) is cut into tiles by the adapter
+    assert fa4_supports(*qkv_mask(q_len=1536, kv_len=1536, block=(384, 384)), arch=90, backward=True)[0]
+    ok, reason = fa4_supports(*qkv_mask(block=(128, 192)), arch=90, backward=False)
+    assert not ok and "multiple of tile_n=128" in reason
 
 
 def test_supports_sm100_specifics():
@@ -320,3 +357,13 @@ def test_fa4_gpu_custom_ops_pass_opcheck():
     torch.library.opcheck(fa4_block_sparse_op.backward_op,
                           (torch.randn_like(out), None, out, lse, q.detach(), k, v, *tensors, *mask.block_size,
                            128**-0.5, False), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fa4_gpu_kv_blocks_of_several_tiles():
+    """STA-sized kv blocks (384 keys): cut into tiles on sm90, walked by FA4 itself on sm100; forward and backward
+    against float64, with a partial last kv block."""
+    ok, reason = gpu_ready()
+    if not ok:
+        pytest.skip(reason)
+    block = (gpu_block()[0], 384)
+    gpu_case(band_mask(4, 1500, 1700, block), 4, 2, 1500, 1700, 128, seed=11)

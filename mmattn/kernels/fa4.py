@@ -132,8 +132,8 @@ def _sparse_tensors(counts: torch.Tensor, indices: torch.Tensor, block_size: tup
                                    **deterministic)
 
 
-def dq_write_order(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, q_indices: torch.Tensor,
-                   q_num_blocks: torch.Tensor) -> torch.Tensor:
+def dq_write_order(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, q_num_blocks: torch.Tensor,
+                   q_indices: torch.Tensor) -> torch.Tensor:
     """FA4's `dq_write_order_full` for a mask's transposed index: for entry `i` of kv-block `n`'s list (q-block
     `m = q_indices[.., n, i]`), the rank of `n` among the kv-blocks q-block `m` attends, ascending. FA4's
     deterministic backward lets the writers of one dQ block add in that order. Entries past the counts are 0."""
@@ -333,7 +333,7 @@ def backward(
 
     tile_n = _kv_tile(q, k, q_block, kv_block, "backward")
     lists = split_kv_blocks(kv_num_blocks, kv_indices, q_num_blocks, q_indices, kv_block, tile_n, k.shape[2])
-    order = dq_write_order(lists[0], lists[1], lists[3], lists[2]) if deterministic else None
+    order = dq_write_order(*lists) if deterministic else None
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     _flash_attn_bwd(
         _bhld(q), _bhld(k), _bhld(v), _bhld(out), _bhld(grad_out), lse, scale, deterministic=deterministic,

@@ -47,7 +47,7 @@ def test_dq_write_order_is_rank_among_writers(batch, heads, q_len, kv_len, block
     n_q, n_kv = math.ceil(q_len / block_size[0]), math.ceil(kv_len / block_size[1])
     blocks = random_blocks(batch, heads, n_q, n_kv, seed=7 * q_len + kv_len, density=0.6)
     mask = BlockSparseMask.from_dense(blocks, block_size, q_len, kv_len)
-    order = dq_write_order(mask.kv_num_blocks, mask.kv_indices, mask.q_indices, mask.q_num_blocks)
+    order = dq_write_order(mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
     assert order.shape == mask.q_indices.shape and order.dtype == torch.int32 and order.is_contiguous()
     for b in range(batch):
         for h in range(heads):
@@ -83,7 +83,7 @@ def test_sparse_tensors_fields(monkeypatch):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "flash_attn.cute.block_sparsity", module)
     mask = BlockSparseMask.from_dense(random_blocks(1, 2, 3, 3, seed=3), 128)
-    order = dq_write_order(mask.kv_num_blocks, mask.kv_indices, mask.q_indices, mask.q_num_blocks)
+    order = dq_write_order(mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
     flash = _sparse_tensors(mask.q_num_blocks, mask.q_indices, mask.block_size, order)
     assert flash.full_block_cnt is mask.q_num_blocks and flash.full_block_idx is mask.q_indices
     assert flash.dq_write_order_full is order and flash.spt is False and flash.block_size == (128, 128)

@@ -165,6 +165,7 @@ def split_kv_blocks(
     split = split.flatten(-2)
     listed = torch.arange(split.shape[-1], device=split.device) < (kv_num_blocks * factor).unsqueeze(-1)
     counts = (listed & (split < pieces)).sum(-1, dtype=torch.int32)  # the kept pieces are a prefix: lists ascend
+    split = split[..., :pieces]  # FA4 takes index rows at most one entry per kv tile wide
     q_counts = q_num_blocks.repeat_interleave(factor, dim=-1)[..., :pieces]
     q_lists = q_indices.repeat_interleave(factor, dim=-2)[..., :pieces, :]
     return counts, split.contiguous(), q_counts.contiguous(), q_lists.contiguous()

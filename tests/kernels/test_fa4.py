@@ -119,6 +119,7 @@ def test_split_kv_blocks_lists_the_same_keys_in_whole_tiles(q_len, kv_len, block
                                                        mask.q_indices, block[1], tile_n, kv_len)
     for t in (counts, lists, q_counts, q_lists):
         assert t.dtype == torch.int32 and t.is_contiguous()
+    assert lists.shape[-1] == math.ceil(kv_len / tile_n)  # FA4 wants one index column per kv tile, no more
     want = mask.to_token_mask()
     assert torch.equal(token_mask(counts, lists, block[0], tile_n, q_len, kv_len), want)
     transposed = token_mask(q_counts, q_lists, tile_n, block[0], kv_len, q_len)

@@ -5,7 +5,8 @@ backend has a capability predicate, `can_run_<backend>(family, q, **case)` (as N
 whether it runs a case (device, dtype, head dim; for FlashAttention-4 also k, v and the mask's block sizes, passed
 as `case`) here; `supported_backends(family, q, **case)` lists the backends that do, fastest first, and `"auto"`
 takes the first. On CUDA the order is the registry's (FlashAttention-4 for block-sparse attention where
-`flash_attn.cute` imports, our Triton kernels, FlexAttention, the reference); elsewhere the reference comes first,
+`flash_attn.cute` imports, our Triton kernels, FlexAttention, the reference), except that a block-sparse case small
+enough to be host-bound puts Triton first (`HOST_BOUND_WORK`); elsewhere the reference comes first,
 since Triton runs there only interpreted (`TRITON_INTERPRET=1`, exact but slow) and FlexAttention only eagerly
 (unfused). `resolve_backend` turns a user's choice into the backend to run: an explicit backend that cannot run
 the case is an error naming `backend`; what `"auto"` took is logged at DEBUG level (logger `mmattn.kernels`).
@@ -178,10 +179,30 @@ def check_backend(backend: str, choices: tuple[str, ...]) -> str:
     return backend
 
 
+HOST_BOUND_WORK = 1.3e6
+"""Kept 128x128-block equivalents x head dim under which a block-sparse call is host-bound on an H200 and our Triton
+kernels finish before FlashAttention-4: FA4's Python path takes ~0.15-0.2 ms of host time per forward and its
+forward+backward does not go below ~0.7 ms, ours ~0.07-0.1 ms per forward (crossover measured at 0.8-1.3e6, head
+dims 64 and 128: benchmarks/results/block_sparse.md)."""
+
+
+def _host_bound(q: torch.Tensor, mask) -> bool:
+    """Whether a block-sparse case is small enough that host time, not the kernel, decides (`HOST_BOUND_WORK`).
+    Reads the mask's block count once per mask (`BlockSparseMask.kept_blocks`); never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    batch, heads = q.shape[:2]
+    q_block, kv_block = mask.block_size
+    blocks = mask.kept_blocks * (batch // mask.shape[0]) * (heads // mask.shape[1]) * q_block * kv_block / 128**2
+    return blocks * q.shape[-1] < HOST_BOUND_WORK
+
+
 def _supported(family: str, q: torch.Tensor, **case) -> Iterator[str]:
     backends = _registered(family)
     if q.device.type != "cuda":
         backends = ("torch", *(name for name in backends if name != "torch"))
+    elif family == "block_sparse" and case.get("mask") is not None and _host_bound(q, case["mask"]):
+        backends = ("triton", *(name for name in backends if name != "triton"))
     return (name for name in backends if _PREDICATES[name](family, q, **case))
 
 

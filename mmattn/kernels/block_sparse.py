@@ -50,7 +50,7 @@ def block_sparse_attention(
     (FlashAttention-4; its Hopper backward is not bitwise reproducible), `"triton"` (fused kernels, forward and
     deterministic backward), `"flex"` (FlexAttention on the same mask), `"torch"` (exact reference) or `"auto"`
     (the first of `supported_backends("block_sparse", q, k=k, v=v, mask=mask)`: FA4 where it runs the case, else
-    Triton on CUDA; torch elsewhere; under `torch.use_deterministic_algorithms(True)` not FA4 on Hopper). With `return_lse`, also returns the natural-log sum of exponentials `(B, Hq, Lq)` in float32 (`-inf`
+    Triton on CUDA, and Triton first for a case small enough to be host-bound (`backends.HOST_BOUND_WORK`); torch elsewhere; under `torch.use_deterministic_algorithms(True)` not FA4 on Hopper). With `return_lse`, also returns the natural-log sum of exponentials `(B, Hq, Lq)` in float32 (`-inf`
     on empty rows), differentiable too.
     """
     _check_inputs(q, k, v, mask)

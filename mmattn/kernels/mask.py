@@ -303,6 +303,12 @@ class BlockSparseMask:
         )
 
     @functools.cached_property
+    def kept_blocks(self) -> int:
+        """How many (batch|1, head|1, query block, key block) entries the mask lists: read to the host once per mask
+        (a device sync on first use) and kept."""
+        return int(self.kv_num_blocks.sum())
+
+    @functools.cached_property
     def flex_block_mask(self):
         """`to_flex()`, built on first use and kept with this mask."""
         return self.to_flex()

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmattn.kernels import backends, supported_backends
+from mmattn.kernels import BlockSparseMask, backends, supported_backends
 from mmattn.kernels.backends import (
     FAMILIES,
     REGISTRY,
@@ -147,7 +147,8 @@ def test_on_cuda_auto_prefers_fa4_where_it_imports_and_runs_the_case(monkeypatch
         return (False, "kv block 64: FA4's backward on sm90 (head_dim 128) needs kv block == tile_n=128")
 
     monkeypatch.setattr(fa4, "fa4_supports", supports)
-    case = {"k": cuda_like(), "v": cuda_like(), "mask": object()}
+    large = BlockSparseMask.from_dense(torch.ones(1, 1, 256, 256, dtype=torch.bool), 128)  # not host-bound
+    case = {"k": cuda_like(), "v": cuda_like(), "mask": large}
     assert resolve_backend("block_sparse", "auto", cuda_like(), **case) == "triton"
     with pytest.raises(ValueError, match=r"^backend='fa4' cannot run this case: kv block 64"):
         resolve_backend("block_sparse", "fa4", cuda_like(), **case)
@@ -158,3 +159,29 @@ def test_on_cuda_auto_prefers_fa4_where_it_imports_and_runs_the_case(monkeypatch
     finally:
         torch.use_deterministic_algorithms(deterministic)
     assert asked == [False, False, True]
+
+
+@pytest.mark.skipif(not backends._HAS_TRITON, reason="needs triton installed")
+@pytest.mark.parametrize("batch,heads,length,kept,head_dim,block,first", [
+    (1, 12, 16384, 13, 64, 128, "triton"),  # 12 x 128 rows x 13 = 19,968 blocks, x 64 = 1.28e6: host-bound
+    (1, 12, 16384, 14, 64, 128, "fa4"),     # 21,504 x 64 = 1.38e6
+    (8, 16, 4096, 2, 128, 128, "triton"),   # 8 x 16 x 32 rows x 2 = 8,192 x 128 = 1.05e6
+    (8, 16, 4096, 3, 128, 128, "fa4"),      # 12,288 x 128 = 1.57e6
+    (8, 16, 4096, 3, 128, 64, "triton"),    # 24,576 blocks of 64x64 count a quarter: 6,144 x 128 = 0.79e6
+])
+def test_on_cuda_auto_puts_triton_first_where_a_block_sparse_call_is_host_bound(monkeypatch, batch, heads, length,
+                                                                                  kept, head_dim, block, first):
+    from mmattn.kernels import fa4
+
+    monkeypatch.setattr(fa4, "fa4_available", lambda device: (True, "sm90"))
+    monkeypatch.setattr(fa4, "fa4_supports", lambda q, k, v, mask, *, deterministic=False: (True, "runs"))
+    n = length // block
+    blocks = torch.zeros(1, 1, n, n, dtype=torch.bool)
+    blocks[..., :kept] = True  # the mask is shared by batch and heads: the count scales by both
+    mask = BlockSparseMask.from_dense(blocks, block)
+    q = SimpleNamespace(device=torch.device("cuda"), is_cuda=True, dtype=torch.bfloat16,
+                        shape=(batch, heads, length, head_dim), numel=lambda: 1)
+    order = supported_backends("block_sparse", q, k=q, v=q, mask=mask)
+    assert order[0] == first and set(order) == {"fa4", "triton", "flex", "torch"}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: no host read, FA4 first
+    assert supported_backends("block_sparse", q, k=q, v=q, mask=mask)[0] == "fa4"

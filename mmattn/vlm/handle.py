@@ -154,7 +154,7 @@ class InterventionHandle:
         scaling = module.scaling if scaling is None else scaling
         users = [] if call is None else [rt for rt in self._active() if rt.wants_attention(layer, call)]
         selections = [runtime.attention_rows(layer, call) for runtime in users]
-        tail = max((selection.tail for selection in selections), default=0)
+        tail = max([0, *(selection.tail for selection in selections)])  # no max(default=): torch 2.11's dynamo breaks on it
         if not tail:
             if self.eager_base:
                 return eager_attention(module, query, key, value, attention_mask, scaling)

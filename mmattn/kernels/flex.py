@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -20,14 +21,27 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def tile_options(block_size: tuple[int, int]) -> dict[str, int] | None:
+    """Compiled FlexAttention's tiles (forward and both backward kernels) for a mask of blocks under 128 tokens, or
+    None to keep its defaults. torch 2.11 keeps 128-token tiles and refuses blocks they do not divide (torch 2.14
+    shrinks them itself): one tile that divides both block sizes, at most 64."""
+    q_block, kv_block = block_size
+    if min(q_block, kv_block) >= 128:
+        return None
+    tile = min(math.gcd(q_block, kv_block), 64)
+    return {name: tile for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+
+
 def _flex(q, k, v, block_mask, scale: float, score_mod=None) -> tuple[torch.Tensor, torch.Tensor]:
     """FlexAttention `(out, lse)`: compiled on GPUs, eager on the CPU."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-    attend = _compiled_flex() if q.is_cuda else flex_attention
+    attend, options = flex_attention, None
+    if q.is_cuda:
+        attend, options = _compiled_flex(), tile_options(tuple(block_mask.BLOCK_SIZE))
     out, aux = attend(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-        return_aux=AuxRequest(lse=True),
+        kernel_options=options, return_aux=AuxRequest(lse=True),
     )
     return out, aux.lse
 

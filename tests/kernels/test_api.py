@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mmattn.kernels import backend_info, block_sparse_attention
+from mmattn.kernels.flex import tile_options
 
 from .helpers import dense_oracle, random_mask, random_qkv
 
@@ -30,6 +31,23 @@ def test_flex_backend_equals_the_reference():
     want_out, want_lse = dense_oracle(q, k, v, mask, 0.25)
     torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
     assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+
+
+@pytest.mark.parametrize("block_size", [(64, 64), (64, 384), (32, 16), (128, 64), (128, 128), (256, 384)])
+def test_flex_tiles_divide_blocks_under_128(block_size):
+    """Compiled FlexAttention on torch 2.11 refuses a block its 128-token tiles do not divide (the Wan2.2-TI2V-5B
+    preset's 64-token blocks on the H200): every tile must divide both block sizes, and the backward's pairs each
+    other (BLOCK_N1 % BLOCK_M1 == BLOCK_M2 % BLOCK_N2 == 0)."""
+    options = tile_options(block_size)
+    if min(block_size) >= 128:
+        assert options is None
+        return
+    q_block, kv_block = block_size
+    for name in ("BLOCK_M", "BLOCK_M1", "BLOCK_M2"):
+        assert q_block % options[name] == 0, name
+    for name in ("BLOCK_N", "BLOCK_N1", "BLOCK_N2"):
+        assert kv_block % options[name] == 0, name
+    assert options["BLOCK_N1"] % options["BLOCK_M1"] == 0 and options["BLOCK_M2"] % options["BLOCK_N2"] == 0
 
 
 def test_compiles_fullgraph_with_autograd():

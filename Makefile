@@ -7,13 +7,17 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LATEST := .venv-latest
 LPY := $(LATEST)/bin/python
+OLDEST := .venv-oldest
+OPY := $(OLDEST)/bin/python
+# The oldest releases pyproject.toml admits where tracing differs: the GPU machine's torch and transformers.
+OLDEST_PINS := torch==2.11.0 torchvision==0.26.0 transformers==5.17.0
 # test-latest takes the newest release of every dependency but torch and torchvision: pip on the CPU machines is
 # capped at this pair (torch 2.13's torchvision from PyPI fails to import on the CPU, which breaks timm).
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 PYTEST := -m pytest -q -ra tests
 FREEZE := -m pip freeze --all --exclude-editable
 
-.PHONY: venv test test-gpu test-latest lock demo bench clean
+.PHONY: venv test test-gpu test-latest test-oldest lock demo bench clean
 
 venv: $(STAMP)
 
@@ -47,6 +51,15 @@ test-latest:
 	@echo "Newer than $(LOCK):"; diff <(grep -v '^#' $(LOCK)) $(LATEST)/freeze.txt | grep '^>' || echo "  nothing"
 	TRITON_INTERPRET=1 $(LPY) $(PYTEST)
 
+# The compiled paths on the oldest torch and transformers pyproject.toml admits: torch 2.11's dynamo traces less than
+# the lock's (a max(default=) that only it graph-breaks on broke compiled decoding on the GPU machine). Triton 3.6's
+# interpreter fails under numpy >= 2.4 (our floor), so only the compile tests that need no Triton kernel run here.
+test-oldest:
+	$(PYTHON) -m venv --clear $(OLDEST)
+	$(OPY) -m pip install -q --upgrade pip
+	$(OPY) -m pip install -q -e ".[vlm,test]" $(OLDEST_PINS)
+	$(OPY) -m pytest -q -ra tests/kernels tests/vlm -k "(compile or compiled) and not triton"
+
 # Re-pins the lock to the releases of .venv-latest once the suite has passed there.
 lock: test-latest
 	{ echo "# The lock: every release (direct and transitive) the suite passed with; make venv installs exactly these."; \
@@ -63,4 +76,4 @@ bench:
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
-	find . -path ./$(VENV) -prune -o -path ./$(LATEST) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -path ./$(LATEST) -prune -o -path ./$(OLDEST) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -86,6 +86,7 @@ GOALS = {"compiled": {"VAR": 1.1, "GIFT": 1.1}, "eager": {"GIFT": 1.15}}
 PRUNE_SPEEDUP_GOAL, PRUNE_KV_GOAL = 3.0, 0.1
 GOAL_MODELS = ("llava-1.5-7b", "qwen2.5-vl-7b")  # the pruning goals name these two
 VISION = "vision tower"  # the extra timed call of each pruning section
+VARLEN = ", varlen tower"  # a pruning call with the vision tower on `vlm.use_varlen_vision_attention`
 
 
 def log(message: str) -> None:
@@ -464,6 +465,12 @@ def interleaved(calls: dict[str, Callable[[], object]], rounds: int, device: str
     return times
 
 
+def with_varlen(model: PreTrainedModel, call: Callable[[], object]):
+    """`call()` with `model`'s vision tower on mmattn's varlen attention (`vlm.use_varlen_vision_attention`)."""
+    with vlm.use_varlen_vision_attention(model):
+        return call()
+
+
 def ratio(times: list[float], base: list[float]) -> float:
     """Median over rounds of a row's time over the base row's time in the same round."""
     return statistics.median(a / b for a, b in zip(times, base, strict=True))
@@ -575,11 +582,17 @@ def pruning_section(report: Report, key: str, model: PreTrainedModel, args, devi
         with torch.no_grad():
             model.model.get_image_features(**vision_inputs)
         calls[VISION] = torch.no_grad()(lambda: model.model.get_image_features(**vision_inputs))
+        if vlm.packs_by_cu_seqlens(model):  # the same calls with the vision tower on mmattn's varlen attention
+            calls |= {label + VARLEN: (lambda m=m: with_varlen(m, lambda: generate(m, batch, 1)))
+                      for label, m in twins.items()}
+            calls[VISION + VARLEN] = torch.no_grad()(
+                lambda: with_varlen(model, lambda: model.model.get_image_features(**vision_inputs)))
         times = interleaved(calls, args.rounds, device, deadline)
     finally:
         for handle in handles:
             handle.remove()
     base, vision = times["none"], times[VISION]
+    varlen = VISION + VARLEN in times
     bytes_unit = 2**20
     lines = [f"## Pruning: {shape.title}-shaped random model, batch of {args.batch} prompts", ""]
     if not report.pruning_noted:
@@ -591,13 +604,19 @@ def pruning_section(report: Report, key: str, model: PreTrainedModel, args, devi
                    f"of 8, on LLaVA-1.5-7B and Qwen2.5-VL-7B): prefill >= {PRUNE_SPEEDUP_GOAL:g}x faster, image-token "
                    f"KV <= {PRUNE_KV_GOAL:g}x (judged at the printed precision: round(0.1 N) tokens can be a hair over "
                    "0.1 N). The vision tower and projector alone (`get_image_features`) are timed in the same rounds; "
-                   "the last column leaves their time out of both prefills."), ""]
+                   "the \"without the vision tower\" column leaves their time out of both prefills. Qwen towers, which "
+                   "pack their images and windows by `cu_seqlens`, are also timed on mmattn's varlen attention "
+                   "(`mmattn.vlm.use_varlen_vision_attention`: one attention call per block instead of one per "
+                   "window), every row again in the same rounds, its speed-up over \"none\" on that tower too."), ""]
     lines += [(f"{'Tiny --quick config' if quick else 'Full size'}, {dtype}; {args.batch} prompts of "
                f"{width - 2 * (args.batch - 1)}-{width} tokens with {n} image tokens each; {len(base)} interleaved "
-               f"rounds; vision tower and projector: {statistics.median(vision) * 1e3:.1f} ms."), "",
+               f"rounds; vision tower and projector: {statistics.median(vision) * 1e3:.1f} ms"
+               + (f", on varlen attention {statistics.median(times[VISION + VARLEN]) * 1e3:.1f} ms." if varlen else ".")),
+              "",
               "| method | image tokens in the KV cache per layer | prefill ms (median) | least ms | speed-up x none "
-              "| image-token KV MiB | x none | prompt KV x none | goals | speed-up without the vision tower |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+              "| image-token KV MiB | x none | prompt KV x none | goals | speed-up without the vision tower |"
+              + (" prefill ms, varlen tower | speed-up x none, varlen tower |" if varlen else ""),
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|---:|" if varlen else "")]
     for label, row in rows.items():
         if label not in twins:
             lines.append(f"| {label} | not timed (see the note above) | | | | | | | | |")
@@ -612,13 +631,22 @@ def pruning_section(report: Report, key: str, model: PreTrainedModel, args, devi
             small = report.goal(f"{shape.title} {label}: image-token KV", f"{kv:.2f}x", f"<= {PRUNE_KV_GOAL:g}x",
                                 round(kv, 2) <= PRUNE_KV_GOAL)
             verdicts = f"speed {fast}, KV {small}"
+            if varlen:
+                on_varlen = 1 / ratio(times[label + VARLEN], times["none" + VARLEN])
+                verdicts += ", varlen tower: speed " + report.goal(
+                    f"{shape.title} {label}, tower on varlen attention: prefill, batch of {args.batch}",
+                    f"{on_varlen:.2f}x faster", f">= {PRUNE_SPEEDUP_GOAL:g}x", on_varlen >= PRUNE_SPEEDUP_GOAL)
         elif row.note:
             verdicts = row.note
+        extra = ""
+        if varlen:
+            extra = (f" {statistics.median(times[label + VARLEN]) * 1e3:.1f} | "
+                     f"{1 / ratio(times[label + VARLEN], times['none' + VARLEN]):.2f} |")
         lines.append(
             f"| {label} | {runs(measured[label]['counts'])} | {statistics.median(times[label]) * 1e3:.1f} | "
             f"{min(times[label]) * 1e3:.1f} | {speedup:.2f} | {measured[label]['image_kv'] / bytes_unit:.1f} | "
             f"{kv:.3f} | {measured[label]['prompt_kv'] / measured['none']['prompt_kv']:.3f} | {verdicts} | "
-            f"{decoder:.2f} |")
+            f"{decoder:.2f} |{extra}")
     report.add(lines)
 
 

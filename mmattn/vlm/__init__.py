@@ -1,6 +1,6 @@
 """Training-free attention interventions for LVLMs on Hugging Face transformers: VAR, GIFT and visual-token pruning
 (FastV, VFlowOpt, PyramidDrop, VisionZip, DivPrune, random pruning; FastVID for videos), switched on and off with one
-call.
+call; and varlen attention for the Qwen vision towers (`use_varlen_vision_attention`).
 
     with mmattn.vlm.apply(model, VAR(), FastV(k=2, ratio=0.5)):
         model.generate(**inputs)
@@ -25,6 +25,7 @@ from .interventions.visionzip import VisionZip
 from .interventions.words import content_words, spacy_content_words
 from .layout import FAMILIES, TokenLayout
 from .presets import load_preset
+from .varlen import packs_by_cu_seqlens, use_varlen_vision_attention
 
 __all__ = [
     "FAMILIES",
@@ -46,5 +47,7 @@ __all__ = [
     "content_words",
     "find_sink_dims",
     "load_preset",
+    "packs_by_cu_seqlens",
     "spacy_content_words",
+    "use_varlen_vision_attention",
 ]

@@ -23,6 +23,7 @@ def _run(rank, world, port, body, args):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         body(rank, world, *args)
+        dist.barrier()  # no rank tears the group down while another still has collectives in flight
     finally:
         dist.destroy_process_group()
 

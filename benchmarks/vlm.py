@@ -624,7 +624,10 @@ def pruning_section(report: Report, key: str, model: PreTrainedModel, args, devi
         speedup = 1 / ratio(times[label], base)
         decoder = statistics.median((b - v) / max(t - v, 1e-9) for t, b, v in zip(times[label], base, vision))
         kv = measured[label]["image_kv"] / measured["none"]["image_kv"]
-        verdicts = ""
+        verdicts, extra = "", ""
+        if varlen:
+            on_varlen = 1 / ratio(times[label + VARLEN], times["none" + VARLEN])
+            extra = f" {statistics.median(times[label + VARLEN]) * 1e3:.1f} | {on_varlen:.2f} |"
         if row.intervention is not None and key in GOAL_MODELS and row.at_90:
             fast = report.goal(f"{shape.title} {label}: prefill, batch of {args.batch}", f"{speedup:.2f}x faster",
                                f">= {PRUNE_SPEEDUP_GOAL:g}x", speedup >= PRUNE_SPEEDUP_GOAL)
@@ -632,16 +635,11 @@ def pruning_section(report: Report, key: str, model: PreTrainedModel, args, devi
                                 round(kv, 2) <= PRUNE_KV_GOAL)
             verdicts = f"speed {fast}, KV {small}"
             if varlen:
-                on_varlen = 1 / ratio(times[label + VARLEN], times["none" + VARLEN])
                 verdicts += ", varlen tower: speed " + report.goal(
                     f"{shape.title} {label}, tower on varlen attention: prefill, batch of {args.batch}",
                     f"{on_varlen:.2f}x faster", f">= {PRUNE_SPEEDUP_GOAL:g}x", on_varlen >= PRUNE_SPEEDUP_GOAL)
         elif row.note:
             verdicts = row.note
-        extra = ""
-        if varlen:
-            extra = (f" {statistics.median(times[label + VARLEN]) * 1e3:.1f} | "
-                     f"{1 / ratio(times[label + VARLEN], times['none' + VARLEN]):.2f} |")
         lines.append(
             f"| {label} | {runs(measured[label]['counts'])} | {statistics.median(times[label]) * 1e3:.1f} | "
             f"{min(times[label]) * 1e3:.1f} | {speedup:.2f} | {measured[label]['image_kv'] / bytes_unit:.1f} | "

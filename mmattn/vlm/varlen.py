@@ -44,7 +44,8 @@ def varlen_attention(
     """Attention within each packed segment: `query`/`key`/`value` `(1, heads, tokens, head_dim)`, segments
     `[cu_seq_lens[i], cu_seq_lens[i + 1])` (the same for queries and keys) -> `(1, tokens, heads, head_dim)`, as
     transformers' attention functions return it."""
-    if attention_mask is not None or is_causal or not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+    same = cu_seq_lens_k is cu_seq_lens_q or torch.equal(cu_seq_lens_q, cu_seq_lens_k)  # the towers pass one tensor
+    if attention_mask is not None or is_causal or not same:
         raise ValueError("varlen_attention takes non-causal self-attention within packed segments, no attention_mask")
     bounds = cu_seq_lens_q.long()
     lengths = bounds[1:] - bounds[:-1]
@@ -62,7 +63,7 @@ def varlen_attention(
     keep = (torch.arange(longest, device=query.device) < lengths[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), attn_mask=keep,
                                          dropout_p=dropout, scale=scaling)
-    out = out.transpose(1, 2).reshape(segments * longest, *out.shape[1:2], out.shape[-1])[slot]
+    out = out.transpose(1, 2).reshape(segments * longest, -1, out.shape[-1])[slot]
     return out.unsqueeze(0), None
 
 

@@ -40,6 +40,10 @@ def test_varlen_attention_refuses_what_it_does_not_compute():
         varlen_attention(None, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, is_causal=True)
     with pytest.raises(ValueError, match="non-causal self-attention within packed segments"):
         varlen_attention(None, q, q, q, torch.ones(1, 1, 6, 6, dtype=torch.bool), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with pytest.raises(ValueError, match="non-causal self-attention within packed segments"):
+        varlen_attention(None, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 3, 6]))
+    equal_copy = varlen_attention(None, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone())[0]
+    assert torch.equal(equal_copy, varlen_attention(None, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)[0])
 
 
 @pytest.mark.parametrize("build", [tiny_qwen2vl, tiny_qwen2_5_vl, tiny_qwen3_vl])

@@ -1,4 +1,5 @@
-"""The one helper that gives an attention kernel's forward and backward launchers autograd, eagerly and compiled.
+"""The helpers that make a kernel's launchers one call, eagerly and compiled: with autograd (`kernel_op`) or for
+inference only (`inference_op`).
 
 `kernel_op(name, forward, backward, save=..., grads=...)` makes a `KernelOp`; calling it runs the forward with
 autograd, two ways that save the same tensors and run the same backward:
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch.library import custom_op
 
-__all__ = ["KernelOp", "kernel_op"]
+__all__ = ["InferenceOp", "KernelOp", "inference_op", "kernel_op"]
 
 Save = Callable[[tuple, tuple[bool, ...]], tuple[tuple[torch.Tensor | None, ...], tuple[Any, ...]]]
 
@@ -70,6 +71,26 @@ def kernel_op(name: str, forward: Callable, backward: Callable, *, save: Save, g
     """The custom ops `<name>_fwd`/`<name>_bwd` (`name` like `"mmattn::block_sparse"`), their fakes and autograd,
     and the eager `autograd.Function`, from the launchers `forward` and `backward` (see the module docstring)."""
     return KernelOp(name, forward, backward, save, grads, forward_fake, backward_fake)
+
+
+class InferenceOp:
+    """A kernel without autograd: calling it runs the launcher directly when eager and the custom op `op` (one opaque
+    call in a full graph, its output shapes from the fake) under torch.compile."""
+
+    def __init__(self, name: str, launcher: Callable, fake: Callable) -> None:
+        self.launcher = launcher
+        self.op = custom_op(name, launcher, mutates_args=())
+        self.op.register_fake(fake)
+
+    def __call__(self, *inputs):
+        if torch.compiler.is_compiling():
+            return self.op(*inputs)
+        return self.launcher(*inputs)
+
+
+def inference_op(name: str, launcher: Callable, *, fake: Callable) -> InferenceOp:
+    """The custom op `name` of the launcher `launcher` (its annotated signature is the op's schema) with `fake`."""
+    return InferenceOp(name, launcher, fake)
 
 
 def _gradients_like(grads: int) -> Callable:

@@ -65,7 +65,7 @@ _TRITON_HEAD_DIMS = {  # (smallest, largest, multiple): the tiled kernels need m
     "block_sparse": (16, 256, 8),
     "na": (16, 256, 8),
     "routed": (16, 256, 8),
-    "column_sets": (1, 256, 1),  # no dots: any head dim up to 256
+    "column_sets": (1, 256, 1),  # its one dot (over the keys) pads the head dim: any up to 256
 }
 
 _Problem = tuple[type[Exception], str] | None

@@ -3,11 +3,13 @@
 An intervention that multiplies the attention A_j of key j by 1 + sum_n c_n S_jn, for a few weighted column sets S
 (image tokens, sinks, query tokens), only needs per set the mass m_n = sum_j A_j S_jn and the set-weighted output
 W_n = sum_j A_j S_jn v_j: the edited output is O + sum_n c_n W_n. The Triton path computes them in one pass over the
-keys, so a decoding step costs one kernel instead of explicit probabilities and a dozen small ops. Inference only
+keys split into chunks (FlashDecoding) and a combine kernel, so a decoding step costs two kernels instead of explicit
+probabilities and a dozen small ops, eagerly and inside a torch.compile'd decoding step (custom ops). Inference only
 (no autograd).
 
-Backends (`backends.REGISTRY["column_sets"]`): `"triton"` (one kernel, `triton/column_sets.py`; the sink
-redistribution is fused into it, the head-ranked enhancement is a second kernel over every head of a batch row),
+Backends (`backends.REGISTRY["column_sets"]`): `"triton"` (`triton/column_sets.py`; the sink
+redistribution is fused into the combine, the head-ranked enhancement is a third kernel over every head of a batch
+row),
 `"torch"` (the exact reference, `reference.py`) or `"auto"` (the fastest that runs the case here: Triton on CUDA).
 """
 
@@ -83,9 +85,9 @@ def column_set_attention(
     _check(query, key, value, columns, visible, None)
     scale = resolve_scale(scale, query.shape[-1])
     if _triton(query, key, value, backend):
-        from .triton.column_sets import column_sets_forward
+        from .triton.column_sets import column_sets_op
 
-        return ColumnSets(*column_sets_forward(query, key, value, columns, visible, scale, None))
+        return ColumnSets(*column_sets_op(query, key, value, columns, visible, scale))
     return ColumnSets(*reference.column_set_attention(query, key, value, columns, visible, scale))
 
 
@@ -113,9 +115,9 @@ def sink_redistribution_attention(
     scale = resolve_scale(scale, query.shape[-1])
     share, rho, min_mass = check_number("share", share), check_number("rho", rho), check_number("min_mass", min_mass)
     if _triton(query, key, value, backend):
-        from .triton.column_sets import column_sets_forward
+        from .triton.column_sets import sink_redistribution_op
 
-        return column_sets_forward(query, key, value, columns, visible, scale, (share, rho, min_mass))
+        return sink_redistribution_op(query, key, value, columns, visible, scale, share, rho, min_mass)
     sets = reference.column_set_attention(query, key, value, columns, visible, scale)
     return reference.sink_redistribution(*sets, share, rho, min_mass).to(query.dtype)
 
@@ -133,7 +135,7 @@ def ranked_head_enhancement(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if resolve_backend("column_sets", backend, sets.output) == "triton":
-        from .triton.column_sets import ranked_heads_forward
+        from .triton.column_sets import ranked_heads_op
 
-        return ranked_heads_forward(*sets, beta, dtype)
+        return ranked_heads_op(*sets, beta, dtype)
     return reference.ranked_head_enhancement(*sets, beta).to(dtype)

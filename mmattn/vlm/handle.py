@@ -191,9 +191,7 @@ class InterventionHandle:
         """The last row's edited output [B, H, 1, D] through the runtime's fused kernel on the handle's backend as
         the column-set kernels resolve it ("auto": the fastest that runs this query here, Triton on CUDA), or None
         where that is "torch", the runtime has no fused kernel or the mask is not a boolean one. Under torch.compile
-        (compiled decoding) "auto" takes the explicit path, which the compiler traces and fuses in one graph."""
-        if self.backend == "auto" and torch.compiler.is_compiling():
-            return None
+        (compiled decoding) the kernels are custom ops of the compiled step."""
         backend = resolve_backend("column_sets", self.backend, query)
         if backend == "torch":
             return None
@@ -236,9 +234,9 @@ def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto")
     `backend`: how decoding rows edited by a single intervention are computed: `"triton"` (one fused kernel per layer
     over the key cache, `mmattn.kernels.column_set_attention`), `"torch"` (explicit fp32 probabilities, edited in
     place, as transformers' eager attention) or `"auto"` (the fastest of these that runs the layer's query here, as
-    `mmattn.kernels.supported_backends("column_sets", query)` orders them: Triton on CUDA, else torch; inside a
-    torch.compile'd forward, such as the decoding steps of `generate(..., cache_implementation="static")`, the
-    explicit path, which the compiler fuses). Prompt rows always take the explicit path.
+    `mmattn.kernels.supported_backends("column_sets", query)` orders them: Triton on CUDA, else torch), also inside
+    a torch.compile'd forward such as the decoding steps of `generate(..., cache_implementation="static")`, where the
+    fused kernels are custom ops of the compiled graph. Prompt rows always take the explicit path.
 
     Compiled decoding: VAR and GIFT trace into the compiled decoding step without a graph break and recompile
     nothing from step to step; token pruning needs the dynamic cache and raises a ValueError with a static one.

@@ -109,6 +109,44 @@ def test_ranked_head_enhancement_is_the_gift_edit_of_the_explicit_matrix(heads, 
         assert_close(ours, expected, OUTPUT_ATOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keys_split_into_chunks_combine_to_the_whole_row(dtype):
+    """One (batch, head) pair per key head and a long row: the Triton path splits the keys into chunks (one of them
+    sees no key) and combines them; statistics and the VAR edit as over the whole row."""
+    from mmattn.kernels.triton.column_sets import key_splits
+
+    q, k, v, visible = inputs(dtype, batch=1, heads=2, kv_heads=1, kv_len=300, head_dim=64, seed=7)
+    visible = torch.ones_like(visible)
+    visible[:, 96:200] = False
+    chunk, splits = key_splits(2, 300, q.device)
+    assert splits >= 3 and chunk <= 96  # a chunk inside the invisible keys
+    prompt = 260
+    image, sinks = token_sets(1, prompt, 300, 7, 0.5, 0.1)
+    columns = as_columns(prompt, image, image & ~sinks, sinks)
+    probs = attention_probs(q, k, visible, q.shape[-1] ** -0.5)
+    masses, weighted = column_set_statistics(probs, v, columns.cpu().double())
+    ours = column_set_attention(q, k, v, columns, visible=visible.to(DEVICE), backend="triton")
+    assert_close(ours.output, attention_output(probs, v), STATISTICS_ATOL)
+    assert_close(ours.masses, masses[:, :, 0], STATISTICS_ATOL)
+    assert_close(ours.weighted, weighted[:, :, 0], STATISTICS_ATOL)
+    edited, centric = redistribute_sinks(probs, image, sinks, 0.6, 0.5, 0.2)
+    assert centric.any()
+    redistributed = sink_redistribution_attention(q, k, v, columns, share=0.6, rho=0.5, min_mass=0.2,
+                                                  visible=visible.to(DEVICE), backend="triton")
+    assert_close(redistributed, attention_output(edited, v), OUTPUT_ATOL[dtype])
+
+
+def test_triton_custom_ops_pass_opcheck():
+    """The custom ops that compiled decoding records: schemas, fakes (output shapes and dtypes) and dispatch."""
+    from mmattn.kernels.triton.column_sets import column_sets_op, ranked_heads_op, sink_redistribution_op
+
+    q, k, v, visible = inputs(torch.float32, seed=11)
+    columns, visible = as_columns(40, *token_sets(2, 40, 45, 11, 0.3, 0.2, 0.1)), visible.to(DEVICE)
+    torch.library.opcheck(column_sets_op.op, (q, k, v, columns, visible, 0.2))
+    torch.library.opcheck(sink_redistribution_op.op, (q, k, v, columns, None, 0.2, 0.6, 0.5, 0.2))
+    torch.library.opcheck(ranked_heads_op.op, (*column_sets_op(q, k, v, columns, visible, 0.2), 1.5, torch.float16))
+
+
 def test_bad_arguments_name_themselves():
     q, k, v, visible = inputs(torch.float32)
     columns, visible = as_columns(40, *token_sets(2, 40, 45, 0, 0.3, 0.3, 0.3)), visible.to(DEVICE)

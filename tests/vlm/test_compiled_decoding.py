@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 from mmattn import vlm
+from mmattn.kernels import backend_info
 
 from .tiny_models import MODEL_TYPES, llava_inputs, tiny_inputs, tiny_llava, tiny_model, with_question
 
@@ -126,6 +127,24 @@ def test_var_and_gift_together_decode_compiled_on_every_family(family, dynamo):
         compiled = generate(model, inputs, compiled=True, max_new_tokens=4)
     assert_same_decoding(compiled, eager)
     assert dict(counters["graph_break"]) == {}
+
+
+@pytest.mark.skipif(not backend_info("cpu")["triton"][0], reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("name", ["VAR", "GIFT"])
+def test_fused_triton_decode_rows_are_custom_ops_of_the_compiled_step(name, dynamo):
+    """backend="triton": each decoding step's edited rows run the column-set kernels (custom ops, two prompts,
+    left-padded: the static cache's unwritten slots and the padding are invisible keys) in one graph without a
+    break or a recompile, as the same kernels decode eagerly with the dynamic cache."""
+    model, inputs = model_and_prompts("sdpa", prompts=2)
+    with vlm.apply(model, EDITING[name], backend="triton"):
+        eager = generate(model, inputs, compiled=False)
+        compiled = generate(model, inputs, compiled=True, compile_config=compile_config(fullgraph=False))
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 1
+    assert_same_decoding(compiled, eager)
+    with vlm.apply(model, EDITING[name], backend="torch"):
+        explicit = generate(model, inputs, compiled=False)
+    assert_same_decoding(compiled, explicit)
 
 
 def test_pruning_with_a_static_cache_asks_for_the_dynamic_cache(dynamo):

@@ -232,8 +232,8 @@ def test_fused_decoding_rows_match_the_explicit_path(name, family, monkeypatch):
     from mmattn.kernels.triton import column_sets
 
     launches = []
-    launch = column_sets.column_sets_forward
-    monkeypatch.setattr(column_sets, "column_sets_forward", lambda *args: launches.append(1) or launch(*args))
+    launch = column_sets._launch
+    monkeypatch.setattr(column_sets, "_launch", lambda *args: launches.append(1) or launch(*args))
     model, inputs = edited_batch(family, "sdpa")
 
     def generate_logits():

@@ -1,23 +1,35 @@
 """Triton kernels of one-row attention split by column sets (decode steps of the LVLM interventions).
 
-`column_set_kernel`: one program per (batch, head) folds the keys in tiles with the online softmax and returns, besides
-the output O = sum_j A_j v_j, each set's attention mass m_n = sum_j A_j S_jn and set-weighted output
-W_n = sum_j A_j S_jn v_j. Column edits A_j <- A_j (1 + sum_n c_n S_jn) are linear in A, so the edited row's output is
-O + sum_n c_n W_n without A ever being written. Its `REDISTRIBUTE` epilogue applies the visual attention sink
-redistribution (sets image, receivers, sinks) in the same program; `ranked_heads_kernel` applies the head-ranked
-enhancement, whose coefficients need every head of a batch row.
+A decoding step has one query row per head, so one program per (batch, head) would leave most of a GPU idle while it
+walks the whole key cache. The keys are split instead (FlashDecoding): `column_set_split_kernel` folds one chunk of
+keys of one (batch, head) with the online softmax into, per column set n, the unnormalized mass sum_j p_j S_jn and
+set-weighted output sum_j p_j S_jn v_j; an all-ones set after the user's gives the softmax sum and the output O.
+`column_set_combine_kernel` rescales the chunks to their common max and normalizes: O, the masses m_n and
+W_n = sum_j A_j S_jn v_j. Column edits A_j <- A_j (1 + sum_n c_n S_jn) are linear in A, so the edited row's output
+is O + sum_n c_n W_n without A ever being written. The combine's `REDISTRIBUTE` epilogue applies the visual attention
+sink redistribution (sets image, receivers, sinks); `ranked_heads_kernel` applies the head-ranked enhancement, whose
+coefficients need every head of a batch row.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from ..autograd import inference_op
 from .common import LOG2E, program_heads
 from .launch import head_dim_block, next_power_of_2
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal
+SETS_BLOCK = 16
+"""The padded set count: the (at most 8) column sets and the all-ones set, as tl.dot's smallest side."""
+KEYS_BLOCK = 32
+"""Keys per tile of a split."""
+PROGRAMS_PER_SM = 2
+"""Splits are sized so that batch x heads x splits fills each multiprocessor about this many times."""
 
 
 @triton.jit
@@ -33,15 +45,18 @@ def _pick_row(values, sets, index):
 
 
 @triton.jit
-def column_set_kernel(
-    Q, K, V, COLUMNS, VISIBLE, OUT, MASSES, WEIGHTED,
+def column_set_split_kernel(
+    Q, K, V, COLUMNS, VISIBLE, PART_MAX, PART_MASS, PART_WEIGHTED,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_cb, stride_ct, stride_mb, stride_mt, stride_ob, stride_oh, stride_sb, stride_sh, stride_wb, stride_wh,
-    stride_wn, num_heads, kv_len, column_len, num_sets, scale, share, rho, min_mass,
+    stride_cb, stride_ct, stride_mb, stride_mt,
+    num_heads, kv_len, column_len, num_sets, chunk, num_splits, scale,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    SETS: tl.constexpr, HAS_VISIBLE: tl.constexpr, REDISTRIBUTE: tl.constexpr,
+    SETS: tl.constexpr, HAS_VISIBLE: tl.constexpr,
 ):
-    b, h, kh = program_heads(tl.program_id(0), num_heads, GROUPS)
+    """Keys [split * chunk, (split + 1) * chunk) of one (batch, head): their max logit (base 2) and, per set, the
+    masses and set-weighted outputs of p_j = exp2(s_j - max); set `num_sets` is every key."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    b, h, kh = program_heads(pid, num_heads, GROUPS)
     dims = tl.arange(0, BLOCK_D)
     sets = tl.arange(0, SETS)
     in_dim = dims < HEAD_DIM
@@ -49,13 +64,13 @@ def column_set_kernel(
     k_base, v_base = K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh
 
     m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), 0)
-    l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), 0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
     mass = tl.zeros([SETS], tl.float32)
     weighted = tl.zeros([SETS, BLOCK_D], tl.float32)
-    for start in range(0, kv_len, BLOCK_T):
+    first = split * chunk
+    last = tl.minimum(first + chunk, kv_len)
+    for start in range(first, last, BLOCK_T):
         keys = start + tl.arange(0, BLOCK_T)
-        in_range = keys < kv_len
+        in_range = keys < last
         visible = in_range
         if HAS_VISIBLE:
             flags = tl.load(VISIBLE + b * stride_mb + keys * stride_mt, mask=in_range, other=0)
@@ -68,18 +83,53 @@ def column_set_kernel(
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift)
         v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vt + dims[None, :], mask=tile, other=0.0)
-        v = v.to(tl.float32)
         columns = tl.load(COLUMNS + b * stride_cb + keys[:, None] * stride_ct + sets[None, :],
                           mask=(keys[:, None] < column_len) & (sets[None, :] < num_sets), other=0.0)
-        p_sets = p[:, None] * columns
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        p_sets = p[:, None] * tl.where(sets[None, :] == num_sets, 1.0, columns)
         mass = mass * alpha + tl.sum(p_sets, 0)
-        weighted = weighted * alpha + tl.sum(p_sets[:, :, None] * v[:, None, :], 0)
+        weighted = weighted * alpha + tl.dot(tl.trans(p_sets), v.to(tl.float32), input_precision="ieee")
         m_i = m_new
 
-    inverse = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))  # a row seeing no key: zeros, not NaN
-    acc, mass, weighted = acc * inverse, mass * inverse, weighted * inverse
+    part = pid.to(tl.int64) * num_splits + split
+    in_set = sets <= num_sets
+    tl.store(PART_MAX + part, m_i)
+    tl.store(PART_MASS + part * (num_sets + 1) + sets, mass, mask=in_set)
+    tl.store(PART_WEIGHTED + (part * (num_sets + 1) + sets[:, None]) * HEAD_DIM + dims[None, :], weighted,
+             mask=in_set[:, None] & in_dim[None, :])
+
+
+@triton.jit
+def column_set_combine_kernel(
+    PART_MAX, PART_MASS, PART_WEIGHTED, OUT, MASSES, WEIGHTED,
+    stride_ob, stride_oh, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
+    num_heads, num_sets, num_splits, share, rho, min_mass,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, REDISTRIBUTE: tl.constexpr,
+):
+    """The splits of one (batch, head) rescaled to their common max and normalized by the all-ones set's mass."""
+    pid = tl.program_id(0)
+    b, h, _ = program_heads(pid, num_heads, 1)
+    dims = tl.arange(0, BLOCK_D)
+    sets = tl.arange(0, SETS)
+    in_dim = dims < HEAD_DIM
+    in_set = sets <= num_sets
+    parts = pid.to(tl.int64) * num_splits
+    m = tl.load(PART_MAX + parts)
+    for split in range(1, num_splits):
+        m = tl.maximum(m, tl.load(PART_MAX + parts + split))
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    mass = tl.zeros([SETS], tl.float32)
+    weighted = tl.zeros([SETS, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        part = parts + split
+        factor = tl.math.exp2(tl.load(PART_MAX + part) - m_shift)
+        mass += factor * tl.load(PART_MASS + part * (num_sets + 1) + sets, mask=in_set, other=0.0)
+        weighted += factor * tl.load(PART_WEIGHTED + (part * (num_sets + 1) + sets[:, None]) * HEAD_DIM + dims[None, :],
+                                     mask=in_set[:, None] & in_dim[None, :], other=0.0)
+
+    total = _pick(mass, sets, num_sets)
+    inverse = tl.where(total == 0.0, 0.0, 1.0 / tl.where(total == 0.0, 1.0, total))  # no key seen: zeros, not NaN
+    mass, weighted = mass * inverse, weighted * inverse
+    acc = _pick_row(weighted, sets, num_sets)
     out_ptrs = OUT + b * stride_ob + h * stride_oh + dims
     if REDISTRIBUTE:
         # sets (image, receivers, sinks): image-centric rows move `share` of the sinks' mass to the receivers
@@ -90,10 +140,10 @@ def column_set_kernel(
         tl.store(out_ptrs, (acc + share * moved).to(OUT.dtype.element_ty), mask=in_dim)
     else:
         tl.store(out_ptrs, acc, mask=in_dim)
-        in_set = sets < num_sets
-        tl.store(MASSES + b * stride_sb + h * stride_sh + sets, mass, mask=in_set)
+        user_set = sets < num_sets
+        tl.store(MASSES + b * stride_sb + h * stride_sh + sets, mass, mask=user_set)
         tl.store(WEIGHTED + b * stride_wb + h * stride_wh + sets[:, None] * stride_wn + dims[None, :], weighted,
-                 mask=in_set[:, None] & in_dim[None, :])
+                 mask=user_set[:, None] & in_dim[None, :])
 
 
 @triton.jit
@@ -137,32 +187,74 @@ def ranked_heads_kernel(
     tl.store(result, edited.to(RESULT.dtype.element_ty), mask=tile)
 
 
-def column_sets_forward(q, k, v, columns, visible, scale: float, redistribution: tuple[float, float, float] | None):
-    """Launches `column_set_kernel`: `(out [B, H, 1, D] fp32, masses [B, H, N], weighted [B, H, N, D])`, or with
-    `redistribution = (share, rho, min_mass)` the redistributed output [B, H, 1, D] in q's dtype."""
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, as on a small GPU
+
+
+def key_splits(batch_heads: int, kv_len: int, device: torch.device) -> tuple[int, int]:
+    """(chunk, splits): chunks of whole key tiles, as many as it takes to give each multiprocessor
+    `PROGRAMS_PER_SM` programs (one when batch x heads already does)."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), batch_heads)
+    splits = max(1, min(triton.cdiv(kv_len, KEYS_BLOCK), wanted))
+    chunk = max(1, triton.cdiv(triton.cdiv(kv_len, splits), KEYS_BLOCK)) * KEYS_BLOCK
+    return chunk, max(1, triton.cdiv(kv_len, chunk))
+
+
+def _launch(q, k, v, columns, visible, scale, out, masses, weighted, redistribution) -> None:
+    """The split kernel, then the combine kernel writing `out` (and, without `redistribution`, the statistics)."""
     batch, heads, _, head_dim = q.shape
     sets = columns.shape[2]
-    out = q.new_empty(q.shape, dtype=q.dtype if redistribution else torch.float32)
-    masses = q.new_empty((batch, heads, sets), dtype=torch.float32)
-    weighted = q.new_empty((batch, heads, sets, head_dim), dtype=torch.float32)
+    chunk, splits = key_splits(batch * heads, k.shape[2], q.device)
+    part_max = q.new_empty((batch * heads, splits), dtype=torch.float32)
+    part_mass = q.new_empty((batch * heads, splits, sets + 1), dtype=torch.float32)
+    part_weighted = q.new_empty((batch * heads, splits, sets + 1, head_dim), dtype=torch.float32)
     has_visible = visible is not None
     if has_visible:
         visible = visible.view(torch.uint8)
-    share, rho, min_mass = redistribution or (0.0, 0.0, 0.0)
-    column_set_kernel[(batch * heads,)](
-        q, k, v, columns, visible if has_visible else columns, out, masses, weighted,
+    block_d = head_dim_block(head_dim)
+    column_set_split_kernel[(batch * heads, splits)](
+        q, k, v, columns, visible if has_visible else columns, part_max, part_mass, part_weighted,
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1),
-        *(visible.stride() if has_visible else (0, 0)), out.stride(0), out.stride(1), masses.stride(0), masses.stride(1),
-        *weighted.stride()[:3], heads, k.shape[2], columns.shape[1], sets, scale, share, rho, min_mass,
-        GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_T=16,
-        SETS=next_power_of_2(sets, 2),  # at least 2: Triton's smallest useful arange
-        HAS_VISIBLE=has_visible, REDISTRIBUTE=redistribution is not None, num_warps=4,
+        *(visible.stride() if has_visible else (0, 0)), heads, k.shape[2], columns.shape[1], sets, chunk, splits,
+        scale, GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=KEYS_BLOCK, SETS=SETS_BLOCK,
+        HAS_VISIBLE=has_visible, num_warps=4,
     )
-    return out if redistribution else (out, masses, weighted)
+    share, rho, min_mass = redistribution or (0.0, 0.0, 0.0)
+    column_set_combine_kernel[(batch * heads,)](
+        part_max, part_mass, part_weighted, out, masses, weighted, out.stride(0), out.stride(1),
+        *masses.stride()[:2], *weighted.stride()[:3], heads, sets, splits, share, rho, min_mass,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, SETS=SETS_BLOCK, REDISTRIBUTE=redistribution is not None, num_warps=4,
+    )
 
 
-def ranked_heads_forward(out, masses, weighted, beta: float, dtype):
-    """Launches `ranked_heads_kernel` on `column_sets_forward`'s statistics: the enhanced output [B, H, 1, D]."""
+def column_sets_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, visible: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, H, 1, D], masses [B, H, N], weighted [B, H, N, D]), float32."""
+    out, masses, weighted = _statistics_like(q, k, v, columns)
+    _launch(q, k, v, columns, visible, scale, out, masses, weighted, None)
+    return out, masses, weighted
+
+
+def sink_redistribution_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, visible: torch.Tensor | None,
+    scale: float, share: float, rho: float, min_mass: float,
+) -> torch.Tensor:
+    """The redistributed output [B, H, 1, D] in q's dtype (sets image, receivers, sinks)."""
+    out = q.new_empty(q.shape)
+    empty = out.new_empty((1, 1, 1, 1), dtype=torch.float32)
+    _launch(q, k, v, columns, visible, scale, out, empty, empty, (share, rho, min_mass))
+    return out
+
+
+def ranked_heads_forward(
+    out: torch.Tensor, masses: torch.Tensor, weighted: torch.Tensor, beta: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """`ranked_heads_kernel` on `column_sets_forward`'s statistics: the enhanced output [B, H, 1, D] in `dtype`."""
     batch, heads, _, head_dim = out.shape
     result = out.new_empty(out.shape, dtype=dtype)
     ranked_heads_kernel[(batch,)](
@@ -171,3 +263,18 @@ def ranked_heads_forward(out, masses, weighted, beta: float, dtype):
         HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_H=next_power_of_2(heads, 2), num_warps=4,
     )
     return result
+
+
+def _statistics_like(q: torch.Tensor, k, v, columns: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`column_sets_forward`'s outputs, unwritten (its fake)."""
+    batch, heads, _, head_dim = q.shape
+    sets = columns.shape[2]
+    return (q.new_empty(q.shape, dtype=torch.float32), q.new_empty((batch, heads, sets), dtype=torch.float32),
+            q.new_empty((batch, heads, sets, head_dim), dtype=torch.float32))
+
+
+column_sets_op = inference_op("mmattn::column_sets", column_sets_forward, fake=_statistics_like)
+sink_redistribution_op = inference_op("mmattn::sink_redistribution", sink_redistribution_forward,
+                                      fake=lambda q, *rest: q.new_empty(q.shape))
+ranked_heads_op = inference_op("mmattn::ranked_heads", ranked_heads_forward,
+                               fake=lambda out, masses, weighted, beta, dtype: out.new_empty(out.shape, dtype=dtype))

@@ -163,10 +163,10 @@ def test_on_cuda_auto_prefers_fa4_where_it_imports_and_runs_the_case(monkeypatch
 
 @pytest.mark.skipif(not backends._HAS_TRITON, reason="needs triton installed")
 @pytest.mark.parametrize("batch,heads,length,kept,head_dim,block,first", [
-    (1, 12, 16384, 13, 64, 128, "triton"),  # 12 x 128 rows x 13 = 19,968 blocks, x 64 = 1.28e6: host-bound
-    (1, 12, 16384, 14, 64, 128, "fa4"),     # 21,504 x 64 = 1.38e6
-    (8, 16, 4096, 2, 128, 128, "triton"),   # 8 x 16 x 32 rows x 2 = 8,192 x 128 = 1.05e6
-    (8, 16, 4096, 3, 128, 128, "fa4"),      # 12,288 x 128 = 1.57e6
+    (1, 12, 16384, 20, 64, 128, "triton"),  # 12 x 128 rows x 20 = 30,720 blocks, x 64 = 1.97e6: host-bound
+    (1, 12, 16384, 21, 64, 128, "fa4"),     # 32,256 x 64 = 2.06e6
+    (8, 16, 4096, 3, 128, 128, "triton"),   # 8 x 16 x 32 rows x 3 = 12,288 x 128 = 1.57e6
+    (8, 16, 4096, 4, 128, 128, "fa4"),      # 16,384 x 128 = 2.10e6
     (8, 16, 4096, 3, 128, 64, "triton"),    # 24,576 blocks of 64x64 count a quarter: 6,144 x 128 = 0.79e6
 ])
 def test_on_cuda_auto_puts_triton_first_where_a_block_sparse_call_is_host_bound(monkeypatch, batch, heads, length,

@@ -18,7 +18,10 @@ whichever forward ran.
 
 Experimental, off by default: on the H200, at lengths that are not block multiples (L 2000), a GPU run saw dQ differ
 from run to run (once NaN) and a later kernel fault while this forward was on, and never with it off; its GPU tests
-(tests/kernels/test_block_sparse_tma.py, with a determinism check) have not passed on a GPU yet. MMATTN_TRITON_TMA=1
+(tests/kernels/test_block_sparse_tma.py, with a determinism check) have not passed on a GPU yet. What they show
+(2026-12-04): `out` is exact and the same in two runs, but the lse of the last, partial query block's rows differs
+between runs (left unwritten), also when stored from the output tile's 2-D layout, so the backward's dQ is wrong
+(benchmarks/block_sparse.py refuses it against FlexAttention at B1 H24 L32760). MMATTN_TRITON_TMA=1
 (read once at import) turns it on, on a compiled sm90 GPU where eligible and under the Triton interpreter
 (TRITON_INTERPRET=1), where the CPU tests run it in float16 and float32.
 """

@@ -115,12 +115,12 @@ def _fwd_kernel(
 
     out, lse = softmax_output(acc, l_i, m_i)
     o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))
-    # The lse leaves in the output tile's 2-D layout, from its first column: on the H200 (Triton 3.6) the 1-D store
-    # after the warp-specialized loop left the last query block's rows unwritten (two runs gave different lse).
     rows = start_m + tl.arange(0, BLOCK_M)
-    first = tl.arange(0, BLOCK_D)[None, :] == 0
-    lse_ptrs = Lse + pid_bh.to(tl.int64) * q_len + rows[:, None] + tl.zeros([BLOCK_M, BLOCK_D], tl.int32)
-    tl.store(lse_ptrs, tl.where(first, lse[:, None], 0.0), mask=first & (rows[:, None] < q_len))
+    lse_ptrs = Lse + pid_bh.to(tl.int64) * q_len + rows
+    if EVEN_Q:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=rows < q_len)
 
 
 fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)

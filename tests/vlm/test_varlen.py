@@ -33,6 +33,26 @@ def test_varlen_attention_attends_within_each_segment_only():
     assert torch.equal(without_max, out)
 
 
+def test_equal_segments_are_attended_without_a_mask(monkeypatch):
+    """Equal segments (every window of an image whose grid the windows tile) need no padding: no mask reaches SDPA,
+    so it may take its flash kernels."""
+    bounds = [0, 8, 16, 24, 32]
+    q, k, v = (torch.randn(1, 3, 32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(varlen.F, "scaled_dot_product_attention", spy)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    out, _ = varlen_attention(None, q, k, v, None, 0.3, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8)
+    torch.testing.assert_close(out, per_segment_oracle(q, k, v, bounds, 0.3), rtol=1e-12, atol=1e-12)
+    assert masks == [None]
+
+
 def test_varlen_attention_refuses_what_it_does_not_compute():
     q = torch.randn(1, 2, 6, 4)
     cu = torch.tensor([0, 2, 6])

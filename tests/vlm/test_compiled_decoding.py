@@ -18,6 +18,7 @@ from .tiny_models import MODEL_TYPES, llava_inputs, tiny_inputs, tiny_llava, tin
 
 NEW_TOKENS = 6
 
+
 IDENTITY = {
     "VAR": vlm.VAR(p=0.0, tau=1.0, rho=0.0, min_visual_mass=0.0, sink_dims=(0, 1)),
     "GIFT": vlm.GIFT(alpha=0.0, beta=1.0, saliency_layers=(1,), enhance_layers=(2, 3)),
@@ -145,6 +146,31 @@ def test_fused_triton_decode_rows_are_custom_ops_of_the_compiled_step(name, dyna
     with vlm.apply(model, EDITING[name], backend="torch"):
         explicit = generate(model, inputs, compiled=False)
     assert_same_decoding(compiled, explicit)
+
+
+@pytest.mark.skipif(not backend_info("cpu")["triton"][0], reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
+def test_fused_triton_rows_take_the_column_sets_as_one_input_of_the_compiled_step(dynamo):
+    """CUDA graphs copy each graph input that is not a parameter at every replay: VAR and GIFT hand the fused
+    decoding rows their column sets of every edited layer as one tensor, not one per layer."""
+    inputs_per_graph = []
+
+    def backend(graph, example_inputs):
+        inputs_per_graph.append(len(example_inputs))
+        return graph.forward
+
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    model, inputs = model_and_prompts("sdpa")
+    counts = {}
+    for name in ("plain", "VAR", "GIFT"):
+        torch._dynamo.reset()
+        inputs_per_graph.clear()
+        handle = None if name == "plain" else vlm.apply(model, EDITING[name], backend="triton")
+        generate(model, inputs, compiled=True, compile_config=config)
+        counts[name] = list(inputs_per_graph)
+        if handle is not None:
+            handle.remove()
+    assert counts["VAR"] == counts["GIFT"] == [counts["plain"][0] + 1]  # VAR edits layers 2 and 3, GIFT 2 and 3
 
 
 def test_pruning_with_a_static_cache_asks_for_the_dynamic_cache(dynamo):

@@ -17,7 +17,7 @@ import torch
 
 from ...kernels import column_set_attention, ranked_head_enhancement
 from ...kernels.reference import top_half_heads
-from ..attention import AttentionRows, column_masses, scale_columns
+from ..attention import AttentionRows, LayerColumns, column_masses, scale_columns
 from .base import (
     CACHE_ARGUMENTS,
     LAST_ROW,
@@ -90,7 +90,8 @@ class _GIFTRuntime(Runtime):
         self.call = call
         self.saliency_sum: torch.Tensor | None = None
         self.multiplier: torch.Tensor | None = None
-        self.columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.moves: dict[int, torch.Tensor] = {}
+        self.masses = LayerColumns(self.context.num_layers)
         self.informative = call.layout.query & self._informative_tokens(call)
         before_informative = torch.nn.functional.pad(self.informative[:, 1:], (0, 1), value=False)
         self.saliency_rows = RowSelection.from_prompt(self.informative | before_informative)
@@ -178,14 +179,16 @@ class _GIFTRuntime(Runtime):
         self.multiplier = torch.where(image, torch.exp(self.settings.alpha * scaled), 1.0)
 
     def _enhance_columns(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`masses` [B, P, 3] (image, image·(M-1), query) and `moves` [B, 2, P] (image·(M-1), query) of a layer."""
-        if layer not in self.columns:
+        """`masses` [B, P, 3] (image, image·(M-1), query; one buffer for every layer) and `moves` [B, 2, P]
+        (image·(M-1), query) of a layer."""
+        if layer not in self.moves:
             call = self.call
             image = call.at_layer(layer, call.layout.image).float()
             query = call.at_layer(layer, call.layout.query).float()
             boost = image * (call.at_layer(layer, self.multiplier) - 1)
-            self.columns[layer] = torch.stack([image, boost, query], -1), torch.stack([boost, query], 1)
-        return self.columns[layer]
+            self.masses.put(layer, torch.stack([image, boost, query], -1), call.lm_positions.shape[1])
+            self.moves[layer] = torch.stack([boost, query], 1)
+        return self.masses[layer], self.moves[layer]
 
     def _enhance(self, rows: AttentionRows) -> None:
         """Vision heads (top H//2 by image mass) scale image column j by M_j; query heads (top H//2 by query mass)

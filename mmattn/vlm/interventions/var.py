@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...kernels import sink_redistribution_attention
-from ..attention import AttentionRows, column_masses, scale_columns
+from ..attention import AttentionRows, LayerColumns, column_masses, scale_columns
 from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime, check_indices, check_number
 
 __all__ = ["KNOWN_SINK_DIMS", "VAR", "find_sink_dims", "sink_scores"]
@@ -94,22 +94,23 @@ class VAR(Intervention):
         if bad:
             raise ValueError(f"sink_dims: expected indices in [0, {config.hidden_size}), got {bad}")
         last = context.num_layers - 1 if self.except_last_layer else context.num_layers
-        return _VARRuntime(self, tuple(dims), range(_DETECTION_START_LAYER, last))
+        return _VARRuntime(self, tuple(dims), range(_DETECTION_START_LAYER, last), context.num_layers)
 
 
 class _VARRuntime(Runtime):
     """Per layer, the sinks found in the prefill become column sets: `masses` [B, P, 4] (receivers - rho image,
     image, receivers, sinks), whose attention masses decide the image-centric rows and the budget, and `moves`
     [B, 2, P] (-p sinks, p receivers), whose scaling by (1, Ω / receiver mass) is the redistribution; the fused
-    decoding kernel takes (image, receivers, sinks) [B, P, 3]."""
+    decoding kernel takes (image, receivers, sinks) [B, P, 3] (`fused`, one buffer for every layer)."""
 
-    def __init__(self, settings: VAR, dims: tuple[int, ...], layers: range) -> None:
-        self.settings, self.dims, self.layers = settings, dims, layers
+    def __init__(self, settings: VAR, dims: tuple[int, ...], layers: range, num_layers: int) -> None:
+        self.settings, self.dims, self.layers, self.num_layers = settings, dims, layers, num_layers
         self.sinks: dict[int, torch.Tensor] = {}
-        self.columns: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fused = LayerColumns(num_layers)
 
     def start_call(self, call: CallState) -> None:
-        self.sinks, self.columns = {}, {}
+        self.sinks, self.columns, self.fused = {}, {}, LayerColumns(self.num_layers)
         self.prompt_rows = RowSelection.from_prompt(call.layout.after_last_image())
         smallest = torch.finfo(torch.float32).smallest_normal
         self.thresholds = torch.tensor([0.0, self.settings.min_visual_mass, smallest], device=call.layout.image.device)
@@ -124,14 +125,14 @@ class _VARRuntime(Runtime):
         image = call.at_layer(layer, call.layout.image)
         visual = (sinks & image).any(1, keepdim=True)
         if visual.any():
-            self.columns[layer] = self._columns(image, sinks & visual)  # no sinks: nothing moves in that prompt
+            self._store_columns(layer, image, sinks & visual, call)  # no sinks: nothing moves in that prompt
 
-    def _columns(self, image: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _store_columns(self, layer: int, image: torch.Tensor, sinks: torch.Tensor, call: CallState) -> None:
         receivers = (image & ~sinks).float()
         image, sinks = image.float(), sinks.float()
         masses = torch.stack([receivers - self.settings.rho * image, image, receivers, sinks], -1)
-        moves = self.settings.p * torch.stack([-sinks, receivers], 1)
-        return masses, moves, torch.stack([image, receivers, sinks], -1)
+        self.columns[layer] = masses, self.settings.p * torch.stack([-sinks, receivers], 1)
+        self.fused.put(layer, torch.stack([image, receivers, sinks], -1), call.lm_positions.shape[1])
 
     def wants_attention(self, layer: int, call: CallState) -> bool:
         return layer in self.columns
@@ -142,7 +143,7 @@ class _VARRuntime(Runtime):
     def on_attention(self, rows: AttentionRows) -> None:
         """Image-centric rows (sum_{V\\sink} A >= rho sum_V A, sum_V A >= min mass, sum_{V\\sink} A > 0): sinks keep
         1-p of their attention, receivers gain p * sum_sink A in proportion to their own attention."""
-        masses, moves, _ = self.columns[rows.layer]
+        masses, moves = self.columns[rows.layer]
         mass = column_masses(rows, masses)
         other = (mass[..., :3] < self.thresholds).any(-1, keepdim=True)
         if rows.selected is not None:
@@ -155,7 +156,7 @@ class _VARRuntime(Runtime):
             return None
         settings = self.settings
         return sink_redistribution_attention(
-            query, key, value, self.columns[layer][2], share=settings.p, rho=settings.rho,
+            query, key, value, self.fused[layer], share=settings.p, rho=settings.rho,
             min_mass=settings.min_visual_mass, visible=visible, scale=scale, backend=backend,
         )
 

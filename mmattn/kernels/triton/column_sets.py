@@ -246,8 +246,8 @@ def sink_redistribution_forward(
 ) -> torch.Tensor:
     """The redistributed output [B, H, 1, D] in q's dtype (sets image, receivers, sinks)."""
     out = q.new_empty(q.shape)
-    empty = out.new_empty((1, 1, 1, 1), dtype=torch.float32)
-    _launch(q, k, v, columns, visible, scale, out, empty, empty, (share, rho, min_mass))
+    unused = out.new_empty((1, 1, 1, 1), dtype=torch.float32)  # no statistics leave the redistributing combine
+    _launch(q, k, v, columns, visible, scale, out, unused, unused, (share, rho, min_mass))
     return out
 
 
@@ -265,7 +265,9 @@ def ranked_heads_forward(
     return result
 
 
-def _statistics_like(q: torch.Tensor, k, v, columns: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _statistics_like(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, *rest
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`column_sets_forward`'s outputs, unwritten (its fake)."""
     batch, heads, _, head_dim = q.shape
     sets = columns.shape[2]

@@ -60,9 +60,6 @@ class LayerColumns:
         self.buffer: torch.Tensor | None = None
         self.widths: dict[int, int] = {}
 
-    def __contains__(self, layer: int) -> bool:
-        return layer in self.widths
-
     def put(self, layer: int, columns: torch.Tensor, prompt_len: int) -> None:
         """Store layer `layer`'s columns [B, n, N], n <= `prompt_len` (the prompt tokens entering the decoder)."""
         if self.buffer is None:

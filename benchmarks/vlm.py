@@ -446,7 +446,7 @@ def compile_config(device: str) -> CompileConfig:
 def interleaved(calls: dict[str, Callable[[], object]], rounds: int, device: str, deadline: float | None) -> dict:
     """Seconds per call of each entry of `calls`, in up to `rounds` rounds that run every entry once (in an order
     rotated by one each round); stops early, after at least one round, when the next round would end past `deadline`
-    (time.monotonic())."""
+    (time.monotonic()). Each round's log line gives every entry's time."""
     times = {label: [] for label in calls}
     labels = list(calls)
     for index in range(rounds):
@@ -458,7 +458,8 @@ def interleaved(calls: dict[str, Callable[[], object]], rounds: int, device: str
             sync(device)
             times[label].append(time.perf_counter() - start)
         took = time.monotonic() - started
-        log(f"round {index + 1}/{rounds}: {took:.1f}s")
+        log(f"round {index + 1}/{rounds}: {took:.1f}s; ms per call: "
+            + ", ".join(f"{label} {times[label][-1] * 1e3:.1f}" for label in labels))
         if deadline is not None and index + 1 < rounds and time.monotonic() + took > deadline:
             log(f"time budget: stopping after {index + 1} of {rounds} rounds")
             break

@@ -185,8 +185,10 @@ def run(shapes, densities, device: str) -> tuple[list[dict], list[str], list[str
 
 def picked_tiles() -> str:
     from mmattn.kernels.triton import block_sparse as kernels
+    from mmattn.kernels.triton import block_sparse_tma
 
-    return tiles_picked(kernels, lambda kw: f"{kw['BLOCK_M']}x{kw['BLOCK_N']}")
+    return tiles_picked(kernels, lambda kw: f"{kw['BLOCK_M']}x{kw['BLOCK_N']}",
+                        (("fwd TMA (Hopper)", block_sparse_tma.fwd_kernel),))
 
 
 GOALS = {  # (numerator, denominators, pass: forward goal, forward+backward goal); ratio = denominator time / ours

@@ -369,13 +369,13 @@ def write_results(text: str, target: Path | None) -> None:
     print(f"wrote {target}", flush=True)
 
 
-def tiles_picked(kernels, describe: Callable[[dict], str]) -> str:
-    """The tile the autotuner last picked for each kernel of a Triton family module (fwd, dQ, dK/dV), its
-    compile-time tile arguments worded by `describe`."""
+def tiles_picked(kernels, describe: Callable[[dict], str], more: tuple = ()) -> str:
+    """The tile the autotuner last picked for each kernel of a Triton family module (fwd, dQ, dK/dV, then the
+    `(name, kernel)` pairs of `more`), its compile-time tile arguments worded by `describe`; "?" for one not run."""
 
     def word(kernel) -> str:
         config = getattr(kernel, "best_config", None)
         return "?" if config is None else f"{describe(config.kwargs)} w{config.num_warps} s{config.num_stages}"
 
     return ", ".join(f"{part} {word(kernel)}" for part, kernel in
-                     (("fwd", kernels.fwd_kernel), ("dQ", kernels.dq_kernel), ("dK/dV", kernels.dkdv_kernel)))
+                     (("fwd", kernels.fwd_kernel), ("dQ", kernels.dq_kernel), ("dK/dV", kernels.dkdv_kernel), *more))

@@ -187,7 +187,7 @@ block_sparse_host_bound.md Triton is faster at 1.57e6 (B8 H16 L4096 D128, densit
 forward, 1.35 vs 1.55-1.57 ms forward+backward through FA4) and FA4 from 3.1e6 on (B1 H12 L16384 D64, density 0.25)."""
 
 
-def _host_bound(q: torch.Tensor, mask) -> bool:
+def host_bound(q: torch.Tensor, mask) -> bool:
     """Whether a block-sparse case is small enough that host time, not the kernel, decides (`HOST_BOUND_WORK`).
     Reads the mask's block count once per mask (`BlockSparseMask.kept_blocks`); never while torch.compile traces."""
     if torch.compiler.is_compiling():
@@ -202,7 +202,7 @@ def _supported(family: str, q: torch.Tensor, **case) -> Iterator[str]:
     backends = _registered(family)
     if q.device.type != "cuda":
         backends = ("torch", *(name for name in backends if name != "torch"))
-    elif family == "block_sparse" and case.get("mask") is not None and _host_bound(q, case["mask"]):
+    elif family == "block_sparse" and case.get("mask") is not None and host_bound(q, case["mask"]):
         backends = ("triton", *(name for name in backends if name != "triton"))
     return (name for name in backends if _PREDICATES[name](family, q, **case))
 

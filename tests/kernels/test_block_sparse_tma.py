@@ -1,7 +1,7 @@
 """The Hopper block-sparse forward (TMA descriptors + warp specialization, triton/block_sparse_tma.py) against the
 float64 reference, and the dispatch of `triton.block_sparse.forward` between it and the pointer-load kernel.
 
-On the CPU the kernel runs under TRITON_INTERPRET=1, forced on (MMATTN_TRITON_TMA=1 in effect), in float16 and
+On the CPU the kernel runs under TRITON_INTERPRET=1, switched on (MMATTN_TRITON_TMA unset or 1), in float16 and
 float32: the output and lse must lie within a few units of the dtype's rounding of the float64 reference, empty
 query rows give out 0 and lse -inf. On an sm90 GPU (MMATTN_TEST_GPU=1), switched on, each of its tiles, pinned in
 turn, is held in bfloat16 to the FlashAttention criterion of test_gpu_tiles.py (Triton 3.6 miscompiles some
@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import torch
 
-from mmattn.kernels import BlockSparseMask, reference
+from mmattn.kernels import BlockSparseMask, backends, block_sparse_attention, reference
 from mmattn.kernels.backends import INTERPRETED
 from mmattn.kernels.triton import block_sparse as bs
 from mmattn.kernels.triton import block_sparse_tma as tma
@@ -25,11 +25,11 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="the Triton interpreter
 ULPS = 4  # the error bound, in units of the dtype's epsilon times the largest |value|
 
 
-def dispatch(q, k, v, mask, switch=True):
+def dispatch(q, k, v, mask, switch=True, host_bound=False):
     """`block_sparse.forward` with MMATTN_TRITON_TMA taken as `switch`: `(out, lse, whether the TMA kernel ran)`."""
     with mock.patch.object(tma, "SWITCH", switch), mock.patch.object(tma, "forward", wraps=tma.forward) as spy:
         out, lse = bs.forward(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices,
-                              *mask.block_size, q.shape[-1] ** -0.5)
+                              *mask.block_size, q.shape[-1] ** -0.5, host_bound)
     return out, lse, spy.called
 
 
@@ -95,11 +95,12 @@ def test_empty_query_rows_and_an_empty_mask():
 
 
 @interpreted
-def test_dispatch_takes_the_tma_kernel_only_when_switched_on_and_eligible():
+def test_dispatch_takes_the_tma_kernel_only_when_switched_on_eligible_and_not_host_bound():
     mask = random_mask(1, 2, 64, 64, (32, 32), seed=5)
     q, k, v = random_qkv(1, 2, 2, 64, 64, 64, torch.float16)
     assert dispatch(q, k, v, mask, switch=True)[2]
-    assert not dispatch(q, k, v, mask, switch=False)[2], "off by default: only MMATTN_TRITON_TMA=1 runs it"
+    assert not dispatch(q, k, v, mask, switch=False)[2], "MMATTN_TRITON_TMA=0 keeps the pointer kernel"
+    assert not dispatch(q, k, v, mask, host_bound=True)[2], "a host-bound call keeps the pointer kernel"
 
     padded = torch.randn(1, 2, 64, 68).half()[..., :64]  # rows 136 bytes apart: TMA needs 16-byte multiples
     ineligible = {
@@ -135,3 +136,17 @@ def test_gpu_every_tma_tile_matches_float64(head_dim, index):
         err, naive_err = ((x.double() - want)[finite].abs().max().item() for x in (ours, low))
         bound = 2 * naive_err + 2e-3 * max(1.0, want[finite].abs().max().item())
         assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (naive {naive_err:.3g})"
+
+
+@interpreted
+@pytest.mark.parametrize("work_limit, expect_tma", [(2.0e6, False), (0.0, True)])
+def test_block_sparse_attention_keeps_the_pointer_kernel_where_the_call_is_host_bound(work_limit, expect_tma):
+    """`block_sparse_attention(backend="triton")` hands `backends.host_bound` down: a tiny call stays on the
+    pointer kernel, the same call with the work threshold at 0 takes the TMA kernel."""
+    mask = random_mask(1, 2, 64, 64, (32, 32), seed=6)
+    q, k, v = random_qkv(1, 2, 2, 64, 64, 64, torch.float16)
+    with mock.patch.object(tma, "SWITCH", True), mock.patch.object(tma, "forward", wraps=tma.forward) as spy, \
+            mock.patch.object(backends, "HOST_BOUND_WORK", work_limit):
+        out = block_sparse_attention(q, k, v, mask, backend="triton")
+    assert spy.called == expect_tma
+    assert_close("out", out, exact(q, k, v, mask)[0], torch.float16)

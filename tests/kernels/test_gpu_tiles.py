@@ -29,6 +29,7 @@ from mmattn.kernels.triton import block_sparse as bs
 from mmattn.kernels.triton import block_sparse_tma as bs_tma
 from mmattn.kernels.triton import neighborhood as fna
 from mmattn.kernels.triton import routed
+from mmattn.kernels import backends
 from mmattn.kernels.backends import INTERPRETED
 
 from .helpers import random_mask, random_qkv
@@ -158,12 +159,16 @@ def _active(case: Case) -> Callable[[], Problem] | None:
 
 @contextlib.contextmanager
 def hopper_forward(on: bool):
-    """The block-sparse forward's Hopper path switched on or off (`block_sparse_tma.SWITCH`)."""
-    before, bs_tma.SWITCH = bs_tma.SWITCH, on
+    """The block-sparse forward's Hopper path switched on (also for calls small enough to be host-bound, which
+    keep the pointer kernel otherwise) or off (`block_sparse_tma.SWITCH`, `backends.HOST_BOUND_WORK`)."""
+    before = bs_tma.SWITCH, backends.HOST_BOUND_WORK
+    bs_tma.SWITCH = on
+    if on:
+        backends.HOST_BOUND_WORK = 0.0
     try:
         yield
     finally:
-        bs_tma.SWITCH = before
+        bs_tma.SWITCH, backends.HOST_BOUND_WORK = before
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..autograd import kernel_op
+from .. import backends
 from ..mask import BlockSparseMask
 from .common import LOG2E, backward_lse2, online_softmax_step, program_heads, softmax_output
 from .launch import (
@@ -371,26 +372,30 @@ def _index_strides(counts: torch.Tensor, indices: torch.Tensor) -> tuple[int, ..
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
+    host_bound: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward. On Hopper
-    the TMA, warp-specialized kernel of `block_sparse_tma` runs where it applies, this module's otherwise."""
+    the TMA, warp-specialized kernel of `block_sparse_tma` runs where it applies and the call is not `host_bound`
+    (`backends.host_bound`: so little work that fixed costs decide, and the pointer-load kernel is faster, as
+    benchmarks/results/block_sparse_host_bound.md shows), this module's kernel otherwise."""
     from . import block_sparse_tma  # imports this module
 
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
-    if block_sparse_tma.eligible(q, k, v, q_block, kv_block)[0]:
+    if not host_bound and block_sparse_tma.eligible(q, k, v, q_block, kv_block)[0]:
         return block_sparse_tma.forward(q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
     return launch_forward(fwd_kernel, q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
 
 
 def launch_forward(
     kernel: TunedKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
-    kv_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
+    kv_indices: torch.Tensor, q_block: int, kv_block: int, scale: float, lse_width: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs a forward kernel with `_fwd_kernel`'s arguments (it or `block_sparse_tma`'s) on q, k, v with unit
-    last stride: `(out, lse)`."""
+    last stride: `(out, lse)`. The kernel writes each row's lse into a row of `lse_width` float32 values (the TMA
+    kernel's are 16 bytes wide), of which the first is returned."""
     batch, heads, q_len, _head_dim = q.shape
     out = q.new_empty(q.shape)
-    lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
+    lse_rows = torch.empty((batch, heads, q_len, lse_width), device=q.device, dtype=torch.float32)
 
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
@@ -398,13 +403,13 @@ def launch_forward(
     launch = launch_args(q, k, q_block, kv_block)
     kernel.launch(
         grid, _tune_key(q, launch),
-        q, k, v, out, lse, kv_num_blocks, kv_indices,
+        q, k, v, out, lse_rows, kv_num_blocks, kv_indices,
         *row_strides(q, k, v, out),
         *_index_strides(kv_num_blocks, kv_indices),
         heads, q_len, k.shape[2], scale, size_bucket(q_len),
         **launch,
     )
-    return out, lse
+    return out, lse_rows[..., 0] if lse_width == 1 else lse_rows[..., 0].contiguous()
 
 
 def backward(
@@ -453,7 +458,7 @@ def backward(
 
 
 def _save(inputs: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[tuple, tuple]:
-    q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale = inputs
+    q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale, *_host_bound = inputs
     return (q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices), (q_block, kv_block, scale)
 
 
@@ -464,4 +469,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseM
            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with the Triton kernels: `(out, lse)`, differentiable in q, k, v (and through lse)."""
     return block_sparse_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices,
-                           *mask.block_size, scale)
+                           *mask.block_size, scale, backends.host_bound(q, mask))

@@ -12,18 +12,17 @@ tiles move:
   split, done by the Triton compiler).
 
 Dense, on the H200 with Triton 3.6, this form reaches 560 TF/s against 462 for the pointer-load kernel
-(specs/kernels.md section 5; mmattn's block-sparse version measured 559 TF/s at B1 H24 L32768 D128, 2026-12-04).
-`block_sparse.forward` takes it where `eligible` says it applies; the backward reads the same `out` and `lse`
-whichever forward ran.
+(specs/kernels.md section 5). `block_sparse.forward` takes it where `eligible` says it applies and the call is not
+host-bound; the backward reads the same `out` and `lse` whichever forward ran.
 
-Experimental, off by default: on the H200, at lengths that are not block multiples (L 2000), a GPU run saw dQ differ
-from run to run (once NaN) and a later kernel fault while this forward was on, and never with it off; its GPU tests
-(tests/kernels/test_block_sparse_tma.py, with a determinism check) have not passed on a GPU yet. What they show
-(2026-12-04): `out` is exact and the same in two runs, but the lse of the last, partial query block's rows differs
-between runs (left unwritten), also when stored from the output tile's 2-D layout, so the backward's dQ is wrong
-(benchmarks/block_sparse.py refuses it against FlexAttention at B1 H24 L32760). MMATTN_TRITON_TMA=1
-(read once at import) turns it on, on a compiled sm90 GPU where eligible and under the Triton interpreter
-(TRITON_INTERPRET=1), where the CPU tests run it in float16 and float32.
+On by default; MMATTN_TRITON_TMA=0 (read once at import) turns it off. Measured on the H200 (2026-12-04,
+benchmarks/results/block_sparse_tma.md): at B1 H24 L32760 D128 our Triton forward went from 0.61-0.83x to 0.78-0.87x
+FlashAttention-4's, checked against FlexAttention in float32 (out, dQ, dK, dV); on host-bound calls (under
+`backends.HOST_BOUND_WORK`) it was 0.05-0.14 ms slower than the pointer kernel (block_sparse_host_bound_tma.md),
+where `block_sparse.forward` keeps the pointer kernel. A Triton 3.6 miscompile shaped its epilogue: after the
+warp-specialized loop a pointer store of the lse wrote only rows 0-63 of each 128-row tile (rows 64-127 stayed
+unwritten, so dQ was wrong); the lse now goes out through a TMA descriptor as `out` does (`LSE_WIDTH`). Under the
+Triton interpreter (TRITON_INTERPRET=1) the CPU tests run it in float16 and float32.
 """
 
 from __future__ import annotations
@@ -43,11 +42,11 @@ from .launch import tile_configs, tuned
 
 __all__ = ["FWD_CONFIGS", "SWITCH", "eligible", "forward"]
 
-_switch = os.environ.get("MMATTN_TRITON_TMA", "0")
+_switch = os.environ.get("MMATTN_TRITON_TMA", "1")
 if _switch not in ("0", "1"):
     raise ValueError(f"MMATTN_TRITON_TMA must be unset, '0' or '1', got {_switch!r}")
 SWITCH: bool = _switch == "1"
-"""Whether this kernel runs where it applies (MMATTN_TRITON_TMA=1); off by default (see the module docstring)."""
+"""Whether this kernel runs where it applies; on unless MMATTN_TRITON_TMA=0."""
 
 # Warp-specialized tiles on sm90 with Triton 3.6 (specs/kernels.md section 5): 128x128 with 4 warps and 2 stages is
 # the fastest measured; the 2-stage 128x64 and 64x64 tiles serve blocks that 128 does not divide. Left out: 128x64
@@ -57,6 +56,8 @@ SWITCH: bool = _switch == "1"
 FWD_CONFIGS = tile_configs([(128, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2)])
 HEAD_DIMS = (64, 128)
 """Head dims this kernel runs: the descriptors' tile is the whole, unpadded head dim."""
+LSE_WIDTH = tl.constexpr(4)
+"""Float32 values per lse row in the kernel's output buffer: 16 bytes, the least a TMA descriptor moves per row."""
 
 
 @triton.jit
@@ -115,12 +116,11 @@ def _fwd_kernel(
 
     out, lse = softmax_output(acc, l_i, m_i)
     o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))
-    rows = start_m + tl.arange(0, BLOCK_M)
-    lse_ptrs = Lse + pid_bh.to(tl.int64) * q_len + rows
-    if EVEN_Q:
-        tl.store(lse_ptrs, lse)
-    else:
-        tl.store(lse_ptrs, lse, mask=rows < q_len)
+    # Lse rows are LSE_WIDTH float32 wide, the 16 bytes a TMA row needs: a pointer store of the lse after this
+    # warp-specialized loop leaves rows 64-127 of 128-row tiles unwritten (Triton 3.6 on the H200), a TMA one does not.
+    lse_desc = tl.make_tensor_descriptor(Lse + pid_bh.to(tl.int64) * q_len * LSE_WIDTH, shape=[q_len, LSE_WIDTH],
+                                         strides=[LSE_WIDTH, 1], block_shape=[BLOCK_M, LSE_WIDTH])
+    lse_desc.store([start_m, 0], tl.broadcast_to(lse[:, None], [BLOCK_M, LSE_WIDTH]))
 
 
 fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
@@ -133,11 +133,11 @@ def _sm90(device: torch.device) -> bool:
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: int, kv_block: int) -> tuple[bool, str]:
     """Whether this kernel runs the forward of `(B, H, L, D)` q, k, v with unit last stride and mask blocks
-    `q_block x kv_block`, and if not, why. It needs MMATTN_TRITON_TMA=1, a compiled sm90 GPU (or the interpreter),
+    `q_block x kv_block`, and if not, why. It needs MMATTN_TRITON_TMA unset or 1, a compiled sm90 GPU (or the interpreter),
     float16/bfloat16 (under the interpreter, which has no bfloat16: float16/float32), D of 64 or 128, 16-byte aligned
     base pointers and strides (what TMA requires) and a tile of FWD_CONFIGS dividing the blocks."""
     if not SWITCH:
-        return False, "off (experimental: MMATTN_TRITON_TMA=1 turns it on)"
+        return False, "off (MMATTN_TRITON_TMA=0)"
     if INTERPRETED:
         dtypes = (torch.float16, torch.float32)
     elif not _sm90(q.device):
@@ -175,4 +175,4 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the Hopper forward kernel on inputs `eligible` accepts: `(out, lse)` as `block_sparse.forward`."""
     _set_allocator()
-    return launch_forward(fwd_kernel, q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale)
+    return launch_forward(fwd_kernel, q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale, LSE_WIDTH.value)

@@ -20,7 +20,9 @@ so a run cut short keeps what it measured):
 
 Every row is timed in interleaved rounds: each round runs every row of its section once (in an order rotated from
 round to round), so drifts of the shared host's speed hit all rows alike; tables give medians and least times, and
-each ratio is the median over rounds of the row's time over the plain row's time in the same round and mode. Each
+each ratio is the median over rounds of the row's time over the plain row's time in the same round and mode. Pruning
+rounds, a second or so each at LLaVA's size, run `PRUNE_ROUND_FACTOR` times as often as decoding rounds: host-bound
+pruned prefills vary by a third from round to round on a busy host (62-93 ms in one H200 run). Each
 method runs on its own copy of the model's modules over the one set of weights (`twin`; its eager and compiled rows
 share it), with its interventions applied once: hooks and compiled graphs stay put for the whole run. On the GPU no
 timing round starts past a time budget (`--time-budget`, 540 s from the start), so that one 600-second call brings
@@ -588,7 +590,7 @@ def pruning_section(report: Report, key: str, model: PreTrainedModel, args, devi
                       for label, m in twins.items()}
             calls[VISION + VARLEN] = torch.no_grad()(
                 lambda: with_varlen(model, lambda: model.model.get_image_features(**vision_inputs)))
-        times = interleaved(calls, args.rounds, device, deadline)
+        times = interleaved(calls, args.rounds * PRUNE_ROUND_FACTOR, device, deadline)
     finally:
         for handle in handles:
             handle.remove()
@@ -831,6 +833,9 @@ def decoding_section(report: Report, model: PreTrainedModel, size: str, args, de
 
 # ------------------------------------------------------------------------------------------------------------ main
 
+PRUNE_ROUND_FACTOR = 3
+"""Pruning sections run this many times the decoding section's rounds (`--rounds`, or the default of the mode)."""
+
 SECTIONS = ("prune-llava-1.5-7b", "prune-qwen2.5-vl-7b", "prune-qwen3-vl-8b", "prune-gemma-3-4b", "decode")
 
 
@@ -839,7 +844,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny configs on the CPU (smoke test)")
     parser.add_argument("--fast", action="store_true", help="64 new tokens and 3 rounds (default: 128 and 5)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per decoding call")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (at most)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved decoding rounds (at most); pruning sections run PRUNE_ROUND_FACTOR times as "
+                             "many")
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch of the pruning sections")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run these sections only (a subset: see --out)")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -861,9 +868,10 @@ def main() -> None:
     args.rounds = args.rounds or (2 if args.quick else 3 if args.fast else 5)
     budget = args.time_budget if args.time_budget is not None else (None if args.quick else 540.0)
     deadline = None if budget is None else START + budget
-    settings = (f"every row timed with synchronized wall clocks in up to {args.rounds} interleaved rounds (rounds stop "
+    rounds = f"{args.rounds * PRUNE_ROUND_FACTOR} (pruning) or {args.rounds} (decoding)"
+    settings = (f"every row timed with synchronized wall clocks in up to {rounds} interleaved rounds (rounds stop "
                 f"early at the {budget:g}-second time budget; each table says how many ran); warm-up calls first"
-                if budget is not None else f"{args.rounds} interleaved rounds of synchronized wall-clock calls after "
+                if budget is not None else f"{rounds} interleaved rounds of synchronized wall-clock calls after "
                 "warm-up calls (CPU smoke run: not a measurement)")
     report = Report("# LVLM interventions: decoding overhead and visual-token pruning\n\n"
                     + provenance(device, ("transformers",), settings), target)

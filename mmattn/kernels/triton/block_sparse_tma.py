@@ -133,9 +133,9 @@ def _sm90(device: torch.device) -> bool:
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: int, kv_block: int) -> tuple[bool, str]:
     """Whether this kernel runs the forward of `(B, H, L, D)` q, k, v with unit last stride and mask blocks
-    `q_block x kv_block`, and if not, why. It needs MMATTN_TRITON_TMA unset or 1, a compiled sm90 GPU (or the interpreter),
-    float16/bfloat16 (under the interpreter, which has no bfloat16: float16/float32), D of 64 or 128, 16-byte aligned
-    base pointers and strides (what TMA requires) and a tile of FWD_CONFIGS dividing the blocks."""
+    `q_block x kv_block`, and if not, why. It needs MMATTN_TRITON_TMA unset or 1, a compiled sm90 GPU (or the
+    interpreter), float16/bfloat16 (under the interpreter, which has no bfloat16: float16/float32), D of 64 or 128,
+    16-byte aligned base pointers and strides (what TMA requires) and a tile of FWD_CONFIGS dividing the blocks."""
     if not SWITCH:
         return False, "off (MMATTN_TRITON_TMA=0)"
     if INTERPRETED:

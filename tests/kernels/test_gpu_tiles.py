@@ -24,12 +24,11 @@ import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
-from mmattn.kernels import block_sparse_attention, neighborhood_attention, routed_attention
+from mmattn.kernels import backends, block_sparse_attention, neighborhood_attention, routed_attention
 from mmattn.kernels.triton import block_sparse as bs
 from mmattn.kernels.triton import block_sparse_tma as bs_tma
 from mmattn.kernels.triton import neighborhood as fna
 from mmattn.kernels.triton import routed
-from mmattn.kernels import backends
 from mmattn.kernels.backends import INTERPRETED
 
 from .helpers import random_mask, random_qkv

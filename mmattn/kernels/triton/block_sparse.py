@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autograd import kernel_op
 from .. import backends
+from ..autograd import kernel_op
 from ..mask import BlockSparseMask
 from .common import LOG2E, backward_lse2, online_softmax_step, program_heads, softmax_output
 from .launch import (
@@ -377,7 +377,7 @@ def forward(
     """Launches the forward kernel: `(out, lse)`; `q_num_blocks`/`q_indices` are kept for the backward. On Hopper
     the TMA, warp-specialized kernel of `block_sparse_tma` runs where it applies and the call is not `host_bound`
     (`backends.host_bound`: so little work that fixed costs decide, and the pointer-load kernel is faster, as
-    benchmarks/results/block_sparse_host_bound.md shows), this module's kernel otherwise."""
+    benchmarks/results/block_sparse_host_bound_tma.md shows), this module's kernel otherwise."""
     from . import block_sparse_tma  # imports this module
 
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
@@ -409,7 +409,7 @@ def launch_forward(
         heads, q_len, k.shape[2], scale, size_bucket(q_len),
         **launch,
     )
-    return out, lse_rows[..., 0] if lse_width == 1 else lse_rows[..., 0].contiguous()
+    return out, lse_rows[..., 0].contiguous()
 
 
 def backward(

@@ -60,8 +60,8 @@ def test_redistribution_is_the_var_edit_of_the_explicit_rows():
 
 def test_a_prompt_without_a_visual_sink_in_a_layer_keeps_its_attention():
     """The official head selection needs a visual sink: where a prompt has text sinks only (BOS), its rows keep
-    their attention in that layer, while the other prompt of the batch is edited; a layer without visual sinks in
-    any prompt is not even recomputed."""
+    their attention in that layer (every bit), while the other prompt of the batch is edited; so do all rows of a
+    layer without visual sinks in any prompt (decided on the device: the prefill reads nothing back per layer)."""
     handle, runtime = runtime_with_sinks(p=0.6, rho=0.0, planted=((0, 3), (0,)), min_visual_mass=0.0)
     torch.manual_seed(0)
     probs = torch.rand(2, 4, 2, P).softmax(-1)
@@ -71,7 +71,10 @@ def test_a_prompt_without_a_visual_sink_in_a_layer_keeps_its_attention():
     assert torch.equal(probs[1], before[1])
     handle.remove()
     handle, runtime = runtime_with_sinks(p=0.6, planted=((0,), (0, 8)))
-    assert 2 not in runtime.columns  # no column sets: the layer runs unedited
+    probs = torch.rand(2, 4, 2, P).softmax(-1)
+    before = probs.clone()
+    runtime.on_attention(AttentionRows(2, probs, None, P))
+    assert torch.equal(probs, before)
     handle.remove()
 
 

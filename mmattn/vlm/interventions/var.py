@@ -117,15 +117,16 @@ class _VARRuntime(Runtime):
 
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
         """Sink detection in the prefill: I_sink = {j : phi(h_j) > tau} among the tokens this layer holds. The layer
-        is edited only in the prompts where a sink is an image token (the code's head selection needs one)."""
+        is edited only in the prompts where a sink is an image token (the code's head selection needs one): the
+        others get an empty sink set, so nothing moves in them (their edit scales by zero, which keeps every bit)
+        and the host never waits on the device to find out which prompts those are."""
         if call.decoding or layer not in self.layers:
             return
         sinks = (sink_scores(hidden, self.dims) > self.settings.tau) & call.at_layer(layer, call.layout.valid)
         self.sinks[layer] = sinks
         image = call.at_layer(layer, call.layout.image)
         visual = (sinks & image).any(1, keepdim=True)
-        if visual.any():
-            self._store_columns(layer, image, sinks & visual, call)  # no sinks: nothing moves in that prompt
+        self._store_columns(layer, image, sinks & visual, call)
 
     def _store_columns(self, layer: int, image: torch.Tensor, sinks: torch.Tensor, call: CallState) -> None:
         receivers = (image & ~sinks).float()

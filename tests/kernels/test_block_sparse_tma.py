@@ -150,3 +150,18 @@ def test_block_sparse_attention_keeps_the_pointer_kernel_where_the_call_is_host_
         out = block_sparse_attention(q, k, v, mask, backend="triton")
     assert spy.called == expect_tma
     assert_close("out", out, exact(q, k, v, mask)[0], torch.float16)
+
+
+@interpreted
+def test_block_sparse_attention_reads_no_block_count_where_the_tma_kernel_is_off():
+    """With the TMA forward switched off the host-bound question, a device read, is never asked."""
+    mask = random_mask(1, 2, 64, 64, (32, 32), seed=7)
+    q, k, v = random_qkv(1, 2, 2, 64, 64, 64, torch.float16)
+    with mock.patch.object(tma, "SWITCH", False), \
+            mock.patch.object(backends, "host_bound", wraps=backends.host_bound) as spy:
+        block_sparse_attention(q, k, v, mask, backend="triton")
+    assert not spy.called
+    with mock.patch.object(tma, "SWITCH", True), \
+            mock.patch.object(backends, "host_bound", wraps=backends.host_bound) as spy:
+        block_sparse_attention(q, k, v, mask, backend="triton")
+    assert spy.called

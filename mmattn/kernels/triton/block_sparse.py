@@ -467,6 +467,10 @@ block_sparse_op = kernel_op("mmattn::block_sparse", forward, backward, save=_sav
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention with the Triton kernels: `(out, lse)`, differentiable in q, k, v (and through lse)."""
+    """Block-sparse attention with the Triton kernels: `(out, lse)`, differentiable in q, k, v (and through lse).
+    The mask's block count (a device read, once per mask) is asked for only where the TMA forward could run."""
+    from . import block_sparse_tma  # imports this module
+
+    host_bound = block_sparse_tma.runs_on(q.device) and backends.host_bound(q, mask)
     return block_sparse_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices,
-                           *mask.block_size, scale, backends.host_bound(q, mask))
+                           *mask.block_size, scale, host_bound)

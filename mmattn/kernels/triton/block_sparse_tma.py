@@ -40,7 +40,7 @@ from .block_sparse import _INTERPRETER_CONFIGS, _TUNE_KEY, launch_forward, prune
 from .common import LOG2E, online_softmax_step, program_heads, softmax_output
 from .launch import tile_configs, tuned
 
-__all__ = ["FWD_CONFIGS", "SWITCH", "eligible", "forward"]
+__all__ = ["FWD_CONFIGS", "SWITCH", "eligible", "forward", "runs_on"]
 
 _switch = os.environ.get("MMATTN_TRITON_TMA", "1")
 if _switch not in ("0", "1"):
@@ -131,6 +131,11 @@ def _sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether this kernel is switched on and `device` runs it (a compiled sm90 GPU, or any under the interpreter)."""
+    return SWITCH and (INTERPRETED or _sm90(device))
+
+
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: int, kv_block: int) -> tuple[bool, str]:
     """Whether this kernel runs the forward of `(B, H, L, D)` q, k, v with unit last stride and mask blocks
     `q_block x kv_block`, and if not, why. It needs MMATTN_TRITON_TMA unset or 1, a compiled sm90 GPU (or the
@@ -138,12 +143,9 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: int, kv
     16-byte aligned base pointers and strides (what TMA requires) and a tile of FWD_CONFIGS dividing the blocks."""
     if not SWITCH:
         return False, "off (MMATTN_TRITON_TMA=0)"
-    if INTERPRETED:
-        dtypes = (torch.float16, torch.float32)
-    elif not _sm90(q.device):
+    if not runs_on(q.device):
         return False, f"needs a compiled Hopper (sm90) GPU, got {q.device}"
-    else:
-        dtypes = (torch.float16, torch.bfloat16)
+    dtypes = (torch.float16, torch.float32) if INTERPRETED else (torch.float16, torch.bfloat16)
     if q.dtype not in dtypes:
         return False, f"dtype must be one of {dtypes}, got {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:

@@ -12,15 +12,17 @@ autograd, two ways that save the same tensors and run the same backward:
 
 What the launchers follow (the three differentiable families, block-sparse, neighborhood and routed, do):
 
-- `forward(*inputs) -> (out, lse)`; its annotated signature is the forward op's schema. `out` has q's shape
-  (`inputs[0]`) and dtype, `lse` is float32 `q.shape[:3]`, unless `forward_fake` says otherwise.
+- `forward(*inputs) -> (out, lse)`; its annotated signature is the forward op's schema. `out` is laid out like q
+  (`inputs[0]`: `torch.empty_like(q)`, so a `(B, H, L, D)` view of a model's `(B, L, H, D)` tensor gets an output
+  that is the same kind of view, and the model's reshape back costs no copy), `lse` is float32 `q.shape[:3]`,
+  unless `forward_fake` says otherwise.
 - `save(inputs, needs_input_grad) -> (tensors, constants)`: what the backward needs besides `out` and `lse`: the
   tensors, of which the first `grads` are the inputs that get gradients (in order; None allowed), and the other
   values (ints, floats, bools, lists of ints).
-- `backward(grad_out, grad_lse, out, lse, *tensors, *constants) -> grads`, one tensor per gradient input, shaped
-  like it unless `backward_fake` says otherwise; its annotated signature is the backward op's schema. A missing
-  `grad_out` arrives as zeros, a missing `grad_lse` as None (an unused lse costs nothing). Gradients of inputs
-  that need none are dropped.
+- `backward(grad_out, grad_lse, out, lse, *tensors, *constants) -> grads`, one tensor per gradient input, laid
+  out like it (`torch.empty_like`) unless `backward_fake` says otherwise; its annotated signature is the backward
+  op's schema. A missing `grad_out` arrives as zeros, a missing `grad_lse` as None (an unused lse costs nothing).
+  Gradients of inputs that need none are dropped.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ Save = Callable[[tuple, tuple[bool, ...]], tuple[tuple[torch.Tensor | None, ...]
 
 
 def attention_outputs_like(q: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default forward fake: `out` like q, float32 `lse` of q's `(batch, heads, tokens)`."""
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    """The default forward fake: `out` laid out like q, float32 `lse` of q's `(batch, heads, tokens)`."""
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 class KernelOp:
@@ -94,10 +96,10 @@ def inference_op(name: str, launcher: Callable, *, fake: Callable) -> InferenceO
 
 
 def _gradients_like(grads: int) -> Callable:
-    """The default backward fake: one gradient shaped like each of the first `grads` saved tensors."""
+    """The default backward fake: one gradient laid out like each of the first `grads` saved tensors."""
 
     def fake(grad_out, grad_lse, out, lse, *saved):
-        return tuple(t.new_empty(t.shape) for t in saved[:grads])
+        return tuple(torch.empty_like(t) for t in saved[:grads])
 
     return fake
 

@@ -29,7 +29,8 @@ version's source (`interface.py`, `block_sparsity.py`, `block_sparse_utils.py`, 
 The mask's own int32 index tensors (`kv_num_blocks`/`kv_indices` forward, the transposed `q_num_blocks`/`q_indices`
 backward) are passed as FA4's full-block lists without a copy: FA4 reads only the first `count` entries of a row.
 FA4's forward and backward run as `kernel_op` custom ops (`mmattn::fa4_block_sparse_fwd/_bwd`), one opaque call each
-under torch.compile, writing into contiguous `(B, H, L, D)` outputs through FA4's `out=`/`dq=`/`dk=`/`dv=`.
+under torch.compile, writing through FA4's `out=`/`dq=`/`dk=`/`dv=` into outputs laid out like the inputs (a
+`(B, H, L, D)` view of a model's `(B, L, H, D)` tensor gets the same kind of view: no copy on the way back).
 """
 
 from __future__ import annotations
@@ -307,14 +308,14 @@ def forward(
     q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FA4's block-sparse forward: `(out (B, H, Lq, D) contiguous, lse (B, H, Lq) float32)`; the backward's
+    """FA4's block-sparse forward: `(out (B, H, Lq, D) laid out like q, lse (B, H, Lq) float32)`; the backward's
     index (`q_num_blocks`, `q_indices`) and `deterministic` are kept for the backward."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     tile_n = _kv_tile(q, k, q_block, kv_block, "forward")
     counts, lists, _, _ = split_kv_blocks(kv_num_blocks, kv_indices, q_num_blocks, q_indices, kv_block, tile_n,
                                           k.shape[2])
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     _flash_attn_fwd(
         _bhld(q), _bhld(k), _bhld(v), softmax_scale=scale, out=_bhld(out), lse=lse, return_lse=True,
@@ -329,13 +330,13 @@ def backward(
     q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FA4's block-sparse backward on the transposed index: `(dq, dk, dv)`, contiguous `(B, H, L, D)`."""
+    """FA4's block-sparse backward on the transposed index: `(dq, dk, dv)`, each laid out like its input."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
     tile_n = _kv_tile(q, k, q_block, kv_block, "backward")
     lists = split_kv_blocks(kv_num_blocks, kv_indices, q_num_blocks, q_indices, kv_block, tile_n, k.shape[2])
     order = dq_write_order(*lists) if deterministic else None
-    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    grads = [torch.empty_like(t) for t in (q, k, v)]
     _flash_attn_bwd(
         _bhld(q), _bhld(k), _bhld(v), _bhld(out), _bhld(grad_out), lse, scale, deterministic=deterministic,
         dq=_bhld(grads[0]), dk=_bhld(grads[1]), dv=_bhld(grads[2]), dlse=grad_lse,

@@ -246,9 +246,10 @@ def run(fn, q, k, v, grad_out, grad_lse):
     return out, lse, q.grad, k.grad, v.grad
 
 
-def gpu_case(mask, heads, kv_heads, q_len, kv_len, head_dim, seed):
+def gpu_case(mask, heads, kv_heads, q_len, kv_len, head_dim, seed, layout="bhld"):
     arch = torch.cuda.get_device_capability()
-    q, k, v = (t.cuda() for t in random_qkv(2, heads, kv_heads, q_len, kv_len, head_dim, torch.bfloat16, seed=seed))
+    q, k, v = (t.cuda() for t in random_qkv(2, heads, kv_heads, q_len, kv_len, head_dim, torch.bfloat16, seed=seed,
+                                            layout=layout))
     mask = mask.to("cuda")
     ok, reason = fa4_supports(q.requires_grad_(), k, v, mask)
     assert ok, reason
@@ -257,6 +258,8 @@ def gpu_case(mask, heads, kv_heads, q_len, kv_len, head_dim, seed):
     grad_lse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64).cuda()
     scale = head_dim**-0.5
     ours = run(lambda *t: fa4_block_sparse_attention(*t, mask, scale), q, k, v, grad_out, grad_lse)
+    assert [t.stride() for t in ours[:1] + ours[2:]] == [q.stride(), q.stride(), k.stride(), v.stride()], \
+        "out and the gradients are laid out like the inputs"
     naive = run(lambda *t: reference.block_sparse_attention(*t, mask, scale), q, k, v, grad_out, grad_lse)
     exact = run(lambda *t: reference.block_sparse_attention(*t, mask, scale), q.double(), k.double(), v.double(),
                 grad_out, grad_lse)
@@ -293,7 +296,7 @@ def test_fa4_gpu_random_gqa(mask_heads, kv_heads):
     block, q_len, kv_len = gpu_block(), 1500, 1300
     blocks = random_blocks(1, mask_heads, math.ceil(q_len / block[0]), math.ceil(kv_len / block[1]), seed=kv_heads)
     mask = BlockSparseMask.from_dense(blocks, block, q_len, kv_len)
-    gpu_case(mask, 8, kv_heads, q_len, kv_len, 128, seed=mask_heads)
+    gpu_case(mask, 8, kv_heads, q_len, kv_len, 128, seed=mask_heads, layout="blhd")
 
 
 def test_fa4_gpu_forward_only_small_kv_block():
@@ -348,7 +351,7 @@ def test_fa4_gpu_custom_ops_pass_opcheck():
         pytest.skip(reason)
     from mmattn.kernels.fa4 import fa4_block_sparse_op
 
-    q, k, v = (t.cuda() for t in random_qkv(1, 4, 2, 700, 600, 128, torch.bfloat16, seed=9))
+    q, k, v = (t.cuda() for t in random_qkv(1, 4, 2, 700, 600, 128, torch.bfloat16, seed=9, layout="blhd"))
     mask = band_mask(4, 700, 600, gpu_block()).to("cuda")
     tensors = (mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
     args = (q.requires_grad_(), k, v, *tensors, *mask.block_size, 128**-0.5, False)

@@ -213,6 +213,7 @@ def _bwd_dkdv(
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dm,
     stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
     stride_nb, stride_nh,
     stride_ib, stride_ih, stride_iq,
     num_heads, num_kv_heads, q_len, kv_len, sm_scale, size_bucket,
@@ -252,11 +253,10 @@ def _bwd_dkdv(
                                  n_blocks * TILES, stride_qm, stride_dm, q_len, qk_scale, offs_m, offs_d, HEAD_DIM,
                                  BLOCK_D, Q_BLOCK, BLOCK_M, True, DOT_PRECISION)
 
-    dk_base = b * stride_dkb + kv_h * stride_dkh
-    _store_tile(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, offs_d, stride_dkn, kv_len,
-                HEAD_DIM, EVEN_KV, BLOCK_D)
-    _store_tile(DV + dk_base, dv.to(DV.dtype.element_ty), cols, offs_d, stride_dkn, kv_len, HEAD_DIM, EVEN_KV,
-                BLOCK_D)
+    _store_tile(DK + b * stride_dkb + kv_h * stride_dkh, (dk * sm_scale).to(DK.dtype.element_ty), cols, offs_d,
+                stride_dkn, kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
+    _store_tile(DV + b * stride_dvb + kv_h * stride_dvh, dv.to(DV.dtype.element_ty), cols, offs_d, stride_dvn,
+                kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
 
 
 @triton.jit
@@ -394,7 +394,7 @@ def launch_forward(
     last stride: `(out, lse)`. The kernel writes each row's lse into a row of `lse_width` float32 values (the TMA
     kernel's are 16 bytes wide), of which the first is returned."""
     batch, heads, q_len, _head_dim = q.shape
-    out = q.new_empty(q.shape)
+    out = torch.empty_like(q)
     lse_rows = torch.empty((batch, heads, q_len, lse_width), device=q.device, dtype=torch.float32)
 
     def grid(meta):
@@ -424,9 +424,7 @@ def backward(
     kv_heads, kv_len = k.shape[1], k.shape[2]
     launch = launch_args(q, k, q_block, kv_block)
     delta = backward_delta(out, grad_out, grad_lse, lse)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(k.shape, device=v.device, dtype=v.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = row_strides(q, k, v, grad_out)
 
     def dkdv_grid(meta):
@@ -436,7 +434,7 @@ def backward(
         dkdv_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dk, dv, q_num_blocks, q_indices,
         *strides,
-        *row_strides(dk),
+        *row_strides(dk, dv),
         *_index_strides(q_num_blocks, q_indices),
         heads, kv_heads, q_len, kv_len, scale, size_bucket(q_len),
         **launch,

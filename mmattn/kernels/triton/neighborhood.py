@@ -342,7 +342,7 @@ def _dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Rpb,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_dkb, stride_dkh, stride_dkn,
-    num_heads, num_kv_heads, L0, L1, L2, sm_scale, size_bucket,
+    stride_dvb, stride_dvh, stride_dvn, num_heads, num_kv_heads, L0, L1, L2, sm_scale, size_bucket,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
@@ -411,9 +411,10 @@ def _dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    dk_base = b * stride_dkb + kv_h * stride_dkh
-    store_rows(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, cols_ok, offs_d, stride_dkn, HEAD_DIM)
-    store_rows(DV + dk_base, dv.to(DV.dtype.element_ty), cols, cols_ok, offs_d, stride_dkn, HEAD_DIM)
+    store_rows(DK + b * stride_dkb + kv_h * stride_dkh, (dk * sm_scale).to(DK.dtype.element_ty), cols, cols_ok,
+               offs_d, stride_dkn, HEAD_DIM)
+    store_rows(DV + b * stride_dvb + kv_h * stride_dvh, dv.to(DV.dtype.element_ty), cols, cols_ok, offs_d,
+               stride_dvn, HEAD_DIM)
 
 
 def _config(tq: tuple[int, int, int], tk: tuple[int, int, int], warps: int, stages: int) -> triton.Config:
@@ -536,7 +537,7 @@ def forward(
     """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`."""
     q, k, v = (rows_contiguous(t) for t in (q, k, v))
     batch, heads, tokens, _ = q.shape
-    out = q.new_empty(q.shape)
+    out = torch.empty_like(q)
     lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     launch = launch_args(q, k, pattern, rpb is not None)
     fwd_kernel.launch(
@@ -572,7 +573,7 @@ def backward(
     )
     dkdv_kernel.launch(
         _grid(pattern, "TK", batch * kv_heads), tune_key,
-        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, *common, *row_strides(dk),
+        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, *common, *row_strides(dk, dv),
         heads, kv_heads, *pattern[0:3], scale, size_bucket=size_bucket(tokens), **launch,
     )
     drpb = _bias_gradient(ds, rpb, pattern) if rpb_grad else q.new_empty(0)
@@ -603,7 +604,7 @@ def _save(inputs: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[tuple, tup
 
 def _backward_fake(grad_out, grad_lse, out, lse, q, k, v, rpb, pattern, scale, rpb_grad):
     drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpb
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
 
 
 neighborhood_op = kernel_op("mmattn::neighborhood", forward, backward, save=_save, grads=4,

@@ -187,6 +187,7 @@ def _dkdv_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dm,
     stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
     stride_tb, stride_th, stride_lb, stride_lh, stride_valid_b,
     num_heads, num_kv_heads, q_len, n_kv_regions, sm_scale,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_REGION: tl.constexpr,
@@ -240,9 +241,10 @@ def _dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    dk_base = b * stride_dkb + kv_h * stride_dkh
-    store_rows(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, col_in, offs_d, stride_dkn, HEAD_DIM)
-    store_rows(DV + dk_base, dv.to(DV.dtype.element_ty), cols, col_in, offs_d, stride_dkn, HEAD_DIM)
+    store_rows(DK + b * stride_dkb + kv_h * stride_dkh, (dk * sm_scale).to(DK.dtype.element_ty), cols, col_in,
+               offs_d, stride_dkn, HEAD_DIM)
+    store_rows(DV + b * stride_dvb + kv_h * stride_dvh, dv.to(DV.dtype.element_ty), cols, col_in, offs_d,
+               stride_dvn, HEAD_DIM)
 
 
 fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _prune, _INTERPRETER_CONFIGS)
@@ -280,7 +282,7 @@ def forward(
     `(B|1, Lk)` or None."""
     q, k, v = rows_contiguous(q), rows_contiguous(k), rows_contiguous(v)
     batch, heads, q_len, _ = q.shape
-    out = q.new_empty(q.shape)
+    out = torch.empty_like(q)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
     launch = launch_args(q, k, q_region, kv_region, indices.shape[-1], kv_valid is not None)
     valid, stride_valid = _valid_args(kv_valid, k)
@@ -353,7 +355,7 @@ def backward(
     dkdv_kernel.launch(
         dkdv_grid, _tune_key(q, {**launch, "N_TILE_ROWS": kv_region}),
         q, k, v, grad_out, lse, delta, dk, dv, starts, counts, query_regions, valid, *strides,
-        *row_strides(dk),
+        *row_strides(dk, dv),
         broadcast_stride(starts, 0), broadcast_stride(starts, 1),
         broadcast_stride(query_regions, 0), broadcast_stride(query_regions, 1), stride_valid,
         heads, kv_heads, q_len, n_kv_regions, scale,

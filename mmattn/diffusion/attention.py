@@ -96,29 +96,41 @@ class SparseAttention:
             raise ValueError(
                 f"query: expected {grid.tokens} video tokens ({grid}) + {text_tokens} text tokens, got {seq_len} tokens"
             )
+        # Reordering happens on the model's (B, S, H, D) tensors, whose layout the kernels' outputs and gradients
+        # keep: the output goes back to diffusers' (B, S, H * D) view without another copy.
         rotate = text_first and text_tokens > 0  # the masks put text after the video
         if rotate:
             query, key, value = (torch.cat([t[:, text_tokens:], t[:, :text_tokens]], 1) for t in (query, key, value))
+        order = self.pattern.order(grid, text_tokens)
+        if order is not None:
+            query, key, value = (order.permute(t, dim=1) for t in (query, key, value))
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         counts = [None] if valid_text_tokens is None else valid_text_tokens.tolist()
+        groups = list(dict.fromkeys(counts))
         step = self._step() if self.pattern.needs_qk else None
-        order = self.pattern.order(grid, text_tokens)
-        out = torch.empty_like(query)
-        for valid in dict.fromkeys(counts):
-            rows = slice(None) if valid is None else [b for b, c in enumerate(counts) if c == valid]
-            q, k, v = query[rows], key[rows], value[rows]
-            if order is not None:
-                q, k, v = (order.permute(t, dim=2) for t in (q, k, v))
-            pooled = (self.pattern.pool(q), self.pattern.pool(k)) if self.pattern.needs_qk else None
-            mask, _ = self.pattern.mask_for(
-                grid, text_tokens, valid, query.device, pooled=pooled, layer=layer_index, step=step, branch=self.branch,
-            )
-            o = block_sparse_attention(
-                q, k[:, :, : mask.kv_len], v[:, :, : mask.kv_len], mask, backend=self.config.backend
-            )
-            out[rows] = o if order is None else order.unpermute(o, dim=2)
+        call = dict(text_tokens=text_tokens, layer_index=layer_index, step=step)
+        if len(groups) == 1:  # every sample alike: no gather and no scatter (each would copy tensors and gradients)
+            out = self._attend_group(query, key, value, groups[0], **call)
+        else:
+            out = torch.empty_like(query)
+            for valid in groups:
+                rows = [b for b, c in enumerate(counts) if c == valid]
+                out[rows] = self._attend_group(query[rows], key[rows], value[rows], valid, **call)
         out = out.transpose(1, 2)
+        if order is not None:
+            out = order.unpermute(out, dim=1)
         return torch.cat([out[:, -text_tokens:], out[:, :-text_tokens]], 1) if rotate else out
+
+    def _attend_group(self, q, k, v, valid: int | None, *, text_tokens: int, layer_index: int, step) -> torch.Tensor:
+        """The pattern's kernel call on (B, H, S, D) samples (in the pattern's token order) sharing `valid` text
+        tokens (None: all valid)."""
+        pooled = (self.pattern.pool(q), self.pattern.pool(k)) if self.pattern.needs_qk else None
+        mask, _ = self.pattern.mask_for(
+            self.grid, text_tokens, valid, q.device, pooled=pooled, layer=layer_index, step=step, branch=self.branch,
+        )
+        if mask.kv_len < k.shape[2]:  # padded text keys left out (a whole-length slice would cost a gradient copy)
+            k, v = k[:, :, : mask.kv_len], v[:, :, : mask.kv_len]
+        return block_sparse_attention(q, k, v, mask, backend=self.config.backend)
 
     def _attend_shards(self, query, key, value, context_parallel, text_tokens: int, layer_index: int) -> torch.Tensor:
         """Ulysses / ring attention of this rank's video-token shard (B, S / W, H, D) on the pattern's global mask.

@@ -2,7 +2,9 @@
 FlexAttention and exact torch backends (and FlashAttention-4 for block-sparse attention where it is installed).
 
 Tensors use the SDPA layout `(batch, heads, tokens, head_dim)`; spatial kernels take
-`(batch, heads, *spatial, head_dim)`.
+`(batch, heads, *spatial, head_dim)`. Any strides with a unit last one are read as they are, and the fused kernels'
+outputs and gradients are laid out like their inputs: pass a model's `(batch, tokens, heads, head_dim)` tensors as
+`.transpose(1, 2)` views and the output transposes back without a copy.
 
 Every kernel family has the same shape, and a new kernel follows it:
 

@@ -3,14 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmattn.diffusion import (
     RadialConfig,
+    STAConfig,
     VideoGrid,
     apply_radial_attention,
+    apply_sparse_attention,
     radial_block_mask,
 )
 from mmattn.diffusion.attention import SparseAttention
+from mmattn.kernels.backends import backend_info
 
 from . import tiny_models
 
@@ -219,3 +223,44 @@ def test_presets_load():
     for name in ("wan2.2-i2v-a14b", "wan2.2-ti2v-5b"):
         wan22_variant = RadialConfig.preset(name)
         assert (wan22_variant.block_size, wan22_variant.decay_factor, wan22_variant.dense_layers) == (64, 0.8, 1)
+
+
+class _CopyCounter(TorchDispatchMode):
+    """Counts the ops that copy a tensor of `numel` elements (forward and autograd's backward alike)."""
+
+    COPIES = frozenset({"copy_", "clone", "_to_copy", "cat", "index", "index_put", "index_put_", "slice_scatter"})
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.copies = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket.__name__ in self.COPIES:
+            outputs = out if isinstance(out, (tuple, list)) else [out]
+            self.copies += sum(isinstance(t, torch.Tensor) and t.numel() == self.numel for t in outputs)
+        return out
+
+
+def _training_step_copies(model, inputs, numel):
+    with _CopyCounter(numel) as counter:
+        model(**inputs)[0].square().mean().backward()
+    return counter.copies
+
+
+@pytest.mark.skipif(not backend_info("cpu")["triton"][0], reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("pattern, config", [
+    ("radial", RadialConfig(block_size=16, backend="triton")),
+    ("sta", STAConfig(tile=(2, 4, 4), window=(1, 1, 3), backend="triton")),  # reorders tokens into tiles
+])
+def test_sparse_kernel_path_copies_no_attention_tensor(pattern, config):
+    """The kernels take diffusers' (B, L, H, D) projections as (B, H, L, D) views and return the output and the
+    q, k, v gradients in that layout: a training step (forward and backward) makes no more copies of an
+    attention-sized tensor with the sparse kernel path than with the stock processors (STA's reordering gathers
+    are index ops, not counted)."""
+    model, inputs = tiny_models.wan(head_dim=16)
+    numel = 1 * 256 * 2 * 16  # batch, video tokens (2 x 8 x 16 patches), heads, head dim
+    stock = _training_step_copies(model.train(), inputs, numel)
+    with apply_sparse_attention(model, pattern, config):
+        sparse = _training_step_copies(model, inputs, numel)
+    assert sparse <= stock, f"{sparse} attention-sized copies with {pattern}, {stock} with the stock processors"

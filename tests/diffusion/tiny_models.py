@@ -8,10 +8,10 @@ import torch
 diffusers = __import__("pytest").importorskip("diffusers")
 
 
-def wan(frames=2, height=16, width=32, batch=1):
+def wan(frames=2, height=16, width=32, batch=1, head_dim=12):
     torch.manual_seed(0)
     model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     ).eval()

@@ -27,6 +27,7 @@ def check(q, k, v, mask, atol=1e-3):
     q, k, v, mask = q.cuda(), k.cuda(), v.cuda(), mask.to("cuda")
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).cuda()  # not the global RNG: order-independent
     ours = run(q, k, v, mask, "triton", grad)
+    assert [t.stride() for t in ours] == [q.stride(), q.stride(), k.stride(), v.stride()], "laid out like the inputs"
     naive = run(q, k, v, mask, "torch", grad)
     exact = run(q.double(), k.double(), v.double(), mask, "torch", grad.double())
     for name, a, n, e in zip(("out", "dq", "dk", "dv"), ours, naive, exact):
@@ -52,6 +53,13 @@ def test_head_dims(head_dim):
 def test_gqa_and_non_contiguous(groups):
     mask = random_mask(1, 8, 1024, 1536, (128, 128), density=0.3, seed=groups)
     check(*random_qkv(2, 8, 8 // groups, 1024, 1536, 128, torch.bfloat16, layout="blhd"), mask)
+
+
+def test_mixed_layouts():
+    """q, k as views of (B, L, H, D) storage, v contiguous: dV is written with its own strides, not dK's."""
+    q, k, _ = random_qkv(2, 4, 2, 700, 900, 128, torch.bfloat16, layout="blhd")
+    v = random_qkv(2, 4, 2, 700, 900, 128, torch.bfloat16, seed=1)[2]
+    check(q, k, v, random_mask(2, 4, 700, 900, (128, 128), density=0.4, seed=3))
 
 
 def test_deterministic_backward():

@@ -26,6 +26,7 @@ __all__ = [
     "repeat_kv",
     "rows_attention",
     "scale_columns",
+    "tail_mask",
 ]
 
 
@@ -100,7 +101,7 @@ def _grouped(states: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return states.reshape(batch, kv_heads, heads // kv_heads * rows, width)
 
 
-def _tail_mask(
+def tail_mask(
     attention_mask: torch.Tensor | None, tail: int, q_len: int, kv_len: int, device: torch.device
 ) -> torch.Tensor | None:
     """The additive fp32 mask [B|1, 1, tail, kv] of the last `tail` query rows (None when they see every key).
@@ -134,16 +135,14 @@ def rows_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    mask: torch.Tensor | None,
     scaling: float,
     tail: int,
     edit: Callable[[torch.Tensor], None],
 ) -> torch.Tensor:
     """The attention output [B, tail, H, D] of the last `tail` query rows, with `edit` applied to their fp32
-    probabilities [B, H, tail, kv] in place before A·V."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    mask = _tail_mask(attention_mask, tail, q_len, kv_len, query.device)
-    probs = explicit_probabilities(query[:, :, q_len - tail :], key, mask, scaling)
+    probabilities [B, H, tail, kv] in place before A·V. `mask`: `tail_mask` of the layer's attention mask."""
+    probs = explicit_probabilities(query[:, :, query.shape[2] - tail :], key, mask, scaling)
     edit(probs)
     batch, heads = probs.shape[:2]
     output = torch.matmul(_grouped(probs.to(value.dtype), value.shape[1]), value)

@@ -15,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from typing_extensions import Self
 
 from ..kernels.backends import backend_choices, check_backend, resolve_backend
-from .attention import AttentionRows, eager_attention, rows_attention
+from .attention import AttentionRows, eager_attention, rows_attention, tail_mask
 from .interventions.base import CACHE_ARGUMENTS, CallState, Intervention, ModelContext, Runtime, passed_cache
 from .interventions.pruning import _PruningIntervention, _PruningRuntime
 from .layout import TokenLayout, resolve_family
@@ -47,6 +47,7 @@ class InterventionHandle:
         self.context = ModelContext(model, family, image_token_id, text_model)
         self.runtimes: list[Runtime] = [intervention.bind(self.context) for intervention in interventions]
         self.call: CallState | None = None
+        self._tail_masks: tuple | None = None  # (attention mask, (tail, q_len, kv_len, device), tail mask)
         self.model_parameters = tuple(inspect.signature(model.model.forward).parameters)
         self.original_implementation = text_model.config._attn_implementation
         self.eager_base = self.original_implementation == "eager"
@@ -82,6 +83,7 @@ class InterventionHandle:
     # -- hooks -----------------------------------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A call with a filled cache decodes; any other starts a new prompt."""
+        self._tail_masks = None  # masks are built per forward
         arguments = {**dict(zip(self.model_parameters, args)), **kwargs}
         cache = passed_cache(arguments)
         if self._decoding(cache, arguments.get("input_ids")):
@@ -175,8 +177,21 @@ class InterventionHandle:
 
         if self.eager_base:
             return eager_attention(module, query, key, value, attention_mask, scaling, tail, edit)
-        rows = rows_attention(query, key, value, attention_mask, scaling, tail, edit)
+        mask = self._tail_mask(attention_mask, tail, query.shape[2], key.shape[2], query.device)
+        rows = rows_attention(query, key, value, mask, scaling, tail, edit)
         return self._with_last_rows(rows, module, query, key, value, attention_mask, scaling, **kwargs)
+
+    def _tail_mask(self, attention_mask, tail: int, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+        """`tail_mask`, built once for the layers of a forward that pass the same mask (VAR edits up to 30 layers of
+        a prefill; a mask per layer cost 6 ops each) and again for another mask or shape (Gemma 3's sliding layers).
+        Not under torch.compile, which traces it into the graph."""
+        if torch.compiler.is_compiling():
+            return tail_mask(attention_mask, tail, q_len, kv_len, device)
+        key = (tail, q_len, kv_len, device)
+        memo = self._tail_masks
+        if memo is None or memo[0] is not attention_mask or memo[1] != key:
+            memo = self._tail_masks = (attention_mask, key, tail_mask(attention_mask, tail, q_len, kv_len, device))
+        return memo[2]
 
     @staticmethod
     def _with_last_rows(rows, module, query, key, value, attention_mask, scaling, **kwargs):

@@ -248,3 +248,16 @@ def test_gemma3_vflowopt_batched_generation_equals_per_prompt():
             prompt = split(inputs, row, "gemma3")
             single = generate(model, prompt)[0, prompt["input_ids"].shape[1] :]
             assert torch.equal(single, batched[row, : len(single)])
+
+
+def test_gemma3_edited_rows_see_each_layers_own_mask():
+    """Explicit rows in a sliding-window layer (2) and a global one (3) of one forward, whose masks have one shape:
+    with p = 0 (nothing moves) the logits are the plain SDPA model's, so each layer's rows had its own mask."""
+    model = tiny_gemma3(layers=4, attn_implementation="sdpa", sliding_window=5)
+    inputs = bracketed_inputs(model, images=2)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with vlm.apply(model, vlm.VAR(p=0.0, sink_dims=(0,))) as handle:
+            edited = model(**inputs).logits
+            assert set(handle.runtimes[0].columns) == {2, 3}
+    torch.testing.assert_close(edited, plain, rtol=1e-5, atol=1e-5)

@@ -31,11 +31,13 @@ KNOWN_SINK_DIMS: Mapping[tuple[str, int], tuple[int, ...]] = {
 _DETECTION_START_LAYER = 2
 
 
-def sink_scores(hidden: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """phi(x) = max_{d in D_sink} |x_d| / RMS(x), RMS without weight and eps 1e-6, in fp32: [..., tokens]."""
+def sink_scores(hidden: torch.Tensor, dims: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """phi(x) = max_{d in D_sink} |x_d| / RMS(x), RMS without weight and eps 1e-6, in fp32: [..., tokens]. `dims`:
+    the sink dimensions, as a sequence or an index tensor on hidden's device."""
     hidden = hidden.float()
     rms = hidden.pow(2).mean(-1).add(1e-6).sqrt()
-    return hidden[..., list(dims)].abs().amax(-1) / rms
+    index = dims if isinstance(dims, torch.Tensor) else list(dims)
+    return hidden[..., index].abs().amax(-1) / rms
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,9 @@ class _VARRuntime(Runtime):
     """Per layer, the sinks found in the prefill become column sets: `masses` [B, P, 4] (receivers - rho image,
     image, receivers, sinks), whose attention masses decide the image-centric rows and the budget, and `moves`
     [B, 2, P] (-p sinks, p receivers), whose scaling by (1, Ω / receiver mass) is the redistribution; the fused
-    decoding kernel takes (image, receivers, sinks) [B, P, 3] (`fused`, one buffer for every layer)."""
+    decoding kernel takes (image, receivers, sinks) [B, P, 3] (`fused`, one buffer for every layer). Receivers are
+    the image tokens that are not sinks, so every set is a combination of three flags per token (image, sink, image
+    sink): one matmul with `_combinations` makes all nine columns of a layer."""
 
     def __init__(self, settings: VAR, dims: tuple[int, ...], layers: range, num_layers: int) -> None:
         self.settings, self.dims, self.layers, self.num_layers = settings, dims, layers, num_layers
@@ -112,8 +116,20 @@ class _VARRuntime(Runtime):
     def start_call(self, call: CallState) -> None:
         self.sinks, self.columns, self.fused = {}, {}, LayerColumns(self.num_layers)
         self.prompt_rows = RowSelection.from_prompt(call.layout.after_last_image())
+        device = call.layout.image.device
         smallest = torch.finfo(torch.float32).smallest_normal
-        self.thresholds = torch.tensor([0.0, self.settings.min_visual_mass, smallest], device=call.layout.image.device)
+        self.thresholds = torch.tensor([0.0, self.settings.min_visual_mass, smallest], device=device)
+        self.dim_index = torch.tensor(self.dims, device=device)
+        self.combinations = self._combinations(device)
+
+    def _combinations(self, device: torch.device) -> torch.Tensor:
+        """[3, 9] float32: the column sets (masses, moves, fused; see the class) from the flags (image, sink, image
+        sink). 1 - rho is rounded once in float32, as `receivers - rho * image` rounds it."""
+        rho, p = torch.tensor([self.settings.rho, self.settings.p])
+        masses = [[1 - rho, 1, 1, 0], [0, 0, 0, 1], [-1, 0, -1, 0]]
+        moves = [[0, p], [-p, 0], [0, -p]]
+        fused = [[1, 1, 0], [0, 0, 1], [0, -1, 0]]
+        return torch.tensor([a + b + c for a, b, c in zip(masses, moves, fused)], dtype=torch.float32, device=device)
 
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
         """Sink detection in the prefill: I_sink = {j : phi(h_j) > tau} among the tokens this layer holds. The layer
@@ -122,18 +138,14 @@ class _VARRuntime(Runtime):
         and the host never waits on the device to find out which prompts those are."""
         if call.decoding or layer not in self.layers:
             return
-        sinks = (sink_scores(hidden, self.dims) > self.settings.tau) & call.at_layer(layer, call.layout.valid)
+        sinks = (sink_scores(hidden, self.dim_index) > self.settings.tau) & call.at_layer(layer, call.layout.valid)
         self.sinks[layer] = sinks
         image = call.at_layer(layer, call.layout.image)
-        visual = (sinks & image).any(1, keepdim=True)
-        self._store_columns(layer, image, sinks & visual, call)
-
-    def _store_columns(self, layer: int, image: torch.Tensor, sinks: torch.Tensor, call: CallState) -> None:
-        receivers = (image & ~sinks).float()
-        image, sinks = image.float(), sinks.float()
-        masses = torch.stack([receivers - self.settings.rho * image, image, receivers, sinks], -1)
-        self.columns[layer] = masses, self.settings.p * torch.stack([-sinks, receivers], 1)
-        self.fused.put(layer, torch.stack([image, receivers, sinks], -1), call.lm_positions.shape[1])
+        image_sinks = sinks & image
+        visual = image_sinks.any(1, keepdim=True)
+        sets = torch.stack([image, sinks & visual, image_sinks & visual], -1).float() @ self.combinations
+        self.columns[layer] = sets[..., :4], sets[..., 4:6].transpose(1, 2)
+        self.fused.put(layer, sets[..., 6:], call.lm_positions.shape[1])
 
     def wants_attention(self, layer: int, call: CallState) -> bool:
         return layer in self.columns

@@ -125,7 +125,7 @@ class _VARRuntime(Runtime):
     def _combinations(self, device: torch.device) -> torch.Tensor:
         """[3, 9] float32: the column sets (masses, moves, fused; see the class) from the flags (image, sink, image
         sink). 1 - rho is rounded once in float32, as `receivers - rho * image` rounds it."""
-        rho, p = torch.tensor([self.settings.rho, self.settings.p])
+        rho, p = torch.tensor([self.settings.rho, self.settings.p], dtype=torch.float32)
         masses = [[1 - rho, 1, 1, 0], [0, 0, 0, 1], [-1, 0, -1, 0]]
         moves = [[0, p], [-p, 0], [0, -p]]
         fused = [[1, 1, 0], [0, 0, 1], [0, -1, 0]]

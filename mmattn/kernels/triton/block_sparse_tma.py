@@ -131,8 +131,10 @@ def _sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
+@torch.compiler.assume_constant_result
 def runs_on(device: torch.device) -> bool:
-    """Whether this kernel is switched on and `device` runs it (a compiled sm90 GPU, or any under the interpreter)."""
+    """Whether this kernel is switched on and `device` runs it (a compiled sm90 GPU, or any under the interpreter).
+    A constant to torch.compile, which would otherwise trace the cached device query of `attend`'s call."""
     return SWITCH and (INTERPRETED or _sm90(device))
 
 

@@ -252,11 +252,7 @@ def table(attention: list[str], ours: list[str], peers: list[str], step: list[st
     mine = ("auto = `block_sparse_attention(backend=\"auto\")` (FA4 where installed), triton = our Triton kernel "
             "alone" if gpu else "ours = mmattn's torch block-sparse reference")
     precision = "float32" if gpu else "float64"
-    return "\n".join([
-        "# Radial attention (mmattn.diffusion)",
-        "",
-        provenance(device, ("diffusers",)),
-        "",
+    attention_section = [
         (f"Attention forward, median ms, {'bf16' if gpu else 'float32'}, N(0, 1) inputs, head dim "
          f"{128 if gpu else 32}. Radial mask (block {128 if gpu else 16}) as in the official repo; {mine}; dense = "
          f"{'cuDNN' if gpu else 'math'} SDPA; flex = FlexAttention ({'compiled' if gpu else 'eager'}) on the same "
@@ -273,6 +269,8 @@ def table(attention: list[str], ours: list[str], peers: list[str], step: list[st
         "|---" * (9 + len(names) + bool(fa4_ratio)) + "|",
         *attention,
         "",
+    ]
+    step_section = [
         ("One transformer call (one CFG branch), random weights (seed 0), median ms; dense = diffusers' stock "
          "attention; radial = the model's preset (`wan2.1-t2v-1.3b`, `wan2.2-ti2v-5b`) on a sparse step (its dense "
          "layers dense) with `backend=\"auto\"`, radial Triton the same with our Triton kernel. Denoising steps time "
@@ -287,13 +285,20 @@ def table(attention: list[str], ours: list[str], peers: list[str], step: list[st
         "|---|---|---|---|---|---|---|",
         *step,
         "",
-    ])
+    ]
+    return "\n".join(["# Radial attention (mmattn.diffusion)", "", provenance(device, ("diffusers",)), "",
+                      *(attention_section if attention else []), *(step_section if step else [])])
+
+
+SECTIONS = ("attention", "steps")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test")
     parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
+    parser.add_argument("--only", choices=SECTIONS, default=None,
+                        help="run one section only: the attention table or the transformer steps (a subset: see --out)")
     parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
     args = parser.parse_args()
     if not args.quick and not torch.cuda.is_available():
@@ -301,10 +306,12 @@ def main() -> None:
     if importlib.util.find_spec("diffusers") is None:
         parser.error("needs diffusers for the Wan step (pip install 'mmattn[diffusion]'); nothing was measured")
     device = "cpu" if args.quick else "cuda"
-    target = results_target(parser, args.out, DEFAULT_OUT, not args.quick, "--quick")
+    target = results_target(parser, args.out, DEFAULT_OUT, not args.quick and args.only is None, "--quick or --only")
     set_fast(args.fast)
-    attention, ours, peers = attention_rows(QUICK_CASES if args.quick else ATTENTION_CASES, device)
-    step = [step_row(case, args.quick, device) for case in (QUICK_STEP_CASES if args.quick else STEP_CASES)]
+    attention_cases = QUICK_CASES if args.quick else ATTENTION_CASES
+    step_cases = QUICK_STEP_CASES if args.quick else STEP_CASES
+    attention, ours, peers = attention_rows(attention_cases if args.only != "steps" else (), device)
+    step = [step_row(case, args.quick, device) for case in (step_cases if args.only != "attention" else ())]
     write_results(table(attention, ours, peers, step, device), target)
 
 

@@ -181,10 +181,11 @@ def check_backend(backend: str, choices: tuple[str, ...]) -> str:
 
 HOST_BOUND_WORK = 2.0e6
 """Kept 128x128-block equivalents x head dim under which a block-sparse call is host-bound on an H200 and our Triton
-kernels finish before FlashAttention-4: FA4's Python path takes ~0.15-0.2 ms of host time per forward and its
-forward+backward does not go below ~0.7 ms, ours ~0.07-0.1 ms per forward. In benchmarks/results/
-block_sparse_host_bound.md Triton is faster at 1.57e6 (B8 H16 L4096 D128, density 0.094: 0.32 vs 0.54-0.59 ms
-forward, 1.35 vs 1.55-1.57 ms forward+backward through FA4) and FA4 from 3.1e6 on (B1 H12 L16384 D64, density 0.25)."""
+kernels may finish before FlashAttention-4: FA4's Python path takes ~0.15-0.5 ms of host time per forward (it varies
+with the load of the host from run to run) and its forward+backward does not go below ~0.7 ms, ours ~0.07-0.1 ms per
+forward. At 1.28e6-1.57e6 (B1 H12 L16384 D64 and B8 H16 L4096 D128, density ~0.1) Triton took 0.25-0.32 ms forward:
+1.3-1.9x faster than FA4 through mmattn in the run of 2026-12-04 (0.41-0.59 ms), 0.85-0.90x of FA4 in that of
+2026-12-05 (0.22-0.28 ms, benchmarks/results/block_sparse_host_bound.md); from 3.1e6 on FA4 was faster in both."""
 
 
 def host_bound(q: torch.Tensor, mask) -> bool:

@@ -20,6 +20,7 @@ On the CPU, "ours" is the exact torch reference, or the Triton kernels under TRI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -108,11 +109,37 @@ def make_peers(device: str) -> dict:
 
 
 def ours_backends(device: str) -> dict[str, str]:
-    """name -> backend of the mmattn rows: what "auto" runs (FA4 where installed) and our Triton kernels alone; on the
-    CPU the interpreted Triton kernels or the reference."""
+    """name -> backend of the mmattn rows: what "auto" runs (FA4 where installed) and our Triton kernels alone, also
+    with the backward that adds dQ atomically (`switched`); on the CPU the interpreted Triton kernels or the
+    reference."""
     if device == "cuda":
-        return {"auto": "auto", "triton": "triton"}
+        return {"auto": "auto", "triton": "triton", ATOMIC: "triton"}
     return {"ours": "triton" if INTERPRETED else "torch"}
+
+
+ATOMIC = "triton atomic dQ"
+OURS = ("auto", "triton", ATOMIC, "ours")
+
+
+@contextlib.contextmanager
+def switched(name: str):
+    """While a column is checked or timed: the Triton backward adds dQ atomically for the `ATOMIC` column only."""
+    from mmattn.kernels.triton import block_sparse as kernels
+
+    before, kernels.ATOMIC_DQ_SWITCH = kernels.ATOMIC_DQ_SWITCH, name == ATOMIC
+    try:
+        yield
+    finally:
+        kernels.ATOMIC_DQ_SWITCH = before
+
+
+def switched_results(runs: dict, measure) -> dict:
+    """`measure(fn)` of every column, each under its own backward (`switched`)."""
+    results = {}
+    for name, fn in runs.items():
+        with switched(name):
+            results[name] = measure(fn)
+    return results
 
 
 def dense_sdpa(device: str):
@@ -154,7 +181,7 @@ def run(shapes, densities, device: str) -> tuple[list[dict], list[str], list[str
                 # precision as the reference
                 with highest_precision():
                     reference = outputs_and_grads(runs[reference_peer], *upcast(q, k, v, grad))
-                results = {name: outputs_and_grads(fn, q, k, v, grad) for name, fn in runs.items()}
+                results = switched_results(runs, lambda fn: outputs_and_grads(fn, q, k, v, grad))
                 checks = {
                     (mine, peer): check_agreement(f"{label} {mine}", results[mine], results[peer], reference,
                                                   peer_name=peer,
@@ -163,7 +190,7 @@ def run(shapes, densities, device: str) -> tuple[list[dict], list[str], list[str
                 }
                 del results, reference
 
-                timed = {name: bench(fn, q, k, v, grad) for name, fn in runs.items()}
+                timed = switched_results(runs, lambda fn: bench(fn, q, k, v, grad))
                 timed["cuDNN dense"] = cudnn
                 first = next(iter(ours))
                 if density == 1.0:
@@ -188,12 +215,13 @@ def picked_tiles() -> str:
     from mmattn.kernels.triton import block_sparse_tma
 
     return tiles_picked(kernels, lambda kw: f"{kw['BLOCK_M']}x{kw['BLOCK_N']}",
-                        (("fwd TMA (Hopper)", block_sparse_tma.fwd_kernel),))
+                        (("fwd TMA (Hopper)", block_sparse_tma.fwd_kernel), ("dK/dV/dQ atomic", kernels.dkdvq_kernel)))
 
 
 GOALS = {  # (numerator, denominators, pass: forward goal, forward+backward goal); ratio = denominator time / ours
     "auto vs FA4-class": ("auto", ("FA4", "flex FLASH"), 0.97, 0.97),
     "triton vs FA4": ("triton", ("FA4",), 0.85, 0.8),
+    "triton atomic dQ vs FA4": (ATOMIC, ("FA4",), 0.85, 0.8),
 }
 """Issue 17's goals: "auto" at least 0.97x the faster of FA4 and FlexAttention-FLASH; our Triton kernels alone at
 least 0.85x FA4 forward and 0.8x forward+backward; the all-ones mask at least 1.1x cuDNN (see `ratios`)."""
@@ -203,7 +231,7 @@ def ratios(r, field: str) -> list[tuple[str, float, float | None]]:
     """(label, peer time / ours, goal or None) for the row's ratio columns."""
     t = r["timed"]
     names = list(t)
-    ours = [name for name in names if name in ("auto", "triton", "ours")]
+    ours = [name for name in names if name in OURS]
     out = []
     for label, (mine, against, fwd_goal, fb_goal) in GOALS.items():
         present = [name for name in against if name in t]
@@ -220,7 +248,7 @@ def ratios(r, field: str) -> list[tuple[str, float, float | None]]:
 
 def format_row(r, field: str) -> str:
     t = r["timed"]
-    ours = next(name for name in t if name in ("auto", "triton", "ours"))
+    ours = next(name for name in t if name in OURS)
     scale = 1.0 if field == "fwd_ms" else 3.5
     cells = [r["shape"], r["pattern"], f"{r['density']:.3f}", r["auto runs"]]
     cells += [f"{getattr(timing, field):.3f}" for timing in t.values()]
@@ -232,7 +260,7 @@ def format_row(r, field: str) -> str:
 
 
 def header(r, field: str) -> str:
-    ours = next(name for name in r["timed"] if name in ("auto", "triton", "ours"))
+    ours = next(name for name in r["timed"] if name in OURS)
     names = ["shape", "mask", "density", "auto runs", *(f"{name} ms" for name in r["timed"]), f"{ours} TF/s",
              *(label for label, _, _ in ratios(r, field)), "eff."]
     return "| " + " | ".join(names) + " |\n" + "|---" * len(names) + "|\n"
@@ -264,7 +292,9 @@ def table(rows, tiles, ours: list[str], peers: list[str], device: str) -> str:
     precision, dtype = ("float32", "bf16") if device == "cuda" else ("float64", "float32")
     dense = "cuDNN SDPA" if device == "cuda" else "math SDPA (CPU)"
     mine = ("`auto` = `block_sparse_attention(backend=\"auto\")` (the backend it ran in the column \"auto runs\"), "
-            "`triton` = our Triton kernels alone" if device == "cuda" else "`ours` = the interpreted Triton kernels "
+            "`triton` = our Triton kernels alone (deterministic backward), `triton atomic dQ` = the same with the "
+            "backward that adds dQ atomically in its dK/dV kernel (MMATTN_TRITON_ATOMIC_DQ=1; its forward is "
+            "`triton`'s)" if device == "cuda" else "`ours` = the interpreted Triton kernels "
             "or the reference (CPU smoke run)")
     sections = [(title, field) for title, field in (("Forward", "fwd_ms"), ("Forward + backward", "fwd_bwd_ms"))]
     return (

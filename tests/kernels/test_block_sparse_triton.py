@@ -156,3 +156,42 @@ def test_backward_is_deterministic():
 def test_random_masks_and_shapes(heads, q_len, kv_len, block_size, density, seed):
     mask = random_mask(1, heads[0], q_len, kv_len, block_size, density, seed, empty_row=False)
     check_against_reference(*random_qkv(1, *heads, q_len, kv_len, 16, torch.float32, seed=seed), mask)
+
+
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    """The backward with dQ added atomically in the dK/dV kernel: the dQ kernel must not run."""
+    from mmattn.kernels.triton import block_sparse as triton_block_sparse
+
+    monkeypatch.setattr(triton_block_sparse, "ATOMIC_DQ_SWITCH", True)
+
+    def no_dq_kernel(*args, **kwargs):
+        raise AssertionError("the dQ kernel ran although dQ is added atomically")
+
+    monkeypatch.setattr(triton_block_sparse.dq_kernel, "launch", no_dq_kernel)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, q_len, kv_len, head_dim, dtype, block",
+    [
+        (4, 2, 100, 90, 32, torch.float32, (32, 32)),  # GQA, partial last blocks both ways
+        (2, 2, 64, 200, 24, torch.float16, (16, 64)),  # a head dim the tile pads; kv blocks of several tiles
+        (2, 1, 129, 129, 16, torch.float32, (64, 32)),  # query blocks of several tiles
+    ],
+)
+def test_atomic_dq_backward_matches_the_reference(atomic_dq, heads, kv_heads, q_len, kv_len, head_dim, dtype, block):
+    mask = random_mask(2, heads, q_len, kv_len, block, density=0.6, seed=q_len)
+    check_against_reference(*random_qkv(2, heads, kv_heads, q_len, kv_len, head_dim, dtype, seed=3), mask,
+                            with_lse_grad=True)
+
+
+def test_atomic_dq_gives_way_to_deterministic_algorithms(atomic_dq):
+    from mmattn.kernels.triton.block_sparse import atomic_dq as atomic
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    assert atomic()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not atomic()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)

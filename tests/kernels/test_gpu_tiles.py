@@ -2,7 +2,7 @@
 
 For each launch the autotuner times the tiles `prune` keeps and runs the fastest; MMATTN_AUTOTUNE=0 (and so every
 other GPU test) runs only the first. Here each kept tile of each tuned kernel (block-sparse, neighborhood and routed
-attention; forward, dQ and dK/dV) is pinned in turn with `TunedKernel.pinned`, the family's two other kernels pinned
+attention; forward, dQ and dK/dV, and the block-sparse backward that adds dQ atomically) is pinned in turn with `TunedKernel.pinned`, the family's two other kernels pinned
 to their first tile, on a few representative problems that together keep every listed tile. The output, lse, dq, dk,
 dv (and drpb) are each held to the FlashAttention criterion of test_gpu.py: error against float64 at most twice the
 error of the same-dtype torch path, plus a small slack. Tests are named by problem, kernel and tile; a tile that
@@ -42,6 +42,8 @@ KERNELS = {
     "block_sparse": dict(zip(PARTS, (bs.fwd_kernel, bs.dq_kernel, bs.dkdv_kernel))),
     # Hopper: the forward with tensor descriptors and warp specialization (block_sparse_tma.py)
     "block_sparse_tma": dict(zip(PARTS, (bs_tma.fwd_kernel, bs.dq_kernel, bs.dkdv_kernel))),
+    # the backward that adds dQ atomically in its dK/dV kernel (MMATTN_TRITON_ATOMIC_DQ): no dQ kernel runs
+    "block_sparse_atomic_dq": {"fwd": bs.fwd_kernel, "dkdv": bs.dkdvq_kernel},
     "neighborhood": dict(zip(PARTS, (fna.fwd_kernel, fna.dq_kernel, fna.dkdv_kernel))),
     "routed": dict(zip(PARTS, (routed.fwd_kernel, routed.dq_kernel, routed.dkdv_kernel))),
 }
@@ -118,6 +120,9 @@ CASES = {
         lambda: block_sparse(1, 4, 2, 40, 70, 16, (32, 32), seed=1)),
     "bs-tma-gqa-partial": Case(  # the same problem on the Hopper forward (sm90 only)
         "block_sparse_tma", (lambda: block_sparse(2, 8, 2, 1000, 1100, 128, (128, 128), seed=1)) if HOPPER else None),
+    "bs-atomic-dq-gqa-partial": Case(  # the same problem with dQ added atomically
+        "block_sparse_atomic_dq", lambda: block_sparse(2, 8, 2, 1000, 1100, 128, (128, 128), seed=1),
+        lambda: block_sparse(1, 4, 2, 40, 70, 16, (32, 32), seed=1)),
     "bs-strided-d64": Case(  # D64, (B, L, H, D) storage, 64x128 blocks
         "block_sparse", lambda: block_sparse(1, 4, 4, 777, 1555, 64, (64, 128), layout="blhd", seed=2)),
     "na2d-rpb-dilated": Case(  # NAT/DiNAT: D32, 7x7 with the relative position bias, odd extents, dilation
@@ -171,10 +176,21 @@ def hopper_forward(on: bool):
 
 
 @contextlib.contextmanager
+def atomic_dq(on: bool):
+    """The block-sparse backward with dQ added atomically in the dK/dV kernel (`block_sparse.ATOMIC_DQ_SWITCH`)."""
+    before, bs.ATOMIC_DQ_SWITCH = bs.ATOMIC_DQ_SWITCH, on
+    try:
+        yield
+    finally:
+        bs.ATOMIC_DQ_SWITCH = before
+
+
+@contextlib.contextmanager
 def pinned(family: str, choices: dict):
     with contextlib.ExitStack() as stack:
         if family.startswith("block_sparse"):
             stack.enter_context(hopper_forward(family == "block_sparse_tma"))
+            stack.enter_context(atomic_dq(family == "block_sparse_atomic_dq"))
         for part, choose in choices.items():
             stack.enter_context(KERNELS[family][part].pinned(choose))
         yield
@@ -216,9 +232,10 @@ def prepared(name: str) -> Prepared:
 
         return choose
 
-    with pinned(case.family, {part: first(part) for part in PARTS}):
+    parts = KERNELS[case.family]
+    with pinned(case.family, {part: first(part) for part in parts}):
         run(problem, "triton", DTYPE)
-    assert set(kept) == set(PARTS), f"{name}: launched {sorted(kept)}"
+    assert set(kept) == set(parts), f"{name}: launched {sorted(kept)}"
     return Prepared(problem, kept, run(problem, "torch", DTYPE), run(problem, "torch", torch.float64))
 
 
@@ -241,8 +258,8 @@ def assert_matches(ours: dict, naive: dict, exact: dict, what: str) -> None:
 
 def _params():
     for name, case in CASES.items():
-        for part in PARTS:
-            for index, tile in enumerate(KERNELS[case.family][part].configs):
+        for part, kernel in KERNELS[case.family].items():
+            for index, tile in enumerate(kernel.configs):
                 yield pytest.param(name, part, index, id=f"{name}-{part}-{tile_name(tile)}")
 
 
@@ -256,7 +273,7 @@ def test_tile_matches_the_float64_reference(name, part, index):
     kept = state.kept[part]
     if tile not in kept:
         pytest.skip("prune drops this tile for this problem: the autotuner never runs it here")
-    choices = {p: state.kept[p][0] for p in PARTS}
+    choices = {p: state.kept[p][0] for p in KERNELS[case.family]}
     choices[part] = tile
     try:
         with pinned(case.family, choices):

@@ -1,10 +1,12 @@
-"""Block-sparse FlashAttention in Triton: forward, and an atomic-free (deterministic) backward.
+"""Block-sparse FlashAttention in Triton: forward, and a backward that is atomic-free (deterministic) by default.
 
 Forward (FlashAttention-2 online softmax in base 2): one program per (query tile, batch x query head) walks the
 key blocks its query block lists in `kv_indices`. Backward: the shared delta kernel forms delta = rowsum(dO * O)
 minus dLSE; `_bwd_dkdv` gives each (key tile, batch x key head) program its own dK and dV, accumulated over the
 query blocks of the transposed index and over the query heads of its GQA group; `_bwd_dq` mirrors the forward.
-No program writes another's output, so the backward needs no atomics and is bitwise reproducible.
+No program writes another's output, so the backward needs no atomics and is bitwise reproducible. With
+`atomic_dq()` (MMATTN_TRITON_ATOMIC_DQ=1) `_bwd_dkdv` also adds each tile pair's dQ partial atomically into a float32
+buffer and `_bwd_dq` does not run: 5 block matmuls per tile pair instead of 7, in no fixed order of addition.
 
 A mask block of `Q_BLOCK x KV_BLOCK` tokens is covered by tiles of `BLOCK_M x BLOCK_N` (the tile sides divide
 the block sides). Rows and columns past the true lengths are masked by position.
@@ -28,6 +30,7 @@ from .launch import (
     backward_delta,
     broadcast_stride,
     dot_precision,
+    env_switch,
     head_dim_block,
     row_strides,
     rows_contiguous,
@@ -36,7 +39,7 @@ from .launch import (
     tuned,
 )
 
-__all__ = ["attend", "backward", "block_sparse_op", "forward"]
+__all__ = ["attend", "atomic_dq", "backward", "block_sparse_op", "forward"]
 
 FWD_CONFIGS = tile_configs(
     [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
@@ -47,6 +50,11 @@ FWD_CONFIGS = tile_configs(
 DKDV_CONFIGS = tile_configs(
     [(64, 64, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 4, 3),
      (128, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
+)
+# The fused backward keeps dK, dV and a dQ partial in registers; wider key tiles halve its atomic adds per matmul.
+DKDVQ_CONFIGS = tile_configs(
+    [(64, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3),
+     (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 DQ_CONFIGS = tile_configs(
     [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
@@ -181,12 +189,13 @@ def _load_rows(ptr, rows, q_len, other, MASKED: tl.constexpr):
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, it_begin, it_end, stride_qm, stride_dm, q_len,
-    qk_scale, offs_m, offs_d,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, idx_ptr, it_begin, it_end, stride_qm, stride_dm,
+    stride_dqm, q_len, qk_scale, offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """dK, dV contributions of query tiles `[it_begin, it_end)` of the listed blocks; MASKED: past q_len."""
+    """dK, dV contributions of query tiles `[it_begin, it_end)` of the listed blocks; MASKED: past q_len. With
+    ATOMIC_DQ, also each tile's unscaled dQ partial dS K, added atomically into float32 rows at `dq_base`."""
     TILES: tl.constexpr = Q_BLOCK // BLOCK_M
     for it in range(it_begin, it_end):
         rows = tl.load(idx_ptr + it // TILES) * Q_BLOCK + (it % TILES) * BLOCK_M + offs_m
@@ -200,26 +209,31 @@ def _dkdv_tiles(
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+            ptrs = dq_base + rows[:, None].to(tl.int64) * stride_dqm + offs_d[None, :]
+            tl.atomic_add(ptrs, dq, mask=(rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "size_bucket"])
 def _bwd_dkdv(
-    Q, K, V, DOut, Lse, Delta, DK, DV, QNum, QIdx,
+    Q, K, V, DOut, Lse, Delta, DK, DV, DQ, QNum, QIdx,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dm,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_dqb, stride_dqh, stride_dqm,
     stride_nb, stride_nh,
     stride_ib, stride_ih, stride_iq,
     num_heads, num_kv_heads, q_len, kv_len, sm_scale, size_bucket,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
@@ -241,17 +255,18 @@ def _bwd_dkdv(
         h = kv_h * GROUPS + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DOut + b * stride_db + h * stride_dh
+        dq_base = DQ + b * stride_dqb + h * stride_dqh
         row_base = (b * num_heads + h) * q_len
         n_blocks = tl.load(QNum + b * stride_nb + h * stride_nh + kv_blk)
         idx_ptr = QIdx + b * stride_ib + h * stride_ih + kv_blk * stride_iq
         n_full = (n_blocks - _partial_last_block(idx_ptr, n_blocks, q_len, Q_BLOCK, EVEN_Q)) * TILES
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, idx_ptr, 0, n_full,
-                             stride_qm, stride_dm, q_len, qk_scale, offs_m, offs_d, HEAD_DIM, BLOCK_D, Q_BLOCK,
-                             BLOCK_M, False, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, dq_base, idx_ptr, 0,
+                             n_full, stride_qm, stride_dm, stride_dqm, q_len, qk_scale, offs_m, offs_d, HEAD_DIM,
+                             BLOCK_D, Q_BLOCK, BLOCK_M, False, DOT_PRECISION, ATOMIC_DQ)
         if not EVEN_Q:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, idx_ptr, n_full,
-                                 n_blocks * TILES, stride_qm, stride_dm, q_len, qk_scale, offs_m, offs_d, HEAD_DIM,
-                                 BLOCK_D, Q_BLOCK, BLOCK_M, True, DOT_PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, dq_base, idx_ptr,
+                                 n_full, n_blocks * TILES, stride_qm, stride_dm, stride_dqm, q_len, qk_scale, offs_m,
+                                 offs_d, HEAD_DIM, BLOCK_D, Q_BLOCK, BLOCK_M, True, DOT_PRECISION, ATOMIC_DQ)
 
     _store_tile(DK + b * stride_dkb + kv_h * stride_dkh, (dk * sm_scale).to(DK.dtype.element_ty), cols, offs_d,
                 stride_dkn, kv_len, HEAD_DIM, EVEN_KV, BLOCK_D)
@@ -340,6 +355,19 @@ _INTERPRETER_CONFIGS = tile_configs([(32, 32, 4, 1), (16, 16, 4, 1)])
 fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 dkdv_kernel = tuned(_bwd_dkdv, DKDV_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 dq_kernel = tuned(_bwd_dq, DQ_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
+dkdvq_kernel = tuned(_bwd_dkdv, DKDVQ_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
+"""`_bwd_dkdv` with ATOMIC_DQ: dK, dV and dQ in one kernel (tuned apart: the dQ partial adds a tile of registers)."""
+
+ATOMIC_DQ_SWITCH: bool = env_switch("MMATTN_TRITON_ATOMIC_DQ", default=False)
+"""Whether the backward adds dQ atomically in the dK/dV kernel (5 block matmuls per tile pair, FlashAttention-3 and
+FA4 on Hopper do so) instead of a second, deterministic dQ kernel that recomputes QK^T and dO V^T (7); off unless
+MMATTN_TRITON_ATOMIC_DQ=1, until its speed is measured on the GPU."""
+
+
+def atomic_dq() -> bool:
+    """Whether this backward adds dQ atomically: switched on and no bitwise reproducibility asked for
+    (`torch.use_deterministic_algorithms`); the float32 additions then land in any order."""
+    return ATOMIC_DQ_SWITCH and not torch.are_deterministic_algorithms_enabled()
 
 
 
@@ -417,28 +445,35 @@ def backward(
     k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the backward kernels: `(dq, dk, dv)`, deterministic (no atomics)."""
+    """Launches the backward kernels: `(dq, dk, dv)`. Deterministic (no atomics: a dQ kernel of its own) unless
+    `atomic_dq` says the dK/dV kernel adds dQ atomically."""
     q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
-    batch, heads, q_len, _head_dim = q.shape
+    batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     launch = launch_args(q, k, q_block, kv_block)
     delta = backward_delta(out, grad_out, grad_lse, lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     strides = row_strides(q, k, v, grad_out)
+    atomic = atomic_dq()
+    dq = torch.zeros((batch, heads, q_len, head_dim), device=q.device, dtype=torch.float32) if atomic else None
 
     def dkdv_grid(meta):
         return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads)
 
-    dkdv_kernel.launch(
+    (dkdvq_kernel if atomic else dkdv_kernel).launch(
         dkdv_grid, _tune_key(q, launch),
-        q, k, v, grad_out, lse, delta, dk, dv, q_num_blocks, q_indices,
+        q, k, v, grad_out, lse, delta, dk, dv, dq if atomic else dk, q_num_blocks, q_indices,  # dk: a pointer unused
         *strides,
-        *row_strides(dk, dv),
+        *row_strides(dk, dv, dq if atomic else dk),
         *_index_strides(q_num_blocks, q_indices),
         heads, kv_heads, q_len, kv_len, scale, size_bucket(q_len),
-        **launch,
+        **launch, ATOMIC_DQ=atomic,
     )
+    if atomic:
+        return torch.empty_like(q).copy_(dq.mul_(scale)), dk, dv
+
+    dq = torch.empty_like(q)
 
     def dq_grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)

@@ -28,7 +28,6 @@ Triton interpreter (TRITON_INTERPRET=1) the CPU tests run it in float16 and floa
 from __future__ import annotations
 
 import functools
-import os
 import threading
 
 import torch
@@ -38,14 +37,11 @@ import triton.language as tl
 from ..backends import INTERPRETED
 from .block_sparse import _INTERPRETER_CONFIGS, _TUNE_KEY, launch_forward, prune_configs
 from .common import LOG2E, online_softmax_step, program_heads, softmax_output
-from .launch import tile_configs, tuned
+from .launch import env_switch, tile_configs, tuned
 
 __all__ = ["FWD_CONFIGS", "SWITCH", "eligible", "forward", "runs_on"]
 
-_switch = os.environ.get("MMATTN_TRITON_TMA", "1")
-if _switch not in ("0", "1"):
-    raise ValueError(f"MMATTN_TRITON_TMA must be unset, '0' or '1', got {_switch!r}")
-SWITCH: bool = _switch == "1"
+SWITCH: bool = env_switch("MMATTN_TRITON_TMA", default=True)
 """Whether this kernel runs where it applies; on unless MMATTN_TRITON_TMA=0."""
 
 # Warp-specialized tiles on sm90 with Triton 3.6 (specs/kernels.md section 5): 128x128 with 4 warps and 2 stages is

@@ -13,8 +13,8 @@ import triton
 from ..backends import INTERPRETED
 from .common import backward_delta_kernel
 
-__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "dot_precision", "head_dim_block", "next_power_of_2",
-           "row_strides", "rows_contiguous", "size_bucket", "tile_configs", "tuned"]
+__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "dot_precision", "env_switch", "head_dim_block",
+           "next_power_of_2", "row_strides", "rows_contiguous", "size_bucket", "tile_configs", "tuned"]
 
 
 class TunedKernel:
@@ -80,6 +80,15 @@ def tuned(kernel, configs: list[triton.Config], key: list[str], prune, interpret
     autotuner = triton.autotune(configs, key=key,
                                 prune_configs_by={"early_config_prune": first_fitting if untimed else prune})
     return TunedKernel(autotuner(kernel), configs, prune)
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment switch (read once, at import): unset gives `default`, "1" on, "0" off; any other value
+    is a clear error naming the variable."""
+    value = os.environ.get(name, "1" if default else "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be unset, '0' or '1', got {value!r}")
+    return value == "1"
 
 
 def tile_configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:

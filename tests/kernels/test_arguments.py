@@ -157,3 +157,23 @@ def test_other_arguments_name_themselves(call, kwargs, error, message):
 def test_numpy_integer_kernel_sizes_are_taken():
     numpy_int = torch.tensor(3).numpy()[()]
     torch.testing.assert_close(neighborhood(kernel_size=numpy_int)[1], neighborhood(kernel_size=3)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value, default, expected", [(None, True, True), (None, False, False), ("1", False, True),
+                                                      ("0", True, False)])
+def test_kernel_switches_read_unset_1_or_0(monkeypatch, value, default, expected):
+    from mmattn.kernels.triton.launch import env_switch
+
+    if value is None:
+        monkeypatch.delenv("MMATTN_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("MMATTN_TEST_SWITCH", value)
+    assert env_switch("MMATTN_TEST_SWITCH", default) is expected
+
+
+def test_kernel_switch_with_another_value_names_the_variable(monkeypatch):
+    from mmattn.kernels.triton.launch import env_switch
+
+    monkeypatch.setenv("MMATTN_TRITON_ATOMIC_DQ", "yes")
+    with pytest.raises(ValueError, match="MMATTN_TRITON_ATOMIC_DQ must be unset, '0' or '1', got 'yes'"):
+        env_switch("MMATTN_TRITON_ATOMIC_DQ", False)

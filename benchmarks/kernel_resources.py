@@ -77,19 +77,21 @@ def _neighborhood_builds() -> list[Build]:
 def _block_sparse_builds() -> list[Build]:
     """The pointer-load kernels and the Hopper forward (TMA descriptors, warp specialization), 128x128 blocks."""
     builds = []
+    deterministic, atomic = {"ATOMIC_DQ": False}, {"ATOMIC_DQ": True}
     families = {
-        "block-sparse": ((block_sparse._fwd_kernel, block_sparse.FWD_CONFIGS),
-                         (block_sparse._bwd_dq, block_sparse.DQ_CONFIGS),
-                         (block_sparse._bwd_dkdv, block_sparse.DKDV_CONFIGS)),
-        "block-sparse TMA": ((block_sparse_tma._fwd_kernel, block_sparse_tma.FWD_CONFIGS),),
+        "block-sparse": (("fwd", block_sparse._fwd_kernel, block_sparse.FWD_CONFIGS, {}),
+                         ("dq", block_sparse._bwd_dq, block_sparse.DQ_CONFIGS, {}),
+                         ("dkdv", block_sparse._bwd_dkdv, block_sparse.DKDV_CONFIGS, deterministic)),
+        "block-sparse TMA": (("fwd", block_sparse_tma._fwd_kernel, block_sparse_tma.FWD_CONFIGS, {}),),
+        "block-sparse atomic dQ": (("dkdv", block_sparse._bwd_dkdv, block_sparse.DKDVQ_CONFIGS, atomic),),
     }
     for family, kernels in families.items():
         for head_dim in (64, 128):
             q = _meta_tokens(4096, head_dim)
             constants = block_sparse.launch_args(q, q, 128, 128)
-            for kernel, (fn, configs) in zip(("fwd", "dq", "dkdv"), kernels):
+            for kernel, fn, configs, extra in kernels:
                 tiles = block_sparse.prune_configs(configs, constants)
-                builds.append(Build(f"{family} 128x128 D{head_dim}", kernel, fn, constants, tiles))
+                builds.append(Build(f"{family} 128x128 D{head_dim}", kernel, fn, {**constants, **extra}, tiles))
     return builds
 
 
@@ -113,6 +115,8 @@ def _signature(fn, constants: dict) -> dict[str, str]:
     def kind(name):
         if name in constants:
             return "constexpr"
+        if name == "DQ" and constants.get("ATOMIC_DQ"):
+            return "*fp32"  # the float32 buffer dQ is added into atomically
         if name in _DATA:
             return "*bf16"
         if name in _FLOATS:

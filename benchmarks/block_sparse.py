@@ -20,10 +20,10 @@ On the CPU, "ours" is the exact torch reference, or the Triton kernels under TRI
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -110,7 +110,7 @@ def make_peers(device: str) -> dict:
 
 def ours_backends(device: str) -> dict[str, str]:
     """name -> backend of the mmattn rows: what "auto" runs (FA4 where installed) and our Triton kernels alone, also
-    with the backward that adds dQ atomically (`switched`); on the CPU the interpreted Triton kernels or the
+    with the backward that adds dQ atomically (`switched_results`); on the CPU the interpreted Triton kernels or the
     reference."""
     if device == "cuda":
         return {"auto": "auto", "triton": "triton", ATOMIC: "triton"}
@@ -121,23 +121,14 @@ ATOMIC = "triton atomic dQ"
 OURS = ("auto", "triton", ATOMIC, "ours")
 
 
-@contextlib.contextmanager
-def switched(name: str):
-    """While a column is checked or timed: the Triton backward adds dQ atomically for the `ATOMIC` column only."""
+def switched_results(runs: dict, measure) -> dict:
+    """`measure(fn)` of every column, each under its own backward: the Triton backward adds dQ atomically while the
+    `ATOMIC` column is checked or timed, and only then."""
     from mmattn.kernels.triton import block_sparse as kernels
 
-    before, kernels.ATOMIC_DQ_SWITCH = kernels.ATOMIC_DQ_SWITCH, name == ATOMIC
-    try:
-        yield
-    finally:
-        kernels.ATOMIC_DQ_SWITCH = before
-
-
-def switched_results(runs: dict, measure) -> dict:
-    """`measure(fn)` of every column, each under its own backward (`switched`)."""
     results = {}
     for name, fn in runs.items():
-        with switched(name):
+        with mock.patch.object(kernels, "ATOMIC_DQ_SWITCH", name == ATOMIC):
             results[name] = measure(fn)
     return results
 

@@ -2,9 +2,9 @@
 
 Backends (`backends.REGISTRY["block_sparse"]`): `"fa4"` (FlashAttention-4's CuTe kernels, `fa4.py`, where
 `flash_attn.cute` is installed on a Hopper/Blackwell GPU and the block sizes fit its tiles), `"triton"` (fused
-kernels, forward and backward, deterministic unless MMATTN_TRITON_ATOMIC_DQ=1, `triton/block_sparse.py`), `"flex"` (FlexAttention on the same mask,
-`flex.py`), `"torch"` (the exact reference, `reference.block_sparse_attention`); `"auto"` takes the fastest that
-runs the case here.
+kernels, forward and backward, deterministic unless MMATTN_TRITON_ATOMIC_DQ=1, `triton/block_sparse.py`), `"flex"`
+(FlexAttention on the same mask, `flex.py`), `"torch"` (the exact reference, `reference.block_sparse_attention`);
+`"auto"` takes the fastest that runs the case here.
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ def block_sparse_attention(
     q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)` with Hq a multiple of Hkv (grouped-query attention). Query rows
     with no key get a zero output and no gradient. `scale` defaults to `D ** -0.5`. `backend`: `"fa4"`
     (FlashAttention-4; its Hopper backward is not bitwise reproducible), `"triton"` (fused kernels, forward and
-    backward, deterministic unless MMATTN_TRITON_ATOMIC_DQ=1 adds dQ atomically), `"flex"` (FlexAttention on the same mask), `"torch"` (exact reference) or `"auto"`
-    (the first of `supported_backends("block_sparse", q, k=k, v=v, mask=mask)`: FA4 where it runs the case, else
-    Triton on CUDA, and Triton first for a case small enough to be host-bound (`backends.HOST_BOUND_WORK`); torch elsewhere; under `torch.use_deterministic_algorithms(True)` not FA4 on Hopper). With `return_lse`, also returns the natural-log sum of exponentials `(B, Hq, Lq)` in float32 (`-inf`
-    on empty rows), differentiable too.
+    backward, deterministic unless MMATTN_TRITON_ATOMIC_DQ=1 adds dQ atomically), `"flex"` (FlexAttention on the
+    same mask), `"torch"` (exact reference) or `"auto"` (the first of `supported_backends("block_sparse", q, k=k,
+    v=v, mask=mask)`: FA4 where it runs the case, else Triton on CUDA, and Triton first for a case small enough to be
+    host-bound (`backends.HOST_BOUND_WORK`); torch elsewhere; under `torch.use_deterministic_algorithms(True)` not
+    FA4 on Hopper). With `return_lse`, also returns the natural-log sum of exponentials `(B, Hq, Lq)` in float32
+    (`-inf` on empty rows), differentiable too.
     """
     _check_inputs(q, k, v, mask)
     scale = resolve_scale(scale, q.shape[-1])

@@ -2,8 +2,8 @@
 
 For each launch the autotuner times the tiles `prune` keeps and runs the fastest; MMATTN_AUTOTUNE=0 (and so every
 other GPU test) runs only the first. Here each kept tile of each tuned kernel (block-sparse, neighborhood and routed
-attention; forward, dQ and dK/dV, and the block-sparse backward that adds dQ atomically) is pinned in turn with `TunedKernel.pinned`, the family's two other kernels pinned
-to their first tile, on a few representative problems that together keep every listed tile. The output, lse, dq, dk,
+attention; forward, dQ and dK/dV; the block-sparse backward that adds dQ atomically) is pinned in turn with
+`TunedKernel.pinned`, the family's other kernels pinned to their first tile, on a few representative problems that together keep every listed tile. The output, lse, dq, dk,
 dv (and drpb) are each held to the FlashAttention criterion of test_gpu.py: error against float64 at most twice the
 error of the same-dtype torch path, plus a small slack. Tests are named by problem, kernel and tile; a tile that
 prune drops for a problem is skipped there, and `test_every_listed_tile_is_kept_by_some_problem` checks that none is
@@ -19,6 +19,7 @@ import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
@@ -176,21 +177,11 @@ def hopper_forward(on: bool):
 
 
 @contextlib.contextmanager
-def atomic_dq(on: bool):
-    """The block-sparse backward with dQ added atomically in the dK/dV kernel (`block_sparse.ATOMIC_DQ_SWITCH`)."""
-    before, bs.ATOMIC_DQ_SWITCH = bs.ATOMIC_DQ_SWITCH, on
-    try:
-        yield
-    finally:
-        bs.ATOMIC_DQ_SWITCH = before
-
-
-@contextlib.contextmanager
 def pinned(family: str, choices: dict):
     with contextlib.ExitStack() as stack:
         if family.startswith("block_sparse"):
             stack.enter_context(hopper_forward(family == "block_sparse_tma"))
-            stack.enter_context(atomic_dq(family == "block_sparse_atomic_dq"))
+            stack.enter_context(mock.patch.object(bs, "ATOMIC_DQ_SWITCH", family == "block_sparse_atomic_dq"))
         for part, choose in choices.items():
             stack.enter_context(KERNELS[family][part].pinned(choose))
         yield

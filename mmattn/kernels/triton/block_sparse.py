@@ -459,22 +459,23 @@ def backward(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     strides = row_strides(q, k, v, grad_out)
     atomic = atomic_dq()
-    dq = torch.zeros((batch, heads, q_len, head_dim), device=q.device, dtype=torch.float32) if atomic else None
+    # float32 rows dQ is added into; the deterministic kernel is handed dk there, a pointer it never reads
+    dq_sums = torch.zeros((batch, heads, q_len, head_dim), device=q.device, dtype=torch.float32) if atomic else dk
 
     def dkdv_grid(meta):
         return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads)
 
     (dkdvq_kernel if atomic else dkdv_kernel).launch(
         dkdv_grid, _tune_key(q, launch),
-        q, k, v, grad_out, lse, delta, dk, dv, dq if atomic else dk, q_num_blocks, q_indices,  # dk: a pointer unused
+        q, k, v, grad_out, lse, delta, dk, dv, dq_sums, q_num_blocks, q_indices,
         *strides,
-        *row_strides(dk, dv, dq if atomic else dk),
+        *row_strides(dk, dv, dq_sums),
         *_index_strides(q_num_blocks, q_indices),
         heads, kv_heads, q_len, kv_len, scale, size_bucket(q_len),
         **launch, ATOMIC_DQ=atomic,
     )
     if atomic:
-        return torch.empty_like(q).copy_(dq.mul_(scale)), dk, dv
+        return torch.empty_like(q).copy_(dq_sums.mul_(scale)), dk, dv
 
     dq = torch.empty_like(q)
 

@@ -29,6 +29,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -137,8 +138,9 @@ def compile_for_hopper(fn, constants: dict, config: triton.Config):
 
 
 def ptxas_report(compiled) -> tuple[int, int]:
-    """(registers per thread, spill-store bytes) from `ptxas -v` on the kernel's PTX."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    """(registers per thread, spill-store bytes) from `ptxas -v` on the kernel's PTX, with the ptxas Triton itself
+    takes for Hopper (Triton 3.9 emits PTX 9.4, which its plain `bin/ptxas` 12.9 refuses, and picks another)."""
+    ptxas = get_ptxas(HOPPER.arch).path
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()

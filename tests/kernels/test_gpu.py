@@ -108,3 +108,19 @@ def test_int64_offsets():
     tail = slice(length - 256, length)
     want = torch.nn.functional.scaled_dot_product_attention(q[:, -1:, tail], k[:, -1:], v[:, -1:])
     torch.testing.assert_close(out[:, -1:, tail], want, atol=2e-2, rtol=0)
+
+
+def test_autotuned_atomic_dq_backward(monkeypatch):
+    """The atomic-dQ backward with its tiles timed by the autotuner (the GPU tests otherwise run untimed, first
+    tiles): each timing run adds into the dQ sums, which must be zeroed before the real run."""
+    from mmattn.kernels.triton import block_sparse as bs
+    from mmattn.kernels.triton.launch import tuned
+
+    monkeypatch.setenv("MMATTN_AUTOTUNE", "1")
+    timed = tuned(bs._bwd_dkdv, bs.DKDVQ_CONFIGS[:3], bs._TUNE_KEY, bs.prune_configs, bs._INTERPRETER_CONFIGS,
+                  reset_to_zero=bs.dkdvq_kernel.autotuner.reset_to_zero)
+    monkeypatch.setattr(bs, "dkdvq_kernel", timed)
+    monkeypatch.setattr(bs, "ATOMIC_DQ_SWITCH", True)
+    q, k, v = random_qkv(1, 4, 4, 1000, 1000, 128, torch.bfloat16)
+    check(q, k, v, random_mask(1, 4, 1000, 1000, (128, 128), seed=3))
+    assert len(timed.picked) == 1, "the backward ran through the autotuner"

@@ -358,8 +358,9 @@ _INTERPRETER_CONFIGS = tile_configs([(32, 32, 4, 1), (16, 16, 4, 1)])
 fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 dkdv_kernel = tuned(_bwd_dkdv, DKDV_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 dq_kernel = tuned(_bwd_dq, DQ_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
-dkdvq_kernel = tuned(_bwd_dkdv, DKDVQ_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
-"""`_bwd_dkdv` with ATOMIC_DQ: dK, dV and dQ in one kernel (tuned apart: the dQ partial adds a tile of registers)."""
+dkdvq_kernel = tuned(_bwd_dkdv, DKDVQ_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS, reset_to_zero=["DQ"])
+"""`_bwd_dkdv` with ATOMIC_DQ: dK, dV and dQ in one kernel (tuned apart: the dQ partial adds a tile of registers;
+the autotuner zeroes the dQ sums before each timed tile and the real run, or the timing runs' sums would stay)."""
 
 ATOMIC_DQ_SWITCH: bool = env_switch("MMATTN_TRITON_ATOMIC_DQ", default=False)
 """Whether the backward adds dQ atomically in the dK/dV kernel (5 block matmuls per tile pair, FlashAttention-3 and

@@ -27,17 +27,13 @@ Triton interpreter (TRITON_INTERPRET=1) the CPU tests run it in float16 and floa
 
 from __future__ import annotations
 
-import functools
-import threading
-
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import INTERPRETED
 from .block_sparse import _INTERPRETER_CONFIGS, _TUNE_KEY, launch_forward, prune_configs
 from .common import LOG2E, online_softmax_step, program_heads, softmax_output
-from .launch import env_switch, tile_configs, tuned
+from .launch import descriptor_reason, env_switch, hopper, set_allocator, tile_configs, tuned
 
 __all__ = ["FWD_CONFIGS", "SWITCH", "eligible", "forward", "runs_on"]
 
@@ -50,8 +46,6 @@ SWITCH: bool = env_switch("MMATTN_TRITON_TMA", default=True)
 # 128x128 with 3+ stages (out of shared memory) and 8 warps (slower). tests/kernels/test_block_sparse_tma.py runs
 # every tile listed here on the GPU.
 FWD_CONFIGS = tile_configs([(128, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2)])
-HEAD_DIMS = (64, 128)
-"""Head dims this kernel runs: the descriptors' tile is the whole, unpadded head dim."""
 LSE_WIDTH = tl.constexpr(4)
 """Float32 values per lse row in the kernel's output buffer: 16 bytes, the least a TMA descriptor moves per row."""
 
@@ -122,51 +116,25 @@ def _fwd_kernel(
 fwd_kernel = tuned(_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, prune_configs, _INTERPRETER_CONFIGS)
 
 
-@functools.cache
-def _sm90(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-
-
 @torch.compiler.assume_constant_result
 def runs_on(device: torch.device) -> bool:
     """Whether this kernel is switched on and `device` runs it (a compiled sm90 GPU, or any under the interpreter).
     A constant to torch.compile, which would otherwise trace the cached device query of `attend`'s call."""
-    return SWITCH and (INTERPRETED or _sm90(device))
+    return SWITCH and hopper(device)
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: int, kv_block: int) -> tuple[bool, str]:
-    """Whether this kernel runs the forward of `(B, H, L, D)` q, k, v with unit last stride and mask blocks
-    `q_block x kv_block`, and if not, why. It needs MMATTN_TRITON_TMA unset or 1, a compiled sm90 GPU (or the
-    interpreter), float16/bfloat16 (under the interpreter, which has no bfloat16: float16/float32), D of 64 or 128,
-    16-byte aligned base pointers and strides (what TMA requires) and a tile of FWD_CONFIGS dividing the blocks."""
+    """Whether this kernel runs the forward of `(B, H, L, D)` q, k, v with mask blocks `q_block x kv_block`, and if
+    not, why. It needs MMATTN_TRITON_TMA unset or 1, what `launch.descriptor_reason` asks and a tile of FWD_CONFIGS
+    dividing the blocks."""
     if not SWITCH:
         return False, "off (MMATTN_TRITON_TMA=0)"
-    if not runs_on(q.device):
-        return False, f"needs a compiled Hopper (sm90) GPU, got {q.device}"
-    dtypes = (torch.float16, torch.float32) if INTERPRETED else (torch.float16, torch.bfloat16)
-    if q.dtype not in dtypes:
-        return False, f"dtype must be one of {dtypes}, got {q.dtype}"
-    if q.shape[-1] not in HEAD_DIMS:
-        return False, f"head dim must be one of {HEAD_DIMS}, got {q.shape[-1]}"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:3]):
-            return False, f"{name}: TMA needs a 16-byte aligned base and strides, got strides {t.stride()}"
+    if reason := descriptor_reason(q, k, v):
+        return False, reason
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in fwd_kernel.configs]
     if not any(q_block % m == 0 and kv_block % n == 0 for m, n in tiles):
         return False, f"no tile of {tiles} divides the blocks ({q_block}, {kv_block})"
     return True, ""
-
-
-_per_thread = threading.local()
-
-
-def _set_allocator() -> None:
-    """Device-side descriptors take a scratch buffer from `triton.set_allocator`'s allocator, which Triton keeps in
-    a context variable: set it, to the torch caching allocator, once per thread (autograd's backward threads run
-    forwards too, under activation checkpointing)."""
-    if not getattr(_per_thread, "allocator_set", False):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _per_thread.allocator_set = True
 
 
 def forward(
@@ -174,5 +142,5 @@ def forward(
     q_block: int, kv_block: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the Hopper forward kernel on inputs `eligible` accepts: `(out, lse)` as `block_sparse.forward`."""
-    _set_allocator()
+    set_allocator()
     return launch_forward(fwd_kernel, q, k, v, kv_num_blocks, kv_indices, q_block, kv_block, scale, LSE_WIDTH.value)

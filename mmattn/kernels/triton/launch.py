@@ -4,7 +4,9 @@ shared by every kernel family (strides, padded sizes, the backward's delta launc
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -13,8 +15,9 @@ import triton
 from ..backends import INTERPRETED
 from .common import backward_delta_kernel
 
-__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "dot_precision", "env_switch", "head_dim_block",
-           "next_power_of_2", "row_strides", "rows_contiguous", "size_bucket", "tile_configs", "tuned"]
+__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "descriptor_reason", "dot_precision", "env_switch", "head_dim_block",
+           "hopper", "next_power_of_2", "row_strides", "rows_contiguous", "set_allocator", "size_bucket", "tile_configs",
+           "tuned"]
 
 
 class TunedKernel:
@@ -67,17 +70,19 @@ class TunedKernel:
             self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
-def tuned(kernel, configs: list[triton.Config], key: list[str], prune, interpreter_configs: list[triton.Config]):
+def tuned(kernel, configs: list[triton.Config], key: list[str], prune, interpreter_configs: list[triton.Config],
+          reset_to_zero: list[str] | None = None):
     """`kernel` autotuned over `configs` (best on an H100 first), reduced by `prune(configs, named_args, **kwargs)`
     to the tiles that fit the problem. Under the interpreter (over `interpreter_configs`) or with
-    MMATTN_AUTOTUNE=0, the first fitting tile is taken without timing."""
+    MMATTN_AUTOTUNE=0, the first fitting tile is taken without timing. `reset_to_zero` names the buffers a kernel
+    adds into (atomics): zeroed before each timed tile and before the real run."""
 
     def first_fitting(configs, named_args, **kwargs):
         return prune(configs, named_args, **kwargs)[:1]
 
     untimed = INTERPRETED or os.environ.get("MMATTN_AUTOTUNE") == "0"
     configs = interpreter_configs if INTERPRETED else configs
-    autotuner = triton.autotune(configs, key=key,
+    autotuner = triton.autotune(configs, key=key, reset_to_zero=reset_to_zero,
                                 prune_configs_by={"early_config_prune": first_fitting if untimed else prune})
     return TunedKernel(autotuner(kernel), configs, prune)
 
@@ -144,3 +149,47 @@ def backward_delta(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Te
         HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=64,
     )
     return delta
+
+
+@functools.cache
+def _sm90(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def hopper(device: torch.device) -> bool:
+    """Whether the Hopper kernels (TMA descriptors, warp specialization) run on `device`: a compiled sm90 GPU, or
+    any device under the interpreter."""
+    return INTERPRETED or _sm90(device)
+
+
+_per_thread = threading.local()
+
+
+def set_allocator() -> None:
+    """Device-side descriptors take a scratch buffer from `triton.set_allocator`'s allocator, which Triton keeps in
+    a context variable: set it, to the torch caching allocator, once per thread (autograd's backward threads run
+    forwards too, under activation checkpointing)."""
+    if not getattr(_per_thread, "allocator_set", False):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _per_thread.allocator_set = True
+
+
+DESCRIPTOR_HEAD_DIMS = (64, 128)
+"""Head dims the Hopper kernels run: their descriptors' tile is the whole, unpadded head dim."""
+
+
+def descriptor_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """Why the Hopper kernels cannot run on `(B, H, L, D)` q, k, v, or "" if they can: they need a compiled sm90
+    GPU (or the interpreter), float16/bfloat16 (under the interpreter, which has no bfloat16: float16/float32), a head
+    dim of `DESCRIPTOR_HEAD_DIMS` and 16-byte aligned base pointers and strides with a unit last stride (TMA)."""
+    if not hopper(q.device):
+        return f"needs a compiled Hopper (sm90) GPU, got {q.device}"
+    dtypes = (torch.float16, torch.float32) if INTERPRETED else (torch.float16, torch.bfloat16)
+    if q.dtype not in dtypes:
+        return f"dtype must be one of {dtypes}, got {q.dtype}"
+    if q.shape[-1] not in DESCRIPTOR_HEAD_DIMS:
+        return f"head dim must be one of {DESCRIPTOR_HEAD_DIMS}, got {q.shape[-1]}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:3]):
+            return f"{name}: TMA needs a 16-byte aligned base and strides, got strides {t.stride()}"
+    return ""

@@ -52,12 +52,13 @@ DKDV_CONFIGS = tile_configs(
      (128, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 # The fused backward also holds a dQ partial in registers: at head dim 128 only tiles with a side of 32 build
-# without spills (64x32 and 32x32; 64x64 with 8 warps spills 156 bytes, ptxas of Triton 3.8 for sm_90a), while wider
-# key tiles halve the atomic adds per matmul (at head dim 64 64x128 with 8 warps does not spill). The autotuner weighs
-# the two.
+# without spills (64x32 and 32x32; 64x64 with 8 warps spills 156 bytes, 64x128 396, ptxas of Triton 3.8 for
+# sm_90a), while wider key tiles halve the atomic adds per matmul. Measured, the adds win: on the H200 at B1 H24
+# L32760 D128 (all blocks, forward+backward) 64x128 with 8 warps took 119 ms, 64x64 186-199 ms, 64x32 and 32x64
+# 300-308 ms (the deterministic backward 130 ms; tiles pinned, untimed), so 64x128 comes first.
 DKDVQ_CONFIGS = tile_configs(
-    [(64, 64, 8, 2), (64, 128, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3),
-     (64, 64, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
+    [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 8, 2), (32, 64, 8, 2),
+     (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 DQ_CONFIGS = tile_configs(
     [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
@@ -365,7 +366,9 @@ the autotuner zeroes the dQ sums before each timed tile and the real run, or the
 ATOMIC_DQ_SWITCH: bool = env_switch("MMATTN_TRITON_ATOMIC_DQ", default=False)
 """Whether the backward adds dQ atomically in the dK/dV kernel (5 block matmuls per tile pair, FlashAttention-3 and
 FA4 on Hopper do so) instead of a second, deterministic dQ kernel that recomputes QK^T and dO V^T (7); off unless
-MMATTN_TRITON_ATOMIC_DQ=1, until its speed is measured on the GPU."""
+MMATTN_TRITON_ATOMIC_DQ=1. On the H200 (2026-12-05, B1 H24 L32760 D128, all blocks, untimed tiles) forward+backward
+took 119 ms with it against 130 ms (FA4: 72 ms); the autotuned benchmark then failed its check (the timing runs'
+sums stayed in dQ, fixed since by `reset_to_zero`) and has not been re-run: the default flips once it confirms."""
 
 
 def atomic_dq() -> bool:

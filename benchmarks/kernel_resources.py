@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of mmattn's Triton kernels on Hopper, without a GPU.
 
-Compiles the block-sparse, fused neighborhood and routed kernels (forward, dQ, dK/dV) for sm_90a with the local
+Compiles the block-sparse, fused neighborhood and routed kernels (forward, dQ, dK/dV; the Hopper forwards) for sm_90a with the local
 Triton and its bundled ptxas, for every tile config the autotuner would keep on representative cases (for
 neighborhood attention, the cases of benchmarks/neighborhood.py), and reads `ptxas -v`. A build error, spills (local
 memory traffic) or shared memory above the 227 KiB an H100 block may use show before a GPU is at hand. Writes
@@ -39,6 +39,8 @@ from neighborhood import CASES as NEIGHBORHOOD_CASES
 from mmattn.kernels import Neighborhood
 from mmattn.kernels.triton import block_sparse, block_sparse_tma, routed
 from mmattn.kernels.triton import neighborhood as fna
+from mmattn.kernels.triton import neighborhood_tma as na_tma
+from mmattn.kernels.triton.launch import DESCRIPTOR_HEAD_DIMS
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024
@@ -72,6 +74,9 @@ def _neighborhood_builds() -> list[Build]:
         for kernel, fn, extra in (("fwd", fna._fwd_kernel, {}), ("dq", fna._dq_kernel, {"WRITE_DS": False}),
                                   ("dkdv", fna._dkdv_kernel, {})):
             builds.append(Build(name, kernel, fn, {**constants, **extra}, tiles))
+        hopper_tiles = na_tma._prune(na_tma.CONFIGS, {"L0": pattern[0], "L1": pattern[1], "L2": pattern[2]})
+        if head_dim in DESCRIPTOR_HEAD_DIMS and dilation == 1 and hopper_tiles:
+            builds.append(Build(f"{name} TMA", "fwd", na_tma._fwd_kernel, constants, hopper_tiles))
     return builds
 
 

@@ -29,6 +29,7 @@ from mmattn.kernels import backends, block_sparse_attention, neighborhood_attent
 from mmattn.kernels.triton import block_sparse as bs
 from mmattn.kernels.triton import block_sparse_tma as bs_tma
 from mmattn.kernels.triton import neighborhood as fna
+from mmattn.kernels.triton import neighborhood_tma as na_tma
 from mmattn.kernels.triton import routed
 from mmattn.kernels.backends import INTERPRETED
 
@@ -46,6 +47,9 @@ KERNELS = {
     # the backward that adds dQ atomically in its dK/dV kernel (MMATTN_TRITON_ATOMIC_DQ): no dQ kernel runs
     "block_sparse_atomic_dq": {"fwd": bs.fwd_kernel, "dkdv": bs.dkdvq_kernel},
     "neighborhood": dict(zip(PARTS, (fna.fwd_kernel, fna.dq_kernel, fna.dkdv_kernel))),
+    # Hopper: the undilated forward with tensor descriptors and warp specialization (neighborhood_tma.py); its
+    # backward kernels are the family above's, whose problems keep their tiles
+    "neighborhood_tma": {"fwd": na_tma.fwd_kernel},
     "routed": dict(zip(PARTS, (routed.fwd_kernel, routed.dq_kernel, routed.dkdv_kernel))),
 }
 
@@ -136,6 +140,13 @@ CASES = {
         lambda: neighborhood(1, 2, 2, (8, 12, 20), 64, kernel_size=(3, 5, 7), dilation=(1, 2, 1),
                              is_causal=(True, False, False)),
         lambda: neighborhood(1, 1, 1, (3, 4, 5), 16, kernel_size=3, is_causal=(True, False, False))),
+    "na2d-tma-gqa": Case(  # image grid: D128, GQA 2, odd extents, a window past a tile (Hopper forward)
+        "neighborhood_tma", (lambda: neighborhood(1, 4, 2, (37, 45), 128, kernel_size=(13, 21))) if HOPPER else None),
+    "na3d-tma-causal": Case(  # video: D128, causal in time, strided windows (Hopper forward)
+        "neighborhood_tma",
+        (lambda: neighborhood(1, 2, 2, (7, 20, 24), 128, kernel_size=(3, 9, 8), stride=(1, 2, 2),
+                              is_causal=(True, False, False))) if HOPPER else None,
+        lambda: neighborhood(1, 2, 1, (3, 5, 7), 64, kernel_size=(2, 3, 5), is_causal=(True, False, False))),
     "na1d-causal": Case(  # D64, GQA 2, a long causal window
         "neighborhood", lambda: neighborhood(1, 4, 2, (3000,), 64, kernel_size=257, is_causal=True),
         lambda: neighborhood(1, 2, 1, (40,), 16, kernel_size=7, is_causal=True)),
@@ -182,6 +193,8 @@ def pinned(family: str, choices: dict):
         if family.startswith("block_sparse"):
             stack.enter_context(hopper_forward(family == "block_sparse_tma"))
             stack.enter_context(mock.patch.object(bs, "ATOMIC_DQ_SWITCH", family == "block_sparse_atomic_dq"))
+        if family.startswith("neighborhood"):
+            stack.enter_context(mock.patch.object(na_tma, "SWITCH", family == "neighborhood_tma"))
         for part, choose in choices.items():
             stack.enter_context(KERNELS[family][part].pinned(choose))
         yield

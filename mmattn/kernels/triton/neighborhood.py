@@ -440,7 +440,8 @@ WIDE_HEAD_CONFIGS = [
     _config((1, 8, 8), (1, 4, 8), 8, 2),
     _config((2, 4, 8), (2, 4, 8), 8, 2), _config((1, 4, 8), (2, 4, 8), 8, 2), _config((2, 4, 8), (1, 4, 8), 8, 2),
     # Video (30x48x80, window 18x24x24): 2x8x8 boxes attend 62 % of the pairs they visit where 1x8x16 tiles attend
-    # 47 %; on the H200 the forward took 70.7 ms with them against 94.3 ms (benchmarks/results/neighborhood.md).
+    # 47 %; on the H200 the forward took 70.7 ms with them against 94.3 ms (a pinned-tile probe, 2026-12-05: the
+    # committed neighborhood.md predates them).
     _config((2, 8, 8), (2, 8, 8), 8, 2), _config((2, 4, 16), (2, 4, 16), 8, 2),
 ]
 CONFIGS = NARROW_HEAD_CONFIGS + WIDE_HEAD_CONFIGS
@@ -458,23 +459,28 @@ def _fallback_tile(extents: list[int]) -> tuple[int, int, int]:
     return tuple(tile)
 
 
+def fits(config: triton.Config, extents: list[int]) -> bool:
+    """Whether a tile suits a problem of these (group) extents: 1 on unit axes, no longer than an axis rounded up to
+    a power of two, rows (1 x 1 x T) for 1D problems only."""
+    tq = [config.kwargs[f"TQ{a}"] for a in range(3)]
+    tk = [config.kwargs[f"TK{a}"] for a in range(3)]
+    if any(e == 1 and (q, k) != (1, 1) or q > next_power_of_2(e) for e, q, k in zip(extents, tq, tk)):
+        return False
+    return extents[1] == 1 or tq[1] > 1
+
+
 def prune_configs(configs, named_args, **kwargs):
-    """Keeps the tiles of this head dim's class that suit this problem's axes (1 on unit axes, no longer than a
-    dilation group, rows for 1D only) and fit in shared memory."""
+    """Keeps the tiles of this head dim's class that suit this problem's dilation groups (`fits`) and fit in shared
+    memory."""
     args = {**named_args, **kwargs}
     extents = [-(-args[f"L{a}"] // args[f"D{a}"]) for a in range(3)]
     other_class = NARROW_HEAD_CONFIGS if args["BLOCK_D"] > 64 else WIDE_HEAD_CONFIGS
     kept = []
     for config in configs:
-        if config in other_class:
+        if config in other_class or not fits(config, extents):
             continue
-        tq = [config.kwargs[f"TQ{a}"] for a in range(3)]
-        tk = [config.kwargs[f"TK{a}"] for a in range(3)]
-        if any(e == 1 and (q, k) != (1, 1) or q > next_power_of_2(e) for e, q, k in zip(extents, tq, tk)):
-            continue
-        if extents[1] > 1 and tq[1] == 1:  # row tiles serve 1D problems only
-            continue
-        m, n = tq[0] * tq[1] * tq[2], tk[0] * tk[1] * tk[2]
+        m = config.kwargs["TQ0"] * config.kwargs["TQ1"] * config.kwargs["TQ2"]
+        n = config.kwargs["TK0"] * config.kwargs["TK1"] * config.kwargs["TK2"]
         # Shared memory (2-byte elements): the Q tile and `stages` buffered K and V tiles plus one for the
         # transposed operand; conservative, so the untimed first pick never fails to launch.
         if 2 * args["BLOCK_D"] * (m + (config.num_stages + 1) * 2 * n) <= 227 * 1024:
@@ -537,8 +543,13 @@ def _grid(pattern: list[int], tile: str, rows: int):
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, pattern: list[int], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`."""
+    """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`. On Hopper with MMATTN_TRITON_NA_TMA=1
+    the TMA kernel of `neighborhood_tma` runs where it applies (undilated, no bias), this module's kernel otherwise."""
+    from . import neighborhood_tma  # imports this module
+
     q, k, v = (rows_contiguous(t) for t in (q, k, v))
+    if neighborhood_tma.eligible(q, k, v, rpb is not None, pattern)[0]:
+        return neighborhood_tma.forward(q, k, v, pattern, scale)
     batch, heads, tokens, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)

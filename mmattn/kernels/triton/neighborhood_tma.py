@@ -55,8 +55,8 @@ INTERPRETER_CONFIGS = [_config((1, 4, 4), (1, 4, 4), 4, 1), _config((2, 2, 4), (
 def _grid_tiles(base, L0, L1, L2, stride_n, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """A TMA descriptor over one head's token grid `[L0, L1, L2, BLOCK_D]` moving `T0 x T1 x T2` boxes."""
-    return tl.make_tensor_descriptor(base, shape=[L0, L1, L2, BLOCK_D],
-                                     strides=[L1 * L2 * stride_n, L2 * stride_n, stride_n, 1],
+    row = L2.to(tl.int64) * stride_n  # int64: a head of a large grid may span more than 2**31 elements
+    return tl.make_tensor_descriptor(base, shape=[L0, L1, L2, BLOCK_D], strides=[L1 * row, row, stride_n, 1],
                                      block_shape=[T0, T1, T2, BLOCK_D])
 
 

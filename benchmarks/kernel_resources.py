@@ -1,10 +1,10 @@
 """Registers, spills and shared memory of mmattn's Triton kernels on Hopper, without a GPU.
 
-Compiles the block-sparse, fused neighborhood and routed kernels (forward, dQ, dK/dV; the Hopper forwards) for sm_90a with the local
-Triton and its bundled ptxas, for every tile config the autotuner would keep on representative cases (for
-neighborhood attention, the cases of benchmarks/neighborhood.py), and reads `ptxas -v`. A build error, spills (local
-memory traffic) or shared memory above the 227 KiB an H100 block may use show before a GPU is at hand. Writes
-benchmarks/results/kernel_resources.md.
+Compiles the block-sparse, fused neighborhood and routed kernels (forward, dQ, dK/dV; the Hopper forwards) for
+sm_90a with the local Triton and its bundled ptxas, for every tile config the autotuner would keep on representative
+cases (for neighborhood attention, the cases of benchmarks/neighborhood.py), and reads `ptxas -v`. A build error,
+spills (local memory traffic) or shared memory above the 227 KiB an H100 block may use show before a GPU is at hand.
+Writes benchmarks/results/kernel_resources.md.
 
     python benchmarks/kernel_resources.py [--only "NAT stage 1,video 3D"] [--kernels fwd,dq,dkdv] [--first] [--out ...]
 
@@ -15,6 +15,7 @@ the first the pruner keeps.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -75,7 +76,8 @@ def _neighborhood_builds() -> list[Build]:
                                   ("dkdv", fna._dkdv_kernel, {})):
             builds.append(Build(name, kernel, fn, {**constants, **extra}, tiles))
         hopper_tiles = na_tma._prune(na_tma.CONFIGS, {"L0": pattern[0], "L1": pattern[1], "L2": pattern[2]})
-        if head_dim in DESCRIPTOR_HEAD_DIMS and dilation == 1 and hopper_tiles:
+        if head_dim in DESCRIPTOR_HEAD_DIMS and dilation == 1 and math.prod(kernel_size) >= na_tma.MIN_WINDOW \
+                and hopper_tiles:
             builds.append(Build(f"{name} TMA", "fwd", na_tma._fwd_kernel, constants, hopper_tiles))
     return builds
 

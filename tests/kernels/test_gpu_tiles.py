@@ -146,7 +146,7 @@ CASES = {
         "neighborhood_tma",
         (lambda: neighborhood(1, 2, 2, (7, 20, 24), 128, kernel_size=(3, 9, 8), stride=(1, 2, 2),
                               is_causal=(True, False, False))) if HOPPER else None,
-        lambda: neighborhood(1, 2, 1, (3, 5, 7), 64, kernel_size=(2, 3, 5), is_causal=(True, False, False))),
+        lambda: neighborhood(1, 2, 1, (4, 6, 9), 64, kernel_size=(3, 6, 8), is_causal=(True, False, False))),
     "na1d-causal": Case(  # D64, GQA 2, a long causal window
         "neighborhood", lambda: neighborhood(1, 4, 2, (3000,), 64, kernel_size=257, is_causal=True),
         lambda: neighborhood(1, 2, 1, (40,), 16, kernel_size=7, is_causal=True)),

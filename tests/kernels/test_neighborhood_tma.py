@@ -21,12 +21,12 @@ from .na_oracle import dense_na
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="the Triton interpreter runs only with TRITON_INTERPRET=1")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
-CASES = [
+CASES = [  # windows of at least MIN_WINDOW (128) keys
     # shape, kernel_size, stride, causal, heads, kv_heads
-    ((9, 11), (5, 7), (1, 1), (False, False), 2, 2),
-    ((6, 13), (6, 4), (2, 3), (True, False), 2, 1),
-    ((3, 5, 7), (2, 3, 5), (1, 1, 2), (True, False, False), 2, 2),
-    ((4, 6, 5), (3, 5, 3), (1, 1, 1), (False, False, True), 4, 2),
+    ((12, 14), (11, 13), (1, 1), (False, False), 2, 2),
+    ((10, 17), (8, 16), (2, 3), (True, False), 2, 1),
+    ((4, 6, 9), (3, 6, 8), (1, 1, 2), (True, False, False), 2, 2),
+    ((5, 6, 7), (4, 6, 6), (1, 1, 1), (False, False, True), 4, 2),
 ]
 
 
@@ -64,15 +64,16 @@ def test_matches_the_dense_oracle(shape, kernel_size, stride, causal, heads, kv_
 
 def test_dispatch_keeps_the_pointer_kernel_where_the_tma_kernel_does_not_apply():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (tokens(1, 2, (6, 8), 64, torch.float16, g) for _ in range(3))
-    plain = Neighborhood.create((6, 8), 3, 1, 1, False)
+    q, k, v = (tokens(1, 2, (12, 14), 64, torch.float16, g) for _ in range(3))
+    plain = Neighborhood.create((12, 14), (11, 12), 1, 1, False)
     assert forward(q, k, v, plain)[2]
     assert not forward(q, k, v, plain, switch=False)[2], "MMATTN_TRITON_NA_TMA=0 keeps the pointer kernel"
     ineligible = {
-        "dilation": (q, k, v, False, Neighborhood.create((6, 8), 3, 2, 1, False)),
+        "dilation": (q, k, v, False, Neighborhood.create((12, 14), (5, 6), 2, 1, False)),
         "bias": (q, k, v, True, plain),
         "head dim": (q[..., :32], k[..., :32], v[..., :32], False, plain),
-        "no tile": (q, k, v, False, Neighborhood.create((48,), 5, 1, 1, False)),
+        "windows of 9 keys": (q, k, v, False, Neighborhood.create((12, 14), 3, 1, 1, False)),
+        "no tile": (q, k, v, False, Neighborhood.create((168,), 129, 1, 1, False)),
     }
     for reason, (q2, k2, v2, has_rpb, nbhd) in ineligible.items():
         with mock.patch.object(na_tma, "SWITCH", True):

@@ -1,5 +1,6 @@
 """How mmattn launches its Triton kernels: autotuning with a cached pick, tile lists, and the host-side helpers
-shared by every kernel family (strides, padded sizes, the backward's delta launch)."""
+shared by every kernel family (strides, padded sizes, the backward's delta launch), with what the Hopper kernels
+(TMA descriptors) need: the device check, the descriptor allocator and the input checks."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import triton
 from ..backends import INTERPRETED
 from .common import backward_delta_kernel
 
-__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "descriptor_reason", "dot_precision", "env_switch", "head_dim_block",
-           "hopper", "next_power_of_2", "row_strides", "rows_contiguous", "set_allocator", "size_bucket", "tile_configs",
-           "tuned"]
+__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "descriptor_reason", "dot_precision", "env_switch",
+           "head_dim_block", "hopper", "next_power_of_2", "row_strides", "rows_contiguous", "set_allocator",
+           "size_bucket", "tile_configs", "tuned"]
 
 
 class TunedKernel:

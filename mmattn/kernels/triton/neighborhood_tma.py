@@ -14,15 +14,18 @@ pipeliner overlaps the loads with the compute.
 
 `neighborhood.forward` takes it where `eligible` says it applies and MMATTN_TRITON_NA_TMA=1 switches it on; the
 backward reads the same `out` and `lse`. Off by default: on the H200 (2026-12-05) a first version, which also loaded
-Q by TMA, computed wrong outputs with 128-position key tiles (max |diff| 0.16-0.19 to the pointer kernel), where
-the PTX shows the first key tile loaded into Q's shared buffer before Q was read from it; Q is now loaded by address
-(no load shares its buffer in the PTX) and the interpreter tests pass, but no GPU was left to run test_gpu_tiles.py.
-That version's forward times (presumably a fault of where Q was kept, not of the loop's work) were FLUX-like 2D (B1 H24 256x256 D128,
-window 80x80) 13.8 ms against 17.7 ms for the pointer kernel (6.1x and 4.8x cuDNN dense) and video 3D (30x48x80,
-window 18x24x24) 57.1 ms against 70.7 ms (4.8x and 3.9x); with 1x8x8 key tiles, exact there, 15.8 and 72.0 ms.
+Q by TMA, computed wrong outputs with 128-position key tiles (max |diff| 0.16-0.19 to the pointer kernel), where the
+PTX shows the first key tile loaded into Q's shared buffer before Q was read from it; Q is now loaded by address (no
+load shares its buffer in the PTX) and the interpreter tests pass, but no GPU was left to run test_gpu_tiles.py.
+That version's forward times (presumably a fault of where Q was kept, not of the loop's work) were FLUX-like 2D (B1
+H24 256x256 D128, window 80x80) 13.8 ms against 17.7 ms for the pointer kernel (6.1x and 4.8x cuDNN dense) and video
+3D (30x48x80, window 18x24x24) 57.1 ms against 70.7 ms (4.8x and 3.9x); with 1x8x8 key tiles, exact there, 15.8 and
+72.0 ms.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -49,6 +52,9 @@ CONFIGS = [
     _config((1, 8, 16), (1, 8, 16), 8, 2), _config((2, 8, 8), (2, 4, 8), 8, 3), _config((1, 8, 16), (1, 8, 8), 8, 3),
 ]
 INTERPRETER_CONFIGS = [_config((1, 4, 4), (1, 4, 4), 4, 1), _config((2, 2, 4), (2, 2, 4), 4, 1)]
+MIN_WINDOW = 128
+"""Keys per window below which the pointer kernel keeps the problem: a 7x7 window (NAT) visits four of these 128-key
+tiles per query tile where the pointer kernel's 16x16 key tile covers it once."""
 
 
 @triton.jit
@@ -131,7 +137,7 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_rpb: bool, p
     """Whether this kernel runs the forward of flat-token `(B, H, N, D)` q, k, v on `pattern`
     (`neighborhood.pattern_ints`), and if not, why. It needs MMATTN_TRITON_NA_TMA unset or 1, what
     `launch.descriptor_reason` asks, no relative position bias, no dilation (a tile is then a box of the grid) and a
-    tile of its list that suits the grid's axes."""
+    tile of its list that suits the grid's axes, and windows of at least `MIN_WINDOW` keys."""
     if not SWITCH:
         return False, "off (MMATTN_TRITON_NA_TMA=0)"
     if reason := descriptor_reason(q, k, v):
@@ -140,6 +146,8 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_rpb: bool, p
         return False, "a relative position bias is added by the pointer kernel only"
     if any(d != 1 for d in pattern[6:9]):
         return False, f"dilation {pattern[6:9]}: a dilated tile is no box of the grid"
+    if (window := math.prod(pattern[3:6])) < MIN_WINDOW:
+        return False, f"windows of {window} keys, under {MIN_WINDOW}: the pointer kernel's smaller tiles waste less"
     configs = INTERPRETER_CONFIGS if INTERPRETED else CONFIGS
     if not any(fits(config, pattern[0:3]) for config in configs):
         return False, f"no tile of the list suits the grid {pattern[0:3]}"

@@ -16,7 +16,10 @@ Every kernel family has the same shape, and a new kernel follows it:
   `autograd.kernel_op` (the custom ops for torch.compile, their fakes and autograd, and the eager
   `autograd.Function`, from the launchers and what they save). Building blocks shared by the families live in
   `triton/common.py` (Triton: online softmax, delta kernel, `LOG2E`, row loads) and `triton/launch.py` (host:
-  autotuning, tile lists, strides, `next_power_of_2`, `backward_delta`).
+  autotuning, tile lists, strides, `next_power_of_2`, `backward_delta`, the Hopper checks).
+- `triton/<family>_tma.py` (`block_sparse_tma.py`, `neighborhood_tma.py`): a Hopper-only form of a kernel (TMA
+  descriptors, warp specialization) with `eligible(...)` (where it runs, and why not) and an `MMATTN_TRITON_*`
+  switch; the family's `forward` takes it where eligible.
 - `reference.py`: the exact PyTorch implementation, the `"torch"` backend and the tests' oracle.
 - `backends.py`: the family's entry in `REGISTRY` (its backends, fastest first) and, for a new backend, its
   capability predicate `can_run_<backend>`; `supported_backends(family, q)` then lists it and `"auto"` may pick it.

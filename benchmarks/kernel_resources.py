@@ -15,7 +15,6 @@ the first the pruner keeps.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -75,9 +74,8 @@ def _neighborhood_builds() -> list[Build]:
         for kernel, fn, extra in (("fwd", fna._fwd_kernel, {}), ("dq", fna._dq_kernel, {"WRITE_DS": False}),
                                   ("dkdv", fna._dkdv_kernel, {})):
             builds.append(Build(name, kernel, fn, {**constants, **extra}, tiles))
-        hopper_tiles = na_tma._prune(na_tma.CONFIGS, {"L0": pattern[0], "L1": pattern[1], "L2": pattern[2]})
-        if head_dim in DESCRIPTOR_HEAD_DIMS and dilation == 1 and math.prod(kernel_size) >= na_tma.MIN_WINDOW \
-                and hopper_tiles:
+        if head_dim in DESCRIPTOR_HEAD_DIMS and not na_tma.pattern_reason(False, list(pattern)):
+            hopper_tiles = na_tma._prune(na_tma.CONFIGS, {"L0": pattern[0], "L1": pattern[1], "L2": pattern[2]})
             builds.append(Build(f"{name} TMA", "fwd", na_tma._fwd_kernel, constants, hopper_tiles))
     return builds
 

@@ -35,11 +35,11 @@ from ..backends import INTERPRETED
 from .common import LOG2E, load_rows, online_softmax_step, program_heads, softmax_output
 from .launch import descriptor_reason, env_switch, row_strides, set_allocator, size_bucket, tuned
 from .neighborhood import (
-    _TUNE_KEY, _config, _full, _grid, _inside, _nth_tile, _query_rows, _tile, _tile_count, _window_box, fits,
-    launch_args,
+    _TUNE_KEY, _config, _full, _grid, _inside, _nth_tile, _query_rows, _split3, _tile, _tile_count, _window_box,
+    fits, launch_args,
 )
 
-__all__ = ["CONFIGS", "SWITCH", "eligible", "forward"]
+__all__ = ["CONFIGS", "SWITCH", "eligible", "forward", "pattern_reason"]
 
 SWITCH: bool = env_switch("MMATTN_TRITON_NA_TMA", default=False)
 """Whether this kernel runs where it applies; off unless MMATTN_TRITON_NA_TMA=1, until its tiles pass
@@ -99,9 +99,7 @@ def _fwd_kernel(
     # Q by address: loaded into shared memory by TMA, its buffer was reused for the first key tile while still being
     # read (Triton 3.6, 128-position key tiles: wrong outputs on the H200)
     q = load_rows(Q + b * stride_qb + h * stride_qh, rows, rows_ok, tl.arange(0, BLOCK_D), stride_qn, HEAD_DIM)
-    m0 = tl.arange(0, N) // (TK1 * TK2)
-    m1 = tl.arange(0, N) // TK2 % TK1
-    m2 = tl.arange(0, N) % TK2
+    m0, m1, m2 = _split3(tl.arange(0, N), TK1, TK2)
     qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
@@ -140,18 +138,22 @@ def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_rpb: bool, p
     tile of its list that suits the grid's axes, and windows of at least `MIN_WINDOW` keys."""
     if not SWITCH:
         return False, "off (MMATTN_TRITON_NA_TMA=0)"
-    if reason := descriptor_reason(q, k, v):
-        return False, reason
+    reason = descriptor_reason(q, k, v) or pattern_reason(has_rpb, pattern)
+    return not reason, reason
+
+
+def pattern_reason(has_rpb: bool, pattern: list[int]) -> str:
+    """Why this kernel cannot run `pattern` (`neighborhood.pattern_ints`), or "" if it can (see `eligible`)."""
     if has_rpb:
-        return False, "a relative position bias is added by the pointer kernel only"
+        return "a relative position bias is added by the pointer kernel only"
     if any(d != 1 for d in pattern[6:9]):
-        return False, f"dilation {pattern[6:9]}: a dilated tile is no box of the grid"
+        return f"dilation {pattern[6:9]}: a dilated tile is no box of the grid"
     if (window := math.prod(pattern[3:6])) < MIN_WINDOW:
-        return False, f"windows of {window} keys, under {MIN_WINDOW}: the pointer kernel's smaller tiles waste less"
+        return f"windows of {window} keys, under {MIN_WINDOW}: the pointer kernel's smaller tiles waste less"
     configs = INTERPRETER_CONFIGS if INTERPRETED else CONFIGS
     if not any(fits(config, pattern[0:3]) for config in configs):
-        return False, f"no tile of the list suits the grid {pattern[0:3]}"
-    return True, ""
+        return f"no tile of the list suits the grid {pattern[0:3]}"
+    return ""
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: list[int], scale: float

@@ -20,9 +20,10 @@ so a run cut short keeps what it measured):
 
 Every row is timed in interleaved rounds: each round runs every row of its section once (in an order rotated from
 round to round), so drifts of the shared host's speed hit all rows alike; tables give medians and least times, and
-each ratio is the median over rounds of the row's time over the plain row's time in the same round and mode. Pruning
-rounds, a second or so each at LLaVA's size, run `PRUNE_ROUND_FACTOR` times as often as decoding rounds: host-bound
-pruned prefills vary by a third from round to round on a busy host (62-93 ms in one H200 run). Each
+each ratio is the median over rounds of the row's time over the plain row's time in the same round and mode. Rounds
+of a second or so (pruning at LLaVA's size, compiled decoding) run `SHORT_ROUND_FACTOR` times as often as eager
+decoding rounds: host-bound pruned prefills vary by a third from round to round on a busy host (62-93 ms in one H200
+run), and compiled GIFT's median over three rounds was 1.13x plain where its least time was 1.03x. Each
 method runs on its own copy of the model's modules over the one set of weights (`twin`; its eager and compiled rows
 share it), with its interventions applied once: hooks and compiled graphs stay put for the whole run. On the GPU no
 timing round starts past a time budget (`--time-budget`, 540 s from the start), so that one 600-second call brings
@@ -590,7 +591,7 @@ def pruning_section(report: Report, key: str, model: PreTrainedModel, args, devi
                       for label, m in twins.items()}
             calls[VISION + VARLEN] = torch.no_grad()(
                 lambda: with_varlen(model, lambda: model.model.get_image_features(**vision_inputs)))
-        times = interleaved(calls, args.rounds * PRUNE_ROUND_FACTOR, device, deadline)
+        times = interleaved(calls, args.rounds * SHORT_ROUND_FACTOR, device, deadline)
     finally:
         for handle in handles:
             handle.remove()
@@ -783,18 +784,24 @@ def decoding_section(report: Report, model: PreTrainedModel, size: str, args, de
     if device == "cuda":
         torch._logging.set_logs(recompiles=True)  # a recompile in the timed rounds prints its reason
     log(f"decoding: timing {len(calls)} calls per round ({tokens} new tokens)")
+    compiled = {key: call for key, call in calls.items() if key[0].startswith("compiled")}
     try:
-        times = interleaved(calls, args.rounds, device, deadline)
+        times = interleaved({key: call for key, call in calls.items() if key not in compiled}, args.rounds, device,
+                            deadline)
+        if compiled:
+            times.update(interleaved(compiled, args.rounds * SHORT_ROUND_FACTOR, device, deadline))
     finally:
         torch._logging.set_logs()
         for handle in handles:
             handle.remove()
     recompiles = counters["stats"]["unique_graphs"] - graphs
-    rounds = len(next(iter(times.values())))
+    rounds = {mode: max((len(t) for (m, _), t in times.items() if m == mode), default=0)
+              for mode in ("eager", "compiled")}
     compiled_with = "CompileConfig()" if device == "cuda" else 'CompileConfig(backend="eager", mode=None)'
     lines = [f"## Decoding: {SHAPES['llava-1.5-7b'].title}-shaped random model, one prompt", "",
              (f"{'Tiny --quick config' if args.quick else 'Full size'}, {dtype}, {batch['input_ids'].shape[1]}-token "
-              f"prompt with 576 image tokens, greedy, {tokens} new tokens, {rounds} interleaved rounds. Eager: "
+              f"prompt with 576 image tokens, greedy, {tokens} new tokens, {rounds['eager']} interleaved rounds "
+              f"eager and {rounds['compiled']} compiled. Eager: "
               "dynamic cache, SDPA. Compiled: `generate(cache_implementation=\"static\", compile_config="
               f"{compiled_with})`, transformers' "
               "compiled decoding steps (the prefill runs eagerly). x plain: median over rounds of the row's time over "
@@ -833,8 +840,9 @@ def decoding_section(report: Report, model: PreTrainedModel, size: str, args, de
 
 # ------------------------------------------------------------------------------------------------------------ main
 
-PRUNE_ROUND_FACTOR = 3
-"""Pruning sections run this many times the decoding section's rounds (`--rounds`, or the default of the mode)."""
+SHORT_ROUND_FACTOR = 3
+"""Pruning sections and compiled decoding run this many times eager decoding's rounds (`--rounds`, or the default of
+the mode)."""
 
 SECTIONS = ("prune-llava-1.5-7b", "prune-qwen2.5-vl-7b", "prune-qwen3-vl-8b", "prune-gemma-3-4b", "decode")
 
@@ -845,8 +853,8 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="64 new tokens and 3 rounds (default: 128 and 5)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per decoding call")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved decoding rounds (at most); pruning sections run PRUNE_ROUND_FACTOR times as "
-                             "many")
+                        help="interleaved eager decoding rounds (at most); pruning sections and compiled decoding "
+                             "run SHORT_ROUND_FACTOR times as many")
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch of the pruning sections")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run these sections only (a subset: see --out)")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -868,7 +876,7 @@ def main() -> None:
     args.rounds = args.rounds or (2 if args.quick else 3 if args.fast else 5)
     budget = args.time_budget if args.time_budget is not None else (None if args.quick else 540.0)
     deadline = None if budget is None else START + budget
-    rounds = f"{args.rounds * PRUNE_ROUND_FACTOR} (pruning) or {args.rounds} (decoding)"
+    rounds = f"{args.rounds * SHORT_ROUND_FACTOR} (pruning, compiled decoding) or {args.rounds} (eager decoding)"
     settings = (f"every row timed with synchronized wall clocks in up to {rounds} interleaved rounds (rounds stop "
                 f"early at the {budget:g}-second time budget; each table says how many ran); warm-up calls first"
                 if budget is not None else f"{rounds} interleaved rounds of synchronized wall-clock calls after "

@@ -24,5 +24,6 @@ def test_quick_run_prints_every_table(tmp_path) -> None:
                 "| VisionZip 49+9 | 58 x4 |", "| DivPrune keep 0.1 |", "| random keep 0.1 |"):
         assert row in text
     assert "recompiles during the timed rounds: 0." in text
+    assert "2 interleaved rounds eager and 6 compiled" in text  # --quick's 2 rounds, SHORT_ROUND_FACTOR for compiled
     assert "not timed" not in text and "Run in progress" not in text
     assert f"wrote {out}" in result.stdout

@@ -110,25 +110,29 @@ def make_peers(device: str) -> dict:
 
 def ours_backends(device: str) -> dict[str, str]:
     """name -> backend of the mmattn rows: what "auto" runs (FA4 where installed) and our Triton kernels alone, also
-    with the backward that adds dQ atomically (`switched_results`); on the CPU the interpreted Triton kernels or the
-    reference."""
+    with the backward that adds dQ atomically and with the Hopper backward (`switched_results`); on the CPU the
+    interpreted Triton kernels or the reference."""
     if device == "cuda":
-        return {"auto": "auto", "triton": "triton", ATOMIC: "triton"}
+        return {"auto": "auto", "triton": "triton", ATOMIC: "triton", TMA_BWD: "triton"}
     return {"ours": "triton" if INTERPRETED else "torch"}
 
 
 ATOMIC = "triton atomic dQ"
-OURS = ("auto", "triton", ATOMIC, "ours")
+TMA_BWD = "triton TMA bwd"
+OURS = ("auto", "triton", ATOMIC, TMA_BWD, "ours")
 
 
 def switched_results(runs: dict, measure) -> dict:
     """`measure(fn)` of every column, each under its own backward: the Triton backward adds dQ atomically while the
-    `ATOMIC` column is checked or timed, and only then."""
+    `ATOMIC` column is checked or timed, runs on the Hopper kernels (`block_sparse_tma.backward`) while the `TMA_BWD`
+    column is, and only then."""
     from mmattn.kernels.triton import block_sparse as kernels
+    from mmattn.kernels.triton import block_sparse_tma
 
     results = {}
     for name, fn in runs.items():
-        with mock.patch.object(kernels, "ATOMIC_DQ_SWITCH", name == ATOMIC):
+        with mock.patch.object(kernels, "ATOMIC_DQ_SWITCH", name == ATOMIC), \
+                mock.patch.object(block_sparse_tma, "BWD_SWITCH", name == TMA_BWD):
             results[name] = measure(fn)
     return results
 
@@ -206,13 +210,16 @@ def picked_tiles() -> str:
     from mmattn.kernels.triton import block_sparse_tma
 
     return tiles_picked(kernels, lambda kw: f"{kw['BLOCK_M']}x{kw['BLOCK_N']}",
-                        (("fwd TMA (Hopper)", block_sparse_tma.fwd_kernel), ("dK/dV/dQ atomic", kernels.dkdvq_kernel)))
+                        (("fwd TMA (Hopper)", block_sparse_tma.fwd_kernel), ("dK/dV/dQ atomic", kernels.dkdvq_kernel),
+                         ("dK/dV TMA (Hopper)", block_sparse_tma.dkdv_kernel),
+                         ("dQ TMA (Hopper)", block_sparse_tma.dq_kernel)))
 
 
 GOALS = {  # (numerator, denominators, pass: forward goal, forward+backward goal); ratio = denominator time / ours
     "auto vs FA4-class": ("auto", ("FA4", "flex FLASH"), 0.97, 0.97),
     "triton vs FA4": ("triton", ("FA4",), 0.85, 0.8),
     "triton atomic dQ vs FA4": (ATOMIC, ("FA4",), 0.85, 0.8),
+    "triton TMA bwd vs FA4": (TMA_BWD, ("FA4",), 0.85, 0.8),
 }
 """Issue 17's goals: "auto" at least 0.97x the faster of FA4 and FlexAttention-FLASH; our Triton kernels alone at
 least 0.85x FA4 forward and 0.8x forward+backward; the all-ones mask at least 1.1x cuDNN (see `ratios`)."""
@@ -285,7 +292,8 @@ def table(rows, tiles, ours: list[str], peers: list[str], device: str) -> str:
     mine = ("`auto` = `block_sparse_attention(backend=\"auto\")` (the backend it ran in the column \"auto runs\"), "
             "`triton` = our Triton kernels alone (deterministic backward), `triton atomic dQ` = the same with the "
             "backward that adds dQ atomically in its dK/dV kernel (MMATTN_TRITON_ATOMIC_DQ=1; its forward is "
-            "`triton`'s)" if device == "cuda" else "`ours` = the interpreted Triton kernels "
+            "`triton`'s), `triton TMA bwd` = the same with the deterministic Hopper backward on TMA descriptors "
+            "(MMATTN_TRITON_TMA_BWD=1)" if device == "cuda" else "`ours` = the interpreted Triton kernels "
             "or the reference (CPU smoke run)")
     sections = [(title, field) for title, field in (("Forward", "fwd_ms"), ("Forward + backward", "fwd_bwd_ms"))]
     return (

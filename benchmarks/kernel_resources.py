@@ -81,14 +81,16 @@ def _neighborhood_builds() -> list[Build]:
 
 
 def _block_sparse_builds() -> list[Build]:
-    """The pointer-load kernels and the Hopper forward (TMA descriptors, warp specialization), 128x128 blocks."""
+    """The pointer-load kernels and the Hopper kernels (TMA descriptors, warp specialization), 128x128 blocks."""
     builds = []
     deterministic, atomic = {"ATOMIC_DQ": False}, {"ATOMIC_DQ": True}
     families = {
         "block-sparse": (("fwd", block_sparse._fwd_kernel, block_sparse.FWD_CONFIGS, {}),
                          ("dq", block_sparse._bwd_dq, block_sparse.DQ_CONFIGS, {}),
                          ("dkdv", block_sparse._bwd_dkdv, block_sparse.DKDV_CONFIGS, deterministic)),
-        "block-sparse TMA": (("fwd", block_sparse_tma._fwd_kernel, block_sparse_tma.FWD_CONFIGS, {}),),
+        "block-sparse TMA": (("fwd", block_sparse_tma._fwd_kernel, block_sparse_tma.FWD_CONFIGS, {}),
+                             ("dq", block_sparse_tma._bwd_dq_kernel, block_sparse_tma.DQ_CONFIGS, {}),
+                             ("dkdv", block_sparse_tma._bwd_dkdv_kernel, block_sparse_tma.DKDV_CONFIGS, {})),
         "block-sparse atomic dQ": (("dkdv", block_sparse._bwd_dkdv, block_sparse.DKDVQ_CONFIGS, atomic),),
     }
     for family, kernels in families.items():

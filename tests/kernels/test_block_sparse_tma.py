@@ -1,13 +1,15 @@
-"""The Hopper block-sparse forward (TMA descriptors + warp specialization, triton/block_sparse_tma.py) against the
-float64 reference, and the dispatch of `triton.block_sparse.forward` between it and the pointer-load kernel.
+"""The Hopper block-sparse kernels (TMA descriptors + warp specialization, triton/block_sparse_tma.py) against the
+float64 reference, and the dispatch of `triton.block_sparse.forward` and `backward` between them and the pointer-load
+kernels.
 
-On the CPU the kernel runs under TRITON_INTERPRET=1, switched on (MMATTN_TRITON_TMA unset or 1), in float16 and
-float32: the output and lse must lie within a few units of the dtype's rounding of the float64 reference, empty
-query rows give out 0 and lse -inf. On an sm90 GPU (MMATTN_TEST_GPU=1), switched on, each of its tiles, pinned in
+On the CPU the kernels run under TRITON_INTERPRET=1, switched on (MMATTN_TRITON_TMA unset or 1; the backward's
+MMATTN_TRITON_TMA_BWD patched on), in float16 and float32: the output, lse and the gradients through both must lie
+within a few units of the dtype's rounding of the float64 reference, empty query rows give out 0 and lse -inf. On an sm90 GPU (MMATTN_TEST_GPU=1), switched on, each of its tiles, pinned in
 turn, is held in bfloat16 to the FlashAttention criterion of test_gpu_tiles.py (Triton 3.6 miscompiles some
 warp-specialized tiles to NaN there: specs/kernels.md section 5) and must give the same bits on a second run.
 """
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -18,7 +20,7 @@ from mmattn.kernels.backends import INTERPRETED
 from mmattn.kernels.triton import block_sparse as bs
 from mmattn.kernels.triton import block_sparse_tma as tma
 
-from .helpers import random_mask, random_qkv
+from .helpers import block_sparse_run, check_against_reference, random_mask, random_qkv
 
 HOPPER = not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="the Triton interpreter runs only with TRITON_INTERPRET=1")
@@ -165,3 +167,74 @@ def test_block_sparse_attention_reads_no_block_count_where_the_tma_kernel_is_off
             mock.patch.object(backends, "host_bound", wraps=backends.host_bound) as spy:
         block_sparse_attention(q, k, v, mask, backend="triton")
     assert spy.called
+
+
+@contextlib.contextmanager
+def hopper_backward(switch=True, atomic=False, host_bound=False):
+    """`block_sparse.backward` with MMATTN_TRITON_TMA_BWD taken as `switch` and MMATTN_TRITON_ATOMIC_DQ as `atomic`,
+    every call host-bound or none: yields a spy on the Hopper backward."""
+    with mock.patch.object(tma, "BWD_SWITCH", switch), mock.patch.object(bs, "ATOMIC_DQ_SWITCH", atomic), \
+            mock.patch.object(backends, "HOST_BOUND_WORK", float("inf") if host_bound else 0.0), \
+            mock.patch.object(tma, "backward", wraps=tma.backward) as spy:
+        yield spy
+
+
+def check_tma_backward(q, k, v, mask):
+    """out, lse, dq, dk, dv (through out and lse) to the FlashAttention criterion, the Hopper backward running."""
+    with hopper_backward() as spy:
+        check_against_reference(q, k, v, mask, with_lse_grad=True)
+    assert spy.called, "the TMA backward did not run"
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_len, kv_len, block", [(100, 130, (32, 32)), (70, 200, (64, 64)), (128, 256, (32, 64))])
+def test_backward_partial_last_blocks(dtype, head_dim, q_len, kv_len, block):
+    """Lengths past a whole block and whole ones, an empty query block (its rows give no gradient)."""
+    mask = random_mask(1, 2, q_len, kv_len, block, density=0.5, seed=q_len + head_dim)
+    check_tma_backward(*random_qkv(1, 2, 2, q_len, kv_len, head_dim, dtype, seed=kv_len), mask)
+
+
+@interpreted
+@pytest.mark.parametrize("heads, kv_heads, layout", [(4, 2, "bhld"), (4, 1, "blhd"), (2, 2, "blhd")])
+def test_backward_grouped_query_heads_and_strided_layout(heads, kv_heads, layout):
+    """A GQA group's dK/dV summed over its query heads; (B, L, H, D) views get gradients laid out like them."""
+    mask = random_mask(2, heads, 90, 110, (32, 32), density=0.6, seed=heads + kv_heads)
+    q, k, v = random_qkv(2, heads, kv_heads, 90, 110, 64, torch.float32, seed=kv_heads, layout=layout)
+    check_tma_backward(q, k, v, mask)
+    with hopper_backward():
+        _, _, dq, dk, dv = block_sparse_run(q, k, v, mask, "triton", torch.ones(q.shape))
+    assert dq.stride() == q.stride() and dk.stride() == k.stride() and dv.stride() == v.stride()
+
+
+@interpreted
+def test_backward_dispatch_takes_the_tma_kernels_only_when_switched_on_eligible_and_not_host_bound():
+    mask = random_mask(1, 2, 64, 64, (32, 32), seed=8)
+    q, k, v = random_qkv(1, 2, 2, 64, 64, 64, torch.float16)
+    for settings, expected in (({}, True), ({"switch": False}, False), ({"host_bound": True}, False),
+                               ({"atomic": True}, False)):
+        with hopper_backward(**settings) as spy:
+            block_sparse_run(q, k, v, mask, "triton", torch.ones(q.shape))
+        assert spy.called == expected, settings
+
+    padded = torch.randn(1, 2, 64, 68).half()[..., :64]  # rows 136 bytes apart: TMA needs 16-byte multiples
+    with mock.patch.object(tma, "BWD_SWITCH", True):
+        assert tma.backward_eligible(q, k, v, q, 32, 32) == (True, "")
+        ok, why = tma.backward_eligible(q, k, v, padded, 32, 32)
+        assert not ok and why.startswith("grad_out: TMA needs a 16-byte aligned"), why
+        ok, why = tma.backward_eligible(q, k, v, q, 40, 32)
+        assert not ok and "divides the blocks (40, 32)" in why, why
+    assert tma.backward_eligible(q, k, v, q, 32, 32) == (False, "off (MMATTN_TRITON_TMA_BWD unset or 0)")
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm90 GPU and MMATTN_TEST_GPU=1 (compiled Triton)")
+def test_gpu_tma_backward_is_deterministic():
+    """No atomics: two backward runs give the same bits (GQA 2, partial blocks, bf16); each tile is checked against
+    float64 in test_gpu_tiles.py (family block_sparse_tma)."""
+    mask = random_mask(2, 4, 2000, 2000, (128, 128), density=0.3, seed=9).to("cuda")
+    q, k, v = (t.cuda() for t in random_qkv(2, 4, 2, 2000, 2000, 128, torch.bfloat16, seed=9))
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).cuda()
+    with hopper_backward() as spy:
+        first, second = (block_sparse_run(q, k, v, mask, "triton", grad)[2:] for _ in range(2))
+    assert spy.called and all(torch.equal(a, b) for a, b in zip(first, second))

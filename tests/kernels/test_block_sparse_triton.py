@@ -1,8 +1,8 @@
 """The Triton kernels (under TRITON_INTERPRET=1 on the CPU) against the float64 reference.
 
-Accuracy follows the FlashAttention criterion of specs/kernels.md section 8: the kernel's error against the
-float64 reference is at most twice the error of the naive computation on the same low-precision inputs (plus a
-small absolute slack), for the output and all three gradients.
+Accuracy follows the FlashAttention criterion of specs/kernels.md section 8 (`helpers.check_against_reference`):
+the kernel's error against the float64 reference is at most twice the error of the naive computation on the same
+low-precision inputs (plus a small absolute slack), for the output and all three gradients.
 """
 
 import pytest
@@ -12,43 +12,11 @@ from hypothesis import strategies as st
 
 from mmattn.kernels import BlockSparseMask, backend_info, block_sparse_attention
 
-from .helpers import random_mask, random_qkv
+from .helpers import block_sparse_run, check_against_reference, random_mask, random_qkv
 
 pytestmark = pytest.mark.skipif(
     not backend_info("cpu")["triton"][0], reason="the Triton interpreter runs only with TRITON_INTERPRET=1"
 )
-
-ATOL = {torch.float16: 2e-3, torch.float32: 1e-5}
-
-
-def run(q, k, v, mask, backend, grad_out=None, grad_lse=None):
-    """Output, lse and the gradients of q, k, v for a fixed upstream gradient."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out, lse = block_sparse_attention(q, k, v, mask, backend=backend, return_lse=True)
-    loss = (out.float() * grad_out).sum()
-    if grad_lse is not None:
-        loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * grad_lse).sum()
-    loss.backward()
-    return [out, lse, q.grad, k.grad, v.grad]
-
-
-def check_against_reference(q, k, v, mask, with_lse_grad=False):
-    g = torch.Generator().manual_seed(7)
-    grad_out = torch.randn(q.shape, generator=g)
-    grad_lse = torch.randn(q.shape[:3], generator=g) if with_lse_grad else None
-    ours = run(q, k, v, mask, "triton", grad_out, grad_lse)
-    naive = run(q, k, v, mask, "torch", grad_out, grad_lse)
-    exact = run(q.double(), k.double(), v.double(), mask, "torch", grad_out.double(),
-                None if grad_lse is None else grad_lse.double())
-    atol = ATOL[q.dtype]
-    for name, a, n, e in zip(("out", "lse", "dq", "dk", "dv"), ours, naive, exact):
-        assert not a.isnan().any(), f"{name} has NaN"
-        finite = torch.isfinite(e)
-        assert torch.equal(torch.isfinite(a), finite), f"{name}: -inf pattern differs"
-        err = (a.double() - e)[finite].abs().max().item() if finite.any() else 0.0
-        naive_err = (n.double() - e)[finite].abs().max().item() if finite.any() else 0.0
-        assert err <= 2 * naive_err + atol, f"{name}: error {err:.3g} vs naive {naive_err:.3g}"
-
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("length", [1, 17, 127, 129])
@@ -94,7 +62,7 @@ def test_gradient_through_the_log_sum_exp():
 def test_fully_masked_rows_are_zero_without_nan():
     mask = BlockSparseMask.from_dense(torch.zeros(2, 2, dtype=torch.bool), 32, q_len=50, kv_len=40)
     q, k, v = random_qkv(1, 2, 2, 50, 40, 32, torch.float16)
-    out, lse, dq, dk, dv = run(q, k, v, mask, "triton", torch.ones(q.shape))
+    out, lse, dq, dk, dv = block_sparse_run(q, k, v, mask, "triton", torch.ones(q.shape))
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
     assert all(torch.all(g == 0) for g in (dq, dk, dv))
 
@@ -140,7 +108,7 @@ def test_backward_is_deterministic():
     mask = random_mask(1, 4, 96, 96, (32, 32), seed=9)
     q, k, v = random_qkv(1, 4, 1, 96, 96, 32, torch.float32)
     grad = torch.randn(q.shape)
-    first, second = run(q, k, v, mask, "triton", grad), run(q, k, v, mask, "triton", grad)
+    first, second = block_sparse_run(q, k, v, mask, "triton", grad), block_sparse_run(q, k, v, mask, "triton", grad)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 

@@ -42,8 +42,8 @@ SLACK = 2e-3  # times max(1, max |exact|)
 PARTS = ("fwd", "dq", "dkdv")
 KERNELS = {
     "block_sparse": dict(zip(PARTS, (bs.fwd_kernel, bs.dq_kernel, bs.dkdv_kernel))),
-    # Hopper: the forward with tensor descriptors and warp specialization (block_sparse_tma.py)
-    "block_sparse_tma": dict(zip(PARTS, (bs_tma.fwd_kernel, bs.dq_kernel, bs.dkdv_kernel))),
+    # Hopper: the kernels with tensor descriptors and warp specialization (block_sparse_tma.py)
+    "block_sparse_tma": dict(zip(PARTS, (bs_tma.fwd_kernel, bs_tma.dq_kernel, bs_tma.dkdv_kernel))),
     # the backward that adds dQ atomically in its dK/dV kernel (MMATTN_TRITON_ATOMIC_DQ): no dQ kernel runs
     "block_sparse_atomic_dq": {"fwd": bs.fwd_kernel, "dkdv": bs.dkdvq_kernel},
     "neighborhood": dict(zip(PARTS, (fna.fwd_kernel, fna.dq_kernel, fna.dkdv_kernel))),
@@ -123,8 +123,9 @@ CASES = {
     "bs-gqa-partial": Case(  # D128, GQA 4, query and key lengths past a whole block
         "block_sparse", lambda: block_sparse(2, 8, 2, 1000, 1100, 128, (128, 128), seed=1),
         lambda: block_sparse(1, 4, 2, 40, 70, 16, (32, 32), seed=1)),
-    "bs-tma-gqa-partial": Case(  # the same problem on the Hopper forward (sm90 only)
-        "block_sparse_tma", (lambda: block_sparse(2, 8, 2, 1000, 1100, 128, (128, 128), seed=1)) if HOPPER else None),
+    "bs-tma-gqa-partial": Case(  # the same problem on the Hopper kernels (sm90 only; head dim 64 or 128)
+        "block_sparse_tma", (lambda: block_sparse(2, 8, 2, 1000, 1100, 128, (128, 128), seed=1)) if HOPPER else None,
+        lambda: block_sparse(1, 4, 2, 40, 70, 64, (32, 32), seed=1)),
     "bs-atomic-dq-gqa-partial": Case(  # the same problem with dQ added atomically
         "block_sparse_atomic_dq", lambda: block_sparse(2, 8, 2, 1000, 1100, 128, (128, 128), seed=1),
         lambda: block_sparse(1, 4, 2, 40, 70, 16, (32, 32), seed=1)),
@@ -174,24 +175,25 @@ def _active(case: Case) -> Callable[[], Problem] | None:
 
 
 @contextlib.contextmanager
-def hopper_forward(on: bool):
-    """The block-sparse forward's Hopper path switched on (also for calls small enough to be host-bound, which
-    keep the pointer kernel otherwise) or off (`block_sparse_tma.SWITCH`, `backends.HOST_BOUND_WORK`)."""
-    before = bs_tma.SWITCH, backends.HOST_BOUND_WORK
-    bs_tma.SWITCH = on
+def hopper_kernels(on: bool):
+    """The block-sparse Hopper forward and backward switched on (also for calls small enough to be host-bound, which
+    keep the pointer kernels otherwise) or off (`block_sparse_tma.SWITCH` and `BWD_SWITCH`,
+    `backends.HOST_BOUND_WORK`)."""
+    before = bs_tma.SWITCH, bs_tma.BWD_SWITCH, backends.HOST_BOUND_WORK
+    bs_tma.SWITCH = bs_tma.BWD_SWITCH = on
     if on:
         backends.HOST_BOUND_WORK = 0.0
     try:
         yield
     finally:
-        bs_tma.SWITCH, backends.HOST_BOUND_WORK = before
+        bs_tma.SWITCH, bs_tma.BWD_SWITCH, backends.HOST_BOUND_WORK = before
 
 
 @contextlib.contextmanager
 def pinned(family: str, choices: dict):
     with contextlib.ExitStack() as stack:
         if family.startswith("block_sparse"):
-            stack.enter_context(hopper_forward(family == "block_sparse_tma"))
+            stack.enter_context(hopper_kernels(family == "block_sparse_tma"))
             stack.enter_context(mock.patch.object(bs, "ATOMIC_DQ_SWITCH", family == "block_sparse_atomic_dq"))
         if family.startswith("neighborhood"):
             stack.enter_context(mock.patch.object(na_tma, "SWITCH", family == "neighborhood_tma"))

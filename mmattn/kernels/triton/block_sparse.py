@@ -185,10 +185,37 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _load_rows(ptr, rows, q_len, other, MASKED: tl.constexpr):
+def load_row_values(ptr, rows, q_len, other, MASKED: tl.constexpr):
+    """One float per row (lse, delta); MASKED: `other` at rows past q_len."""
     if MASKED:
         return tl.load(ptr + rows, mask=rows < q_len, other=other)
     return tl.load(ptr + rows)
+
+
+@triton.jit
+def dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Folds one query tile (q, dO, its base-2 lse and delta) into a key tile's dK and dV (unscaled):
+    `(dk, dv, dS^T)`. Rows past the length take lse2 = +inf (p = 0)."""
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+    return dk, dv, ds_t
+
+
+@triton.jit
+def dq_step(dq, q, do, lse2, delta, k, v, cols, kv_len, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Folds one key tile (k, v at key positions `cols`) into a query tile's dQ (unscaled); MASKED: keys at or past
+    kv_len get p = 0."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(cols[None, :] < kv_len, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -206,15 +233,9 @@ def _dkdv_tiles(
         q = _load_tile(q_base, rows, offs_d, stride_qm, q_len, HEAD_DIM, not MASKED, BLOCK_D)
         do = _load_tile(do_base, rows, offs_d, stride_dm, q_len, HEAD_DIM, not MASKED, BLOCK_D)
         # Rows past q_len and empty rows (lse = -inf) must get p = 0: they take lse = +inf.
-        lse = _load_rows(lse_base, rows, q_len, float("inf"), MASKED)
-        delta = _load_rows(delta_base, rows, q_len, 0.0, MASKED)
-        lse2 = backward_lse2(lse)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+        lse = load_row_values(lse_base, rows, q_len, float("inf"), MASKED)
+        delta = load_row_values(delta_base, rows, q_len, 0.0, MASKED)
+        dk, dv, ds_t = dkdv_step(dk, dv, k, v, q, do, backward_lse2(lse), delta, qk_scale, DOT_PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
             ptrs = dq_base + rows[:, None].to(tl.int64) * stride_dqm + offs_d[None, :]
@@ -291,13 +312,7 @@ def _dq_tiles(
         cols = tl.load(idx_ptr + it // TILES) * KV_BLOCK + (it % TILES) * BLOCK_N + offs_n
         k = _load_tile(k_base, cols, offs_d, stride_kn, kv_len, HEAD_DIM, not MASKED, BLOCK_D)
         v = _load_tile(v_base, cols, offs_d, stride_vn, kv_len, HEAD_DIM, not MASKED, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            p = tl.where(cols[None, :] < kv_len, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = dq_step(dq, q, do, lse2, delta, k, v, cols, kv_len, qk_scale, MASKED, DOT_PRECISION)
     return dq
 
 
@@ -328,8 +343,8 @@ def _bwd_dq(
     q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qm, q_len, HEAD_DIM, EVEN_Q, BLOCK_D)
     do = _load_tile(DOut + b * stride_db + h * stride_dh, rows, offs_d, stride_dm, q_len, HEAD_DIM, EVEN_Q, BLOCK_D)
     row_base = pid_bh.to(tl.int64) * q_len
-    lse = _load_rows(Lse + row_base, rows, q_len, float("inf"), not EVEN_Q)
-    delta = _load_rows(Delta + row_base, rows, q_len, 0.0, not EVEN_Q)
+    lse = load_row_values(Lse + row_base, rows, q_len, float("inf"), not EVEN_Q)
+    delta = load_row_values(Delta + row_base, rows, q_len, 0.0, not EVEN_Q)
     lse2 = backward_lse2(lse)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
@@ -451,18 +466,25 @@ def backward(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor,
     k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
+    host_bound: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the backward kernels: `(dq, dk, dv)`. Deterministic (no atomics: a dQ kernel of its own) unless
-    `atomic_dq` says the dK/dV kernel adds dQ atomically."""
+    `atomic_dq` says the dK/dV kernel adds dQ atomically. Otherwise, on Hopper, `block_sparse_tma`'s backward runs
+    where it applies and the call is not `host_bound` (as in the forward)."""
+    from . import block_sparse_tma  # imports this module
+
     q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     launch = launch_args(q, k, q_block, kv_block)
     delta = backward_delta(out, grad_out, grad_lse, lse)
+    atomic = atomic_dq()
+    if not atomic and not host_bound and block_sparse_tma.backward_eligible(q, k, v, grad_out, q_block, kv_block)[0]:
+        return block_sparse_tma.backward(grad_out, q, k, v, lse, delta, kv_num_blocks, kv_indices, q_num_blocks,
+                                         q_indices, q_block, kv_block, scale)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     strides = row_strides(q, k, v, grad_out)
-    atomic = atomic_dq()
     # float32 rows dQ is added into; the deterministic kernel is handed dk there, a pointer it never reads
     dq_sums = torch.zeros((batch, heads, q_len, head_dim), device=q.device, dtype=torch.float32) if atomic else dk
 
@@ -499,8 +521,8 @@ def backward(
 
 
 def _save(inputs: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[tuple, tuple]:
-    q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale, *_host_bound = inputs
-    return (q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices), (q_block, kv_block, scale)
+    q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices, q_block, kv_block, scale, *host_bound = inputs
+    return (q, k, v, kv_num_blocks, kv_indices, q_num_blocks, q_indices), (q_block, kv_block, scale, *host_bound)
 
 
 block_sparse_op = kernel_op("mmattn::block_sparse", forward, backward, save=_save, grads=3)
@@ -509,7 +531,7 @@ block_sparse_op = kernel_op("mmattn::block_sparse", forward, backward, save=_sav
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with the Triton kernels: `(out, lse)`, differentiable in q, k, v (and through lse).
-    The mask's block count (a device read, once per mask) is asked for only where the TMA forward could run."""
+    The mask's block count (a device read, once per mask) is asked for only where a TMA kernel could run."""
     from . import block_sparse_tma  # imports this module
 
     host_bound = block_sparse_tma.runs_on(q.device) and backends.host_bound(q, mask)

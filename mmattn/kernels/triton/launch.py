@@ -179,10 +179,11 @@ DESCRIPTOR_HEAD_DIMS = (64, 128)
 """Head dims the Hopper kernels run: their descriptors' tile is the whole, unpadded head dim."""
 
 
-def descriptor_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """Why the Hopper kernels cannot run on `(B, H, L, D)` q, k, v, or "" if they can: they need a compiled sm90
-    GPU (or the interpreter), float16/bfloat16 (under the interpreter, which has no bfloat16: float16/float32), a head
-    dim of `DESCRIPTOR_HEAD_DIMS` and 16-byte aligned base pointers and strides with a unit last stride (TMA)."""
+def descriptor_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **more: torch.Tensor) -> str:
+    """Why the Hopper kernels cannot run on `(B, H, L, D)` q, k, v (and the tensors named in `more`, such as a
+    backward's grad_out), or "" if they can: they need a compiled sm90 GPU (or the interpreter), float16/bfloat16
+    (under the interpreter, which has no bfloat16: float16/float32), a head dim of `DESCRIPTOR_HEAD_DIMS` and 16-byte
+    aligned base pointers and strides with a unit last stride (TMA)."""
     if not hopper(q.device):
         return f"needs a compiled Hopper (sm90) GPU, got {q.device}"
     dtypes = (torch.float16, torch.float32) if INTERPRETED else (torch.float16, torch.bfloat16)
@@ -190,7 +191,7 @@ def descriptor_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
         return f"dtype must be one of {dtypes}, got {q.dtype}"
     if q.shape[-1] not in DESCRIPTOR_HEAD_DIMS:
         return f"head dim must be one of {DESCRIPTOR_HEAD_DIMS}, got {q.shape[-1]}"
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in {"q": q, "k": k, "v": v, **more}.items():
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:3]):
             return f"{name}: TMA needs a 16-byte aligned base and strides, got strides {t.stride()}"
     return ""

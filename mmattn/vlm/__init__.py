@@ -14,13 +14,15 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("mmattn.vlm needs transformers: pip install 'mmattn[vlm]'") from error
 
 from .handle import InterventionHandle, apply
+from .interventions.attention_ranked import FastV, PyramidDrop
 from .interventions.base import Intervention
 from .interventions.divprune import DivPrune
 from .interventions.fastvid import FastVID
 from .interventions.gift import GIFT
-from .interventions.pruning import FastV, PruneStage, PruningPlan, PyramidDrop, VFlowOpt
+from .interventions.pruning import PruneStage, PruningPlan
 from .interventions.random_prune import RandomPrune
 from .interventions.var import VAR, find_sink_dims
+from .interventions.vflowopt import VFlowOpt
 from .interventions.visionzip import VisionZip
 from .interventions.words import content_words, spacy_content_words
 from .layout import FAMILIES, TokenLayout

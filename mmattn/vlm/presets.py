@@ -8,13 +8,14 @@ import yaml
 
 from mmattn import presets
 
+from .interventions.attention_ranked import FastV, PyramidDrop
 from .interventions.base import Intervention
 from .interventions.divprune import DivPrune
 from .interventions.fastvid import FastVID
 from .interventions.gift import GIFT
-from .interventions.pruning import FastV, PyramidDrop, VFlowOpt
 from .interventions.random_prune import RandomPrune
 from .interventions.var import VAR
+from .interventions.vflowopt import VFlowOpt
 from .interventions.visionzip import VisionZip
 
 __all__ = ["PRESET_DIR", "load_preset"]

@@ -1,5 +1,6 @@
-"""Visual-token pruning engine shared by FastV, PyramidDrop, VFlowOpt, and the methods that choose their tokens
-themselves (VisionZip, DivPrune, random: score="custom", their runtimes override `choose`).
+"""Visual-token pruning engine shared by FastV, PyramidDrop (`attention_ranked.py`), VFlowOpt (`vflowopt.py`), and
+the methods that choose their tokens themselves (VisionZip, DivPrune, random: score="custom", their runtimes override
+`choose`).
 
 A plan says where the sequence shrinks (stages: the first decoder layer that runs on fewer image tokens, 0 = before
 the LLM), how many image tokens each stage keeps, where the token scores come from, whether pruned tokens are merged
@@ -19,7 +20,7 @@ import inspect
 import itertools
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,14 +36,12 @@ from .base import (
     ModelContext,
     RowSelection,
     Runtime,
-    check_indices,
-    check_number,
     passed_cache,
 )
 from .gather import take_mask, take_tokens
 from .vision_importance import context_relevance, patch_entropy, vit_attention_map
 
-__all__ = ["VFLOWOPT_PRESETS", "FastV", "PruneStage", "PruningPlan", "PyramidDrop", "VFlowOpt", "VisionImportance"]
+__all__ = ["PruneStage", "PruningPlan", "VisionImportance"]
 
 SCORE_SOURCES = ("previous_layer", "own_layer", "vision", "custom")
 _PREFILL, _DECODE = object(), object()
@@ -608,101 +607,3 @@ def _square_images(positions: torch.Tensor) -> tuple[int, int]:
 def _true_indices(mask: torch.Tensor, length: int) -> torch.Tensor:
     """Sorted indices [B, length] of the True entries of `mask` [B, L], which holds `length` of them in every row."""
     return mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :length]
-
-
-@dataclass(frozen=True)
-class FastV(_PruningIntervention):
-    """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024), KV-cache variant.
-
-    After layer K-1 the image tokens are ranked by the head-mean attention of the last prompt token (the official
-    code's score; the paper text says attention received from all tokens); from layer K on only round(N·(1-R))
-    remain, at their original rotary positions.
-    """
-
-    k: int = 2
-    ratio: float = 0.5
-    layers_argument: ClassVar[str] = "k"
-
-    def plan(self) -> PruningPlan:
-        check_number("k", self.k, 1, what="the layer K (scores come from layer K-1)", integer=True)
-        check_number("ratio", self.ratio, 0.0, 1.0, what="the pruned fraction R")
-        return PruningPlan(stages=(PruneStage(self.k, 1.0 - self.ratio),), score="previous_layer")
-
-
-@dataclass(frozen=True)
-class PyramidDrop(_PruningIntervention):
-    """PyramidDrop (Xing et al., CVPR 2025): at each stage boundary layer the image tokens are ranked by that layer's
-    own attention of the last instruction token and cut to int(N·λ^s) of the original N, floored as the official code
-    (image_token_ratio_list [0.5, 0.25, 0.125] at layers 8/16/24 for LLaVA-1.5-7B); positions are re-indexed
-    contiguously after each drop."""
-
-    layers: tuple[int, ...] = (8, 16, 24)
-    ratio: float = 0.5
-    positions: str = "reindex"
-    layers_argument: ClassVar[str] = "layers"
-
-    def plan(self) -> PruningPlan:
-        check_indices("layers", self.layers, minimum=1)  # scores come from the stage layer's own attention
-        if not self.layers:
-            raise ValueError("layers: expected at least one stage layer, got none")
-        check_number("ratio", self.ratio, 0.0, 1.0, what="λ", open_low=True)
-        stages = tuple(PruneStage(layer, self.ratio ** (index + 1)) for index, layer in enumerate(self.layers))
-        return PruningPlan(stages=stages, score="own_layer", positions=self.positions, count="floor")
-
-
-#: Released VFlowOpt presets (keep = kept fraction): (t, α_v, m, r_v, llm ratios: the share of the image tokens
-#: present that each of layers 9 and 18 keeps).
-VFLOWOPT_PRESETS: dict[float, tuple[float, float, float, float, tuple[float, float]]] = {
-    0.1: (39.26, 0.0, 17.39, 0.1166, (1.0, 0.6011)),
-    0.25: (34.76, 0.0, 15.58, 0.2651, (0.9833, 0.8773)),
-    0.5: (28.68, 0.0, 11.76, 0.7233, (0.7487, 0.487)),
-}
-
-
-@dataclass(frozen=True)
-class VFlowOpt(_PruningIntervention):
-    """VFlowOpt (Yang et al., ICCV 2025): ViT-derived importance (context relevance + patch entropy) prunes the image
-    tokens before the LLM, recycling the pruned ones into one token per m×m cell, then again at LLM layers 9 and 18
-    with the same importance. `keep` picks a released preset (0.1, 0.25, 0.5); explicit fields override it.
-
-    Counts as the official code: the ViT-output prune keeps N - round(N·(1-r_v)) tokens, of which int(N/m²) make way
-    for the recycled cells, and each LLM stage removes round(n·(1-r)) of the n image tokens then present (r: its
-    `llm_ratios` entry). The prune is applied to the decoder's input embeddings, and the kept tokens take contiguous
-    rotary positions, as the official decoder input that never held the pruned ones; LLM stages keep positions.
-    Models: LlavaForConditionalGeneration (one ViT patch per image token) and Gemma3ForConditionalGeneration (the map
-    averaged over the k x k patches each image token pools; each image's token grid is recycled on its own).
-    """
-
-    keep: float = 0.1
-    threshold: float | None = None
-    entropy_weight: float | None = None
-    cell: float | None = None
-    vit_ratio: float | None = None
-    llm_ratios: tuple[float, ...] | None = None
-    llm_layers: Sequence[int] = (9, 18)
-    vit_layer: int | None = None
-    layers_argument: ClassVar[str] = "llm_layers"
-
-    def plan(self) -> PruningPlan:
-        if not isinstance(self.keep, float) or self.keep not in VFLOWOPT_PRESETS:
-            raise ValueError(f"keep: expected a preset in {sorted(VFLOWOPT_PRESETS)}, got {self.keep!r}")
-        threshold, entropy_weight, cell, vit_ratio, llm_ratios = VFLOWOPT_PRESETS[self.keep]
-        threshold = threshold if self.threshold is None else self.threshold
-        entropy_weight = entropy_weight if self.entropy_weight is None else self.entropy_weight
-        cell = cell if self.cell is None else self.cell
-        vit_ratio = vit_ratio if self.vit_ratio is None else self.vit_ratio
-        llm_ratios = llm_ratios if self.llm_ratios is None else tuple(self.llm_ratios)
-        check_number("threshold", threshold, 0.0, what="the global-token threshold t")
-        check_number("entropy_weight", entropy_weight, -math.inf, what="α_v")
-        check_number("cell", cell, 1.0, what="the recycling cell side m")
-        check_number("vit_ratio", vit_ratio, 0.0, 1.0, what="the kept fraction r_v", open_low=True)
-        check_indices("llm_layers", self.llm_layers, minimum=1)
-        if self.vit_layer is not None:
-            check_number("vit_layer", self.vit_layer, 0, what="a ViT layer index", integer=True)
-        if len(llm_ratios) != len(self.llm_layers):
-            raise ValueError(f"llm_ratios: expected one ratio per llm layer {tuple(self.llm_layers)}, got {llm_ratios}")
-        for ratio in llm_ratios:
-            check_number("llm_ratios", ratio, 0.0, 1.0, what="kept fractions")
-        stages = (PruneStage(0, vit_ratio), *(PruneStage(layer, r) for layer, r in zip(self.llm_layers, llm_ratios)))
-        importance = VisionImportance(self.vit_layer, threshold, entropy_weight)
-        return PruningPlan(stages, score="vision", recycle_cell=cell, importance=importance, count="relative")

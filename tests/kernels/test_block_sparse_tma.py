@@ -61,14 +61,34 @@ def check_tma(q, k, v, mask):
     return out, lse
 
 
+@contextlib.contextmanager
+def hopper_backward(switch=True, atomic=False, host_bound=False):
+    """`block_sparse.backward` with MMATTN_TRITON_TMA_BWD taken as `switch` and MMATTN_TRITON_ATOMIC_DQ as `atomic`,
+    every call host-bound or none: yields a spy on the Hopper backward."""
+    with mock.patch.object(tma, "BWD_SWITCH", switch), mock.patch.object(bs, "ATOMIC_DQ_SWITCH", atomic), \
+            mock.patch.object(backends, "HOST_BOUND_WORK", float("inf") if host_bound else 0.0), \
+            mock.patch.object(tma, "backward", wraps=tma.backward) as spy:
+        yield spy
+
+
+def check_tma_backward(q, k, v, mask):
+    """out, lse, dq, dk, dv (through out and lse) to the FlashAttention criterion, the Hopper backward running."""
+    with hopper_backward() as spy:
+        check_against_reference(q, k, v, mask, with_lse_grad=True)
+    assert spy.called, "the TMA backward did not run"
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("q_len, kv_len, block", [(100, 130, (32, 32)), (70, 200, (64, 64)), (128, 256, (32, 64))])
 def test_partial_last_blocks(dtype, head_dim, q_len, kv_len, block):
-    """Lengths past a whole block (and whole ones), one or two key tiles per block (the interpreter's tile is 32)."""
+    """Lengths past a whole block (and whole ones), one or two key tiles per block (the interpreter's tile is 32), an
+    empty query block (its rows give no gradient): the forward, then the backward."""
     mask = random_mask(1, 2, q_len, kv_len, block, density=0.5, seed=q_len + head_dim)
-    check_tma(*random_qkv(1, 2, 2, q_len, kv_len, head_dim, dtype, seed=kv_len), mask)
+    q, k, v = random_qkv(1, 2, 2, q_len, kv_len, head_dim, dtype, seed=kv_len)
+    check_tma(q, k, v, mask)
+    check_tma_backward(q, k, v, mask)
 
 
 @interpreted
@@ -167,33 +187,6 @@ def test_block_sparse_attention_reads_no_block_count_where_the_tma_kernel_is_off
             mock.patch.object(backends, "host_bound", wraps=backends.host_bound) as spy:
         block_sparse_attention(q, k, v, mask, backend="triton")
     assert spy.called
-
-
-@contextlib.contextmanager
-def hopper_backward(switch=True, atomic=False, host_bound=False):
-    """`block_sparse.backward` with MMATTN_TRITON_TMA_BWD taken as `switch` and MMATTN_TRITON_ATOMIC_DQ as `atomic`,
-    every call host-bound or none: yields a spy on the Hopper backward."""
-    with mock.patch.object(tma, "BWD_SWITCH", switch), mock.patch.object(bs, "ATOMIC_DQ_SWITCH", atomic), \
-            mock.patch.object(backends, "HOST_BOUND_WORK", float("inf") if host_bound else 0.0), \
-            mock.patch.object(tma, "backward", wraps=tma.backward) as spy:
-        yield spy
-
-
-def check_tma_backward(q, k, v, mask):
-    """out, lse, dq, dk, dv (through out and lse) to the FlashAttention criterion, the Hopper backward running."""
-    with hopper_backward() as spy:
-        check_against_reference(q, k, v, mask, with_lse_grad=True)
-    assert spy.called, "the TMA backward did not run"
-
-
-@interpreted
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("q_len, kv_len, block", [(100, 130, (32, 32)), (70, 200, (64, 64)), (128, 256, (32, 64))])
-def test_backward_partial_last_blocks(dtype, head_dim, q_len, kv_len, block):
-    """Lengths past a whole block and whole ones, an empty query block (its rows give no gradient)."""
-    mask = random_mask(1, 2, q_len, kv_len, block, density=0.5, seed=q_len + head_dim)
-    check_tma_backward(*random_qkv(1, 2, 2, q_len, kv_len, head_dim, dtype, seed=kv_len), mask)
 
 
 @interpreted

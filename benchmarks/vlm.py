@@ -81,7 +81,7 @@ from common import RESULTS as RESULTS_DIR  # noqa: E402
 from common import Disagreement, judge, max_abs_diff, provenance, results_target, write_results  # noqa: E402
 
 from mmattn import vlm  # noqa: E402
-from mmattn.vlm.interventions.pruning import VFLOWOPT_PRESETS  # noqa: E402
+from mmattn.vlm.interventions.vflowopt import VFLOWOPT_PRESETS  # noqa: E402
 
 RESULTS = RESULTS_DIR / "vlm.md"
 FUSED_DECODE = ("VAR", "GIFT")  # methods whose decode rows have a fused kernel, also timed on the explicit path

@@ -103,7 +103,7 @@ def _info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    """Print versions, the device and which kernel backends can run on it."""
+    """Print versions, the device, which kernel backends can run on it and the Triton kernels' switches."""
     import torch
 
     try:
@@ -134,6 +134,18 @@ def _info(args: argparse.Namespace) -> int:
     print()
     for name, usable, detail in rows:
         print(f"{name:<{widths[0]}}  {usable:<{widths[1]}}  {detail}")
+    if triton_version == "not installed":
+        return 0
+    from mmattn.kernels.triton import kernel_switches
+
+    try:
+        switches = kernel_switches()
+    except ValueError as error:
+        return _fail(str(error))
+    width = max(map(len, switches))
+    print()
+    for name, (on, default) in switches.items():
+        print(f"{name:<{width}}  {'on' if on else 'off'}  (default {'on' if default else 'off'})")
     return 0
 
 

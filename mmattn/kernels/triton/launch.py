@@ -88,12 +88,17 @@ def tuned(kernel, configs: list[triton.Config], key: list[str], prune, interpret
     return TunedKernel(autotuner(kernel), configs, prune)
 
 
+SWITCHES: dict[str, tuple[bool, bool]] = {}
+"""Every `env_switch` read so far: variable -> (on, default)."""
+
+
 def env_switch(name: str, default: bool) -> bool:
     """An on/off environment switch (read once, at import): unset gives `default`, "1" on, "0" off; any other value
-    is a clear error naming the variable."""
+    is a clear error naming the variable. Recorded in `SWITCHES` (`mmattn info` lists them)."""
     value = os.environ.get(name, "1" if default else "0")
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be unset, '0' or '1', got {value!r}")
+    SWITCHES[name] = (value == "1", default)
     return value == "1"
 
 

@@ -477,14 +477,13 @@ def backward(
     lse = lse.contiguous()
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    launch = launch_args(q, k, q_block, kv_block)
     delta = backward_delta(out, grad_out, grad_lse, lse)
     atomic = atomic_dq()
     if not atomic and not host_bound and block_sparse_tma.backward_eligible(q, k, v, grad_out, q_block, kv_block)[0]:
         return block_sparse_tma.backward(grad_out, q, k, v, lse, delta, kv_num_blocks, kv_indices, q_num_blocks,
                                          q_indices, q_block, kv_block, scale)
+    launch = launch_args(q, k, q_block, kv_block)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    strides = row_strides(q, k, v, grad_out)
     # float32 rows dQ is added into; the deterministic kernel is handed dk there, a pointer it never reads
     dq_sums = torch.zeros((batch, heads, q_len, head_dim), device=q.device, dtype=torch.float32) if atomic else dk
 
@@ -494,30 +493,38 @@ def backward(
     (dkdvq_kernel if atomic else dkdv_kernel).launch(
         dkdv_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dk, dv, dq_sums, q_num_blocks, q_indices,
-        *strides,
-        *row_strides(dk, dv, dq_sums),
+        *row_strides(q, k, v, grad_out, dk, dv, dq_sums),
         *_index_strides(q_num_blocks, q_indices),
         heads, kv_heads, q_len, kv_len, scale, size_bucket(q_len),
         **launch, ATOMIC_DQ=atomic,
     )
     if atomic:
         return torch.empty_like(q).copy_(dq_sums.mul_(scale)), dk, dv
+    return launch_dq(dq_kernel, grad_out, q, k, v, lse, delta, kv_num_blocks, kv_indices, launch, scale), dk, dv
 
+
+def launch_dq(
+    kernel: TunedKernel, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, launch: dict,
+    scale: float,
+) -> torch.Tensor:
+    """Runs a dQ kernel with `_bwd_dq`'s arguments (it or `block_sparse_tma`'s) over the forward's index: dq, laid
+    out like q; `launch` is `launch_args`'s."""
+    batch, heads, q_len, _head_dim = q.shape
     dq = torch.empty_like(q)
 
-    def dq_grid(meta):
+    def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
-    dq_kernel.launch(
-        dq_grid, _tune_key(q, launch),
+    kernel.launch(
+        grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dq, kv_num_blocks, kv_indices,
-        *strides,
-        *row_strides(dq),
+        *row_strides(q, k, v, grad_out, dq),
         *_index_strides(kv_num_blocks, kv_indices),
-        heads, q_len, kv_len, scale, size_bucket(q_len),
+        heads, q_len, k.shape[2], scale, size_bucket(q_len),
         **launch,
     )
-    return dq, dk, dv
+    return dq
 
 
 def _save(inputs: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[tuple, tuple]:

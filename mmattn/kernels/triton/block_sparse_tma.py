@@ -48,6 +48,7 @@ from .block_sparse import (
     dkdv_step,
     dq_step,
     launch_args,
+    launch_dq,
     launch_forward,
     load_row_values,
     prune_configs,
@@ -314,7 +315,6 @@ def backward(
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     launch = launch_args(q, k, q_block, kv_block)
-    key = _tune_key(q, launch)
     groups = launch["GROUPS"]
     if groups == 1:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -325,7 +325,7 @@ def backward(
         return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * heads)
 
     dkdv_kernel.launch(
-        dkdv_grid, key,
+        dkdv_grid, _tune_key(q, launch),
         q, k, v, grad_out, lse, delta, dk, dv, q_num_blocks, q_indices,
         *row_strides(q, k, v, grad_out, dk, dv),
         *_index_strides(q_num_blocks, q_indices),
@@ -335,17 +335,4 @@ def backward(
     if groups > 1:
         dk, dv = (torch.empty_like(t).copy_(g.view(batch, kv_heads, groups, kv_len, head_dim).sum(2))
                   for t, g in ((k, dk), (v, dv)))
-    dq = torch.empty_like(q)
-
-    def dq_grid(meta):
-        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
-
-    dq_kernel.launch(
-        dq_grid, key,
-        q, k, v, grad_out, lse, delta, dq, kv_num_blocks, kv_indices,
-        *row_strides(q, k, v, grad_out, dq),
-        *_index_strides(kv_num_blocks, kv_indices),
-        heads, q_len, kv_len, scale, size_bucket(q_len),
-        **launch,
-    )
-    return dq, dk, dv
+    return launch_dq(dq_kernel, grad_out, q, k, v, lse, delta, kv_num_blocks, kv_indices, launch, scale), dk, dv

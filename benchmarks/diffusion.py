@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -227,7 +228,7 @@ def step_row(case: StepCase, quick: bool, device: str) -> str:
     del ours, peer, reference
 
     inputs = wan_inputs(case, case.latent[2], device, dtype)
-    call = (lambda: training_step(model, inputs)) if case.train else (lambda: model(**inputs))
+    call = functools.partial(training_step, model, inputs) if case.train else functools.partial(model, **inputs)
     triton_config = dataclasses.replace(config, backend="triton") if device == "cuda" else config
     with torch.no_grad() if not case.train else contextlib.nullcontext():
         dense = median_ms(call, device)
@@ -235,7 +236,7 @@ def step_row(case: StepCase, quick: bool, device: str) -> str:
             radial = median_ms(call, device)
         with apply_radial_attention(model, triton_config):
             radial_triton = median_ms(call, device)
-    del model
+    del call, model
     checked = "; ".join(f"{name} {a.vs_peer:.1e}, {a.ours_err:.1e}/{a.peer_err:.1e}" for name, a in check.items())
     row = (f"| {case.name}, {case.tokens:,} tokens{where} | {dense:.1f} | {radial:.1f} | {radial_triton:.1f} | "
            f"{dense / radial:.2f}x (goal {case.goal:g}x) | {dense / radial_triton:.2f}x | {checked} |")

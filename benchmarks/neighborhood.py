@@ -127,8 +127,10 @@ def run(cases, device: str) -> tuple[list[dict], list[str]]:
 
 def picked_tiles() -> str:
     from mmattn.kernels.triton import neighborhood as kernels
+    from mmattn.kernels.triton import neighborhood_tma
 
-    return tiles_picked(kernels, lambda kw: f"Q {kw['TQ0']}x{kw['TQ1']}x{kw['TQ2']} KV {kw['TK0']}x{kw['TK1']}x{kw['TK2']}")
+    return tiles_picked(kernels, lambda kw: f"Q {kw['TQ0']}x{kw['TQ1']}x{kw['TQ2']} KV {kw['TK0']}x{kw['TK1']}x{kw['TK2']}",
+                        (("fwd TMA (Hopper)", neighborhood_tma.fwd_kernel),))
 
 
 def format_row(r) -> str:

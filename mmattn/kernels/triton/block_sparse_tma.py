@@ -72,12 +72,16 @@ SWITCH: bool = env_switch("MMATTN_TRITON_TMA", default=True)
 FWD_CONFIGS = tile_configs([(128, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2)])
 
 BWD_SWITCH: bool = env_switch("MMATTN_TRITON_TMA_BWD", default=False)
-"""Whether the backward kernels below run where they apply; off unless MMATTN_TRITON_TMA_BWD=1 until the H200 has
-checked and timed them."""
+"""Whether the backward kernels below run where they apply; off unless MMATTN_TRITON_TMA_BWD=1. Their tiles pass the
+GPU tests on an H100 (2026-12-05, gradients equal to the pointer backward's bit for bit), but the one timing so far,
+B1 H24 L32760 D128 with every block kept, gives forward+backward 122.0 ms against the pointer backward's 131.5 ms
+(FA4 on the H200: 72 ms): too little measured (no sparse mask, no FA4 in the same run) to change the default."""
 # Backward tiles (BLOCK_M query rows x BLOCK_N keys), warp-specialized with 2 stages as the forward's: dK/dV keeps
-# two [BLOCK_N, D] float32 accumulators per program, dQ one [BLOCK_M, D].
-DKDV_CONFIGS = tile_configs([(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 4, 2), (32, 64, 4, 2)])
-DQ_CONFIGS = tile_configs([(128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2)])
+# two [BLOCK_N, D] float32 accumulators per program, dQ one [BLOCK_M, D]. Fastest first, as timed at that shape on
+# the H100 (dK/dV: 125.3, 132.5, 160.5, 196.0 ms forward+backward with the 128x64 dQ tile; dQ: 122.0, 125.3, 146.8,
+# 148.3 ms with the first dK/dV tile), so that the untuned pick is the best measured.
+DKDV_CONFIGS = tile_configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2)])
+DQ_CONFIGS = tile_configs([(128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2)])
 LSE_WIDTH = tl.constexpr(4)
 """Float32 values per lse row in the kernel's output buffer: 16 bytes, the least a TMA descriptor moves per row."""
 

@@ -543,8 +543,9 @@ def _grid(pattern: list[int], tile: str, rows: int):
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, pattern: list[int], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`. On Hopper with MMATTN_TRITON_NA_TMA=1
-    the TMA kernel of `neighborhood_tma` runs where it applies (undilated, no bias), this module's kernel otherwise."""
+    """Launches the forward kernel on flat tokens `(B, H, N, D)`: `(out, lse)`. On Hopper the TMA kernel of
+    `neighborhood_tma` runs where it applies (undilated, no bias, windows of 128+ keys; MMATTN_TRITON_NA_TMA=0 turns
+    it off), this module's kernel otherwise."""
     from . import neighborhood_tma  # imports this module
 
     q, k, v = (rows_contiguous(t) for t in (q, k, v))

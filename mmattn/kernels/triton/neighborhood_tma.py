@@ -12,15 +12,13 @@ Not warp-specialized: Triton 3.6 and 3.8 fail to partition a loop that reshapes 
 tile (`NVGPUWarpSpecialization`: "number of src and dst elements of reshape must be the same"), so the software
 pipeliner overlaps the loads with the compute.
 
-`neighborhood.forward` takes it where `eligible` says it applies and MMATTN_TRITON_NA_TMA=1 switches it on; the
-backward reads the same `out` and `lse`. Off by default: on the H200 (2026-12-05) a first version, which also loaded
-Q by TMA, computed wrong outputs with 128-position key tiles (max |diff| 0.16-0.19 to the pointer kernel), where the
-PTX shows the first key tile loaded into Q's shared buffer before Q was read from it; Q is now loaded by address (no
-load shares its buffer in the PTX) and the interpreter tests pass, but no GPU was left to run test_gpu_tiles.py.
-That version's forward times (presumably a fault of where Q was kept, not of the loop's work) were FLUX-like 2D (B1
-H24 256x256 D128, window 80x80) 13.8 ms against 17.7 ms for the pointer kernel (6.1x and 4.8x cuDNN dense) and video
-3D (30x48x80, window 18x24x24) 57.1 ms against 70.7 ms (4.8x and 3.9x); with 1x8x8 key tiles, exact there, 15.8 and
-72.0 ms.
+`neighborhood.forward` takes it where `eligible` says it applies, unless MMATTN_TRITON_NA_TMA=0; the backward reads
+the same `out` and `lse`. Its tiles pass test_gpu_tiles.py on an H100 (2026-12-05). Forward there, against cuDNN
+dense SDPA in the same process (`benchmarks/neighborhood.py`): FLUX-like 2D (B1 H24 256x256 D128, window 80x80)
+13.5 ms, 6.4x, and video 3D (30x48x80, window 18x24x24) 56.3 ms, 4.7x; the pointer kernel was not re-timed there
+(H200: 4.8-5.2x and 3.9x). A first version loaded Q by TMA too and was wrong with 128-position key tiles (the first
+key tile landed in Q's shared buffer before Q was read; Q is now loaded by address); on the H200 its loop, the same
+work, took 13.8 ms against the pointer kernel's 17.7 (FLUX-like) and 57.1 against 70.7 (video).
 """
 
 from __future__ import annotations
@@ -41,9 +39,8 @@ from .neighborhood import (
 
 __all__ = ["CONFIGS", "SWITCH", "eligible", "forward", "pattern_reason"]
 
-SWITCH: bool = env_switch("MMATTN_TRITON_NA_TMA", default=False)
-"""Whether this kernel runs where it applies; off unless MMATTN_TRITON_NA_TMA=1, until its tiles pass
-test_gpu_tiles.py on a Hopper GPU (see the module docstring)."""
+SWITCH: bool = env_switch("MMATTN_TRITON_NA_TMA", default=True)
+"""Whether this kernel runs where it applies; on unless MMATTN_TRITON_NA_TMA=0."""
 
 # 128-position tiles with 8 warps (no spills at head dim 128; 4 warps spill 1.2 KB): 3-D boxes for video first (the
 # untimed pick), 2-D tiles for image grids, keys in the same boxes or in halves of them.

@@ -47,7 +47,7 @@ KERNELS = {
     # the backward that adds dQ atomically in its dK/dV kernel (MMATTN_TRITON_ATOMIC_DQ): no dQ kernel runs
     "block_sparse_atomic_dq": {"fwd": bs.fwd_kernel, "dkdv": bs.dkdvq_kernel},
     "neighborhood": dict(zip(PARTS, (fna.fwd_kernel, fna.dq_kernel, fna.dkdv_kernel))),
-    # Hopper: the undilated forward with tensor descriptors and warp specialization (neighborhood_tma.py); its
+    # Hopper: the undilated forward with tensor descriptors, software-pipelined (neighborhood_tma.py); its
     # backward kernels are the family above's, whose problems keep their tiles
     "neighborhood_tma": {"fwd": na_tma.fwd_kernel},
     "routed": dict(zip(PARTS, (routed.fwd_kernel, routed.dq_kernel, routed.dkdv_kernel))),

@@ -27,7 +27,7 @@ from block_sparse import band_blocks, fa4_direct, has_fa4, random_blocks
 from common import RESULTS, provenance, write_results
 
 from mmattn.diffusion import radial_mask
-from mmattn.kernels import BlockSparseMask, block_sparse_attention
+from mmattn.kernels import BlockSparseMask, backends, block_sparse_attention
 from mmattn.kernels.triton import block_sparse as pointer
 from mmattn.kernels.triton import block_sparse_tma as tma
 
@@ -38,9 +38,10 @@ DEFAULT_OUT = RESULTS / "block_sparse_backward.md"
 
 @contextlib.contextmanager
 def backward_form(form: str):
-    """Our Triton backward in `form` at every head dim; yields spies on the TMA backward and the atomic dK/dV/dQ
+    """Our Triton backward in `form` at every head dim, host-bound calls too; yields spies on the TMA backward and the atomic dK/dV/dQ
     kernel."""
     with mock.patch.object(pointer, "hopper_backward_pays", lambda q: True), \
+            mock.patch.object(backends, "HOST_BOUND_WORK", 0.0), \
             mock.patch.object(pointer, "ATOMIC_DQ_SWITCH", form == "atomic dQ"), \
             mock.patch.object(tma, "BWD_SWITCH", form == "TMA"), \
             mock.patch.object(tma, "backward", wraps=tma.backward) as tma_spy, \

@@ -27,13 +27,13 @@ def test_info() -> None:
     assert mmattn.__version__ in result.stdout
     for backend in ("triton", "flex", "torch"):
         assert f"\n{backend} " in result.stdout
-    assert re.search(r"^MMATTN_TRITON_TMA_BWD +off +\(default off\)$", result.stdout, re.M), result.stdout
+    assert re.search(r"^MMATTN_TRITON_TMA_BWD +on +\(default on\)$", result.stdout, re.M), result.stdout
 
 
-def test_info_lists_a_switch_set_on_and_refuses_a_bad_value(monkeypatch) -> None:
-    monkeypatch.setenv("MMATTN_TRITON_TMA_BWD", "1")
+def test_info_lists_a_switch_set_off_and_refuses_a_bad_value(monkeypatch) -> None:
+    monkeypatch.setenv("MMATTN_TRITON_TMA_BWD", "0")
     stdout = _run("-m", "mmattn", "info").stdout
-    assert re.search(r"^MMATTN_TRITON_TMA_BWD +on +\(default off\)$", stdout, re.M), stdout
+    assert re.search(r"^MMATTN_TRITON_TMA_BWD +off +\(default on\)$", stdout, re.M), stdout
     monkeypatch.setenv("MMATTN_TRITON_TMA_BWD", "yes")
     _assert_one_line_error(_run("-m", "mmattn", "info"), "MMATTN_TRITON_TMA_BWD", "'yes'")
 

@@ -48,7 +48,8 @@ def block_sparse_attention(
     q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)` with Hq a multiple of Hkv (grouped-query attention). Query rows
     with no key get a zero output and no gradient. `scale` defaults to `D ** -0.5`. `backend`: `"fa4"`
     (FlashAttention-4; its Hopper backward is not bitwise reproducible), `"triton"` (fused kernels, forward and
-    backward, deterministic unless MMATTN_TRITON_ATOMIC_DQ=1 adds dQ atomically), `"flex"` (FlexAttention on the
+    backward; on Hopper at head dim 128 dQ is added atomically unless torch asks for deterministic algorithms or
+    MMATTN_TRITON_ATOMIC_DQ=0, elsewhere the backward is deterministic), `"flex"` (FlexAttention on the
     same mask), `"torch"` (exact reference) or `"auto"` (the first of `supported_backends("block_sparse", q, k=k,
     v=v, mask=mask)`: FA4 where it runs the case, else Triton on CUDA, and Triton first for a case small enough to be
     host-bound (`backends.HOST_BOUND_WORK`); torch elsewhere; under `torch.use_deterministic_algorithms(True)` not

@@ -63,9 +63,10 @@ def check_tma(q, k, v, mask):
 
 @contextlib.contextmanager
 def hopper_backward(switch=True, atomic=False, host_bound=False):
-    """`block_sparse.backward` with MMATTN_TRITON_TMA_BWD taken as `switch` and MMATTN_TRITON_ATOMIC_DQ as `atomic`,
-    every call host-bound or none: yields a spy on the Hopper backward."""
+    """`block_sparse.backward` with MMATTN_TRITON_TMA_BWD taken as `switch` and MMATTN_TRITON_ATOMIC_DQ as `atomic` at
+    every head dim (`hopper_backward_pays`), every call host-bound or none: yields a spy on the Hopper backward."""
     with mock.patch.object(tma, "BWD_SWITCH", switch), mock.patch.object(bs, "ATOMIC_DQ_SWITCH", atomic), \
+            mock.patch.object(bs, "hopper_backward_pays", lambda q: True), \
             mock.patch.object(backends, "HOST_BOUND_WORK", float("inf") if host_bound else 0.0), \
             mock.patch.object(tma, "backward", wraps=tma.backward) as spy:
         yield spy
@@ -175,11 +176,11 @@ def test_block_sparse_attention_keeps_the_pointer_kernel_where_the_call_is_host_
 
 
 @interpreted
-def test_block_sparse_attention_reads_no_block_count_where_the_tma_kernel_is_off():
-    """With the TMA forward switched off the host-bound question, a device read, is never asked."""
+def test_block_sparse_attention_reads_no_block_count_where_the_tma_kernels_are_off():
+    """With the TMA forward and backward switched off the host-bound question, a device read, is never asked."""
     mask = random_mask(1, 2, 64, 64, (32, 32), seed=7)
     q, k, v = random_qkv(1, 2, 2, 64, 64, 64, torch.float16)
-    with mock.patch.object(tma, "SWITCH", False), \
+    with mock.patch.object(tma, "SWITCH", False), mock.patch.object(tma, "BWD_SWITCH", False), \
             mock.patch.object(backends, "host_bound", wraps=backends.host_bound) as spy:
         block_sparse_attention(q, k, v, mask, backend="triton")
     assert not spy.called
@@ -218,7 +219,29 @@ def test_backward_dispatch_takes_the_tma_kernels_only_when_switched_on_eligible_
         assert not ok and why.startswith("grad_out: TMA needs a 16-byte aligned"), why
         ok, why = tma.backward_eligible(q, k, v, q, 40, 32)
         assert not ok and "divides the blocks (40, 32)" in why, why
-    assert tma.backward_eligible(q, k, v, q, 32, 32) == (False, "off (MMATTN_TRITON_TMA_BWD unset or 0)")
+    with mock.patch.object(tma, "BWD_SWITCH", False):
+        assert tma.backward_eligible(q, k, v, q, 32, 32) == (False, "off (MMATTN_TRITON_TMA_BWD=0)")
+
+
+@interpreted
+def test_default_backward_by_head_dim_and_determinism():
+    """Unpatched switches: at head dim 128 dQ is added atomically (no dQ kernel runs), or, when torch asks for
+    deterministic algorithms, the TMA kernels run; at head dim 64 the pointer kernels run. Gradients to the
+    FlashAttention criterion each time."""
+    mask = random_mask(1, 2, 64, 96, (32, 32), density=0.7, seed=10)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    for head_dim, strict, tma_runs, dq_kernel_runs in ((128, False, False, False), (128, True, True, False),
+                                                     (64, False, False, True), (64, True, False, True)):
+        q, k, v = random_qkv(1, 2, 2, 64, 96, head_dim, torch.float32, seed=head_dim)
+        try:
+            torch.use_deterministic_algorithms(strict)
+            with mock.patch.object(backends, "HOST_BOUND_WORK", 0.0), \
+                    mock.patch.object(tma, "backward", wraps=tma.backward) as tma_spy, \
+                    mock.patch.object(bs.dq_kernel, "launch", wraps=bs.dq_kernel.launch) as dq_spy:
+                check_against_reference(q, k, v, mask, with_lse_grad=True)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+        assert (tma_spy.called, dq_spy.called) == (tma_runs, dq_kernel_runs), (head_dim, strict)
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm90 GPU and MMATTN_TEST_GPU=1 (compiled Triton)")

@@ -132,6 +132,7 @@ def atomic_dq(monkeypatch):
     from mmattn.kernels.triton import block_sparse as triton_block_sparse
 
     monkeypatch.setattr(triton_block_sparse, "ATOMIC_DQ_SWITCH", True)
+    monkeypatch.setattr(triton_block_sparse, "hopper_backward_pays", lambda q: True)  # at these head dims too
 
     def no_dq_kernel(*args, **kwargs):
         raise AssertionError("the dQ kernel ran although dQ is added atomically")
@@ -156,10 +157,22 @@ def test_atomic_dq_backward_matches_the_reference(atomic_dq, heads, kv_heads, q_
 def test_atomic_dq_gives_way_to_deterministic_algorithms(atomic_dq):
     from mmattn.kernels.triton.block_sparse import atomic_dq as atomic
 
+    q = torch.zeros(1, 1, 16, 128)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    assert atomic()
+    assert atomic(q)
     try:
         torch.use_deterministic_algorithms(True)
-        assert not atomic()
+        assert not atomic(q)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
+def test_atomic_dq_by_default_only_at_the_head_dims_where_it_is_faster(monkeypatch):
+    """On Hopper (the interpreter stands in for it: `launch.hopper`) dQ is added atomically at head dim 128 unless
+    switched off, not at 64."""
+    from mmattn.kernels.triton import block_sparse as triton_block_sparse
+
+    assert triton_block_sparse.atomic_dq(torch.zeros(1, 1, 16, 128))
+    assert not triton_block_sparse.atomic_dq(torch.zeros(1, 1, 16, 64))
+    monkeypatch.setattr(triton_block_sparse, "ATOMIC_DQ_SWITCH", False)
+    assert not triton_block_sparse.atomic_dq(torch.zeros(1, 1, 16, 128))

@@ -62,11 +62,18 @@ def test_mixed_layouts():
     check(q, k, v, random_mask(2, 4, 700, 900, (128, 128), density=0.4, seed=3))
 
 
-def test_deterministic_backward():
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_deterministic_backward(head_dim):
+    """Under torch.use_deterministic_algorithms(True) (at head dim 128 dQ is otherwise added atomically)."""
     mask = random_mask(1, 8, 2048, 2048, (128, 128), density=0.3).to("cuda")
-    q, k, v = (t.cuda() for t in random_qkv(1, 8, 2, 2048, 2048, 128, torch.bfloat16))
+    q, k, v = (t.cuda() for t in random_qkv(1, 8, 2, 2048, 2048, head_dim, torch.bfloat16))
     grad = torch.randn(q.shape, device="cuda")
-    first, second = run(q, k, v, mask, "triton", grad), run(q, k, v, mask, "triton", grad)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first, second = run(q, k, v, mask, "triton", grad), run(q, k, v, mask, "triton", grad)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -121,6 +128,7 @@ def test_autotuned_atomic_dq_backward(monkeypatch):
                   reset_to_zero=bs.dkdvq_kernel.autotuner.reset_to_zero)
     monkeypatch.setattr(bs, "dkdvq_kernel", timed)
     monkeypatch.setattr(bs, "ATOMIC_DQ_SWITCH", True)
+    monkeypatch.setattr(bs, "hopper_backward_pays", lambda q: True)  # on any GPU, not only sm90
     q, k, v = random_qkv(1, 4, 4, 1000, 1000, 128, torch.bfloat16)
     check(q, k, v, random_mask(1, 4, 1000, 1000, (128, 128), seed=3))
     assert len(timed.picked) == 1, "the backward ran through the autotuner"

@@ -4,9 +4,10 @@ Forward (FlashAttention-2 online softmax in base 2): one program per (query tile
 key blocks its query block lists in `kv_indices`. Backward: the shared delta kernel forms delta = rowsum(dO * O)
 minus dLSE; `_bwd_dkdv` gives each (key tile, batch x key head) program its own dK and dV, accumulated over the
 query blocks of the transposed index and over the query heads of its GQA group; `_bwd_dq` mirrors the forward.
-No program writes another's output, so the backward needs no atomics and is bitwise reproducible. With
-`atomic_dq()` (MMATTN_TRITON_ATOMIC_DQ=1) `_bwd_dkdv` also adds each tile pair's dQ partial atomically into a float32
-buffer and `_bwd_dq` does not run: 5 block matmuls per tile pair instead of 7, in no fixed order of addition.
+No program writes another's output, so the backward needs no atomics and is bitwise reproducible. Where
+`atomic_dq` says so (on Hopper at head dim 128 unless torch asks for deterministic algorithms or
+MMATTN_TRITON_ATOMIC_DQ=0), `_bwd_dkdv` also adds each tile pair's dQ partial atomically into a float32 buffer and
+`_bwd_dq` does not run: 5 block matmuls per tile pair instead of 7, in no fixed order of addition.
 
 A mask block of `Q_BLOCK x KV_BLOCK` tokens is covered by tiles of `BLOCK_M x BLOCK_N` (the tile sides divide
 the block sides). Rows and columns past the true lengths are masked by position.
@@ -32,6 +33,7 @@ from .launch import (
     dot_precision,
     env_switch,
     head_dim_block,
+    hopper,
     row_strides,
     rows_contiguous,
     size_bucket,
@@ -378,19 +380,29 @@ dkdvq_kernel = tuned(_bwd_dkdv, DKDVQ_CONFIGS, _TUNE_KEY, prune_configs, _INTERP
 """`_bwd_dkdv` with ATOMIC_DQ: dK, dV and dQ in one kernel (tuned apart: the dQ partial adds a tile of registers;
 the autotuner zeroes the dQ sums before each timed tile and the real run, or the timing runs' sums would stay)."""
 
-ATOMIC_DQ_SWITCH: bool = env_switch("MMATTN_TRITON_ATOMIC_DQ", default=False)
-"""Whether the backward adds dQ atomically in the dK/dV kernel (5 block matmuls per tile pair, FlashAttention-3 and
-FA4 on Hopper do so) instead of a second, deterministic dQ kernel that recomputes QK^T and dO V^T (7); off unless
-MMATTN_TRITON_ATOMIC_DQ=1. On the H200 (2026-12-05, B1 H24 L32760 D128, all blocks, untimed tiles) forward+backward
-took 119 ms with it against 130 ms (FA4: 72 ms); the autotuned benchmark then failed its check (the timing runs'
-sums stayed in dQ, fixed since by `reset_to_zero`) and has not been re-run: the default flips once it confirms."""
+ATOMIC_DQ_SWITCH: bool = env_switch("MMATTN_TRITON_ATOMIC_DQ", default=True)
+"""Whether the backward may add dQ atomically in the dK/dV kernel (5 block matmuls per tile pair, as FlashAttention-3
+and FA4 on Hopper do) instead of running a second, deterministic dQ kernel that recomputes QK^T and dO V^T (7); on
+unless MMATTN_TRITON_ATOMIC_DQ=0. It does so where `hopper_backward_pays` and no bitwise reproducibility is asked
+for (`atomic_dq`)."""
+
+FAST_BACKWARD_HEAD_DIMS = frozenset({128})
+"""Head dims at which the Hopper backwards beat the deterministic pointer backward. On the H200 (2026-12-05,
+benchmarks/results/block_sparse_backward.md; every block, band, random and Radial masks at B1 H24/H12 L32760)
+forward+backward at head dim 128 took 0.89-0.98x the pointer kernels' time with atomic dQ and 0.93-1.00x with the
+TMA backward (`block_sparse_tma`); at head dim 64 (B1 H12 L16384) 1.07-1.21x and 1.08-1.19x."""
 
 
-def atomic_dq() -> bool:
-    """Whether this backward adds dQ atomically: switched on and no bitwise reproducibility asked for
-    (`torch.use_deterministic_algorithms`); the float32 additions then land in any order."""
-    return ATOMIC_DQ_SWITCH and not torch.are_deterministic_algorithms_enabled()
+def hopper_backward_pays(q: torch.Tensor) -> bool:
+    """Whether `q`'s backward takes a Hopper form (atomic dQ, else the TMA kernels): its head dim is one of
+    `FAST_BACKWARD_HEAD_DIMS` on an sm90 GPU (or under the interpreter, which runs every kernel)."""
+    return q.shape[-1] in FAST_BACKWARD_HEAD_DIMS and hopper(q.device)
 
+
+def atomic_dq(q: torch.Tensor) -> bool:
+    """Whether the backward of `q` adds dQ atomically: switched on, where `hopper_backward_pays`, and no bitwise
+    reproducibility asked for (`torch.use_deterministic_algorithms`); the float32 additions then land in any order."""
+    return ATOMIC_DQ_SWITCH and hopper_backward_pays(q) and not torch.are_deterministic_algorithms_enabled()
 
 
 def launch_args(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_block: int) -> dict:
@@ -468,9 +480,10 @@ def backward(
     q_num_blocks: torch.Tensor, q_indices: torch.Tensor, q_block: int, kv_block: int, scale: float,
     host_bound: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the backward kernels: `(dq, dk, dv)`. Deterministic (no atomics: a dQ kernel of its own) unless
-    `atomic_dq` says the dK/dV kernel adds dQ atomically. Otherwise, on Hopper, `block_sparse_tma`'s backward runs
-    where it applies and the call is not `host_bound` (as in the forward)."""
+    """Launches the backward kernels: `(dq, dk, dv)`. Where `atomic_dq` says so the dK/dV kernel adds dQ
+    atomically; otherwise the backward is deterministic (no atomics: a dQ kernel of its own), by `block_sparse_tma`'s
+    kernels where `hopper_backward_pays`, they apply and the call is not `host_bound` (as in the forward), else by
+    the pointer kernels."""
     from . import block_sparse_tma  # imports this module
 
     q, k, v, out, grad_out = (rows_contiguous(t) for t in (q, k, v, out, grad_out))
@@ -478,8 +491,9 @@ def backward(
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     delta = backward_delta(out, grad_out, grad_lse, lse)
-    atomic = atomic_dq()
-    if not atomic and not host_bound and block_sparse_tma.backward_eligible(q, k, v, grad_out, q_block, kv_block)[0]:
+    atomic = atomic_dq(q)
+    if (not atomic and not host_bound and hopper_backward_pays(q)
+            and block_sparse_tma.backward_eligible(q, k, v, grad_out, q_block, kv_block)[0]):
         return block_sparse_tma.backward(grad_out, q, k, v, lse, delta, kv_num_blocks, kv_indices, q_num_blocks,
                                          q_indices, q_block, kv_block, scale)
     launch = launch_args(q, k, q_block, kv_block)

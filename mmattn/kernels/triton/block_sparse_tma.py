@@ -29,7 +29,7 @@ backward stays deterministic), the dQ kernel mirrors the forward. Every tile bui
 (benchmarks/results/kernel_resources.md). dQ stays a kernel of its own: added atomically inside the warp-specialized
 dK/dV loop (by pointer atomics or a TMA reduce, FlashAttention-3's way), the 4-warp tiles crash the warp
 specialization pass of Triton 3.6 and 3.8 ("operation destroyed but still has uses") and 64x128 with 8 warps spills
-at head dim 128. Off unless MMATTN_TRITON_TMA_BWD=1: not yet run on a GPU.
+at head dim 128. `block_sparse.backward` runs it for deterministic backwards at head dim 128 (see `BWD_SWITCH`).
 
 Under the Triton interpreter (TRITON_INTERPRET=1) the CPU tests run both in float16 and float32.
 """
@@ -71,11 +71,11 @@ SWITCH: bool = env_switch("MMATTN_TRITON_TMA", default=True)
 # every tile listed here on the GPU.
 FWD_CONFIGS = tile_configs([(128, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2)])
 
-BWD_SWITCH: bool = env_switch("MMATTN_TRITON_TMA_BWD", default=False)
-"""Whether the backward kernels below run where they apply; off unless MMATTN_TRITON_TMA_BWD=1. Their tiles pass the
-GPU tests on an H100 (2026-12-05, gradients equal to the pointer backward's bit for bit), but the one timing so far,
-B1 H24 L32760 D128 with every block kept, gives forward+backward 122.0 ms against the pointer backward's 131.5 ms
-(FA4 on the H200: 72 ms): too little measured (no sparse mask, no FA4 in the same run) to change the default."""
+BWD_SWITCH: bool = env_switch("MMATTN_TRITON_TMA_BWD", default=True)
+"""Whether the backward kernels below may run; on unless MMATTN_TRITON_TMA_BWD=0. `block_sparse.backward` takes them
+for deterministic backwards where `block_sparse.hopper_backward_pays` (head dim 128): there, on the H200
+(2026-12-05), forward+backward took 0.93-1.00x the pointer kernels' time, with gradients equal to theirs bit for bit;
+the atomic-dQ pointer backward, faster still, runs where bitwise reproducibility is not asked for."""
 # Backward tiles (BLOCK_M query rows x BLOCK_N keys), warp-specialized with 2 stages as the forward's: dK/dV keeps
 # two [BLOCK_N, D] float32 accumulators per program, dQ one [BLOCK_M, D]. Fastest first, as timed at that shape on
 # the H100 (dK/dV: 125.3, 132.5, 160.5, 196.0 ms forward+backward with the 128x64 dQ tile; dQ: 122.0, 125.3, 146.8,
@@ -298,10 +298,10 @@ def forward(
 def backward_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, q_block: int,
                       kv_block: int) -> tuple[bool, str]:
     """Whether the backward kernels run the backward of `(B, H, L, D)` q, k, v and grad_out with mask blocks
-    `q_block x kv_block`, and if not, why: MMATTN_TRITON_TMA_BWD=1, what `launch.descriptor_reason` asks of the four
-    and, for each of the dK/dV and dQ kernels, a tile dividing the blocks."""
+    `q_block x kv_block`, and if not, why: MMATTN_TRITON_TMA_BWD unset or 1, what `launch.descriptor_reason` asks of
+    the four and, for each of the dK/dV and dQ kernels, a tile dividing the blocks."""
     if not BWD_SWITCH:
-        return False, "off (MMATTN_TRITON_TMA_BWD unset or 0)"
+        return False, "off (MMATTN_TRITON_TMA_BWD=0)"
     reason = (descriptor_reason(q, k, v, grad_out=grad_out) or _tile_reason(dkdv_kernel, q_block, kv_block)
               or _tile_reason(dq_kernel, q_block, kv_block))
     return not reason, reason

@@ -109,9 +109,9 @@ def make_peers(device: str) -> dict:
 
 
 def ours_backends(device: str) -> dict[str, str]:
-    """name -> backend of the mmattn rows: what "auto" runs (FA4 where installed) and our Triton kernels alone, also
-    with the backward that adds dQ atomically and with the Hopper backward (`switched_results`); on the CPU the
-    interpreted Triton kernels or the reference."""
+    """name -> backend of the mmattn rows: what "auto" runs (FA4 where installed, else our Triton kernels with their
+    default backward) and our Triton kernels alone with each form of their backward (`switched_results`); on the CPU
+    the interpreted Triton kernels or the reference."""
     if device == "cuda":
         return {"auto": "auto", "triton": "triton", ATOMIC: "triton", TMA_BWD: "triton"}
     return {"ours": "triton" if INTERPRETED else "torch"}
@@ -120,19 +120,26 @@ def ours_backends(device: str) -> dict[str, str]:
 ATOMIC = "triton atomic dQ"
 TMA_BWD = "triton TMA bwd"
 OURS = ("auto", "triton", ATOMIC, TMA_BWD, "ours")
+BACKWARD_FORMS = {"triton": (False, False), ATOMIC: (True, False), TMA_BWD: (False, True)}
+"""Column -> (dQ added atomically, the Hopper TMA backward): the form each Triton column's backward is held to."""
 
 
 def switched_results(runs: dict, measure) -> dict:
-    """`measure(fn)` of every column, each under its own backward: the Triton backward adds dQ atomically while the
-    `ATOMIC` column is checked or timed, runs on the Hopper kernels (`block_sparse_tma.backward`) while the `TMA_BWD`
-    column is, and only then."""
+    """`measure(fn)` of every column, each Triton column under its own backward form (`BACKWARD_FORMS`) at every head
+    dim: the deterministic pointer kernels for `triton`, dQ added atomically for `ATOMIC`, the Hopper kernels
+    (`block_sparse_tma.backward`) for `TMA_BWD`; the other columns as they run by default."""
     from mmattn.kernels.triton import block_sparse as kernels
     from mmattn.kernels.triton import block_sparse_tma
 
     results = {}
     for name, fn in runs.items():
-        with mock.patch.object(kernels, "ATOMIC_DQ_SWITCH", name == ATOMIC), \
-                mock.patch.object(block_sparse_tma, "BWD_SWITCH", name == TMA_BWD):
+        if name not in BACKWARD_FORMS:
+            results[name] = measure(fn)
+            continue
+        atomic, hopper = BACKWARD_FORMS[name]
+        with mock.patch.object(kernels, "hopper_backward_pays", lambda q: True), \
+                mock.patch.object(kernels, "ATOMIC_DQ_SWITCH", atomic), \
+                mock.patch.object(block_sparse_tma, "BWD_SWITCH", hopper):
             results[name] = measure(fn)
     return results
 
@@ -290,10 +297,10 @@ def table(rows, tiles, ours: list[str], peers: list[str], device: str) -> str:
     precision, dtype = ("float32", "bf16") if device == "cuda" else ("float64", "float32")
     dense = "cuDNN SDPA" if device == "cuda" else "math SDPA (CPU)"
     mine = ("`auto` = `block_sparse_attention(backend=\"auto\")` (the backend it ran in the column \"auto runs\"), "
-            "`triton` = our Triton kernels alone (deterministic backward), `triton atomic dQ` = the same with the "
-            "backward that adds dQ atomically in its dK/dV kernel (MMATTN_TRITON_ATOMIC_DQ=1; its forward is "
-            "`triton`'s), `triton TMA bwd` = the same with the deterministic Hopper backward on TMA descriptors "
-            "(MMATTN_TRITON_TMA_BWD=1)" if device == "cuda" else "`ours` = the interpreted Triton kernels "
+            "`triton` = our Triton kernels alone with the deterministic pointer backward, `triton atomic dQ` = the "
+            "same with the backward that adds dQ atomically in its dK/dV kernel (the default on Hopper at head dim "
+            "128; its forward is `triton`'s), `triton TMA bwd` = the same with the deterministic Hopper backward on "
+            "TMA descriptors (the default there under deterministic algorithms)" if device == "cuda" else "`ours` = the interpreted Triton kernels "
             "or the reference (CPU smoke run)")
     sections = [(title, field) for title, field in (("Forward", "fwd_ms"), ("Forward + backward", "fwd_bwd_ms"))]
     return (

@@ -2,9 +2,9 @@
 
 Backends (`backends.REGISTRY["block_sparse"]`): `"fa4"` (FlashAttention-4's CuTe kernels, `fa4.py`, where
 `flash_attn.cute` is installed on a Hopper/Blackwell GPU and the block sizes fit its tiles), `"triton"` (fused
-kernels, forward and backward, deterministic unless MMATTN_TRITON_ATOMIC_DQ=1, `triton/block_sparse.py`), `"flex"`
-(FlexAttention on the same mask, `flex.py`), `"torch"` (the exact reference, `reference.block_sparse_attention`);
-`"auto"` takes the fastest that runs the case here.
+kernels, forward and backward, the backward deterministic except on Hopper at head dim 128,
+`triton/block_sparse.py`), `"flex"` (FlexAttention on the same mask, `flex.py`), `"torch"` (the exact reference,
+`reference.block_sparse_attention`); `"auto"` takes the fastest that runs the case here.
 """
 
 from __future__ import annotations

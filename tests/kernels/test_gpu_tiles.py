@@ -195,6 +195,7 @@ def pinned(family: str, choices: dict):
         if family.startswith("block_sparse"):
             stack.enter_context(hopper_kernels(family == "block_sparse_tma"))
             stack.enter_context(mock.patch.object(bs, "ATOMIC_DQ_SWITCH", family == "block_sparse_atomic_dq"))
+            stack.enter_context(mock.patch.object(bs, "hopper_backward_pays", lambda q: True))  # any head dim
         if family.startswith("neighborhood"):
             stack.enter_context(mock.patch.object(na_tma, "SWITCH", family == "neighborhood_tma"))
         for part, choose in choices.items():

@@ -20,6 +20,7 @@ On the CPU, "ours" is the exact torch reference, or the Triton kernels under TRI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -124,22 +125,26 @@ BACKWARD_FORMS = {"triton": (False, False), ATOMIC: (True, False), TMA_BWD: (Fal
 """Column -> (dQ added atomically, the Hopper TMA backward): the form each Triton column's backward is held to."""
 
 
-def switched_results(runs: dict, measure) -> dict:
-    """`measure(fn)` of every column, each Triton column under its own backward form (`BACKWARD_FORMS`) at every head
-    dim: the deterministic pointer kernels for `triton`, dQ added atomically for `ATOMIC`, the Hopper kernels
-    (`block_sparse_tma.backward`) for `TMA_BWD`; the other columns as they run by default."""
+@contextlib.contextmanager
+def backward_form(atomic: bool, tma: bool):
+    """Our Triton backward held to one form at every head dim: dQ added atomically (`atomic`), the Hopper TMA kernels
+    (`tma`), or neither (the deterministic pointer kernels)."""
     from mmattn.kernels.triton import block_sparse as kernels
     from mmattn.kernels.triton import block_sparse_tma
 
+    with mock.patch.object(kernels, "hopper_backward_pays", lambda q: True), \
+            mock.patch.object(kernels, "ATOMIC_DQ_SWITCH", atomic), \
+            mock.patch.object(block_sparse_tma, "BWD_SWITCH", tma):
+        yield
+
+
+def switched_results(runs: dict, measure) -> dict:
+    """`measure(fn)` of every column, each Triton column under its own backward form (`BACKWARD_FORMS`): the
+    deterministic pointer kernels for `triton`, dQ added atomically for `ATOMIC`, the Hopper kernels
+    (`block_sparse_tma.backward`) for `TMA_BWD`; the other columns as they run by default."""
     results = {}
     for name, fn in runs.items():
-        if name not in BACKWARD_FORMS:
-            results[name] = measure(fn)
-            continue
-        atomic, hopper = BACKWARD_FORMS[name]
-        with mock.patch.object(kernels, "hopper_backward_pays", lambda q: True), \
-                mock.patch.object(kernels, "ATOMIC_DQ_SWITCH", atomic), \
-                mock.patch.object(block_sparse_tma, "BWD_SWITCH", hopper):
+        with backward_form(*BACKWARD_FORMS[name]) if name in BACKWARD_FORMS else contextlib.nullcontext():
             results[name] = measure(fn)
     return results
 
@@ -300,8 +305,8 @@ def table(rows, tiles, ours: list[str], peers: list[str], device: str) -> str:
             "`triton` = our Triton kernels alone with the deterministic pointer backward, `triton atomic dQ` = the "
             "same with the backward that adds dQ atomically in its dK/dV kernel (the default on Hopper at head dim "
             "128; its forward is `triton`'s), `triton TMA bwd` = the same with the deterministic Hopper backward on "
-            "TMA descriptors (the default there under deterministic algorithms)" if device == "cuda" else "`ours` = the interpreted Triton kernels "
-            "or the reference (CPU smoke run)")
+            "TMA descriptors (the default there under deterministic algorithms)" if device == "cuda" else
+            "`ours` = the interpreted Triton kernels or the reference (CPU smoke run)")
     sections = [(title, field) for title, field in (("Forward", "fwd_ms"), ("Forward + backward", "fwd_bwd_ms"))]
     return (
         "# Block-sparse attention: mmattn vs FlashAttention-4 vs FlexAttention vs cuDNN dense\n\n"

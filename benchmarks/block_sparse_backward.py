@@ -23,7 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from block_sparse import band_blocks, fa4_direct, has_fa4, random_blocks
+from block_sparse import backward_form, band_blocks, fa4_direct, has_fa4, random_blocks
 from common import RESULTS, provenance, write_results
 
 from mmattn.diffusion import radial_mask
@@ -31,19 +31,20 @@ from mmattn.kernels import BlockSparseMask, backends, block_sparse_attention
 from mmattn.kernels.triton import block_sparse as pointer
 from mmattn.kernels.triton import block_sparse_tma as tma
 
-FORMS = ("pointer", "TMA", "atomic dQ")
 ROUNDS = 2
 DEFAULT_OUT = RESULTS / "block_sparse_backward.md"
 
 
+FORM_SWITCHES = {"pointer": (False, False), "TMA": (False, True), "atomic dQ": (True, False)}
+"""Form -> `block_sparse.backward_form`'s (atomic, tma)."""
+FORMS = tuple(FORM_SWITCHES)
+
+
 @contextlib.contextmanager
-def backward_form(form: str):
-    """Our Triton backward in `form` at every head dim, host-bound calls too; yields spies on the TMA backward and the atomic dK/dV/dQ
-    kernel."""
-    with mock.patch.object(pointer, "hopper_backward_pays", lambda q: True), \
-            mock.patch.object(backends, "HOST_BOUND_WORK", 0.0), \
-            mock.patch.object(pointer, "ATOMIC_DQ_SWITCH", form == "atomic dQ"), \
-            mock.patch.object(tma, "BWD_SWITCH", form == "TMA"), \
+def forced_form(form: str):
+    """Our Triton backward in `form` at every head dim, host-bound calls too; yields spies on the TMA backward and
+    the atomic dK/dV/dQ kernel."""
+    with backward_form(*FORM_SWITCHES[form]), mock.patch.object(backends, "HOST_BOUND_WORK", 0.0), \
             mock.patch.object(tma, "backward", wraps=tma.backward) as tma_spy, \
             mock.patch.object(pointer.dkdvq_kernel, "launch", wraps=pointer.dkdvq_kernel.launch) as atomic_spy:
         yield tma_spy, atomic_spy
@@ -85,7 +86,7 @@ def row(shape, name: str, mask: BlockSparseMask, fa4: bool) -> str:
     ours = step(lambda q, k, v: block_sparse_attention(q, k, v, mask, backend="triton"))
     grads, times = {}, {name: [] for name in (*FORMS, "FA4")}
     for form in FORMS:
-        with backward_form(form) as (tma_spy, atomic_spy):
+        with forced_form(form) as (tma_spy, atomic_spy):
             ours()
         ran = {"pointer": (False, False), "TMA": (True, False), "atomic dQ": (False, True)}[form]
         if (tma_spy.called, atomic_spy.called) != ran:
@@ -93,7 +94,7 @@ def row(shape, name: str, mask: BlockSparseMask, fa4: bool) -> str:
         grads[form] = [t.grad.clone() for t in (q, k, v)]
     for _ in range(ROUNDS):
         for form in FORMS:
-            with backward_form(form):
+            with forced_form(form):
                 times[form].append(triton.testing.do_bench(ours, warmup=25, rep=150, return_mode="median"))
         if fa4:
             times["FA4"].append(triton.testing.do_bench(step(lambda q, k, v: fa4_direct(q, k, v, mask)), warmup=25,

@@ -37,7 +37,7 @@ from .block_sparse import block_sparse_attention
 from .column_sets import (
     ColumnSets,
     column_set_attention,
-    ranked_head_enhancement,
+    ranked_head_attention,
     sink_redistribution_attention,
 )
 from .mask import BlockSparseMask
@@ -54,7 +54,7 @@ __all__ = [
     "block_sparse_attention",
     "column_set_attention",
     "neighborhood_attention",
-    "ranked_head_enhancement",
+    "ranked_head_attention",
     "reference",
     "routed_attention",
     "sink_redistribution_attention",

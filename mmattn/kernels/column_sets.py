@@ -7,10 +7,9 @@ keys split into chunks (FlashDecoding) and a combine kernel, so a decoding step 
 probabilities and a dozen small ops, eagerly and inside a torch.compile'd decoding step (custom ops). Inference only
 (no autograd).
 
-Backends (`backends.REGISTRY["column_sets"]`): `"triton"` (`triton/column_sets.py`; the sink
-redistribution is fused into the combine, the head-ranked enhancement is a third kernel over every head of a batch
-row),
-`"torch"` (the exact reference, `reference.py`) or `"auto"` (the fastest that runs the case here: Triton on CUDA).
+Backends (`backends.REGISTRY["column_sets"]`): `"triton"` (`triton/column_sets.py`; the combine kernel applies the
+sink redistribution or the head-ranked enhancement), `"torch"` (the exact reference, `reference.py`) or `"auto"`
+(the fastest that runs the case here: Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from . import reference
 from .backends import resolve_backend
 from .validation import check_number, check_qkv, resolve_scale
 
-__all__ = ["ColumnSets", "column_set_attention", "ranked_head_enhancement", "sink_redistribution_attention"]
+__all__ = ["ColumnSets", "column_set_attention", "ranked_head_attention", "sink_redistribution_attention"]
 
 _MAX_SETS = 8
 
@@ -122,20 +121,30 @@ def sink_redistribution_attention(
     return reference.sink_redistribution(*sets, share, rho, min_mass).to(query.dtype)
 
 
-def ranked_head_enhancement(
-    sets: ColumnSets, *, beta: float = 1.0, dtype: torch.dtype = torch.float32, backend: str = "auto"
+def ranked_head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    columns: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    visible: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """GIFT's enhancement of one row per head from `column_set_attention` statistics over the sets (image,
-    boost = image * (M - 1), query), `(B, H, 1, D)` in `dtype`: the top half of heads by image mass ("vision heads")
-    scale image column j by M_j, the top half by query mass scale the query columns by beta * r (r: the vision heads'
-    image-mass gain), and each row keeps its mass."""
-    if not isinstance(sets, ColumnSets) or sets.masses.shape[-1] != 3:
-        raise ValueError("sets: expected the ColumnSets of three column sets (image, boost, query)")
+    """One-row attention with GIFT's head-ranked enhancement, `(B, H, 1, D)` in the query's dtype.
+
+    `columns` `(B, C, 3)`: the image tokens, boost = image * (M - 1) for the saliency multipliers M, and the query
+    tokens. The top half of heads by image mass ("vision heads") scale image column j by M_j, the top half by query
+    mass scale the query columns by beta * r (r: the vision heads' image-mass gain), and each row keeps its mass.
+    Other arguments as in `column_set_attention`.
+    """
+    _check(query, key, value, columns, visible, 3)
+    scale = resolve_scale(scale, query.shape[-1])
     beta = check_number("beta", beta)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if resolve_backend("column_sets", backend, sets.output) == "triton":
+    if _triton(query, key, value, backend):
         from .triton.column_sets import ranked_heads_op
 
-        return ranked_heads_op(*sets, beta, dtype)
-    return reference.ranked_head_enhancement(*sets, beta).to(dtype)
+        return ranked_heads_op(query, key, value, columns, visible, scale, beta)
+    sets = reference.column_set_attention(query, key, value, columns, visible, scale)
+    return reference.ranked_head_enhancement(*sets, beta).to(query.dtype)

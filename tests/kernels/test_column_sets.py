@@ -5,7 +5,7 @@ each column set, and the VAR and GIFT edits applied to the matrix before it mult
 import pytest
 import torch
 
-from mmattn.kernels import backend_info, column_set_attention, ranked_head_enhancement, sink_redistribution_attention
+from mmattn.kernels import backend_info, column_set_attention, ranked_head_attention, sink_redistribution_attention
 
 from .column_set_oracle import (
     attention_output,
@@ -94,7 +94,7 @@ def test_sink_redistribution_is_the_var_edit_of_the_explicit_matrix(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "beta"), [(6, 3, 1.0), (5, 1, 1.5)])
-def test_ranked_head_enhancement_is_the_gift_edit_of_the_explicit_matrix(heads, kv_heads, beta, dtype):
+def test_ranked_head_attention_is_the_gift_edit_of_the_explicit_matrix(heads, kv_heads, beta, dtype):
     q, k, v, visible = inputs(dtype, heads=heads, kv_heads=kv_heads, seed=heads)
     prompt, kv_len = 40, k.shape[2]
     image, query = token_sets(2, prompt, kv_len, 5, 0.4, 0.25)
@@ -103,8 +103,7 @@ def test_ranked_head_enhancement_is_the_gift_edit_of_the_explicit_matrix(heads, 
     expected = attention_output(enhance_ranked_heads(probs, image, multiplier, query, beta), v)
     columns = as_columns(prompt, image, image * (multiplier - 1), query)
     for backend in BACKENDS:
-        sets = column_set_attention(q, k, v, columns, visible=visible.to(DEVICE), backend=backend)
-        ours = ranked_head_enhancement(sets, beta=beta, dtype=dtype, backend=backend)
+        ours = ranked_head_attention(q, k, v, columns, beta=beta, visible=visible.to(DEVICE), backend=backend)
         assert ours.dtype == dtype
         assert_close(ours, expected, OUTPUT_ATOL[dtype])
 
@@ -112,7 +111,7 @@ def test_ranked_head_enhancement_is_the_gift_edit_of_the_explicit_matrix(heads, 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_keys_split_into_chunks_combine_to_the_whole_row(dtype):
     """One (batch, head) pair per key head and a long row: the Triton path splits the keys into chunks (one of them
-    sees no key) and combines them; statistics and the VAR edit as over the whole row."""
+    sees no key) and combines them; statistics and the VAR and GIFT edits as over the whole row."""
     from mmattn.kernels.triton.column_sets import key_splits
 
     q, k, v, visible = inputs(dtype, batch=1, heads=2, kv_heads=1, kv_len=300, head_dim=64, seed=7)
@@ -134,6 +133,11 @@ def test_keys_split_into_chunks_combine_to_the_whole_row(dtype):
     redistributed = sink_redistribution_attention(q, k, v, columns, share=0.6, rho=0.5, min_mass=0.2,
                                                   visible=visible.to(DEVICE), backend="triton")
     assert_close(redistributed, attention_output(edited, v), OUTPUT_ATOL[dtype])
+    multiplier = torch.where(image, torch.exp(3 * torch.rand(1, 300, generator=torch.Generator().manual_seed(8))), 1.0)
+    enhanced = ranked_head_attention(q, k, v, as_columns(prompt, image, image * (multiplier - 1), sinks),
+                                     visible=visible.to(DEVICE), backend="triton")
+    enhanced_probs = enhance_ranked_heads(probs, image, multiplier, sinks)
+    assert_close(enhanced, attention_output(enhanced_probs, v), OUTPUT_ATOL[dtype])
 
 
 def test_triton_custom_ops_pass_opcheck():
@@ -144,7 +148,7 @@ def test_triton_custom_ops_pass_opcheck():
     columns, visible = as_columns(40, *token_sets(2, 40, 45, 11, 0.3, 0.2, 0.1)), visible.to(DEVICE)
     torch.library.opcheck(column_sets_op.op, (q, k, v, columns, visible, 0.2))
     torch.library.opcheck(sink_redistribution_op.op, (q, k, v, columns, None, 0.2, 0.6, 0.5, 0.2))
-    torch.library.opcheck(ranked_heads_op.op, (*column_sets_op(q, k, v, columns, visible, 0.2), 1.5, torch.float16))
+    torch.library.opcheck(ranked_heads_op.op, (q, k, v, columns, visible, 0.2, 1.5))
 
 
 def test_bad_arguments_name_themselves():
@@ -160,5 +164,5 @@ def test_bad_arguments_name_themselves():
         sink_redistribution_attention(q, k, v, columns[..., :2].contiguous(), share=0.5, rho=0.5, min_mass=0.2)
     with pytest.raises(ValueError, match="visible"):
         column_set_attention(q, k, v, columns, visible=visible.float())
-    with pytest.raises(ValueError, match="sets"):
-        ranked_head_enhancement(column_set_attention(q, k, v, columns[..., :2].contiguous()))
+    with pytest.raises(ValueError, match="columns"):
+        ranked_head_attention(q, k, v, columns[..., :2].contiguous())

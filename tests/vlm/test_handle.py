@@ -233,7 +233,7 @@ def test_fused_decoding_rows_match_the_explicit_path(name, family, monkeypatch):
 
     launches = []
     launch = column_sets._launch
-    monkeypatch.setattr(column_sets, "_launch", lambda *args: launches.append(1) or launch(*args))
+    monkeypatch.setattr(column_sets, "_launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
     model, inputs = edited_batch(family, "sdpa")
 
     def generate_logits():

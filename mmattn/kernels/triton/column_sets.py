@@ -6,9 +6,9 @@ keys of one (batch, head) with the online softmax into, per column set n, the un
 set-weighted output sum_j p_j S_jn v_j; an all-ones set after the user's gives the softmax sum and the output O.
 `column_set_combine_kernel` rescales the chunks to their common max and normalizes: O, the masses m_n and
 W_n = sum_j A_j S_jn v_j. Column edits A_j <- A_j (1 + sum_n c_n S_jn) are linear in A, so the edited row's output
-is O + sum_n c_n W_n without A ever being written. The combine's `REDISTRIBUTE` epilogue applies the visual attention
-sink redistribution (sets image, receivers, sinks); `ranked_heads_kernel` applies the head-ranked enhancement, whose
-coefficients need every head of a batch row.
+is O + sum_n c_n W_n without A ever being written. The combine's epilogue (`EPILOGUE`) writes these statistics, or
+applies the visual attention sink redistribution (sets image, receivers, sinks) or the head-ranked enhancement (sets
+image, boost, query), whose head ranking each program recomputes from every head's split masses of its batch row.
 """
 
 from __future__ import annotations
@@ -46,15 +46,16 @@ def _pick_row(values, sets, index):
 
 @triton.jit
 def column_set_split_kernel(
-    Q, K, V, COLUMNS, VISIBLE, PART_MAX, PART_MASS, PART_WEIGHTED,
+    Q, K, V, COLUMNS, VISIBLE, PARTS,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_cb, stride_ct, stride_mb, stride_mt,
-    num_heads, kv_len, column_len, num_sets, chunk, num_splits, scale,
+    num_heads, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     SETS: tl.constexpr, HAS_VISIBLE: tl.constexpr,
 ):
     """Keys [split * chunk, (split + 1) * chunk) of one (batch, head): their max logit (base 2) and, per set, the
-    masses and set-weighted outputs of p_j = exp2(s_j - max); set `num_sets` is every key."""
+    masses and set-weighted outputs of p_j = exp2(s_j - max); set `num_sets` is every key. Each (program, split)
+    writes one record of PARTS: max, masses [num_sets + 1], set-weighted outputs [num_sets + 1, HEAD_DIM]."""
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h, kh = program_heads(pid, num_heads, GROUPS)
     dims = tl.arange(0, BLOCK_D)
@@ -90,60 +91,23 @@ def column_set_split_kernel(
         weighted = weighted * alpha + tl.dot(tl.trans(p_sets), v.to(tl.float32), input_precision="ieee")
         m_i = m_new
 
-    part = pid.to(tl.int64) * num_splits + split
+    record = PARTS + (pid.to(tl.int64) * num_splits + split) * record_len
     in_set = sets <= num_sets
-    tl.store(PART_MAX + part, m_i)
-    tl.store(PART_MASS + part * (num_sets + 1) + sets, mass, mask=in_set)
-    tl.store(PART_WEIGHTED + (part * (num_sets + 1) + sets[:, None]) * HEAD_DIM + dims[None, :], weighted,
+    tl.store(record, m_i)
+    tl.store(record + 1 + sets, mass, mask=in_set)
+    tl.store(record + num_sets + 2 + sets[:, None] * HEAD_DIM + dims[None, :], weighted,
              mask=in_set[:, None] & in_dim[None, :])
 
 
-@triton.jit
-def column_set_combine_kernel(
-    PART_MAX, PART_MASS, PART_WEIGHTED, OUT, MASSES, WEIGHTED,
-    stride_ob, stride_oh, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
-    num_heads, num_sets, num_splits, share, rho, min_mass,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, REDISTRIBUTE: tl.constexpr,
-):
-    """The splits of one (batch, head) rescaled to their common max and normalized by the all-ones set's mass."""
-    pid = tl.program_id(0)
-    b, h, _ = program_heads(pid, num_heads, 1)
-    dims = tl.arange(0, BLOCK_D)
-    sets = tl.arange(0, SETS)
-    in_dim = dims < HEAD_DIM
-    in_set = sets <= num_sets
-    parts = pid.to(tl.int64) * num_splits
-    m = tl.load(PART_MAX + parts)
-    for split in range(1, num_splits):
-        m = tl.maximum(m, tl.load(PART_MAX + parts + split))
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    mass = tl.zeros([SETS], tl.float32)
-    weighted = tl.zeros([SETS, BLOCK_D], tl.float32)
-    for split in range(num_splits):
-        part = parts + split
-        factor = tl.math.exp2(tl.load(PART_MAX + part) - m_shift)
-        mass += factor * tl.load(PART_MASS + part * (num_sets + 1) + sets, mask=in_set, other=0.0)
-        weighted += factor * tl.load(PART_WEIGHTED + (part * (num_sets + 1) + sets[:, None]) * HEAD_DIM + dims[None, :],
-                                     mask=in_set[:, None] & in_dim[None, :], other=0.0)
+STATISTICS, REDISTRIBUTE, RANK_HEADS = 0, 1, 2
+"""The combine's epilogues: write O, masses and set-weighted outputs (float32), or the output of the sink
+redistribution or of the head-ranked enhancement (the query's dtype)."""
 
-    total = _pick(mass, sets, num_sets)
-    inverse = tl.where(total == 0.0, 0.0, 1.0 / tl.where(total == 0.0, 1.0, total))  # no key seen: zeros, not NaN
-    mass, weighted = mass * inverse, weighted * inverse
-    acc = _pick_row(weighted, sets, num_sets)
-    out_ptrs = OUT + b * stride_ob + h * stride_oh + dims
-    if REDISTRIBUTE:
-        # sets (image, receivers, sinks): image-centric rows move `share` of the sinks' mass to the receivers
-        image, receivers, sinks = _pick(mass, sets, 0), _pick(mass, sets, 1), _pick(mass, sets, 2)
-        centric = (receivers - rho * image >= 0.0) & (image >= min_mass) & (receivers >= TINY)
-        gain = tl.where(centric, sinks / tl.where(centric, receivers, 1.0), 0.0)
-        moved = gain * _pick_row(weighted, sets, 1) - tl.where(centric, _pick_row(weighted, sets, 2), 0.0)
-        tl.store(out_ptrs, (acc + share * moved).to(OUT.dtype.element_ty), mask=in_dim)
-    else:
-        tl.store(out_ptrs, acc, mask=in_dim)
-        user_set = sets < num_sets
-        tl.store(MASSES + b * stride_sb + h * stride_sh + sets, mass, mask=user_set)
-        tl.store(WEIGHTED + b * stride_wb + h * stride_wh + sets[:, None] * stride_wn + dims[None, :], weighted,
-                 mask=user_set[:, None] & in_dim[None, :])
+
+@triton.jit
+def _inverse(total):
+    """1 / total, and 0 where total is 0 (a row that saw no key gives zeros, not NaN)."""
+    return tl.where(total == 0.0, 0.0, 1.0 / tl.where(total == 0.0, 1.0, total))
 
 
 @triton.jit
@@ -156,35 +120,90 @@ def _top_half(values, heads, num_heads, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def ranked_heads_kernel(
-    OUT, MASSES, WEIGHTED, RESULT, stride_ob, stride_oh, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
-    stride_rb, stride_rh, num_heads, beta,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """Sets (image, boost = image (M - 1), query) per head of batch row `b`: the top half of heads by image mass
-    (vision heads) add W_boost, the top half by query mass add (beta r - 1) W_query with r the vision heads' image
-    mass gain, and every row is rescaled to its original mass."""
-    b = tl.program_id(0).to(tl.int64)
+def _row_masses(PARTS, b, num_heads, num_sets, num_splits, record_len, BLOCK_H: tl.constexpr):
+    """Masses of the sets (image, boost, query), [BLOCK_H] each: every head of batch row b, from its split records."""
     heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_D)
     in_head = heads < num_heads
-    masses = MASSES + b * stride_sb + heads * stride_sh
-    image = tl.load(masses, mask=in_head, other=0.0)
-    boost = tl.load(masses + 1, mask=in_head, other=0.0)
-    query = tl.load(masses + 2, mask=in_head, other=0.0)
-    vision_heads = _top_half(image, heads, num_heads, BLOCK_H)
-    query_heads = _top_half(query, heads, num_heads, BLOCK_H)
-    gain = tl.sum(vision_heads * boost, 0) / tl.maximum(tl.sum(vision_heads * image, 0), TINY)
-    query_gain = query_heads * (beta * (1.0 + gain) - 1.0)
-    tile = in_head[:, None] & (dims[None, :] < HEAD_DIM)
-    out = tl.load(OUT + b * stride_ob + heads[:, None] * stride_oh + dims[None, :], mask=tile, other=0.0)
-    weighted = WEIGHTED + b * stride_wb + heads[:, None] * stride_wh + dims[None, :]
-    w_boost = tl.load(weighted + stride_wn, mask=tile, other=0.0)
-    w_query = tl.load(weighted + 2 * stride_wn, mask=tile, other=0.0)
-    mass = 1.0 + vision_heads * boost + query_gain * query
-    edited = (out + vision_heads[:, None] * w_boost + query_gain[:, None] * w_query) / mass[:, None]
-    result = RESULT + b * stride_rb + heads[:, None] * stride_rh + dims[None, :]
-    tl.store(result, edited.to(RESULT.dtype.element_ty), mask=tile)
+    records = PARTS + (b * num_heads + heads) * num_splits * record_len
+    m = tl.load(records, mask=in_head, other=float("-inf"))
+    for split in range(1, num_splits):
+        m = tl.maximum(m, tl.load(records + split * record_len, mask=in_head, other=float("-inf")))
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    image = tl.zeros([BLOCK_H], tl.float32)
+    boost = tl.zeros([BLOCK_H], tl.float32)
+    query = tl.zeros([BLOCK_H], tl.float32)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    for split in range(num_splits):
+        record = records + split * record_len
+        factor = tl.math.exp2(tl.load(record, mask=in_head, other=float("-inf")) - m_shift)
+        image += factor * tl.load(record + 1, mask=in_head, other=0.0)
+        boost += factor * tl.load(record + 2, mask=in_head, other=0.0)
+        query += factor * tl.load(record + 3, mask=in_head, other=0.0)
+        total += factor * tl.load(record + 1 + num_sets, mask=in_head, other=0.0)
+    inverse = _inverse(total)
+    return image * inverse, boost * inverse, query * inverse
+
+
+@triton.jit
+def column_set_combine_kernel(
+    PARTS, OUT, MASSES, WEIGHTED,
+    stride_ob, stride_oh, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
+    num_heads, num_sets, num_splits, record_len, share, rho, min_mass, beta,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, BLOCK_H: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+):
+    """The splits of one (batch, head) rescaled to their common max and normalized by the all-ones set's mass, then
+    the `EPILOGUE`."""
+    pid = tl.program_id(0)
+    b, h, _ = program_heads(pid, num_heads, 1)
+    dims = tl.arange(0, BLOCK_D)
+    sets = tl.arange(0, SETS)
+    in_dim = dims < HEAD_DIM
+    in_set = sets <= num_sets
+    records = PARTS + pid.to(tl.int64) * num_splits * record_len
+    m = tl.load(records)
+    for split in range(1, num_splits):
+        m = tl.maximum(m, tl.load(records + split * record_len))
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    mass = tl.zeros([SETS], tl.float32)
+    weighted = tl.zeros([SETS, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        record = records + split * record_len
+        factor = tl.math.exp2(tl.load(record) - m_shift)
+        mass += factor * tl.load(record + 1 + sets, mask=in_set, other=0.0)
+        weighted += factor * tl.load(record + num_sets + 2 + sets[:, None] * HEAD_DIM + dims[None, :],
+                                     mask=in_set[:, None] & in_dim[None, :], other=0.0)
+
+    inverse = _inverse(_pick(mass, sets, num_sets))
+    mass, weighted = mass * inverse, weighted * inverse
+    acc = _pick_row(weighted, sets, num_sets)
+    out_ptrs = OUT + b * stride_ob + h * stride_oh + dims
+    if EPILOGUE == REDISTRIBUTE:
+        # sets (image, receivers, sinks): image-centric rows move `share` of the sinks' mass to the receivers
+        image, receivers, sinks = _pick(mass, sets, 0), _pick(mass, sets, 1), _pick(mass, sets, 2)
+        centric = (receivers - rho * image >= 0.0) & (image >= min_mass) & (receivers >= TINY)
+        gain = tl.where(centric, sinks / tl.where(centric, receivers, 1.0), 0.0)
+        moved = gain * _pick_row(weighted, sets, 1) - tl.where(centric, _pick_row(weighted, sets, 2), 0.0)
+        tl.store(out_ptrs, (acc + share * moved).to(OUT.dtype.element_ty), mask=in_dim)
+    elif EPILOGUE == RANK_HEADS:
+        # sets (image, boost = image (M - 1), query): the top half of heads by image mass (vision heads) add
+        # W_boost, the top half by query mass add (beta r - 1) W_query with r the vision heads' image-mass gain,
+        # and the row is rescaled to its original mass
+        heads = tl.arange(0, BLOCK_H)
+        image, boost, query = _row_masses(PARTS, b, num_heads, num_sets, num_splits, record_len, BLOCK_H)
+        vision = _top_half(image, heads, num_heads, BLOCK_H)
+        gain = tl.sum(vision * boost, 0) / tl.maximum(tl.sum(vision * image, 0), TINY)
+        own_vision = _pick(vision, heads, h)
+        query_gain = _pick(_top_half(query, heads, num_heads, BLOCK_H), heads, h) * (beta * (1.0 + gain) - 1.0)
+        edited = acc + own_vision * _pick_row(weighted, sets, 1) + query_gain * _pick_row(weighted, sets, 2)
+        kept = 1.0 + own_vision * _pick(boost, heads, h) + query_gain * _pick(query, heads, h)
+        tl.store(out_ptrs, (edited / kept).to(OUT.dtype.element_ty), mask=in_dim)
+    else:
+        tl.store(out_ptrs, acc, mask=in_dim)
+        user_set = sets < num_sets
+        tl.store(MASSES + b * stride_sb + h * stride_sh + sets, mass, mask=user_set)
+        tl.store(WEIGHTED + b * stride_wb + h * stride_wh + sets[:, None] * stride_wn + dims[None, :], weighted,
+                 mask=user_set[:, None] & in_dim[None, :])
 
 
 @functools.cache
@@ -203,30 +222,32 @@ def key_splits(batch_heads: int, kv_len: int, device: torch.device) -> tuple[int
     return chunk, max(1, triton.cdiv(kv_len, chunk))
 
 
-def _launch(q, k, v, columns, visible, scale, out, masses, weighted, redistribution) -> None:
-    """The split kernel, then the combine kernel writing `out` (and, without `redistribution`, the statistics)."""
+def _launch(q, k, v, columns, visible, scale, out, epilogue: int, statistics=None, share=0.0, rho=0.0, min_mass=0.0,
+            beta=0.0) -> None:
+    """The split kernel, then the combine kernel writing `out` (and, for STATISTICS, `statistics` = (masses,
+    weighted)) with the `epilogue`'s parameters."""
     batch, heads, _, head_dim = q.shape
     sets = columns.shape[2]
     chunk, splits = key_splits(batch * heads, k.shape[2], q.device)
-    part_max = q.new_empty((batch * heads, splits), dtype=torch.float32)
-    part_mass = q.new_empty((batch * heads, splits, sets + 1), dtype=torch.float32)
-    part_weighted = q.new_empty((batch * heads, splits, sets + 1, head_dim), dtype=torch.float32)
+    record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
+    parts = q.new_empty((batch * heads * splits * record_len,), dtype=torch.float32)
     has_visible = visible is not None
     if has_visible:
         visible = visible.view(torch.uint8)
     block_d = head_dim_block(head_dim)
     column_set_split_kernel[(batch * heads, splits)](
-        q, k, v, columns, visible if has_visible else columns, part_max, part_mass, part_weighted,
+        q, k, v, columns, visible if has_visible else columns, parts,
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1),
         *(visible.stride() if has_visible else (0, 0)), heads, k.shape[2], columns.shape[1], sets, chunk, splits,
-        scale, GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=KEYS_BLOCK, SETS=SETS_BLOCK,
-        HAS_VISIBLE=has_visible, num_warps=4,
+        record_len, scale, GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=KEYS_BLOCK,
+        SETS=SETS_BLOCK, HAS_VISIBLE=has_visible, num_warps=4,
     )
-    share, rho, min_mass = redistribution or (0.0, 0.0, 0.0)
+    masses, weighted = statistics or (parts, parts)  # no statistics leave the other epilogues
+    strides = (*masses.stride()[:2], *weighted.stride()[:3]) if statistics else (0,) * 5
     column_set_combine_kernel[(batch * heads,)](
-        part_max, part_mass, part_weighted, out, masses, weighted, out.stride(0), out.stride(1),
-        *masses.stride()[:2], *weighted.stride()[:3], heads, sets, splits, share, rho, min_mass,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, SETS=SETS_BLOCK, REDISTRIBUTE=redistribution is not None, num_warps=4,
+        parts, out, masses, weighted, out.stride(0), out.stride(1), *strides, heads, sets, splits, record_len,
+        share, rho, min_mass, beta, HEAD_DIM=head_dim, BLOCK_D=block_d, SETS=SETS_BLOCK,
+        BLOCK_H=next_power_of_2(heads, 2) if epilogue == RANK_HEADS else 1, EPILOGUE=epilogue, num_warps=4,
     )
 
 
@@ -236,7 +257,7 @@ def column_sets_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, H, 1, D], masses [B, H, N], weighted [B, H, N, D]), float32."""
     out, masses, weighted = _statistics_like(q, k, v, columns)
-    _launch(q, k, v, columns, visible, scale, out, masses, weighted, None)
+    _launch(q, k, v, columns, visible, scale, out, STATISTICS, (masses, weighted))
     return out, masses, weighted
 
 
@@ -246,23 +267,18 @@ def sink_redistribution_forward(
 ) -> torch.Tensor:
     """The redistributed output [B, H, 1, D] in q's dtype (sets image, receivers, sinks)."""
     out = q.new_empty(q.shape)
-    unused = out.new_empty((1, 1, 1, 1), dtype=torch.float32)  # no statistics leave the redistributing combine
-    _launch(q, k, v, columns, visible, scale, out, unused, unused, (share, rho, min_mass))
+    _launch(q, k, v, columns, visible, scale, out, REDISTRIBUTE, share=share, rho=rho, min_mass=min_mass)
     return out
 
 
 def ranked_heads_forward(
-    out: torch.Tensor, masses: torch.Tensor, weighted: torch.Tensor, beta: float, dtype: torch.dtype
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, visible: torch.Tensor | None,
+    scale: float, beta: float,
 ) -> torch.Tensor:
-    """`ranked_heads_kernel` on `column_sets_forward`'s statistics: the enhanced output [B, H, 1, D] in `dtype`."""
-    batch, heads, _, head_dim = out.shape
-    result = out.new_empty(out.shape, dtype=dtype)
-    ranked_heads_kernel[(batch,)](
-        out, masses, weighted, result, out.stride(0), out.stride(1), masses.stride(0), masses.stride(1),
-        *weighted.stride()[:3], result.stride(0), result.stride(1), heads, beta,
-        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_H=next_power_of_2(heads, 2), num_warps=4,
-    )
-    return result
+    """The head-ranked enhancement's output [B, H, 1, D] in q's dtype (sets image, boost, query)."""
+    out = q.new_empty(q.shape)
+    _launch(q, k, v, columns, visible, scale, out, RANK_HEADS, beta=beta)
+    return out
 
 
 def _statistics_like(
@@ -278,5 +294,4 @@ def _statistics_like(
 column_sets_op = inference_op("mmattn::column_sets", column_sets_forward, fake=_statistics_like)
 sink_redistribution_op = inference_op("mmattn::sink_redistribution", sink_redistribution_forward,
                                       fake=lambda q, *rest: q.new_empty(q.shape))
-ranked_heads_op = inference_op("mmattn::ranked_heads", ranked_heads_forward,
-                               fake=lambda out, masses, weighted, beta, dtype: out.new_empty(out.shape, dtype=dtype))
+ranked_heads_op = inference_op("mmattn::ranked_heads", ranked_heads_forward, fake=lambda q, *rest: q.new_empty(q.shape))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels import column_set_attention, ranked_head_enhancement
+from ...kernels import ranked_head_attention
 from ...kernels.reference import top_half_heads
 from ..attention import AttentionRows, LayerColumns, column_masses, scale_columns
 from .base import (
@@ -212,6 +212,6 @@ class _GIFTRuntime(Runtime):
         if self._collects_saliency(layer, call):
             return None
         masses, _ = self._enhance_columns(layer)
-        sets = column_set_attention(query, key, value, masses, visible=visible, scale=scale, backend=backend)
-        return ranked_head_enhancement(sets, beta=self.settings.beta, dtype=query.dtype, backend=backend)
+        return ranked_head_attention(query, key, value, masses, beta=self.settings.beta, visible=visible, scale=scale,
+                                     backend=backend)
 

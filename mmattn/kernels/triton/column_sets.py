@@ -99,8 +99,8 @@ def column_set_split_kernel(
              mask=in_set[:, None] & in_dim[None, :])
 
 
-STATISTICS, REDISTRIBUTE, RANK_HEADS = 0, 1, 2
-"""The combine's epilogues: write O, masses and set-weighted outputs (float32), or the output of the sink
+STATISTICS, REDISTRIBUTE, RANK_HEADS = (tl.constexpr(n) for n in range(3))
+"""The combine's epilogues (constexpr: a kernel reads no other globals): write O, masses and set-weighted outputs (float32), or the output of the sink
 redistribution or of the head-ranked enhancement (the query's dtype)."""
 
 
@@ -222,7 +222,7 @@ def key_splits(batch_heads: int, kv_len: int, device: torch.device) -> tuple[int
     return chunk, max(1, triton.cdiv(kv_len, chunk))
 
 
-def _launch(q, k, v, columns, visible, scale, out, epilogue: int, statistics=None, share=0.0, rho=0.0, min_mass=0.0,
+def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, statistics=None, share=0.0, rho=0.0, min_mass=0.0,
             beta=0.0) -> None:
     """The split kernel, then the combine kernel writing `out` (and, for STATISTICS, `statistics` = (masses,
     weighted)) with the `epilogue`'s parameters."""
@@ -247,7 +247,7 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: int, statistics=Non
     column_set_combine_kernel[(batch * heads,)](
         parts, out, masses, weighted, out.stride(0), out.stride(1), *strides, heads, sets, splits, record_len,
         share, rho, min_mass, beta, HEAD_DIM=head_dim, BLOCK_D=block_d, SETS=SETS_BLOCK,
-        BLOCK_H=next_power_of_2(heads, 2) if epilogue == RANK_HEADS else 1, EPILOGUE=epilogue, num_warps=4,
+        BLOCK_H=next_power_of_2(heads, 2) if epilogue is RANK_HEADS else 1, EPILOGUE=epilogue.value, num_warps=4,
     )
 
 

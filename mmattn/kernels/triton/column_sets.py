@@ -222,8 +222,8 @@ def key_splits(batch_heads: int, kv_len: int, device: torch.device) -> tuple[int
     return chunk, max(1, triton.cdiv(kv_len, chunk))
 
 
-def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, statistics=None, share=0.0, rho=0.0, min_mass=0.0,
-            beta=0.0) -> None:
+def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, statistics=None, share=0.0, rho=0.0,
+            min_mass=0.0, beta=0.0) -> None:
     """The split kernel, then the combine kernel writing `out` (and, for STATISTICS, `statistics` = (masses,
     weighted)) with the `epilogue`'s parameters."""
     batch, heads, _, head_dim = q.shape

@@ -88,8 +88,8 @@ def row(shape, name: str, mask: BlockSparseMask, fa4: bool) -> str:
     for form in FORMS:
         with forced_form(form) as (tma_spy, atomic_spy):
             ours()
-        ran = {"pointer": (False, False), "TMA": (True, False), "atomic dQ": (False, True)}[form]
-        if (tma_spy.called, atomic_spy.called) != ran:
+        atomic, hopper = FORM_SWITCHES[form]
+        if (atomic_spy.called, tma_spy.called) != (atomic, hopper):
             raise RuntimeError(f"{shape} {name}: the {form} backward did not run")
         grads[form] = [t.grad.clone() for t in (q, k, v)]
     for _ in range(ROUNDS):

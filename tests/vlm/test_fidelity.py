@@ -266,34 +266,23 @@ GIFT_GPU_CASES = {
 }
 
 
-def fused_launches(monkeypatch) -> list:
-    """Counts the launches of the fused column-set kernel."""
-    from mmattn.kernels.triton import column_sets
-
-    launches, launch = [], column_sets._launch
-    monkeypatch.setattr(column_sets, "_launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
-    return launches
-
-
 @gpu
 @pytest.mark.parametrize("family", sorted(VAR_GPU_SINKS))
-def test_var_gpu_fused_bf16_matches_the_official_code(family, monkeypatch):
+def test_var_gpu_fused_bf16_matches_the_official_code(family, fused_launches):
     ours, theirs = VAR_CASES["p0.8-rho0.3"]
     dims, tau = VAR_GPU_SINKS[family]
     model, inputs = one_prompt(family, 5, "sdpa")
-    launches = fused_launches(monkeypatch)
     check_bf16(sharpened(model, 0.3), inputs, lambda model, inputs: VAROfficial(model, inputs, dims, tau=tau, **theirs),
                vlm.VAR(tau=tau, sink_dims=dims, **ours))
-    assert launches
+    assert fused_launches
 
 
 @gpu
 @pytest.mark.parametrize("case", sorted(GIFT_GPU_CASES))
-def test_gift_gpu_fused_bf16_matches_the_official_code(case, monkeypatch):
+def test_gift_gpu_fused_bf16_matches_the_official_code(case, fused_launches):
     family, seed, settings = GIFT_GPU_CASES[case]
     model, inputs = one_prompt(family, 4, "sdpa", seed, question=True)
-    launches = fused_launches(monkeypatch)
     check_bf16(sharpened(model, 0.3), inputs, lambda model, inputs: GIFTOfficial(
         model, inputs, settings["saliency_layers"], settings["enhance_layers"], settings["alpha"]),
         vlm.GIFT(**settings))
-    assert launches
+    assert fused_launches

@@ -226,14 +226,9 @@ def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("name", ["VAR", "GIFT"])
-def test_fused_decoding_rows_match_the_explicit_path(name, family, monkeypatch):
+def test_fused_decoding_rows_match_the_explicit_path(name, family, fused_launches):
     """The decode rows' column-set kernel (Triton; interpreted on the CPU) generates what the explicit fp32
     probabilities do, with left padding and grouped-query attention."""
-    from mmattn.kernels.triton import column_sets
-
-    launches = []
-    launch = column_sets._launch
-    monkeypatch.setattr(column_sets, "_launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
     model, inputs = edited_batch(family, "sdpa")
 
     def generate_logits():
@@ -247,7 +242,7 @@ def test_fused_decoding_rows_match_the_explicit_path(name, family, monkeypatch):
             results.append(generate_logits())
     # VAR edits layers 2 and 3 of 4 (by default the last one too, as the released code) in the 3 decode steps; GIFT
     # layers 0 and 2 there and at the last prompt row
-    assert len(launches) == (6 if name == "VAR" else 8)
+    assert len(fused_launches) == (6 if name == "VAR" else 8)
     explicit, fused = results
     assert max((f - p).abs().max() for f, p in zip(fused.logits[1:], plain.logits[1:])) > 1e-3  # decode rows edited
     assert torch.equal(explicit.sequences, fused.sequences)

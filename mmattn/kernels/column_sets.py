@@ -36,27 +36,35 @@ class ColumnSets(NamedTuple):
     weighted: torch.Tensor
 
 
-def _check(query, key, value, columns, visible, sets: int | None) -> None:
+def _check(query, key, value, columns, visible, sets: int | None, rows: bool = False, selected=None) -> None:
+    """The column-set functions' arguments: one query row per head, or several with `rows` (`selected`: the rows
+    to edit); `visible` for every row or per row."""
     check_qkv(query, key, value, (4,), "(batch, heads, tokens, head_dim)")
-    if query.shape[2] != 1:
+    batch, _, count_rows, _ = query.shape
+    if not rows and count_rows != 1:
         raise ValueError(f"query: expected one row per head, (batch, heads, 1, head_dim), got {tuple(query.shape)}")
     if not isinstance(columns, torch.Tensor) or columns.dtype != torch.float32 or columns.dim() != 3:
         raise TypeError(f"columns: expected a float32 (batch, keys, sets) tensor, got "
                         f"{getattr(columns, 'dtype', type(columns).__name__)} {tuple(getattr(columns, 'shape', ()))}")
-    batch, length, count = columns.shape
-    if batch != query.shape[0] or length > key.shape[2] or not 1 <= count <= _MAX_SETS or columns.stride(2) != 1:
-        raise ValueError(f"columns: expected ({query.shape[0]}, <= {key.shape[2]}, 1..{_MAX_SETS}) with unit last "
+    _, length, count = columns.shape
+    if columns.shape[0] != batch or length > key.shape[2] or not 1 <= count <= _MAX_SETS or columns.stride(2) != 1:
+        raise ValueError(f"columns: expected ({batch}, <= {key.shape[2]}, 1..{_MAX_SETS}) with unit last "
                          f"stride, got {tuple(columns.shape)} strides {columns.stride()}")
     if sets is not None and count != sets:
         raise ValueError(f"columns: expected {sets} sets, got {count}")
     if columns.device != query.device:
         raise ValueError(f"columns must be on {query.device}, got {columns.device}")
-    if visible is not None and (not isinstance(visible, torch.Tensor) or visible.dtype != torch.bool
-                                or visible.shape != (query.shape[0], key.shape[2]) or visible.device != query.device):
-        got = (f"{visible.dtype} {tuple(visible.shape)} on {visible.device}" if isinstance(visible, torch.Tensor)
-               else type(visible).__name__)
-        raise ValueError(f"visible: expected a bool ({query.shape[0]}, {key.shape[2]}) tensor on {query.device}, "
-                         f"got {got}")
+    _check_flags("visible", visible, [(batch, key.shape[2]), (batch, count_rows, key.shape[2])], query.device)
+    _check_flags("selected", selected, [(batch, count_rows)], query.device)
+
+
+def _check_flags(name: str, flags, shapes: list[tuple[int, ...]], device: torch.device) -> None:
+    """A bool tensor of one of `shapes` on `device`, or None."""
+    if flags is not None and (not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool
+                              or tuple(flags.shape) not in shapes or flags.device != device):
+        got = (f"{flags.dtype} {tuple(flags.shape)} on {flags.device}" if isinstance(flags, torch.Tensor)
+               else type(flags).__name__)
+        raise ValueError(f"{name}: expected a bool {' or '.join(map(str, shapes))} tensor on {device}, got {got}")
 
 
 def _triton(query, key, value, backend: str) -> bool:
@@ -79,7 +87,7 @@ def column_set_attention(
 
     query `(B, H, 1, D)`, key/value `(B, H_kv, T, D)` (grouped-query attention allowed); `columns` float32
     `(B, C, N)`: N <= 8 weights of the first C <= T keys (0/1 for a token set; keys past C weigh 0); `visible`
-    bool `(B, T)` (False: padding, never attended) or None. Rows that see no key give zeros.
+    bool `(B, T)` or `(B, 1, T)` (False: padding, never attended) or None. Rows that see no key give zeros.
     """
     _check(query, key, value, columns, visible, None)
     scale = resolve_scale(scale, query.shape[-1])
@@ -87,7 +95,8 @@ def column_set_attention(
         from .triton.column_sets import column_sets_op
 
         return ColumnSets(*column_sets_op(query, key, value, columns, visible, scale))
-    return ColumnSets(*reference.column_set_attention(query, key, value, columns, visible, scale))
+    out, masses, weighted = reference.column_set_attention(query, key, value, columns, visible, scale)
+    return ColumnSets(out, masses[:, :, 0], weighted[:, :, 0])
 
 
 def sink_redistribution_attention(
@@ -100,25 +109,28 @@ def sink_redistribution_attention(
     rho: float,
     min_mass: float,
     visible: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One-row attention with visual attention sink redistribution (VAR), `(B, H, 1, D)` in the query's dtype.
+    """Attention of R query rows per head with visual attention sink redistribution (VAR), `(B, H, R, D)` in the
+    query's dtype, for query `(B, H, R, D)`.
 
     `columns` `(B, C, 3)`: the image tokens, the receivers (image tokens that are not sinks) and the sinks. In
     image-centric rows (receiver mass >= rho * image mass, image mass >= min_mass, receiver mass > 0) the sinks keep
-    1 - share of their attention and the receivers gain the rest in proportion to their own; other rows are plain
-    attention. Other arguments as in `column_set_attention`.
+    1 - share of their attention and the receivers gain the rest in proportion to their own; other rows, and rows
+    that `selected` `(B, R)` bool leaves out, are plain attention. `visible`: bool `(B, T)` for every row or
+    `(B, R, T)` per row (a prompt's causal rows). Other arguments as in `column_set_attention`.
     """
-    _check(query, key, value, columns, visible, 3)
+    _check(query, key, value, columns, visible, 3, rows=True, selected=selected)
     scale = resolve_scale(scale, query.shape[-1])
     share, rho, min_mass = check_number("share", share), check_number("rho", rho), check_number("min_mass", min_mass)
     if _triton(query, key, value, backend):
         from .triton.column_sets import sink_redistribution_op
 
-        return sink_redistribution_op(query, key, value, columns, visible, scale, share, rho, min_mass)
+        return sink_redistribution_op(query, key, value, columns, visible, selected, scale, share, rho, min_mass)
     sets = reference.column_set_attention(query, key, value, columns, visible, scale)
-    return reference.sink_redistribution(*sets, share, rho, min_mass).to(query.dtype)
+    return reference.sink_redistribution(*sets, share, rho, min_mass, selected).to(query.dtype)
 
 
 def ranked_head_attention(

@@ -187,34 +187,38 @@ def column_set_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, visible: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One-row attention split by column sets (reference): with A = softmax(q k^T scale) over the `visible` keys,
-    `(out = A v, masses = A[:C] S, weighted[n] = (A[:C] * S[:, n]) v[:C])` for `columns` S `(B, C, N)` weighting
-    the first C keys. q `(B, H, 1, D)`; computed in float32 for half precision; empty rows give zeros."""
+    """Attention of a few query rows split by column sets (reference): with A = softmax(q k^T scale) over the
+    `visible` keys, `(out = A v, masses = A[:C] S, weighted[n] = (A[:C] * S[:, n]) v[:C])` for `columns` S
+    `(B, C, N)` weighting the first C keys: `(B, H, R, D)`, `(B, H, R, N)`, `(B, H, R, N, D)` for q `(B, H, R, D)`;
+    `visible` `(B, T)` (every row) or `(B, R, T)`; computed in float32 for half precision; empty rows give zeros."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = _upcast_and_share_heads(q, k, v)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if visible is not None:
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        rows = visible[:, None, None] if visible.dim() == 2 else visible[:, None]
+        scores = scores.masked_fill(~rows, float("-inf"))
     probs = _safe_softmax(scores)[0].to(dtype)
-    prompt = probs[..., : columns.shape[1]].squeeze(2)
-    weights = columns.to(dtype)
-    per_set = prompt[..., None] * weights[:, None]  # (B, H, C, N)
-    weighted = torch.einsum("bhcn,bhcd->bhnd", per_set, v[:, :, : columns.shape[1]].to(dtype))
-    return torch.matmul(probs, v.to(dtype)), per_set.sum(2), weighted
+    prompt, weights = probs[..., : columns.shape[1]], columns.to(dtype)
+    weighted = torch.einsum("bhrc,bcn,bhcd->bhrnd", prompt, weights, v[:, :, : columns.shape[1]].to(dtype))
+    return torch.matmul(probs, v.to(dtype)), torch.einsum("bhrc,bcn->bhrn", prompt, weights), weighted
 
 
 def sink_redistribution(
-    out: torch.Tensor, masses: torch.Tensor, weighted: torch.Tensor, share: float, rho: float, min_mass: float
+    out: torch.Tensor, masses: torch.Tensor, weighted: torch.Tensor, share: float, rho: float, min_mass: float,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Visual attention sink redistribution of `column_set_attention` statistics over the sets (image, receivers,
-    sinks): in rows with receivers >= rho * image, image >= min_mass and receivers > 0, the sinks keep 1 - share of
-    their attention and the receivers gain share * sum_sinks A in proportion to their own."""
+    sinks): in rows with receivers >= rho * image, image >= min_mass and receivers > 0 (and `selected` [B, R], if
+    given), the sinks keep 1 - share of their attention and the receivers gain share * sum_sinks A in proportion to
+    their own."""
     image, receivers, sinks = masses.unbind(-1)
     tiny = torch.finfo(torch.float32).smallest_normal
     centric = (receivers - rho * image >= 0) & (image >= min_mass) & (receivers >= tiny)
+    if selected is not None:
+        centric &= selected[:, None]
     gain = torch.where(centric, sinks / torch.where(centric, receivers, 1.0), 0.0)
-    moved = gain[..., None] * weighted[:, :, 1] - centric[..., None] * weighted[:, :, 2]
-    return out + share * moved[:, :, None]
+    moved = gain[..., None] * weighted[..., 1, :] - centric[..., None] * weighted[..., 2, :]
+    return out + share * moved
 
 
 def top_half_heads(mass: torch.Tensor) -> torch.Tensor:
@@ -226,13 +230,13 @@ def top_half_heads(mass: torch.Tensor) -> torch.Tensor:
 def ranked_head_enhancement(
     out: torch.Tensor, masses: torch.Tensor, weighted: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """Head-ranked enhancement of `column_set_attention` statistics over the sets (image, boost, query): the top
-    half of heads by image mass (vision heads) add W_boost, the top half by query mass add (beta r - 1) W_query with
-    r the vision heads' image-mass gain, and each row is rescaled to its original mass."""
+    """Head-ranked enhancement of `column_set_attention` statistics over the sets (image, boost, query), per query
+    row: the top half of heads by image mass (vision heads) add W_boost, the top half by query mass add
+    (beta r - 1) W_query with r the vision heads' image-mass gain, and each row is rescaled to its original mass."""
     image, boost, query = masses.unbind(-1)
     vision, query_heads = top_half_heads(image), top_half_heads(query)
     tiny = torch.finfo(torch.float32).smallest_normal
     gain = (vision * boost).sum(1, keepdim=True) / (vision * image).sum(1, keepdim=True).clamp_min(tiny)
     query_gain = query_heads * (beta * (1 + gain) - 1)
-    edited = out[:, :, 0] + vision[..., None] * weighted[:, :, 1] + query_gain[..., None] * weighted[:, :, 2]
-    return (edited / (1 + vision * boost + query_gain * query)[..., None])[:, :, None]
+    edited = out + vision[..., None] * weighted[..., 1, :] + query_gain[..., None] * weighted[..., 2, :]
+    return edited / (1 + vision * boost + query_gain * query)[..., None]

@@ -27,6 +27,7 @@ __all__ = [
     "rows_attention",
     "scale_columns",
     "tail_mask",
+    "tail_visibility",
 ]
 
 
@@ -101,24 +102,32 @@ def _grouped(states: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return states.reshape(batch, kv_heads, heads // kv_heads * rows, width)
 
 
-def tail_mask(
+def tail_visibility(
     attention_mask: torch.Tensor | None, tail: int, q_len: int, kv_len: int, device: torch.device
 ) -> torch.Tensor | None:
-    """The additive fp32 mask [B|1, 1, tail, kv] of the last `tail` query rows (None when they see every key).
+    """The keys bool [B|1, tail, kv] that the last `tail` query rows see under a boolean `attention_mask` (or none;
+    None when they see every key).
 
     Without a mask, several query rows attend causally with SDPA's upper-left alignment (`is_causal`): row i sees
     keys 0..i. transformers skips the mask so when the keys are the queries, or when a prefill fills an empty static
     cache, whose keys past the prompt are unwritten slots."""
-    if attention_mask is None:
-        if q_len == 1 or (tail == 1 and kv_len == q_len):
-            return None
-        rows = torch.arange(q_len - tail, q_len, device=device)
-        allowed = torch.arange(kv_len, device=device) <= rows[:, None]
-    else:
-        allowed = attention_mask[..., q_len - tail : q_len, :kv_len]
-        if allowed.dtype != torch.bool:
-            return allowed.float()
-    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    if attention_mask is not None:
+        return attention_mask[:, 0, q_len - tail : q_len, :kv_len]
+    if q_len == 1 or (tail == 1 and kv_len == q_len):
+        return None
+    rows = torch.arange(q_len - tail, q_len, device=device)
+    return (torch.arange(kv_len, device=device) <= rows[:, None])[None]
+
+
+def tail_mask(
+    attention_mask: torch.Tensor | None, tail: int, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The additive fp32 mask [B|1, 1, tail, kv] of the last `tail` query rows (None when they see every key), from
+    a boolean or additive `attention_mask` (see `tail_visibility`)."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return attention_mask[..., q_len - tail : q_len, :kv_len].float()
+    visible = tail_visibility(attention_mask, tail, q_len, kv_len, device)
+    return None if visible is None else torch.where(visible[:, None], 0.0, torch.finfo(torch.float32).min)
 
 
 def explicit_probabilities(

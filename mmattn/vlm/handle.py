@@ -15,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from typing_extensions import Self
 
 from ..kernels.backends import backend_choices, check_backend, resolve_backend
-from .attention import AttentionRows, eager_attention, rows_attention, tail_mask
+from .attention import AttentionRows, eager_attention, rows_attention, tail_mask, tail_visibility
 from .interventions.base import CACHE_ARGUMENTS, CallState, Intervention, ModelContext, Runtime, passed_cache
 from .interventions.pruning import _PruningIntervention, _PruningRuntime
 from .layout import TokenLayout, resolve_family
@@ -47,7 +47,7 @@ class InterventionHandle:
         self.context = ModelContext(model, family, image_token_id, text_model)
         self.runtimes: list[Runtime] = [intervention.bind(self.context) for intervention in interventions]
         self.call: CallState | None = None
-        self._tail_masks: tuple | None = None  # (attention mask, (tail, q_len, kv_len, device), tail mask)
+        self._tail_masks: dict = {}  # (kind, tail, q_len, kv_len, device) -> (attention mask, mask), per forward
         self.model_parameters = tuple(inspect.signature(model.model.forward).parameters)
         self.original_implementation = text_model.config._attn_implementation
         self.eager_base = self.original_implementation == "eager"
@@ -83,7 +83,7 @@ class InterventionHandle:
     # -- hooks -----------------------------------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A call with a filled cache decodes; any other starts a new prompt."""
-        self._tail_masks = None  # masks are built per forward
+        self._tail_masks = {}  # masks are built per forward
         arguments = {**dict(zip(self.model_parameters, args)), **kwargs}
         cache = passed_cache(arguments)
         if self._decoding(cache, arguments.get("input_ids")):
@@ -163,8 +163,8 @@ class InterventionHandle:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
-        if tail == 1 and len(users) == 1 and not self.eager_base:
-            fused = self._fused_last_row(users[0], layer, query, key, value, attention_mask, scaling)
+        if len(users) == 1 and not self.eager_base:
+            fused = self._fused_rows(users[0], selections[0], layer, query, key, value, attention_mask, scaling)
             if fused is not None:
                 return self._with_last_rows(fused.transpose(1, 2), module, query, key, value, attention_mask,
                                             scaling, **kwargs)
@@ -181,17 +181,17 @@ class InterventionHandle:
         rows = rows_attention(query, key, value, mask, scaling, tail, edit)
         return self._with_last_rows(rows, module, query, key, value, attention_mask, scaling, **kwargs)
 
-    def _tail_mask(self, attention_mask, tail: int, q_len: int, kv_len: int, device) -> torch.Tensor | None:
-        """`tail_mask`, built once for the layers of a forward that pass the same mask (VAR edits up to 30 layers of
-        a prefill; a mask per layer cost 6 ops each) and again for another mask or shape (Gemma 3's sliding layers).
-        Not under torch.compile, which traces it into the graph."""
+    def _tail_mask(self, attention_mask, tail: int, q_len: int, kv_len: int, device, kind=tail_mask):
+        """`tail_mask` (or `tail_visibility`), built once for the layers of a forward that pass the same mask (VAR
+        edits up to 30 layers of a prefill; a mask per layer cost 6 ops each) and again for another mask or shape
+        (Gemma 3's sliding layers). Not under torch.compile, which traces it into the graph."""
         if torch.compiler.is_compiling():
-            return tail_mask(attention_mask, tail, q_len, kv_len, device)
-        key = (tail, q_len, kv_len, device)
-        memo = self._tail_masks
-        if memo is None or memo[0] is not attention_mask or memo[1] != key:
-            memo = self._tail_masks = (attention_mask, key, tail_mask(attention_mask, tail, q_len, kv_len, device))
-        return memo[2]
+            return kind(attention_mask, tail, q_len, kv_len, device)
+        key = (kind, tail, q_len, kv_len, device)
+        memo = self._tail_masks.get(key)
+        if memo is None or memo[0] is not attention_mask:
+            memo = self._tail_masks[key] = (attention_mask, kind(attention_mask, tail, q_len, kv_len, device))
+        return memo[1]
 
     @staticmethod
     def _with_last_rows(rows, module, query, key, value, attention_mask, scaling, **kwargs):
@@ -202,23 +202,20 @@ class InterventionHandle:
         output[:, -rows.shape[1] :] = rows
         return output, None
 
-    def _fused_last_row(self, runtime, layer, query, key, value, attention_mask, scaling) -> torch.Tensor | None:
-        """The last row's edited output [B, H, 1, D] through the runtime's fused kernel on the handle's backend as
-        the column-set kernels resolve it ("auto": the fastest that runs this query here, Triton on CUDA), or None
-        where that is "torch", the runtime has no fused kernel or the mask is not a boolean one. Under torch.compile
-        (compiled decoding) the kernels are custom ops of the compiled step."""
+    def _fused_rows(self, runtime, selection, layer, query, key, value, attention_mask, scaling):
+        """The edited output [B, H, R, D] of the runtime's last R = `selection.tail` query rows through its fused
+        kernel on the handle's backend as the column-set kernels resolve it ("auto": the fastest that runs this query
+        here, Triton on CUDA), or None where that is "torch", the runtime has no fused kernel or the mask is not a
+        boolean one. Under torch.compile (compiled decoding) the kernels are custom ops of the compiled step."""
         backend = resolve_backend("column_sets", self.backend, query)
-        if backend == "torch":
+        if backend == "torch" or (attention_mask is not None and attention_mask.dtype != torch.bool):
             return None
-        visible = None
-        q_len, kv_len = query.shape[2], key.shape[2]
-        if attention_mask is not None:
-            if attention_mask.dtype != torch.bool:
-                return None
-            visible = attention_mask[:, 0, -1, :kv_len].expand(query.shape[0], -1)
-        elif q_len > 1 and kv_len > q_len:  # the prefill of an empty static cache: its unwritten slots are masked
-            visible = (torch.arange(kv_len, device=key.device) < q_len).expand(query.shape[0], -1)
-        return runtime.fused_last_row(layer, query[:, :, -1:], key, value, visible, scaling, self.call, backend)
+        tail, batch = selection.tail, query.shape[0]
+        visible = self._tail_mask(attention_mask, tail, query.shape[2], key.shape[2], query.device, tail_visibility)
+        if visible is not None:
+            visible = visible.expand(batch, -1, -1)
+        return runtime.fused_rows(layer, query[:, :, -tail:], key, value, visible, selection.selected, scaling,
+                                  self.call, backend)
 
 
 def _padding_mask(mask: object, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -246,12 +243,15 @@ def apply(model: nn.Module, *interventions: Intervention, backend: str = "auto")
     left-padded batches). Returns a handle; use it as a context manager or call `.remove()`. One handle per model:
     pass every intervention to one call.
 
-    `backend`: how decoding rows edited by a single intervention are computed: `"triton"` (one fused kernel per layer
-    over the key cache, `mmattn.kernels.column_set_attention`), `"torch"` (explicit fp32 probabilities, edited in
-    place, as transformers' eager attention) or `"auto"` (the fastest of these that runs the layer's query here, as
-    `mmattn.kernels.supported_backends("column_sets", query)` orders them: Triton on CUDA, else torch), also inside
-    a torch.compile'd forward such as the decoding steps of `generate(..., cache_implementation="static")`, where the
-    fused kernels are custom ops of the compiled graph. Prompt rows always take the explicit path.
+    `backend`: how the rows edited by a single intervention (VAR: the prompt rows after the image and every decoded
+    row; GIFT: the last prompt row and every decoded row) are computed: `"triton"` (fused kernels over the key
+    cache, `mmattn.kernels.sink_redistribution_attention` and `ranked_head_attention`), `"torch"` (explicit fp32
+    probabilities, edited in place, as transformers' eager attention) or `"auto"` (the fastest of these that runs the
+    layer's query here, as `mmattn.kernels.supported_backends("column_sets", query)` orders them: Triton on CUDA,
+    else torch), also inside a torch.compile'd forward such as the decoding steps of
+    `generate(..., cache_implementation="static")`, where the fused kernels are custom ops of the compiled graph.
+    Rows whose probabilities an intervention reads (GIFT's saliency), layers that several interventions edit, eager
+    attention and additive masks take the explicit path.
 
     Compiled decoding: VAR and GIFT trace into the compiled decoding step without a graph break and recompile
     nothing from step to step; token pruning needs the dynamic cache and raises a ValueError with a static one.

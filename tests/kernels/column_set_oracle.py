@@ -13,13 +13,14 @@ def share_kv_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """softmax(q k^T scale) over the keys with visible[b, t] True, float64 on the CPU: [B, H, R, T]; a row that sees
-    no key is all zeros."""
+    """softmax(q k^T scale) over the keys with visible[b, t] (or, per query row, visible[b, r, t]) True, float64 on
+    the CPU: [B, H, R, T]; a row that sees no key is all zeros."""
     q = q.detach().cpu().double()
     k = share_kv_heads(k.detach().cpu().double(), q.shape[1])
     logits = torch.einsum("bhrd,bhtd->bhrt", q, k) * scale
     if visible is not None:
-        logits = logits.masked_fill(~visible.cpu()[:, None, None, :], float("-inf"))
+        seen = visible.cpu()[:, None, None, :] if visible.dim() == 2 else visible.cpu()[:, None]
+        logits = logits.masked_fill(~seen, float("-inf"))
     top = logits.amax(-1, keepdim=True)
     weights = torch.exp(logits - torch.where(top.isfinite(), top, 0.0))
     total = weights.sum(-1, keepdim=True)

@@ -138,7 +138,7 @@ def test_unknown_backend_names_itself(call, backend):
     (sink_redistribution, {"rho": None}, TypeError, "rho must be a real number, got None"),
     (sink_redistribution, {"min_mass": float("inf")}, ValueError, "min_mass must be finite, got inf"),
     (ranked_heads, {"beta": "1.5"}, TypeError, "beta must be a real number, got '1.5' of type str"),
-    (column_sets, {"visible": [True] * 32}, ValueError, r"visible: expected a bool \(2, 32\) tensor on cpu, got list"),
+    (column_sets, {"visible": [True] * 32}, ValueError, r"visible: expected a bool \(2, 32\) or \(2, 1, 32\) tensor on cpu, got list"),
     (neighborhood, {"kernel_size": "3"}, TypeError, "kernel_size must hold int values, got '3'"),
     (neighborhood, {"kernel_size": [[3], [3]]}, TypeError, r"kernel_size must hold int values, got \(\[3\], \[3\]\)"),
     (neighborhood, {"kernel_size": {3: 3}}, TypeError, r"kernel_size must hold int values, got \{3: 3\}"),

@@ -93,6 +93,32 @@ def test_sink_redistribution_is_the_var_edit_of_the_explicit_matrix(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_sink_redistribution_of_several_causal_rows_edits_the_selected_ones(layout, dtype):
+    """A prompt's last rows at once (VAR's prompt rows, in a model's (B, L, H, D) layout too): each row sees the keys
+    up to its own position (batch row 1 is left-padded), and only the rows `selected` marks are edited."""
+    rows, kv_len = 5, 45
+    q, k, v = (t.to(DEVICE) for t in random_qkv(2, 8, 2, rows, kv_len, 32, dtype, seed=5, layout=layout))
+    visible = (torch.arange(kv_len) <= torch.arange(kv_len - rows, kv_len)[:, None]).expand(2, -1, -1).clone()
+    visible[1, :, :3] = False
+    selected = torch.tensor([[False, True, True, True, True], [False, False, True, False, True]])
+    receivers, visual_sinks, text_sinks = token_sets(2, kv_len, kv_len, 3, 0.3, 0.15, 0.08)
+    image, sinks = receivers | visual_sinks, visual_sinks | text_sinks
+    columns = as_columns(kv_len, image, image & ~sinks, sinks)
+    for seen in (visible, visible[:, -1]):  # per row, or one (B, T) mask for every row
+        probs = attention_probs(q, k, seen, q.shape[-1] ** -0.5)
+        edited, centric = redistribute_sinks(probs, image, sinks, 0.6, 0.5, 0.2)
+        edits = centric & selected[:, None]
+        assert edits.any() and not (centric == edits).all()  # some image-centric rows are left out
+        expected = torch.where(selected[:, None, :, None], attention_output(edited, v), attention_output(probs, v))
+        for backend in BACKENDS:
+            ours = sink_redistribution_attention(q, k, v, columns, share=0.6, rho=0.5, min_mass=0.2,
+                                                 visible=seen.to(DEVICE), selected=selected.to(DEVICE),
+                                                 backend=backend)
+            assert_close(ours, expected, OUTPUT_ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "beta"), [(6, 3, 1.0), (5, 1, 1.5)])
 def test_ranked_head_attention_is_the_gift_edit_of_the_explicit_matrix(heads, kv_heads, beta, dtype):
     q, k, v, visible = inputs(dtype, heads=heads, kv_heads=kv_heads, seed=heads)
@@ -133,7 +159,8 @@ def test_keys_split_into_chunks_combine_to_the_whole_row(dtype):
     redistributed = sink_redistribution_attention(q, k, v, columns, share=0.6, rho=0.5, min_mass=0.2,
                                                   visible=visible.to(DEVICE), backend="triton")
     assert_close(redistributed, attention_output(edited, v), OUTPUT_ATOL[dtype])
-    multiplier = torch.where(image, torch.exp(3 * torch.rand(1, 300, generator=torch.Generator().manual_seed(8))), 1.0)
+    gains = torch.exp(3 * torch.rand(1, 300, generator=torch.Generator().manual_seed(8)))
+    multiplier = torch.where(image, gains, 1.0)
     enhanced = ranked_head_attention(q, k, v, as_columns(prompt, image, image * (multiplier - 1), sinks),
                                      visible=visible.to(DEVICE), backend="triton")
     enhanced_probs = enhance_ranked_heads(probs, image, multiplier, sinks)
@@ -147,7 +174,11 @@ def test_triton_custom_ops_pass_opcheck():
     q, k, v, visible = inputs(torch.float32, seed=11)
     columns, visible = as_columns(40, *token_sets(2, 40, 45, 11, 0.3, 0.2, 0.1)), visible.to(DEVICE)
     torch.library.opcheck(column_sets_op.op, (q, k, v, columns, visible, 0.2))
-    torch.library.opcheck(sink_redistribution_op.op, (q, k, v, columns, None, 0.2, 0.6, 0.5, 0.2))
+    torch.library.opcheck(sink_redistribution_op.op, (q, k, v, columns, None, None, 0.2, 0.6, 0.5, 0.2))
+    rows = q.expand(-1, -1, 3, -1).contiguous()
+    torch.library.opcheck(sink_redistribution_op.op, (rows, k, v, columns, visible[:, None].expand(-1, 3, -1),
+                                                      torch.ones(2, 3, dtype=torch.bool, device=DEVICE), 0.2, 0.6, 0.5,
+                                                      0.2))
     torch.library.opcheck(ranked_heads_op.op, (q, k, v, columns, visible, 0.2, 1.5))
 
 

@@ -226,9 +226,10 @@ def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("name", ["VAR", "GIFT"])
-def test_fused_decoding_rows_match_the_explicit_path(name, family, fused_launches):
-    """The decode rows' column-set kernel (Triton; interpreted on the CPU) generates what the explicit fp32
-    probabilities do, with left padding and grouped-query attention."""
+def test_fused_rows_match_the_explicit_path(name, family, fused_launches):
+    """The edited rows' column-set kernels (Triton; interpreted on the CPU) generate what the explicit fp32
+    probabilities do, with left padding and grouped-query attention: every decode row, and VAR's prompt rows after
+    the image (causal, selected per batch row) in the prefill."""
     model, inputs = edited_batch(family, "sdpa")
 
     def generate_logits():
@@ -240,9 +241,9 @@ def test_fused_decoding_rows_match_the_explicit_path(name, family, fused_launche
     for backend in ("torch", "triton"):
         with vlm.apply(model, INTERVENTIONS[name](), backend=backend):
             results.append(generate_logits())
-    # VAR edits layers 2 and 3 of 4 (by default the last one too, as the released code) in the 3 decode steps; GIFT
-    # layers 0 and 2 there and at the last prompt row
-    assert len(fused_launches) == (6 if name == "VAR" else 8)
+    # VAR edits layers 2 and 3 of 4 (by default the last one too, as the released code) in the prefill's prompt rows
+    # and the 3 decode steps; GIFT layers 0 and 2 there and at the last prompt row
+    assert len(fused_launches) == 8
     explicit, fused = results
     assert max((f - p).abs().max() for f, p in zip(fused.logits[1:], plain.logits[1:])) > 1e-3  # decode rows edited
     assert torch.equal(explicit.sequences, fused.sequences)

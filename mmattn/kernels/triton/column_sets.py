@@ -47,21 +47,23 @@ def _pick_row(values, sets, index):
 @triton.jit
 def column_set_split_kernel(
     Q, K, V, COLUMNS, VISIBLE, PARTS,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_cb, stride_ct, stride_mb, stride_mt,
-    num_heads, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale,
+    stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_cb, stride_ct, stride_mb, stride_mr, stride_mt,
+    num_heads, rows, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     SETS: tl.constexpr, HAS_VISIBLE: tl.constexpr,
 ):
-    """Keys [split * chunk, (split + 1) * chunk) of one (batch, head): their max logit (base 2) and, per set, the
-    masses and set-weighted outputs of p_j = exp2(s_j - max); set `num_sets` is every key. Each (program, split)
-    writes one record of PARTS: max, masses [num_sets + 1], set-weighted outputs [num_sets + 1, HEAD_DIM]."""
+    """Keys [split * chunk, (split + 1) * chunk) of one (batch, query row, head): their max logit (base 2) and, per
+    set, the masses and set-weighted outputs of p_j = exp2(s_j - max); set `num_sets` is every key. Each (program,
+    split) writes one record of PARTS: max, masses [num_sets + 1], set-weighted outputs [num_sets + 1, HEAD_DIM]."""
     pid, split = tl.program_id(0), tl.program_id(1)
-    b, h, kh = program_heads(pid, num_heads, GROUPS)
+    row, h, kh = program_heads(pid, num_heads, GROUPS)
+    b, r = row // rows, row % rows
     dims = tl.arange(0, BLOCK_D)
     sets = tl.arange(0, SETS)
     in_dim = dims < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + dims, mask=in_dim, other=0.0).to(tl.float32) * (scale * LOG2E)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + r * stride_qr + dims, mask=in_dim, other=0.0).to(tl.float32)
+    q = q * (scale * LOG2E)
     k_base, v_base = K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh
 
     m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), 0)
@@ -74,7 +76,7 @@ def column_set_split_kernel(
         in_range = keys < last
         visible = in_range
         if HAS_VISIBLE:
-            flags = tl.load(VISIBLE + b * stride_mb + keys * stride_mt, mask=in_range, other=0)
+            flags = tl.load(VISIBLE + b * stride_mb + r * stride_mr + keys * stride_mt, mask=in_range, other=0)
             visible = visible & (flags != 0)
         tile = in_range[:, None] & in_dim[None, :]
         k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kt + dims[None, :], mask=tile, other=0.0)
@@ -100,8 +102,8 @@ def column_set_split_kernel(
 
 
 STATISTICS, REDISTRIBUTE, RANK_HEADS = (tl.constexpr(n) for n in range(3))
-"""The combine's epilogues (constexpr: a kernel reads no other globals): write O, masses and set-weighted outputs (float32), or the output of the sink
-redistribution or of the head-ranked enhancement (the query's dtype)."""
+"""The combine's epilogues (constexpr: a kernel reads no other globals): write O, masses and set-weighted outputs
+(float32), or the output of the sink redistribution or of the head-ranked enhancement (the query's dtype)."""
 
 
 @triton.jit
@@ -120,11 +122,12 @@ def _top_half(values, heads, num_heads, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _row_masses(PARTS, b, num_heads, num_sets, num_splits, record_len, BLOCK_H: tl.constexpr):
-    """Masses of the sets (image, boost, query), [BLOCK_H] each: every head of batch row b, from its split records."""
+def _row_masses(PARTS, row, num_heads, num_sets, num_splits, record_len, BLOCK_H: tl.constexpr):
+    """Masses of the sets (image, boost, query), [BLOCK_H] each: every head of one query row, from its split
+    records."""
     heads = tl.arange(0, BLOCK_H)
     in_head = heads < num_heads
-    records = PARTS + (b * num_heads + heads) * num_splits * record_len
+    records = PARTS + (row * num_heads + heads) * num_splits * record_len
     m = tl.load(records, mask=in_head, other=float("-inf"))
     for split in range(1, num_splits):
         m = tl.maximum(m, tl.load(records + split * record_len, mask=in_head, other=float("-inf")))
@@ -146,16 +149,17 @@ def _row_masses(PARTS, b, num_heads, num_sets, num_splits, record_len, BLOCK_H: 
 
 @triton.jit
 def column_set_combine_kernel(
-    PARTS, OUT, MASSES, WEIGHTED,
-    stride_ob, stride_oh, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
-    num_heads, num_sets, num_splits, record_len, share, rho, min_mass, beta,
+    PARTS, OUT, MASSES, WEIGHTED, SELECTED,
+    stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn, stride_eb, stride_er,
+    num_heads, rows, num_sets, num_splits, record_len, share, rho, min_mass, beta,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, BLOCK_H: tl.constexpr,
-    EPILOGUE: tl.constexpr,
+    EPILOGUE: tl.constexpr, HAS_SELECTED: tl.constexpr,
 ):
-    """The splits of one (batch, head) rescaled to their common max and normalized by the all-ones set's mass, then
-    the `EPILOGUE`."""
+    """The splits of one (batch, query row, head) rescaled to their common max and normalized by the all-ones set's
+    mass, then the `EPILOGUE` (STATISTICS: one row per batch row; REDISTRIBUTE edits the rows SELECTED marks)."""
     pid = tl.program_id(0)
-    b, h, _ = program_heads(pid, num_heads, 1)
+    row, h, _ = program_heads(pid, num_heads, 1)
+    b, r = row // rows, row % rows
     dims = tl.arange(0, BLOCK_D)
     sets = tl.arange(0, SETS)
     in_dim = dims < HEAD_DIM
@@ -177,11 +181,13 @@ def column_set_combine_kernel(
     inverse = _inverse(_pick(mass, sets, num_sets))
     mass, weighted = mass * inverse, weighted * inverse
     acc = _pick_row(weighted, sets, num_sets)
-    out_ptrs = OUT + b * stride_ob + h * stride_oh + dims
+    out_ptrs = OUT + b * stride_ob + h * stride_oh + r * stride_or + dims
     if EPILOGUE == REDISTRIBUTE:
         # sets (image, receivers, sinks): image-centric rows move `share` of the sinks' mass to the receivers
         image, receivers, sinks = _pick(mass, sets, 0), _pick(mass, sets, 1), _pick(mass, sets, 2)
         centric = (receivers - rho * image >= 0.0) & (image >= min_mass) & (receivers >= TINY)
+        if HAS_SELECTED:
+            centric = centric & (tl.load(SELECTED + b * stride_eb + r * stride_er) != 0)
         gain = tl.where(centric, sinks / tl.where(centric, receivers, 1.0), 0.0)
         moved = gain * _pick_row(weighted, sets, 1) - tl.where(centric, _pick_row(weighted, sets, 2), 0.0)
         tl.store(out_ptrs, (acc + share * moved).to(OUT.dtype.element_ty), mask=in_dim)
@@ -190,7 +196,7 @@ def column_set_combine_kernel(
         # W_boost, the top half by query mass add (beta r - 1) W_query with r the vision heads' image-mass gain,
         # and the row is rescaled to its original mass
         heads = tl.arange(0, BLOCK_H)
-        image, boost, query = _row_masses(PARTS, b, num_heads, num_sets, num_splits, record_len, BLOCK_H)
+        image, boost, query = _row_masses(PARTS, row, num_heads, num_sets, num_splits, record_len, BLOCK_H)
         vision = _top_half(image, heads, num_heads, BLOCK_H)
         gain = tl.sum(vision * boost, 0) / tl.maximum(tl.sum(vision * image, 0), TINY)
         own_vision = _pick(vision, heads, h)
@@ -222,32 +228,40 @@ def key_splits(batch_heads: int, kv_len: int, device: torch.device) -> tuple[int
     return chunk, max(1, triton.cdiv(kv_len, chunk))
 
 
-def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, statistics=None, share=0.0, rho=0.0,
-            min_mass=0.0, beta=0.0) -> None:
+def _flags(flags: torch.Tensor | None, dims: int) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+    """A bool tensor of `dims` axes as the kernels read it (uint8), and its strides (zeros without one)."""
+    return (None, (0,) * dims) if flags is None else (flags.view(torch.uint8), flags.stride())
+
+
+def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, statistics=None, selected=None,
+            share=0.0, rho=0.0, min_mass=0.0, beta=0.0) -> None:
     """The split kernel, then the combine kernel writing `out` (and, for STATISTICS, `statistics` = (masses,
-    weighted)) with the `epilogue`'s parameters."""
-    batch, heads, _, head_dim = q.shape
+    weighted)) with the `epilogue`'s parameters, over every (batch, query row, head)."""
+    batch, heads, rows, head_dim = q.shape
     sets = columns.shape[2]
-    chunk, splits = key_splits(batch * heads, k.shape[2], q.device)
+    programs = batch * rows * heads
+    chunk, splits = key_splits(programs, k.shape[2], q.device)
     record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
-    parts = q.new_empty((batch * heads * splits * record_len,), dtype=torch.float32)
-    has_visible = visible is not None
-    if has_visible:
-        visible = visible.view(torch.uint8)
+    parts = q.new_empty((programs * splits * record_len,), dtype=torch.float32)
+    if visible is not None and visible.dim() == 2:  # every row sees the same keys: a row stride of 0
+        visible = visible[:, None].expand(-1, rows, -1)
+    visible, visible_strides = _flags(visible, 3)
+    selected, selected_strides = _flags(selected, 2)
     block_d = head_dim_block(head_dim)
-    column_set_split_kernel[(batch * heads, splits)](
-        q, k, v, columns, visible if has_visible else columns, parts,
-        q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1),
-        *(visible.stride() if has_visible else (0, 0)), heads, k.shape[2], columns.shape[1], sets, chunk, splits,
-        record_len, scale, GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=KEYS_BLOCK,
-        SETS=SETS_BLOCK, HAS_VISIBLE=has_visible, num_warps=4,
+    column_set_split_kernel[(programs, splits)](
+        q, k, v, columns, columns if visible is None else visible, parts,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1), *visible_strides,
+        heads, rows, k.shape[2], columns.shape[1], sets, chunk, splits, record_len, scale, GROUPS=heads // k.shape[1],
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=KEYS_BLOCK, SETS=SETS_BLOCK, HAS_VISIBLE=visible is not None,
+        num_warps=4,
     )
     masses, weighted = statistics or (parts, parts)  # no statistics leave the other epilogues
     strides = (*masses.stride()[:2], *weighted.stride()[:3]) if statistics else (0,) * 5
-    column_set_combine_kernel[(batch * heads,)](
-        parts, out, masses, weighted, out.stride(0), out.stride(1), *strides, heads, sets, splits, record_len,
-        share, rho, min_mass, beta, HEAD_DIM=head_dim, BLOCK_D=block_d, SETS=SETS_BLOCK,
-        BLOCK_H=next_power_of_2(heads, 2) if epilogue is RANK_HEADS else 1, EPILOGUE=epilogue.value, num_warps=4,
+    column_set_combine_kernel[(programs,)](
+        parts, out, masses, weighted, parts if selected is None else selected, *out.stride()[:3], *strides,
+        *selected_strides, heads, rows, sets, splits, record_len, share, rho, min_mass, beta, HEAD_DIM=head_dim,
+        BLOCK_D=block_d, SETS=SETS_BLOCK, BLOCK_H=next_power_of_2(heads, 2) if epilogue is RANK_HEADS else 1,
+        EPILOGUE=epilogue.value, HAS_SELECTED=selected is not None, num_warps=4,
     )
 
 
@@ -263,11 +277,13 @@ def column_sets_forward(
 
 def sink_redistribution_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, visible: torch.Tensor | None,
-    scale: float, share: float, rho: float, min_mass: float,
+    selected: torch.Tensor | None, scale: float, share: float, rho: float, min_mass: float,
 ) -> torch.Tensor:
-    """The redistributed output [B, H, 1, D] in q's dtype (sets image, receivers, sinks)."""
+    """The redistributed output [B, H, R, D] in q's dtype (sets image, receivers, sinks) of the rows `selected`
+    [B, R] marks (all without it); the other rows are plain attention."""
     out = q.new_empty(q.shape)
-    _launch(q, k, v, columns, visible, scale, out, REDISTRIBUTE, share=share, rho=rho, min_mass=min_mass)
+    _launch(q, k, v, columns, visible, scale, out, REDISTRIBUTE, selected=selected, share=share, rho=rho,
+            min_mass=min_mass)
     return out
 
 

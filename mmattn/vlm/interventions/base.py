@@ -167,12 +167,13 @@ class Runtime:
     def on_attention(self, rows: AttentionRows) -> None:
         """Read or edit rows.probs in place (rows.selected marks the rows this intervention asked for)."""
 
-    def fused_last_row(
+    def fused_rows(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
-        scale: float, call: CallState, backend: str,
+        selected: torch.Tensor | None, scale: float, call: CallState, backend: str,
     ) -> torch.Tensor | None:
-        """The edited attention output [B, H, 1, D] of the last query row `query` [B, H, 1, D] by a fused kernel over
-        the keys (`visible` [B, kv] bool or None) on the column-set `backend` the handle resolved, or None to take the
+        """The edited attention output [B, H, R, D] of this intervention's last R query rows `query` [B, H, R, D]
+        (`attention_rows`; `selected` [B, R] the rows it edits, None: all) by a fused kernel over the keys (`visible`
+        [B, R, kv] bool or None: every key) on the column-set `backend` the handle resolved, or None to take the
         explicit-probabilities path."""
         return None
 

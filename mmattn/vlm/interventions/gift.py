@@ -208,8 +208,8 @@ class _GIFTRuntime(Runtime):
         scale_columns(rows, coefficients, moves)
         rows.probs.mul_(before / rows.probs.sum(-1, keepdim=True))
 
-    def fused_last_row(self, layer, query, key, value, visible, scale, call, backend):
-        if self._collects_saliency(layer, call):
+    def fused_rows(self, layer, query, key, value, visible, selected, scale, call, backend):
+        if self._collects_saliency(layer, call):  # reads the probabilities of many rows: the explicit path
             return None
         masses, _ = self._enhance_columns(layer)
         return ranked_head_attention(query, key, value, masses, beta=self.settings.beta, visible=visible, scale=scale,

@@ -164,13 +164,11 @@ class _VARRuntime(Runtime):
         # coefficients of the moves (-p sinks, p receivers): 1 and sum_sink A / sum_receivers A
         scale_columns(rows, (mass[..., 2:] / mass[..., 2:3]).masked_fill_(other, 0.0), moves)
 
-    def fused_last_row(self, layer, query, key, value, visible, scale, call, backend):
-        if not call.decoding:  # prompt rows are selected per batch row: the explicit path
-            return None
+    def fused_rows(self, layer, query, key, value, visible, selected, scale, call, backend):
         settings = self.settings
         return sink_redistribution_attention(
             query, key, value, self.fused[layer], share=settings.p, rho=settings.rho,
-            min_mass=settings.min_visual_mass, visible=visible, scale=scale, backend=backend,
+            min_mass=settings.min_visual_mass, visible=visible, selected=selected, scale=scale, backend=backend,
         )
 
 

@@ -1,5 +1,6 @@
-"""mmattn's shared kernel layer: block-sparse, neighborhood, routed and column-set attention with Triton,
-FlexAttention and exact torch backends (and FlashAttention-4 for block-sparse attention where it is installed).
+"""mmattn's shared kernel layer: block-sparse, neighborhood, routed and column-set attention (and the massive-activation
+test of VAR's sink tokens) with Triton, FlexAttention and exact torch backends (and FlashAttention-4 for block-sparse
+attention where it is installed).
 
 Tensors use the SDPA layout `(batch, heads, tokens, head_dim)`; spatial kernels take
 `(batch, heads, *spatial, head_dim)`. Any strides with a unit last one are read as they are, and the fused kernels'
@@ -8,9 +9,9 @@ outputs and gradients are laid out like their inputs: pass a model's `(batch, to
 
 Every kernel family has the same shape, and a new kernel follows it:
 
-- `<family>.py` (`block_sparse.py`, `na.py`, `routed.py`, `column_sets.py`): the public function users call, its
-  argument checks (errors name the argument) and its dispatch on `resolve_backend(<family>, backend, q)`; exported
-  here.
+- `<family>.py` (`block_sparse.py`, `na.py`, `routed.py`, `column_sets.py`, `massive_activations.py`): the public
+  function users call, its argument checks (errors name the argument) and its dispatch on
+  `resolve_backend(<family>, backend, q)`; exported here.
 - `triton/<family>.py`: the Triton kernels, their tiles (configs, prune, `tuned`) and their launchers (grid,
   launch arguments, tune key): `forward`, `backward` and `attend`, the differentiable entry point made by
   `autograd.kernel_op` (the custom ops for torch.compile, their fakes and autograd, and the eager
@@ -41,6 +42,7 @@ from .column_sets import (
     sink_redistribution_attention,
 )
 from .mask import BlockSparseMask
+from .massive_activations import massive_activation_tokens
 from .na import neighborhood_attention
 from .neighborhood import Neighborhood
 from .routed import routed_attention
@@ -53,6 +55,7 @@ __all__ = [
     "backend_info",
     "block_sparse_attention",
     "column_set_attention",
+    "massive_activation_tokens",
     "neighborhood_attention",
     "ranked_head_attention",
     "reference",

@@ -18,6 +18,7 @@ __all__ = [
     "column_set_attention",
     "gather_attention",
     "masked_attention",
+    "massive_activation_scores",
     "neighborhood_attention",
     "ranked_head_enhancement",
     "routed_attention",
@@ -219,6 +220,15 @@ def sink_redistribution(
     gain = torch.where(centric, sinks / torch.where(centric, receivers, 1.0), 0.0)
     moved = gain[..., None] * weighted[..., 1, :] - centric[..., None] * weighted[..., 2, :]
     return out + share * moved
+
+
+def massive_activation_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
+    """phi(h) = max_{d in dims} |h_d| / RMS(h) of each hidden state h of `hidden` (..., width), RMS without weight
+    and eps 1e-6, in float32: (...). `dims`: a sequence or an index tensor on hidden's device."""
+    hidden = hidden.float()
+    rms = hidden.pow(2).mean(-1).add(1e-6).sqrt()
+    index = dims if isinstance(dims, torch.Tensor) else list(dims)
+    return hidden[..., index].abs().amax(-1) / rms
 
 
 def top_half_heads(mass: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,7 @@ class InterventionHandle:
             self.context.family,
         )
         positions = torch.arange(layout.prompt_len, device=input_ids.device).expand(input_ids.shape[0], -1)
-        self.call = CallState(layout=layout, lm_positions=positions, cache=cache)
+        self.call = CallState(layout=layout, lm_positions=positions, cache=cache, backend=self.backend)
         for runtime in self.runtimes:
             runtime.start_call(self.call)
 

@@ -102,7 +102,8 @@ class CallState:
 
     lm_positions: [B, P'] original prompt position of each token entering the decoder (P' < P once tokens are pruned
     before layer 0). keep: per layer, [B, n] indices into those P' tokens that the layer (and its KV cache) holds.
-    cache: the KV cache object the prefill filled (its decoding steps pass the same one).
+    cache: the KV cache object the prefill filled (its decoding steps pass the same one). backend: the handle's
+    `backend` for the interventions' kernels.
     """
 
     layout: TokenLayout
@@ -110,6 +111,7 @@ class CallState:
     keep: dict[int, torch.Tensor] = field(default_factory=dict)
     decoding: bool = False
     cache: object | None = None
+    backend: str = "auto"
     _positions: tuple = (None, None)
 
     def prompt_len(self, layer: int) -> int:

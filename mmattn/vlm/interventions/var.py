@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...kernels import sink_redistribution_attention
+from ...kernels import massive_activation_tokens, sink_redistribution_attention
+from ...kernels.reference import massive_activation_scores
 from ..attention import AttentionRows, LayerColumns, column_masses, scale_columns
 from .base import LAST_ROW, CallState, Intervention, ModelContext, RowSelection, Runtime, check_indices, check_number
 
@@ -31,13 +32,8 @@ KNOWN_SINK_DIMS: Mapping[tuple[str, int], tuple[int, ...]] = {
 _DETECTION_START_LAYER = 2
 
 
-def sink_scores(hidden: torch.Tensor, dims: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """phi(x) = max_{d in D_sink} |x_d| / RMS(x), RMS without weight and eps 1e-6, in fp32: [..., tokens]. `dims`:
-    the sink dimensions, as a sequence or an index tensor on hidden's device."""
-    hidden = hidden.float()
-    rms = hidden.pow(2).mean(-1).add(1e-6).sqrt()
-    index = dims if isinstance(dims, torch.Tensor) else list(dims)
-    return hidden[..., index].abs().amax(-1) / rms
+sink_scores = massive_activation_scores
+"""phi(x) = max_{d in D_sink} |x_d| / RMS(x), RMS without weight and eps 1e-6, in fp32: [..., tokens]."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +134,8 @@ class _VARRuntime(Runtime):
         and the host never waits on the device to find out which prompts those are."""
         if call.decoding or layer not in self.layers:
             return
-        sinks = (sink_scores(hidden, self.dim_index) > self.settings.tau) & call.at_layer(layer, call.layout.valid)
+        sinks = massive_activation_tokens(hidden, self.dim_index, threshold=self.settings.tau, backend=call.backend)
+        sinks &= call.at_layer(layer, call.layout.valid)
         self.sinks[layer] = sinks
         image = call.at_layer(layer, call.layout.image)
         image_sinks = sinks & image

@@ -48,6 +48,7 @@ class InterventionHandle:
         self.runtimes: list[Runtime] = [intervention.bind(self.context) for intervention in interventions]
         self.call: CallState | None = None
         self._tail_masks: dict = {}  # (kind, tail, q_len, kv_len, device) -> (attention mask, mask), per forward
+        self._backends: dict = {}  # (device, dtype, head dim) -> the column-set kernels' backend
         self.model_parameters = tuple(inspect.signature(model.model.forward).parameters)
         self.original_implementation = text_model.config._attn_implementation
         self.eager_base = self.original_implementation == "eager"
@@ -202,12 +203,22 @@ class InterventionHandle:
         output[:, -rows.shape[1] :] = rows
         return output, None
 
+    def _column_sets_backend(self, query: torch.Tensor) -> str:
+        """The handle's backend for the column-set kernels on queries like `query`, resolved once per device, dtype
+        and head dim (every edited layer of every step asks; under torch.compile it is traced instead)."""
+        if torch.compiler.is_compiling():
+            return resolve_backend("column_sets", self.backend, query)
+        key = (query.device, query.dtype, query.shape[-1])
+        if key not in self._backends:
+            self._backends[key] = resolve_backend("column_sets", self.backend, query)
+        return self._backends[key]
+
     def _fused_rows(self, runtime, selection, layer, query, key, value, attention_mask, scaling):
         """The edited output [B, H, R, D] of the runtime's last R = `selection.tail` query rows through its fused
         kernel on the handle's backend as the column-set kernels resolve it ("auto": the fastest that runs this query
         here, Triton on CUDA), or None where that is "torch", the runtime has no fused kernel or the mask is not a
         boolean one. Under torch.compile (compiled decoding) the kernels are custom ops of the compiled step."""
-        backend = resolve_backend("column_sets", self.backend, query)
+        backend = self._column_sets_backend(query)
         if backend == "torch" or (attention_mask is not None and attention_mask.dtype != torch.bool):
             return None
         tail, batch = selection.tail, query.shape[0]

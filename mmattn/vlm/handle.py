@@ -29,8 +29,8 @@ class InterventionHandle:
     """Installed interventions on one model. A context manager; `remove()` restores the model bit for bit.
 
     The text decoder runs the attention function registered under `attention_name` (with the mask function of the
-    model's original implementation); decoder-layer pre-hooks observe or shorten the sequence. State of the current
-    generate call lives in `call` and is rebuilt at every prefill.
+    model's original implementation); decoder-layer pre-hooks, where an intervention needs them, observe or shorten
+    the sequence. State of the current generate call lives in `call` and is rebuilt at every prefill.
     """
 
     def __init__(self, model: nn.Module, interventions: tuple[Intervention, ...], backend: str = "auto") -> None:
@@ -59,8 +59,9 @@ class InterventionHandle:
         hooks = self.context.hooks
         hooks.append(model.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         hooks.append(text_model.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
-        for index, layer in enumerate(text_model.layers):
-            hooks.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        if any(runtime.observes_layers() for runtime in self.runtimes):
+            for index, layer in enumerate(text_model.layers):
+                hooks.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
 
     def remove(self) -> None:
         """Remove every hook, restore the original attention implementation and unregister the function."""

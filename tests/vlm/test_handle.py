@@ -206,6 +206,18 @@ def test_a_second_apply_is_refused_until_the_first_handle_is_removed():
     assert torch.equal(model(**inputs).logits, logits)
 
 
+@pytest.mark.parametrize(("name", "hooked"), [("GIFT", False), ("GIFT-extra-pass", True), ("VAR", True),
+                                              ("FastV", True)])
+def test_decoder_layers_are_hooked_only_where_an_intervention_observes_them(name, hooked):
+    """A module hook costs every decoder layer call of every decoding step: GIFT without its extra saliency pass reads
+    no layer input, VAR (its sinks) and pruning (the shortened sequence) do."""
+    model, _ = edited_batch("llava")
+    layers = model.model.language_model.layers
+    with vlm.apply(model, IDENTITY[name]):
+        assert all(bool(layer._forward_pre_hooks) == hooked for layer in layers)
+    assert not any(layer._forward_pre_hooks for layer in layers)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("name", ["VAR", "GIFT"])
 def test_sdpa_models_edit_the_same_rows_as_eager_ones(name, family):

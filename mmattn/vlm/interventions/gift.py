@@ -120,6 +120,9 @@ class _GIFTRuntime(Runtime):
                 self.in_auxiliary_pass = False
         return kwargs
 
+    def observes_layers(self) -> bool:
+        return self.extra_pass  # only the extra saliency pass stops at a layer
+
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
         if self.in_auxiliary_pass and layer > max(self.saliency_layers):
             raise _SaliencyReady

@@ -8,7 +8,8 @@ import torch
 from mmattn.kernels import backend_info, massive_activation_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not backend_info(DEVICE)["triton"][0], reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.skipif(not backend_info(DEVICE)["triton"][0],
+                                reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
 BACKENDS = ("triton", "torch")
 DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE == "cuda" else ())
 

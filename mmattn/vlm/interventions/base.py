@@ -183,7 +183,8 @@ class Runtime:
         """Whether the handle hooks the decoder layers for this runtime (`before_layer`, `shorten_layer_inputs`):
         where its class overrides either. A module hook costs every layer call of every decoding step."""
         cls = type(self)
-        return cls.before_layer is not Runtime.before_layer or cls.shorten_layer_inputs is not Runtime.shorten_layer_inputs
+        return (cls.before_layer is not Runtime.before_layer
+                or cls.shorten_layer_inputs is not Runtime.shorten_layer_inputs)
 
     def before_layer(self, layer: int, hidden: torch.Tensor, call: CallState) -> None:
         """Observe the residual stream entering decoder layer `layer` (after any pruning)."""

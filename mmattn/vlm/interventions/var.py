@@ -8,7 +8,7 @@ image-centric heads, in proportion to the attention those tokens already receive
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch

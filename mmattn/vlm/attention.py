@@ -73,6 +73,11 @@ class LayerColumns:
     def __getitem__(self, layer: int) -> torch.Tensor:
         return self.buffer[layer, :, : self.widths[layer]]
 
+    def __contains__(self, layer: int) -> bool:
+        """Whether layer `layer`'s columns are stored. A compiled decoding step guards this on the widths (ints),
+        where a dict of tensors per layer would cost a tensor check per layer at every step."""
+        return layer in self.widths
+
 
 def column_masses(rows: AttentionRows, columns: torch.Tensor) -> torch.Tensor:
     """sum_j A[b, h, r, j] S[b, j, k] over the prompt columns, for column sets `columns` [B, P, K]: [B, H, R, K]."""

@@ -184,7 +184,7 @@ class _GIFTRuntime(Runtime):
     def _enhance_columns(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`masses` [B, P, 3] (image, image·(M-1), query; one buffer for every layer) and `moves` [B, 2, P]
         (image·(M-1), query) of a layer."""
-        if layer not in self.moves:
+        if layer not in self.masses:
             call = self.call
             image = call.at_layer(layer, call.layout.image).float()
             query = call.at_layer(layer, call.layout.query).float()

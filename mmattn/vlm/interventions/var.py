@@ -145,7 +145,7 @@ class _VARRuntime(Runtime):
         self.fused.put(layer, sets[..., 6:], call.lm_positions.shape[1])
 
     def wants_attention(self, layer: int, call: CallState) -> bool:
-        return layer in self.columns
+        return layer in self.fused
 
     def attention_rows(self, layer: int, call: CallState) -> RowSelection:
         return LAST_ROW if call.decoding else self.prompt_rows

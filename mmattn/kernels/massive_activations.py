@@ -1,7 +1,7 @@
 """Massive activations: the tokens whose hidden state has a few dimensions far above its RMS (Sun et al., "Massive
 Activations in Large Language Models", 2024), as VAR finds the visual sink tokens in each decoder layer of a prefill.
 
-A dozen small torch ops per layer (upcast, RMS, gather, max, threshold) cost a launch each where the prefill is
+About ten small torch ops per layer (upcast, RMS, gather, max, threshold) cost a launch each where the prefill is
 host-bound; the Triton kernel (`triton/massive_activations.py`) reads each hidden state once for its RMS and its
 named dimensions. Backends (`backends.REGISTRY["massive_activations"]`): `"triton"`, `"torch"` (the reference,
 `reference.massive_activation_scores`) or `"auto"` (Triton on CUDA). Inference only (no autograd).

@@ -62,6 +62,14 @@ def test_strided_rows_index_tensors_and_odd_widths(backend):
     assert massive_activation_tokens(hidden[:, :0].to(DEVICE), [70], threshold=5.0, backend=backend).shape == (2, 0)
 
 
+def test_triton_custom_op_passes_opcheck():
+    """The custom op a compiled prefill would record: schema, fake (output shape and dtype) and dispatch."""
+    from mmattn.kernels.triton.massive_activations import massive_activations_op
+
+    hidden = hidden_states(torch.float32).to(DEVICE)
+    torch.library.opcheck(massive_activations_op.op, (hidden, torch.tensor([7, 100], device=DEVICE), 5.0))
+
+
 @pytest.mark.parametrize(
     ("arguments", "error", "message"),
     [

@@ -101,7 +101,7 @@ def log(message: str) -> None:
 #: LLaVA sizes: "full" is llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14-336 + Vicuna-7B); "proxy" keeps its 576 image tokens
 #: and prompt but shrinks widths and depth for CPU measurements; "host" keeps the 32 layers with tiny widths, so CPU
 #: time is mostly host overhead (the regime of HF decoding on a GPU); "quick" is a smoke test
-#: (benchmarks/vlm_host_overhead.py uses "proxy" and "host").
+#: (benchmarks/vlm_host_overhead.py takes any of them: "proxy" and "host" on the CPU, "full" on a GPU).
 SIZES = {
     "full": ({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
              {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}),

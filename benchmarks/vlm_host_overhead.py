@@ -1,11 +1,15 @@
-"""CPU proxy of the VLM benchmark's host overhead: per intervention, prefill and per-decode-step time, the aten ops
-launched and the host-device syncs (ops that read a tensor's value on the host) per step, and the KV-cache size.
+"""Where the VLM benchmark's decoding time goes: per intervention, prefill and per-decode-step time, the aten ops
+launched and the host-device syncs (ops that read a tensor's value on the host) per step, the KV-cache size and,
+on a GPU, the kernel time and kernel count per step beside the wall time (host time vs kernel time).
 
-HF eager decoding of a 7B model on a GPU is host-bound, so every extra op and every sync shows up in latency; this
-script counts them on the CPU with a reduced LLaVA-shaped random model (benchmarks/vlm.py SIZES["proxy"]: 576 image
-tokens, 651-token prompt, float32). Its numbers are for comparing versions of mmattn, not results tables.
+HF eager decoding of a 7B model on a GPU is host-bound, so every extra op and every sync shows up in latency. On the
+CPU (the default) the script counts them with a reduced LLaVA-shaped random model (benchmarks/vlm.py SIZES["proxy"]:
+576 image tokens, 651-token prompt, float32), whose numbers are for comparing versions of mmattn, not results
+tables; with `--device cuda --size full` it profiles the benchmark's own LLaVA-1.5-7B-shaped model in bfloat16 with
+the fused kernels the interventions run there: a step whose kernel time is far below its wall time is host-bound.
 
     python benchmarks/vlm_host_overhead.py [--new-tokens 16] [--repeats 3] [--profile VAR]
+    python benchmarks/vlm_host_overhead.py --device cuda --size full --only VAR GIFT --profile GIFT
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import time
 from collections import Counter
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
-from vlm import SIZES, build, generated_cache, inputs, kv_bytes, methods, pruning_methods
+from vlm import SIZES, build, generated_cache, inputs, kv_bytes, methods, pruning_methods, sync
 
 from mmattn import vlm
 
@@ -71,26 +77,42 @@ def counted(model, batch: dict, new_tokens: int) -> OpCounter:
     return counter
 
 
-def fastest(fn, repeats: int) -> float:
-    """Least CPU seconds of `repeats` calls after one warm-up (the CPU may be shared: process time, minimum)."""
+def fastest(fn, repeats: int, device: str) -> float:
+    """Least seconds of `repeats` calls after one warm-up: CPU seconds on the CPU (which may be shared), wall seconds
+    up to the end of the GPU's work on CUDA."""
     fn()
+    clock = time.process_time if device == "cpu" else time.perf_counter
     times = []
     for _ in range(repeats):
-        start = time.process_time()
+        sync(device)
+        start = clock()
         fn()
-        times.append(time.process_time() - start)
+        sync(device)
+        times.append(clock() - start)
     return min(times)
 
 
-def measure(model, batch: dict, new_tokens: int, repeats: int) -> dict:
+def kernels(fn) -> tuple[float, int]:
+    """(milliseconds, count) of the CUDA kernels (and copies) that one call of `fn` ran, from torch.profiler."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        fn()
+        torch.cuda.synchronize()
+    device_events = [event for event in profiler.key_averages() if event.device_type == DeviceType.CUDA]
+    return sum(event.self_device_time_total for event in device_events) / 1e3, sum(e.count for e in device_events)
+
+
+def measure(model, batch: dict, new_tokens: int, repeats: int, device: str) -> dict:
+    steps = new_tokens - 1
     with torch.no_grad():
-        prefill_s = fastest(lambda: generate(model, batch, 1), repeats)
-        total_s = fastest(lambda: generate(model, batch, new_tokens), repeats)
+        prefill_s = fastest(lambda: generate(model, batch, 1), repeats, device)
+        total_s = fastest(lambda: generate(model, batch, new_tokens), repeats, device)
         prompt_cache = generated_cache(generate(model, batch, 1))
         cache = generated_cache(generate(model, batch, new_tokens))
+        if device == "cuda":
+            (prefill_kernel_ms, prefill_kernels), (total_kernel_ms, total_kernels) = (
+                kernels(lambda: generate(model, batch, tokens)) for tokens in (1, new_tokens))
     one, many = counted(model, batch, 1), counted(model, batch, new_tokens)
-    steps = new_tokens - 1
-    return {
+    row = {
         "prefill_ms": prefill_s * 1e3,
         "step_ms": (total_s - prefill_s) / steps * 1e3,
         "prefill_ops": sum(one.ops.values()),
@@ -101,20 +123,29 @@ def measure(model, batch: dict, new_tokens: int, repeats: int) -> dict:
         "kv": kv_bytes(cache),
         "top_step_ops": (many.ops - one.ops).most_common(8),
     }
+    if device == "cuda":
+        row.update(prefill_kernel_ms=prefill_kernel_ms, step_kernel_ms=(total_kernel_ms - prefill_kernel_ms) / steps,
+                   step_kernels=(total_kernels - prefill_kernels) / steps)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", choices=("proxy", "host"), default="proxy", help="a reduced model of vlm.SIZES")
+    parser.add_argument("--size", choices=tuple(SIZES), default="proxy", help="a model of vlm.SIZES")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: bfloat16, wall time and the kernel time per step")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
     parser.add_argument("--profile", help="cProfile one generate call of this method and print the hot spots")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps timings steadier)")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens: expected at least 2 (one decoding step), got {args.new_tokens}")
     torch.set_num_threads(args.threads)
-    model = build(args.size, "cpu", torch.float32)
-    batch = inputs("cpu", torch.float32)
+    device, dtype = args.device, torch.float32 if args.device == "cpu" else torch.bfloat16
+    model = build(args.size, device, dtype)
+    batch = inputs(device, dtype)
     rows = {}
     layers = SIZES[args.size][1]["num_hidden_layers"]
     pruning = {label: row.intervention for label, row in pruning_methods("llava-1.5-7b", layers, 576).items()}
@@ -124,25 +155,34 @@ def main() -> None:
         handle = None if intervention is None else vlm.apply(model, intervention)
         try:
             if name == args.profile:
-                with torch.no_grad(), cProfile.Profile() as profile:
+                with torch.no_grad(), cProfile.Profile() as profiler:
                     generate(model, batch, args.new_tokens)
-                pstats.Stats(profile).sort_stats("tottime").print_stats(25)
-            rows[name] = measure(model, batch, args.new_tokens, args.repeats)
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            rows[name] = measure(model, batch, args.new_tokens, args.repeats, device)
         finally:
             if handle is not None:
                 handle.remove()
         print(name, rows[name].pop("top_step_ops"), flush=True)
+    print_table(rows, args, batch, device)
+
+
+def print_table(rows: dict[str, dict], args, batch: dict, device: str) -> None:
     base = rows["none"]
-    print(f"\nmodel vlm.SIZES[{args.size!r}], prompt {batch['input_ids'].shape[1]} tokens, "
-          f"{args.new_tokens} new tokens, best of {args.repeats}, {torch.get_num_threads()} threads\n")
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nmodel vlm.SIZES[{args.size!r}], {where}, prompt {batch['input_ids'].shape[1]} tokens, "
+          f"{args.new_tokens} new tokens, best of {args.repeats}\n")
+    kernel_columns = device == "cuda"
+    kernel_titles = " prefill kernel ms | kernel ms/step | kernels/step |" if kernel_columns else ""
     print("| method | prefill ms | x none | step ms | x none | ops/step | syncs/step | prefill ops | prefill syncs "
-          "| prompt KV x none | KV x none |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| prompt KV x none | KV x none |" + kernel_titles)
+    print("|---|" + "---:|" * (10 + 3 * kernel_columns))
     for name, row in rows.items():
+        kernel_cells = (f" {row['prefill_kernel_ms']:.1f} | {row['step_kernel_ms']:.2f} | {row['step_kernels']:.0f} |"
+                        if kernel_columns else "")
         print(f"| {name} | {row['prefill_ms']:.1f} | {row['prefill_ms'] / base['prefill_ms']:.2f} | "
               f"{row['step_ms']:.2f} | {row['step_ms'] / base['step_ms']:.2f} | {row['step_ops']:.0f} | "
               f"{row['step_syncs']:.1f} | {row['prefill_ops']} | {row['prefill_syncs']} | "
-              f"{row['prompt_kv'] / base['prompt_kv']:.3f} | {row['kv'] / base['kv']:.3f} |")
+              f"{row['prompt_kv'] / base['prompt_kv']:.3f} | {row['kv'] / base['kv']:.3f} |{kernel_cells}")
 
 
 if __name__ == "__main__":

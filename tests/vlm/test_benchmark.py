@@ -27,3 +27,20 @@ def test_quick_run_prints_every_table(tmp_path) -> None:
     assert "2 interleaved rounds eager and 6 compiled" in text  # --quick's 2 rounds, SHORT_ROUND_FACTOR for compiled
     assert "not timed" not in text and "Run in progress" not in text
     assert f"wrote {out}" in result.stdout
+
+
+def test_host_overhead_counts_no_sync_added_per_decoding_step() -> None:
+    """`benchmarks/vlm_host_overhead.py` on a tiny model: its table, and VAR and GIFT decode with the syncs per step
+    of plain decoding (HF's own stopping check): an intervention that read a device value each step would stall a
+    GPU's host-bound decoding."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "benchmarks/vlm_host_overhead.py", "--size", "quick", "--new-tokens", "3",
+               "--repeats", "1", "--only", "VAR", "GIFT"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert set(rows) == {"none", "VAR", "GIFT"} and all(len(cells) == 10 for cells in rows.values())
+    syncs_per_step = {name: float(cells[5]) for name, cells in rows.items()}
+    assert syncs_per_step["none"] >= 1
+    assert syncs_per_step["VAR"] == syncs_per_step["GIFT"] == syncs_per_step["none"]

@@ -109,8 +109,8 @@ def measure(model, batch: dict, new_tokens: int, repeats: int, device: str) -> d
         prompt_cache = generated_cache(generate(model, batch, 1))
         cache = generated_cache(generate(model, batch, new_tokens))
         if device == "cuda":
-            (prefill_kernel_ms, prefill_kernels), (total_kernel_ms, total_kernels) = (
-                kernels(lambda: generate(model, batch, tokens)) for tokens in (1, new_tokens))
+            prefill_kernel_ms, prefill_kernels = kernels(lambda: generate(model, batch, 1))
+            total_kernel_ms, total_kernels = kernels(lambda: generate(model, batch, new_tokens))
     one, many = counted(model, batch, 1), counted(model, batch, new_tokens)
     row = {
         "prefill_ms": prefill_s * 1e3,
@@ -142,6 +142,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error(f"--new-tokens: expected at least 2 (one decoding step), got {args.new_tokens}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: cuda asked for, but torch sees no CUDA GPU here")
     torch.set_num_threads(args.threads)
     device, dtype = args.device, torch.float32 if args.device == "cpu" else torch.bfloat16
     model = build(args.size, device, dtype)

@@ -11,12 +11,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_script(*arguments: str) -> subprocess.CompletedProcess:
+    """`python <arguments>` from the repository root in a fresh process, which must succeed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_quick_run_prints_every_table(tmp_path) -> None:
     out = tmp_path / "vlm.md"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "benchmarks/vlm.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("benchmarks/vlm.py", "--quick", "--out", str(out))
     text = out.read_text()
     for title in ("LLaVA-1.5-7B", "Qwen2.5-VL-7B", "Qwen3-VL-8B", "Gemma-3-4B"):
         assert f"## Pruning: {title}-shaped random model" in text
@@ -33,11 +39,8 @@ def test_host_overhead_counts_no_sync_added_per_decoding_step() -> None:
     """`benchmarks/vlm_host_overhead.py` on a tiny model: its table, and VAR and GIFT decode with the syncs per step
     of plain decoding (HF's own stopping check): an intervention that read a device value each step would stall a
     GPU's host-bound decoding."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "benchmarks/vlm_host_overhead.py", "--size", "quick", "--new-tokens", "3",
-               "--repeats", "1", "--only", "VAR", "GIFT"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("benchmarks/vlm_host_overhead.py", "--size", "quick", "--new-tokens", "3", "--repeats", "1",
+                        "--only", "VAR", "GIFT")
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| method")}
     assert set(rows) == {"none", "VAR", "GIFT"} and all(len(cells) == 10 for cells in rows.values())

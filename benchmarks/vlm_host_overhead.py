@@ -7,6 +7,8 @@ CPU (the default) the script counts them with a reduced LLaVA-shaped random mode
 576 image tokens, 651-token prompt, float32), whose numbers are for comparing versions of mmattn, not results
 tables; with `--device cuda --size full` it profiles the benchmark's own LLaVA-1.5-7B-shaped model in bfloat16 with
 the fused kernels the interventions run there: a step whose kernel time is far below its wall time is host-bound.
+Every wall time is taken before the first torch.profiler session: after one, each launch of the process is slower
+(plain decoding 25.2 -> 30.0 ms per step, GIFT's 26.1 -> 55.5 on an H100), which would bias the later rows.
 
     python benchmarks/vlm_host_overhead.py [--new-tokens 16] [--repeats 3] [--profile VAR]
     python benchmarks/vlm_host_overhead.py --device cuda --size full --only VAR GIFT --profile GIFT
@@ -15,6 +17,7 @@ the fused kernels the interventions run there: a step whose kernel time is far b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import time
@@ -108,11 +111,8 @@ def measure(model, batch: dict, new_tokens: int, repeats: int, device: str) -> d
         total_s = fastest(lambda: generate(model, batch, new_tokens), repeats, device)
         prompt_cache = generated_cache(generate(model, batch, 1))
         cache = generated_cache(generate(model, batch, new_tokens))
-        if device == "cuda":
-            prefill_kernel_ms, prefill_kernels = kernels(lambda: generate(model, batch, 1))
-            total_kernel_ms, total_kernels = kernels(lambda: generate(model, batch, new_tokens))
     one, many = counted(model, batch, 1), counted(model, batch, new_tokens)
-    row = {
+    return {
         "prefill_ms": prefill_s * 1e3,
         "step_ms": (total_s - prefill_s) / steps * 1e3,
         "prefill_ops": sum(one.ops.values()),
@@ -123,10 +123,27 @@ def measure(model, batch: dict, new_tokens: int, repeats: int, device: str) -> d
         "kv": kv_bytes(cache),
         "top_step_ops": (many.ops - one.ops).most_common(8),
     }
-    if device == "cuda":
-        row.update(prefill_kernel_ms=prefill_kernel_ms, step_kernel_ms=(total_kernel_ms - prefill_kernel_ms) / steps,
-                   step_kernels=(total_kernels - prefill_kernels) / steps)
-    return row
+
+
+def measure_kernels(model, batch: dict, new_tokens: int) -> dict:
+    """The prefill's kernel time, and the kernel time and count per decoding step (CUDA)."""
+    with torch.no_grad():
+        prefill_ms, prefill_kernels = kernels(lambda: generate(model, batch, 1))
+        total_ms, total_kernels = kernels(lambda: generate(model, batch, new_tokens))
+    steps = new_tokens - 1
+    return {"prefill_kernel_ms": prefill_ms, "step_kernel_ms": (total_ms - prefill_ms) / steps,
+            "step_kernels": (total_kernels - prefill_kernels) / steps}
+
+
+@contextlib.contextmanager
+def applied(model, intervention):
+    """`model` with `intervention` applied (none: as it is) within the block."""
+    handle = None if intervention is None else vlm.apply(model, intervention)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def main() -> None:
@@ -148,23 +165,23 @@ def main() -> None:
     device, dtype = args.device, torch.float32 if args.device == "cpu" else torch.bfloat16
     model = build(args.size, device, dtype)
     batch = inputs(device, dtype)
-    rows = {}
     layers = SIZES[args.size][1]["num_hidden_layers"]
     pruning = {label: row.intervention for label, row in pruning_methods("llava-1.5-7b", layers, 576).items()}
-    for name, intervention in {**methods(args.size), **pruning}.items():
-        if args.only and name not in args.only and name != "none":
-            continue
-        handle = None if intervention is None else vlm.apply(model, intervention)
-        try:
+    chosen = {name: intervention for name, intervention in {**methods(args.size), **pruning}.items()
+              if not args.only or name in args.only or name == "none"}
+    rows = {}
+    for name, intervention in chosen.items():
+        with applied(model, intervention):
             if name == args.profile:
                 with torch.no_grad(), cProfile.Profile() as profiler:
                     generate(model, batch, args.new_tokens)
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
             rows[name] = measure(model, batch, args.new_tokens, args.repeats, device)
-        finally:
-            if handle is not None:
-                handle.remove()
         print(name, rows[name].pop("top_step_ops"), flush=True)
+    if device == "cuda":  # after every wall time: a torch.profiler session slows every later launch of the process
+        for name, intervention in chosen.items():
+            with applied(model, intervention):
+                rows[name].update(measure_kernels(model, batch, args.new_tokens))
     print_table(rows, args, batch, device)
 
 

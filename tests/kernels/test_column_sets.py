@@ -93,15 +93,17 @@ def test_sink_redistribution_is_the_var_edit_of_the_explicit_matrix(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["bhld", "blhd"])
-def test_sink_redistribution_of_several_causal_rows_edits_the_selected_ones(layout, dtype):
-    """A prompt's last rows at once (VAR's prompt rows, in a model's (B, L, H, D) layout too): each row sees the keys
-    up to its own position (batch row 1 is left-padded), and only the rows `selected` marks are edited."""
-    rows, kv_len = 5, 45
+@pytest.mark.parametrize(("layout", "rows"), [("bhld", 5), ("blhd", 5), ("bhld", 37)])
+def test_sink_redistribution_of_several_causal_rows_edits_the_selected_ones(layout, rows, dtype):
+    """A prompt's last rows at once (VAR's prompt rows, in a model's (B, L, H, D) layout too; 37 rows: several row
+    blocks of a program, the last one partial): each row sees the keys up to its own position (batch row 1 is
+    left-padded), and only the rows `selected` marks are edited."""
+    kv_len = 45
     q, k, v = (t.to(DEVICE) for t in random_qkv(2, 8, 2, rows, kv_len, 32, dtype, seed=5, layout=layout))
     visible = (torch.arange(kv_len) <= torch.arange(kv_len - rows, kv_len)[:, None]).expand(2, -1, -1).clone()
     visible[1, :, :3] = False
-    selected = torch.tensor([[False, True, True, True, True], [False, False, True, False, True]])
+    selected = torch.rand(2, rows, generator=torch.Generator().manual_seed(rows)) > 0.3
+    selected[:, 0] = False
     receivers, visual_sinks, text_sinks = token_sets(2, kv_len, kv_len, 3, 0.3, 0.15, 0.08)
     image, sinks = receivers | visual_sinks, visual_sinks | text_sinks
     columns = as_columns(kv_len, image, image & ~sinks, sinks)

@@ -1,14 +1,16 @@
 """Triton kernels of one-row attention split by column sets (decode steps of the LVLM interventions).
 
 A decoding step has one query row per head, so one program per (batch, head) would leave most of a GPU idle while it
-walks the whole key cache. The keys are split instead (FlashDecoding): `column_set_split_kernel` folds one chunk of
-keys of one (batch, head) with the online softmax into, per column set n, the unnormalized mass sum_j p_j S_jn and
-set-weighted output sum_j p_j S_jn v_j; an all-ones set after the user's gives the softmax sum and the output O.
-`column_set_combine_kernel` rescales the chunks to their common max and normalizes: O, the masses m_n and
-W_n = sum_j A_j S_jn v_j. Column edits A_j <- A_j (1 + sum_n c_n S_jn) are linear in A, so the edited row's output
-is O + sum_n c_n W_n without A ever being written. The combine's epilogue (`EPILOGUE`) writes these statistics, or
-applies the visual attention sink redistribution (sets image, receivers, sinks) or the head-ranked enhancement (sets
-image, boost, query), whose head ranking each program recomputes from every head's split masses of its batch row.
+walks the whole key cache. The keys are split instead (FlashDecoding): each program of `column_set_kernel` folds one
+chunk of keys of one (batch, head) with the online softmax into, per column set n, the unnormalized mass
+sum_j p_j S_jn and set-weighted output sum_j p_j S_jn v_j; an all-ones set after the user's gives the softmax sum and
+the output O. The last program of a group to finish rescales the chunks to their common max and normalizes: O, the
+masses m_n and W_n = sum_j A_j S_jn v_j (one launch per call: a decoding step is host-bound). Column edits
+A_j <- A_j (1 + sum_n c_n S_jn) are linear in A, so the edited row's output is O + sum_n c_n W_n without A ever being
+written. The combine's epilogue (`EPILOGUE`) writes these statistics, or applies the visual attention sink
+redistribution (sets image, receivers, sinks) or the head-ranked enhancement (sets image, boost, query), whose head
+ranking needs every head's masses of the batch row. A prompt's rows (VAR's rows after the image) go in blocks of
+`ROWS_BLOCK` per program, so each block reads the keys once.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from .launch import head_dim_block, next_power_of_2
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal
 SETS_BLOCK = 16
-"""The padded set count: the (at most 8) column sets and the all-ones set, as tl.dot's smallest side."""
+"""The padded set count of a one-row program: the (at most 8) column sets and the all-ones set, as tl.dot's smallest
+side (with ROWS_BLOCK rows a program pads them to a power of two only)."""
 KEYS_BLOCK = 32
 """Keys per tile of a split."""
+ROWS_BLOCK = 16
+"""Query rows per program when a call has several (a prompt's rows: VAR's rows after the image)."""
 PROGRAMS_PER_SM = 2
 """Splits are sized so that batch x heads x splits fills each multiprocessor about this many times."""
 
@@ -45,60 +50,68 @@ def _pick_row(values, sets, index):
 
 
 @triton.jit
-def column_set_split_kernel(
-    Q, K, V, COLUMNS, VISIBLE, PARTS,
+def _fold_keys(
+    Q, K, V, COLUMNS, VISIBLE, PARTS, b, h, kh, block_rows, in_row, split,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_cb, stride_ct, stride_mb, stride_mr, stride_mt,
     num_heads, rows, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     SETS: tl.constexpr, HAS_VISIBLE: tl.constexpr,
 ):
-    """Keys [split * chunk, (split + 1) * chunk) of one (batch, query row, head): their max logit (base 2) and, per
-    set, the masses and set-weighted outputs of p_j = exp2(s_j - max); set `num_sets` is every key. Each (program,
-    split) writes one record of PARTS: max, masses [num_sets + 1], set-weighted outputs [num_sets + 1, HEAD_DIM]."""
-    pid, split = tl.program_id(0), tl.program_id(1)
-    row, h, kh = program_heads(pid, num_heads, GROUPS)
-    b, r = row // rows, row % rows
+    """Keys [split * chunk, (split + 1) * chunk) of BLOCK_R query rows of one (batch, head): per row, the max logit
+    (base 2) and, per set, the masses and set-weighted outputs of p_j = exp2(s_j - max); set `num_sets` is every
+    key. Each (row, split) writes one record of PARTS: max, masses [num_sets + 1], set-weighted outputs
+    [num_sets + 1, HEAD_DIM]. Several rows share each key tile (one tl.dot per tile for their logits and one for
+    their set-weighted outputs), so a prompt's rows read the keys once per row block, not once per row."""
     dims = tl.arange(0, BLOCK_D)
     sets = tl.arange(0, SETS)
     in_dim = dims < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + r * stride_qr + dims, mask=in_dim, other=0.0).to(tl.float32)
-    q = q * (scale * LOG2E)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + block_rows[:, None] * stride_qr + dims[None, :],
+                mask=in_row[:, None] & in_dim[None, :], other=0.0)
     k_base, v_base = K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh
 
-    m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), 0)
-    mass = tl.zeros([SETS], tl.float32)
-    weighted = tl.zeros([SETS, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    mass = tl.zeros([BLOCK_R, SETS], tl.float32)
+    weighted = tl.zeros([BLOCK_R * SETS, BLOCK_D], tl.float32)
     first = split * chunk
     last = tl.minimum(first + chunk, kv_len)
     for start in range(first, last, BLOCK_T):
         keys = start + tl.arange(0, BLOCK_T)
         in_range = keys < last
-        visible = in_range
+        visible = in_row[:, None] & in_range[None, :]
         if HAS_VISIBLE:
-            flags = tl.load(VISIBLE + b * stride_mb + r * stride_mr + keys * stride_mt, mask=in_range, other=0)
+            flags = tl.load(VISIBLE + b * stride_mb + block_rows[:, None] * stride_mr + keys[None, :] * stride_mt,
+                            mask=visible, other=0)
             visible = visible & (flags != 0)
         tile = in_range[:, None] & in_dim[None, :]
         k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kt + dims[None, :], mask=tile, other=0.0)
-        s = tl.where(visible, tl.sum(q[None, :] * k.to(tl.float32), 1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
+        if BLOCK_R == 1:  # a decoding step: one row, below tl.dot's smallest side
+            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = tl.where(visible, s * (scale * LOG2E), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
         v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vt + dims[None, :], mask=tile, other=0.0)
-        columns = tl.load(COLUMNS + b * stride_cb + keys[:, None] * stride_ct + sets[None, :],
-                          mask=(keys[:, None] < column_len) & (sets[None, :] < num_sets), other=0.0)
-        p_sets = p[:, None] * tl.where(sets[None, :] == num_sets, 1.0, columns)
-        mass = mass * alpha + tl.sum(p_sets, 0)
-        weighted = weighted * alpha + tl.dot(tl.trans(p_sets), v.to(tl.float32), input_precision="ieee")
+        columns = tl.load(COLUMNS + b * stride_cb + keys[None, :] * stride_ct + sets[:, None],
+                          mask=(keys[None, :] < column_len) & (sets[:, None] < num_sets), other=0.0)
+        columns = tl.where(sets[:, None] == num_sets, 1.0, columns)  # [SETS, BLOCK_T]
+        p_sets = p[:, None, :] * columns[None, :, :]  # [BLOCK_R, SETS, BLOCK_T]
+        mass = mass * alpha[:, None] + tl.sum(p_sets, 2)
+        row_alpha = tl.reshape(tl.broadcast_to(alpha[:, None], [BLOCK_R, SETS]), [BLOCK_R * SETS])
+        weighted = weighted * row_alpha[:, None] + tl.dot(tl.reshape(p_sets, [BLOCK_R * SETS, BLOCK_T]),
+                                                          v.to(tl.float32), input_precision="ieee")
         m_i = m_new
 
-    record = PARTS + (pid.to(tl.int64) * num_splits + split) * record_len
+    records = PARTS + (((b * rows + block_rows) * num_heads + h) * num_splits + split) * record_len  # [BLOCK_R]
     in_set = sets <= num_sets
-    tl.store(record, m_i)
-    tl.store(record + 1 + sets, mass, mask=in_set)
-    tl.store(record + num_sets + 2 + sets[:, None] * HEAD_DIM + dims[None, :], weighted,
-             mask=in_set[:, None] & in_dim[None, :])
+    tl.store(records, m_i, mask=in_row)
+    tl.store(records[:, None] + 1 + sets[None, :], mass, mask=in_row[:, None] & in_set[None, :])
+    tl.store(records[:, None, None] + num_sets + 2 + sets[None, :, None] * HEAD_DIM + dims[None, None, :],
+             tl.reshape(weighted, [BLOCK_R, SETS, BLOCK_D]),
+             mask=in_row[:, None, None] & in_set[None, :, None] & in_dim[None, None, :])
 
 
 STATISTICS, REDISTRIBUTE, RANK_HEADS = (tl.constexpr(n) for n in range(3))
@@ -124,13 +137,13 @@ def _top_half(values, heads, num_heads, BLOCK_H: tl.constexpr):
 @triton.jit
 def _row_masses(PARTS, row, num_heads, num_sets, num_splits, record_len, BLOCK_H: tl.constexpr):
     """Masses of the sets (image, boost, query), [BLOCK_H] each: every head of one query row, from its split
-    records."""
+    records (written by other programs of the launch: read from L2, past the multiprocessor's own cache)."""
     heads = tl.arange(0, BLOCK_H)
     in_head = heads < num_heads
     records = PARTS + (row * num_heads + heads) * num_splits * record_len
-    m = tl.load(records, mask=in_head, other=float("-inf"))
+    m = tl.load(records, mask=in_head, other=float("-inf"), cache_modifier=".cg")
     for split in range(1, num_splits):
-        m = tl.maximum(m, tl.load(records + split * record_len, mask=in_head, other=float("-inf")))
+        m = tl.maximum(m, tl.load(records + split * record_len, mask=in_head, other=float("-inf"), cache_modifier=".cg"))
     m_shift = tl.where(m == float("-inf"), 0.0, m)
     image = tl.zeros([BLOCK_H], tl.float32)
     boost = tl.zeros([BLOCK_H], tl.float32)
@@ -138,45 +151,43 @@ def _row_masses(PARTS, row, num_heads, num_sets, num_splits, record_len, BLOCK_H
     total = tl.zeros([BLOCK_H], tl.float32)
     for split in range(num_splits):
         record = records + split * record_len
-        factor = tl.math.exp2(tl.load(record, mask=in_head, other=float("-inf")) - m_shift)
-        image += factor * tl.load(record + 1, mask=in_head, other=0.0)
-        boost += factor * tl.load(record + 2, mask=in_head, other=0.0)
-        query += factor * tl.load(record + 3, mask=in_head, other=0.0)
-        total += factor * tl.load(record + 1 + num_sets, mask=in_head, other=0.0)
+        factor = tl.math.exp2(tl.load(record, mask=in_head, other=float("-inf"), cache_modifier=".cg") - m_shift)
+        image += factor * tl.load(record + 1, mask=in_head, other=0.0, cache_modifier=".cg")
+        boost += factor * tl.load(record + 2, mask=in_head, other=0.0, cache_modifier=".cg")
+        query += factor * tl.load(record + 3, mask=in_head, other=0.0, cache_modifier=".cg")
+        total += factor * tl.load(record + 1 + num_sets, mask=in_head, other=0.0, cache_modifier=".cg")
     inverse = _inverse(total)
     return image * inverse, boost * inverse, query * inverse
 
 
 @triton.jit
-def column_set_combine_kernel(
-    PARTS, OUT, MASSES, WEIGHTED, SELECTED,
+def _combine(
+    PARTS, OUT, MASSES, WEIGHTED, SELECTED, b, r, h, image, boost, query,
     stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn, stride_eb, stride_er,
     num_heads, rows, num_sets, num_splits, record_len, share, rho, min_mass, beta,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, BLOCK_H: tl.constexpr,
     EPILOGUE: tl.constexpr, HAS_SELECTED: tl.constexpr,
 ):
-    """The splits of one (batch, query row, head) rescaled to their common max and normalized by the all-ones set's
-    mass, then the `EPILOGUE` (STATISTICS: one row per batch row; REDISTRIBUTE edits the rows SELECTED marks)."""
-    pid = tl.program_id(0)
-    row, h, _ = program_heads(pid, num_heads, 1)
-    b, r = row // rows, row % rows
+    """The split records of one (batch, query row, head) rescaled to their common max and normalized by the all-ones
+    set's mass, then the `EPILOGUE` (STATISTICS: one row per batch row; REDISTRIBUTE edits the rows SELECTED marks;
+    RANK_HEADS takes the row's per-head set masses `image`, `boost`, `query`)."""
     dims = tl.arange(0, BLOCK_D)
     sets = tl.arange(0, SETS)
     in_dim = dims < HEAD_DIM
     in_set = sets <= num_sets
-    records = PARTS + pid.to(tl.int64) * num_splits * record_len
-    m = tl.load(records)
+    records = PARTS + ((b * rows + r) * num_heads + h) * num_splits * record_len
+    m = tl.load(records, cache_modifier=".cg")
     for split in range(1, num_splits):
-        m = tl.maximum(m, tl.load(records + split * record_len))
+        m = tl.maximum(m, tl.load(records + split * record_len, cache_modifier=".cg"))
     m_shift = tl.where(m == float("-inf"), 0.0, m)
     mass = tl.zeros([SETS], tl.float32)
     weighted = tl.zeros([SETS, BLOCK_D], tl.float32)
     for split in range(num_splits):
         record = records + split * record_len
-        factor = tl.math.exp2(tl.load(record) - m_shift)
-        mass += factor * tl.load(record + 1 + sets, mask=in_set, other=0.0)
+        factor = tl.math.exp2(tl.load(record, cache_modifier=".cg") - m_shift)
+        mass += factor * tl.load(record + 1 + sets, mask=in_set, other=0.0, cache_modifier=".cg")
         weighted += factor * tl.load(record + num_sets + 2 + sets[:, None] * HEAD_DIM + dims[None, :],
-                                     mask=in_set[:, None] & in_dim[None, :], other=0.0)
+                                     mask=in_set[:, None] & in_dim[None, :], other=0.0, cache_modifier=".cg")
 
     inverse = _inverse(_pick(mass, sets, num_sets))
     mass, weighted = mass * inverse, weighted * inverse
@@ -196,7 +207,6 @@ def column_set_combine_kernel(
         # W_boost, the top half by query mass add (beta r - 1) W_query with r the vision heads' image-mass gain,
         # and the row is rescaled to its original mass
         heads = tl.arange(0, BLOCK_H)
-        image, boost, query = _row_masses(PARTS, row, num_heads, num_sets, num_splits, record_len, BLOCK_H)
         vision = _top_half(image, heads, num_heads, BLOCK_H)
         gain = tl.sum(vision * boost, 0) / tl.maximum(tl.sum(vision * image, 0), TINY)
         own_vision = _pick(vision, heads, h)
@@ -210,6 +220,54 @@ def column_set_combine_kernel(
         tl.store(MASSES + b * stride_sb + h * stride_sh + sets, mass, mask=user_set)
         tl.store(WEIGHTED + b * stride_wb + h * stride_wh + sets[:, None] * stride_wn + dims[None, :], weighted,
                  mask=user_set[:, None] & in_dim[None, :])
+
+
+@triton.jit
+def column_set_kernel(
+    Q, K, V, COLUMNS, VISIBLE, PARTS, ARRIVALS, OUT, MASSES, WEIGHTED, SELECTED,
+    stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_cb, stride_ct, stride_mb, stride_mr, stride_mt,
+    stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn, stride_eb, stride_er,
+    num_heads, rows, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale, share, rho, min_mass, beta,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr, SETS: tl.constexpr, BLOCK_H: tl.constexpr, EPILOGUE: tl.constexpr,
+    HAS_VISIBLE: tl.constexpr, HAS_SELECTED: tl.constexpr,
+):
+    """One program per (batch, block of BLOCK_R query rows, head) and key split folds its keys (`_fold_keys`); the
+    last program of a group to arrive (ARRIVALS: one zeroed counter per group) combines the group's records
+    (`_combine`): a group is the splits of one program, or, for RANK_HEADS, of every head of the batch row (the
+    head ranking needs them all). One launch per call: a decoding step is host-bound, and a launch costs tens of
+    microseconds of Python."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    block, h, kh = program_heads(pid, num_heads, GROUPS)
+    row_blocks = tl.cdiv(rows, BLOCK_R)
+    b, first_row = block // row_blocks, (block % row_blocks) * BLOCK_R
+    block_rows = first_row + tl.arange(0, BLOCK_R)
+    _fold_keys(Q, K, V, COLUMNS, VISIBLE, PARTS, b, h, kh, block_rows, block_rows < rows, split,
+               stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+               stride_cb, stride_ct, stride_mb, stride_mr, stride_mt,
+               num_heads, rows, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale,
+               HEAD_DIM, BLOCK_D, BLOCK_T, BLOCK_R, SETS, HAS_VISIBLE)
+
+    if EPILOGUE == RANK_HEADS:  # one query row per batch row
+        group, members = b, num_heads * num_splits
+    else:
+        group, members = pid, num_splits
+    tl.debug_barrier()  # every thread's records are written before the (release) arrival
+    if tl.atomic_add(ARRIVALS + group, 1, sem="acq_rel", scope="gpu") == members - 1:
+        if EPILOGUE == RANK_HEADS:
+            image, boost, query = _row_masses(PARTS, b * rows, num_heads, num_sets, num_splits, record_len, BLOCK_H)
+            for head in range(num_heads):
+                _combine(PARTS, OUT, MASSES, WEIGHTED, SELECTED, b, 0, head, image, boost, query,
+                         stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
+                         stride_eb, stride_er, num_heads, rows, num_sets, num_splits, record_len, share, rho,
+                         min_mass, beta, HEAD_DIM, BLOCK_D, SETS, BLOCK_H, EPILOGUE, HAS_SELECTED)
+        else:
+            for row in range(first_row, tl.minimum(first_row + BLOCK_R, rows)):
+                _combine(PARTS, OUT, MASSES, WEIGHTED, SELECTED, b, row, h, 0.0, 0.0, 0.0,
+                         stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
+                         stride_eb, stride_er, num_heads, rows, num_sets, num_splits, record_len, share, rho,
+                         min_mass, beta, HEAD_DIM, BLOCK_D, SETS, BLOCK_H, EPILOGUE, HAS_SELECTED)
 
 
 @functools.cache
@@ -235,33 +293,33 @@ def _flags(flags: torch.Tensor | None, dims: int) -> tuple[torch.Tensor | None, 
 
 def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, statistics=None, selected=None,
             share=0.0, rho=0.0, min_mass=0.0, beta=0.0) -> None:
-    """The split kernel, then the combine kernel writing `out` (and, for STATISTICS, `statistics` = (masses,
-    weighted)) with the `epilogue`'s parameters, over every (batch, query row, head)."""
+    """`column_set_kernel` writing `out` (and, for STATISTICS, `statistics` = (masses, weighted)) with the
+    `epilogue`'s parameters, over every (batch, query row, head): one row per program in a decoding step, blocks of
+    `ROWS_BLOCK` rows for a prompt's rows."""
     batch, heads, rows, head_dim = q.shape
     sets = columns.shape[2]
-    programs = batch * rows * heads
+    block_rows = 1 if rows == 1 else ROWS_BLOCK
+    programs = batch * triton.cdiv(rows, block_rows) * heads
     chunk, splits = key_splits(programs, k.shape[2], q.device)
     record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
-    parts = q.new_empty((programs * splits * record_len,), dtype=torch.float32)
+    parts = q.new_empty((batch * rows * heads * splits * record_len,), dtype=torch.float32)
+    arrivals = torch.zeros((batch if epilogue is RANK_HEADS else programs,), dtype=torch.int32, device=q.device)
     if visible is not None and visible.dim() == 2:  # every row sees the same keys: a row stride of 0
         visible = visible[:, None].expand(-1, rows, -1)
     visible, visible_strides = _flags(visible, 3)
     selected, selected_strides = _flags(selected, 2)
-    block_d = head_dim_block(head_dim)
-    column_set_split_kernel[(programs, splits)](
-        q, k, v, columns, columns if visible is None else visible, parts,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1), *visible_strides,
-        heads, rows, k.shape[2], columns.shape[1], sets, chunk, splits, record_len, scale, GROUPS=heads // k.shape[1],
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=KEYS_BLOCK, SETS=SETS_BLOCK, HAS_VISIBLE=visible is not None,
-        num_warps=4,
-    )
     masses, weighted = statistics or (parts, parts)  # no statistics leave the other epilogues
-    strides = (*masses.stride()[:2], *weighted.stride()[:3]) if statistics else (0,) * 5
-    column_set_combine_kernel[(programs,)](
-        parts, out, masses, weighted, parts if selected is None else selected, *out.stride()[:3], *strides,
-        *selected_strides, heads, rows, sets, splits, record_len, share, rho, min_mass, beta, HEAD_DIM=head_dim,
-        BLOCK_D=block_d, SETS=SETS_BLOCK, BLOCK_H=next_power_of_2(heads, 2) if epilogue is RANK_HEADS else 1,
-        EPILOGUE=epilogue.value, HAS_SELECTED=selected is not None, num_warps=4,
+    statistics_strides = (*masses.stride()[:2], *weighted.stride()[:3]) if statistics else (0,) * 5
+    column_set_kernel[(programs, splits)](
+        q, k, v, columns, columns if visible is None else visible, parts, arrivals, out, masses, weighted,
+        parts if selected is None else selected,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1), *visible_strides,
+        *out.stride()[:3], *statistics_strides, *selected_strides,
+        heads, rows, k.shape[2], columns.shape[1], sets, chunk, splits, record_len, scale, share, rho, min_mass, beta,
+        GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_T=KEYS_BLOCK,
+        BLOCK_R=block_rows, SETS=SETS_BLOCK if block_rows == 1 else next_power_of_2(sets + 1),
+        BLOCK_H=next_power_of_2(heads, 2) if epilogue is RANK_HEADS else 1, EPILOGUE=epilogue.value,
+        HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None, num_warps=4,
     )
 
 

@@ -50,6 +50,18 @@ def _pick_row(values, sets, index):
 
 
 @triton.jit
+def _dot_exact(p, v):
+    """p @ v for float32 p to about float32 accuracy on tensor cores: a half-precision v multiplies p's two leading
+    half-precision parts (p = high + low + O(2^-16 p) for bfloat16), float32 v takes the IEEE dot (a float32 dot
+    on CUDA cores, whose operands spill beyond small tiles, is what this avoids for half-precision inputs)."""
+    if v.dtype == tl.float32:
+        return tl.dot(p, v, input_precision="ieee")
+    high = p.to(v.dtype)
+    low = (p - high.to(tl.float32)).to(v.dtype)
+    return tl.dot(low, v, tl.dot(high, v))
+
+
+@triton.jit
 def _fold_keys(
     Q, K, V, COLUMNS, VISIBLE, PARTS, b, h, kh, block_rows, in_row, split,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -101,8 +113,7 @@ def _fold_keys(
         p_sets = p[:, None, :] * columns[None, :, :]  # [BLOCK_R, SETS, BLOCK_T]
         mass = mass * alpha[:, None] + tl.sum(p_sets, 2)
         row_alpha = tl.reshape(tl.broadcast_to(alpha[:, None], [BLOCK_R, SETS]), [BLOCK_R * SETS])
-        weighted = weighted * row_alpha[:, None] + tl.dot(tl.reshape(p_sets, [BLOCK_R * SETS, BLOCK_T]),
-                                                          v.to(tl.float32), input_precision="ieee")
+        weighted = weighted * row_alpha[:, None] + _dot_exact(tl.reshape(p_sets, [BLOCK_R * SETS, BLOCK_T]), v)
         m_i = m_new
 
     records = PARTS + (((b * rows + block_rows) * num_heads + h) * num_splits + split) * record_len  # [BLOCK_R]
@@ -135,42 +146,17 @@ def _top_half(values, heads, num_heads, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _row_masses(PARTS, row, num_heads, num_sets, num_splits, record_len, BLOCK_H: tl.constexpr):
-    """Masses of the sets (image, boost, query), [BLOCK_H] each: every head of one query row, from its split
-    records (written by other programs of the launch: read from L2, past the multiprocessor's own cache)."""
-    heads = tl.arange(0, BLOCK_H)
-    in_head = heads < num_heads
-    records = PARTS + (row * num_heads + heads) * num_splits * record_len
-    m = tl.load(records, mask=in_head, other=float("-inf"), cache_modifier=".cg")
-    for split in range(1, num_splits):
-        m = tl.maximum(m, tl.load(records + split * record_len, mask=in_head, other=float("-inf"), cache_modifier=".cg"))
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    image = tl.zeros([BLOCK_H], tl.float32)
-    boost = tl.zeros([BLOCK_H], tl.float32)
-    query = tl.zeros([BLOCK_H], tl.float32)
-    total = tl.zeros([BLOCK_H], tl.float32)
-    for split in range(num_splits):
-        record = records + split * record_len
-        factor = tl.math.exp2(tl.load(record, mask=in_head, other=float("-inf"), cache_modifier=".cg") - m_shift)
-        image += factor * tl.load(record + 1, mask=in_head, other=0.0, cache_modifier=".cg")
-        boost += factor * tl.load(record + 2, mask=in_head, other=0.0, cache_modifier=".cg")
-        query += factor * tl.load(record + 3, mask=in_head, other=0.0, cache_modifier=".cg")
-        total += factor * tl.load(record + 1 + num_sets, mask=in_head, other=0.0, cache_modifier=".cg")
-    inverse = _inverse(total)
-    return image * inverse, boost * inverse, query * inverse
-
-
-@triton.jit
 def _combine(
-    PARTS, OUT, MASSES, WEIGHTED, SELECTED, b, r, h, image, boost, query,
-    stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn, stride_eb, stride_er,
-    num_heads, rows, num_sets, num_splits, record_len, share, rho, min_mass, beta,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, BLOCK_H: tl.constexpr,
-    EPILOGUE: tl.constexpr, HAS_SELECTED: tl.constexpr,
+    PARTS, OUT, STAT_OUT, MASSES, WEIGHTED, SELECTED, b, r, h,
+    stride_ob, stride_oh, stride_or, stride_tb, stride_th, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
+    stride_eb, stride_er, num_heads, rows, num_sets, num_splits, record_len, share, rho, min_mass,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, EPILOGUE: tl.constexpr,
+    HAS_SELECTED: tl.constexpr,
 ):
     """The split records of one (batch, query row, head) rescaled to their common max and normalized by the all-ones
-    set's mass, then the `EPILOGUE` (STATISTICS: one row per batch row; REDISTRIBUTE edits the rows SELECTED marks;
-    RANK_HEADS takes the row's per-head set masses `image`, `boost`, `query`)."""
+    set's mass (records written by other programs: read from L2, past the multiprocessor's own cache), then written:
+    REDISTRIBUTE edits the rows SELECTED marks into OUT; STATISTICS and RANK_HEADS write O (STAT_OUT), the masses
+    and the set-weighted outputs (RANK_HEADS: into its scratch, for `_rank_heads`)."""
     dims = tl.arange(0, BLOCK_D)
     sets = tl.arange(0, SETS)
     in_dim = dims < HEAD_DIM
@@ -192,7 +178,6 @@ def _combine(
     inverse = _inverse(_pick(mass, sets, num_sets))
     mass, weighted = mass * inverse, weighted * inverse
     acc = _pick_row(weighted, sets, num_sets)
-    out_ptrs = OUT + b * stride_ob + h * stride_oh + r * stride_or + dims
     if EPILOGUE == REDISTRIBUTE:
         # sets (image, receivers, sinks): image-centric rows move `share` of the sinks' mass to the receivers
         image, receivers, sinks = _pick(mass, sets, 0), _pick(mass, sets, 1), _pick(mass, sets, 2)
@@ -201,21 +186,10 @@ def _combine(
             centric = centric & (tl.load(SELECTED + b * stride_eb + r * stride_er) != 0)
         gain = tl.where(centric, sinks / tl.where(centric, receivers, 1.0), 0.0)
         moved = gain * _pick_row(weighted, sets, 1) - tl.where(centric, _pick_row(weighted, sets, 2), 0.0)
-        tl.store(out_ptrs, (acc + share * moved).to(OUT.dtype.element_ty), mask=in_dim)
-    elif EPILOGUE == RANK_HEADS:
-        # sets (image, boost = image (M - 1), query): the top half of heads by image mass (vision heads) add
-        # W_boost, the top half by query mass add (beta r - 1) W_query with r the vision heads' image-mass gain,
-        # and the row is rescaled to its original mass
-        heads = tl.arange(0, BLOCK_H)
-        vision = _top_half(image, heads, num_heads, BLOCK_H)
-        gain = tl.sum(vision * boost, 0) / tl.maximum(tl.sum(vision * image, 0), TINY)
-        own_vision = _pick(vision, heads, h)
-        query_gain = _pick(_top_half(query, heads, num_heads, BLOCK_H), heads, h) * (beta * (1.0 + gain) - 1.0)
-        edited = acc + own_vision * _pick_row(weighted, sets, 1) + query_gain * _pick_row(weighted, sets, 2)
-        kept = 1.0 + own_vision * _pick(boost, heads, h) + query_gain * _pick(query, heads, h)
-        tl.store(out_ptrs, (edited / kept).to(OUT.dtype.element_ty), mask=in_dim)
+        tl.store(OUT + b * stride_ob + h * stride_oh + r * stride_or + dims,
+                 (acc + share * moved).to(OUT.dtype.element_ty), mask=in_dim)
     else:
-        tl.store(out_ptrs, acc, mask=in_dim)
+        tl.store(STAT_OUT + b * stride_tb + h * stride_th + dims, acc, mask=in_dim)
         user_set = sets < num_sets
         tl.store(MASSES + b * stride_sb + h * stride_sh + sets, mass, mask=user_set)
         tl.store(WEIGHTED + b * stride_wb + h * stride_wh + sets[:, None] * stride_wn + dims[None, :], weighted,
@@ -223,21 +197,52 @@ def _combine(
 
 
 @triton.jit
+def _rank_heads(
+    OUT, STAT_OUT, MASSES, WEIGHTED, b, stride_ob, stride_oh, stride_tb, stride_th, stride_sb, stride_sh, stride_wb,
+    stride_wh, stride_wn, num_heads, beta,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """GIFT's head-ranked enhancement of one batch row's query row, every head at once, from the heads' combined
+    statistics (sets image, boost = image (M - 1), query): the top half of heads by image mass (vision heads) add
+    W_boost, the top half by query mass add (beta r - 1) W_query with r the vision heads' image-mass gain, and each
+    head's row is rescaled to its original mass."""
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    in_head = heads < num_heads
+    tile = in_head[:, None] & (dims < HEAD_DIM)[None, :]
+    masses = MASSES + b * stride_sb + heads * stride_sh
+    image = tl.load(masses, mask=in_head, other=0.0, cache_modifier=".cg")
+    boost = tl.load(masses + 1, mask=in_head, other=0.0, cache_modifier=".cg")
+    query = tl.load(masses + 2, mask=in_head, other=0.0, cache_modifier=".cg")
+    vision = _top_half(image, heads, num_heads, BLOCK_H)
+    gain = tl.sum(vision * boost, 0) / tl.maximum(tl.sum(vision * image, 0), TINY)
+    query_gain = _top_half(query, heads, num_heads, BLOCK_H) * (beta * (1.0 + gain) - 1.0)
+    weighted = WEIGHTED + b * stride_wb + heads[:, None] * stride_wh + dims[None, :]
+    edited = tl.load(STAT_OUT + b * stride_tb + heads[:, None] * stride_th + dims[None, :], mask=tile, other=0.0,
+                     cache_modifier=".cg")
+    edited += vision[:, None] * tl.load(weighted + stride_wn, mask=tile, other=0.0, cache_modifier=".cg")
+    edited += query_gain[:, None] * tl.load(weighted + 2 * stride_wn, mask=tile, other=0.0, cache_modifier=".cg")
+    kept = 1.0 + vision * boost + query_gain * query
+    tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+             (edited / kept[:, None]).to(OUT.dtype.element_ty), mask=tile)
+
+
+@triton.jit
 def column_set_kernel(
-    Q, K, V, COLUMNS, VISIBLE, PARTS, ARRIVALS, OUT, MASSES, WEIGHTED, SELECTED,
+    Q, K, V, COLUMNS, VISIBLE, PARTS, ARRIVALS, OUT, STAT_OUT, MASSES, WEIGHTED, SELECTED,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_cb, stride_ct, stride_mb, stride_mr, stride_mt,
-    stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn, stride_eb, stride_er,
+    stride_cb, stride_ct, stride_mb, stride_mr, stride_mt, stride_ob, stride_oh, stride_or, stride_tb, stride_th,
+    stride_sb, stride_sh, stride_wb, stride_wh, stride_wn, stride_eb, stride_er,
     num_heads, rows, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale, share, rho, min_mass, beta,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr, SETS: tl.constexpr, BLOCK_H: tl.constexpr, EPILOGUE: tl.constexpr,
     HAS_VISIBLE: tl.constexpr, HAS_SELECTED: tl.constexpr,
 ):
     """One program per (batch, block of BLOCK_R query rows, head) and key split folds its keys (`_fold_keys`); the
-    last program of a group to arrive (ARRIVALS: one zeroed counter per group) combines the group's records
-    (`_combine`): a group is the splits of one program, or, for RANK_HEADS, of every head of the batch row (the
-    head ranking needs them all). One launch per call: a decoding step is host-bound, and a launch costs tens of
-    microseconds of Python."""
+    last of a program's splits to arrive (ARRIVALS: zeroed counters, one per program, then one per batch row)
+    combines their records (`_combine`), and for RANK_HEADS the last head of a batch row to arrive ranks the heads
+    (`_rank_heads`, which needs them all). One launch per call: a decoding step is host-bound, and a launch costs
+    tens of microseconds of Python."""
     pid, split = tl.program_id(0), tl.program_id(1)
     block, h, kh = program_heads(pid, num_heads, GROUPS)
     row_blocks = tl.cdiv(rows, BLOCK_R)
@@ -249,25 +254,20 @@ def column_set_kernel(
                num_heads, rows, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale,
                HEAD_DIM, BLOCK_D, BLOCK_T, BLOCK_R, SETS, HAS_VISIBLE)
 
-    if EPILOGUE == RANK_HEADS:  # one query row per batch row
-        group, members = b, num_heads * num_splits
-    else:
-        group, members = pid, num_splits
-    tl.debug_barrier()  # every thread's records are written before the (release) arrival
-    if tl.atomic_add(ARRIVALS + group, 1, sem="acq_rel", scope="gpu") == members - 1:
-        if EPILOGUE == RANK_HEADS:
-            image, boost, query = _row_masses(PARTS, b * rows, num_heads, num_sets, num_splits, record_len, BLOCK_H)
-            for head in range(num_heads):
-                _combine(PARTS, OUT, MASSES, WEIGHTED, SELECTED, b, 0, head, image, boost, query,
-                         stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
-                         stride_eb, stride_er, num_heads, rows, num_sets, num_splits, record_len, share, rho,
-                         min_mass, beta, HEAD_DIM, BLOCK_D, SETS, BLOCK_H, EPILOGUE, HAS_SELECTED)
-        else:
-            for row in range(first_row, tl.minimum(first_row + BLOCK_R, rows)):
-                _combine(PARTS, OUT, MASSES, WEIGHTED, SELECTED, b, row, h, 0.0, 0.0, 0.0,
-                         stride_ob, stride_oh, stride_or, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
-                         stride_eb, stride_er, num_heads, rows, num_sets, num_splits, record_len, share, rho,
-                         min_mass, beta, HEAD_DIM, BLOCK_D, SETS, BLOCK_H, EPILOGUE, HAS_SELECTED)
+    tl.debug_barrier()  # every thread's stores are made before the (release) arrival
+    if tl.atomic_add(ARRIVALS + pid, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+        for row in range(first_row, tl.minimum(first_row + BLOCK_R, rows)):
+            _combine(PARTS, OUT, STAT_OUT, MASSES, WEIGHTED, SELECTED, b, row, h,
+                     stride_ob, stride_oh, stride_or, stride_tb, stride_th, stride_sb, stride_sh, stride_wb,
+                     stride_wh, stride_wn, stride_eb, stride_er, num_heads, rows, num_sets, num_splits, record_len,
+                     share, rho, min_mass, HEAD_DIM, BLOCK_D, SETS, EPILOGUE, HAS_SELECTED)
+        if EPILOGUE == RANK_HEADS:  # one query row per batch row
+            tl.debug_barrier()
+            row_arrivals = ARRIVALS + tl.num_programs(0) + b
+            if tl.atomic_add(row_arrivals, 1, sem="acq_rel", scope="gpu") == num_heads - 1:
+                _rank_heads(OUT, STAT_OUT, MASSES, WEIGHTED, b, stride_ob, stride_oh, stride_tb, stride_th,
+                            stride_sb, stride_sh, stride_wb, stride_wh, stride_wn, num_heads, beta,
+                            HEAD_DIM, BLOCK_D, BLOCK_H)
 
 
 @functools.cache
@@ -293,8 +293,8 @@ def _flags(flags: torch.Tensor | None, dims: int) -> tuple[torch.Tensor | None, 
 
 def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, statistics=None, selected=None,
             share=0.0, rho=0.0, min_mass=0.0, beta=0.0) -> None:
-    """`column_set_kernel` writing `out` (and, for STATISTICS, `statistics` = (masses, weighted)) with the
-    `epilogue`'s parameters, over every (batch, query row, head): one row per program in a decoding step, blocks of
+    """`column_set_kernel` writing `out` with the `epilogue`'s parameters (STATISTICS: `out` is O and `statistics`
+    = (masses, weighted)), over every (batch, query row, head): one row per program in a decoding step, blocks of
     `ROWS_BLOCK` rows for a prompt's rows."""
     batch, heads, rows, head_dim = q.shape
     sets = columns.shape[2]
@@ -302,23 +302,37 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
     programs = batch * triton.cdiv(rows, block_rows) * heads
     chunk, splits = key_splits(programs, k.shape[2], q.device)
     record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
-    parts = q.new_empty((batch * rows * heads * splits * record_len,), dtype=torch.float32)
-    arrivals = torch.zeros((batch if epilogue is RANK_HEADS else programs,), dtype=torch.int32, device=q.device)
+    records = batch * rows * heads * splits * record_len
+    ranked = epilogue is RANK_HEADS
+    # RANK_HEADS: the heads' statistics (O, masses, set-weighted outputs) after the records, for the head ranking
+    parts = q.new_empty((records + (batch * heads * (sets + 1) * (head_dim + 1) if ranked else 0),),
+                        dtype=torch.float32)
+    arrivals = torch.zeros((programs + (batch if ranked else 0),), dtype=torch.int32, device=q.device)
     if visible is not None and visible.dim() == 2:  # every row sees the same keys: a row stride of 0
         visible = visible[:, None].expand(-1, rows, -1)
     visible, visible_strides = _flags(visible, 3)
     selected, selected_strides = _flags(selected, 2)
-    masses, weighted = statistics or (parts, parts)  # no statistics leave the other epilogues
-    statistics_strides = (*masses.stride()[:2], *weighted.stride()[:3]) if statistics else (0,) * 5
+    if statistics:
+        stat_out, (masses, weighted) = out, statistics
+        statistics_strides = (*out.stride()[:2], *masses.stride()[:2], *weighted.stride()[:3])
+    elif ranked:
+        stat_out = parts[records:]
+        masses = parts[records + batch * heads * head_dim:]
+        weighted = parts[records + batch * heads * (head_dim + sets):]
+        statistics_strides = (heads * head_dim, head_dim, heads * sets, sets, heads * sets * head_dim,
+                              sets * head_dim, head_dim)
+    else:
+        stat_out = masses = weighted = parts
+        statistics_strides = (0,) * 7
     column_set_kernel[(programs, splits)](
-        q, k, v, columns, columns if visible is None else visible, parts, arrivals, out, masses, weighted,
+        q, k, v, columns, columns if visible is None else visible, parts, arrivals, out, stat_out, masses, weighted,
         parts if selected is None else selected,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1), *visible_strides,
         *out.stride()[:3], *statistics_strides, *selected_strides,
         heads, rows, k.shape[2], columns.shape[1], sets, chunk, splits, record_len, scale, share, rho, min_mass, beta,
         GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_T=KEYS_BLOCK,
         BLOCK_R=block_rows, SETS=SETS_BLOCK if block_rows == 1 else next_power_of_2(sets + 1),
-        BLOCK_H=next_power_of_2(heads, 2) if epilogue is RANK_HEADS else 1, EPILOGUE=epilogue.value,
+        BLOCK_H=next_power_of_2(heads, 2) if ranked else 1, EPILOGUE=epilogue.value,
         HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None, num_warps=4,
     )
 

@@ -3,12 +3,12 @@
 An intervention that multiplies the attention A_j of key j by 1 + sum_n c_n S_jn, for a few weighted column sets S
 (image tokens, sinks, query tokens), only needs per set the mass m_n = sum_j A_j S_jn and the set-weighted output
 W_n = sum_j A_j S_jn v_j: the edited output is O + sum_n c_n W_n. The Triton path computes them in one pass over the
-keys split into chunks (FlashDecoding) and a combine kernel, so a decoding step costs two kernels instead of explicit
-probabilities and a dozen small ops, eagerly and inside a torch.compile'd decoding step (custom ops). Inference only
-(no autograd).
+keys split into chunks (FlashDecoding), combined by the last chunk's program to finish, so a decoding step costs one
+kernel launch instead of explicit probabilities and a dozen small ops, eagerly and inside a torch.compile'd decoding
+step (custom ops). Inference only (no autograd).
 
-Backends (`backends.REGISTRY["column_sets"]`): `"triton"` (`triton/column_sets.py`; the combine kernel applies the
-sink redistribution or the head-ranked enhancement), `"torch"` (the exact reference, `reference.py`) or `"auto"`
+Backends (`backends.REGISTRY["column_sets"]`): `"triton"` (`triton/column_sets.py`; the combine applies the sink
+redistribution or the head-ranked enhancement), `"torch"` (the exact reference, `reference.py`) or `"auto"`
 (the fastest that runs the case here: Triton on CUDA).
 """
 

@@ -35,6 +35,8 @@ ROWS_BLOCK = 16
 """Query rows per program when a call has several (a prompt's rows: VAR's rows after the image)."""
 PROGRAMS_PER_SM = 2
 """Splits are sized so that batch x heads x splits fills each multiprocessor about this many times."""
+MAX_SPLITS = 64
+"""The combine holds one float per split and head dim in registers ([splits, head_dim] per set)."""
 
 
 @triton.jit
@@ -150,30 +152,33 @@ def _combine(
     PARTS, OUT, STAT_OUT, MASSES, WEIGHTED, SELECTED, b, r, h,
     stride_ob, stride_oh, stride_or, stride_tb, stride_th, stride_sb, stride_sh, stride_wb, stride_wh, stride_wn,
     stride_eb, stride_er, num_heads, rows, num_sets, num_splits, record_len, share, rho, min_mass,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, EPILOGUE: tl.constexpr,
-    HAS_SELECTED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SETS: tl.constexpr, BLOCK_S: tl.constexpr,
+    EPILOGUE: tl.constexpr, HAS_SELECTED: tl.constexpr,
 ):
     """The split records of one (batch, query row, head) rescaled to their common max and normalized by the all-ones
-    set's mass (records written by other programs: read from L2, past the multiprocessor's own cache), then written:
+    set's mass (records written by other programs: read from L2, past the multiprocessor's own cache; every split
+    at once, so the combine waits on a few loads, not two per split), then written:
     REDISTRIBUTE edits the rows SELECTED marks into OUT; STATISTICS and RANK_HEADS write O (STAT_OUT), the masses
     and the set-weighted outputs (RANK_HEADS: into its scratch, for `_rank_heads`)."""
     dims = tl.arange(0, BLOCK_D)
     sets = tl.arange(0, SETS)
     in_dim = dims < HEAD_DIM
     in_set = sets <= num_sets
-    records = PARTS + ((b * rows + r) * num_heads + h) * num_splits * record_len
-    m = tl.load(records, cache_modifier=".cg")
-    for split in range(1, num_splits):
-        m = tl.maximum(m, tl.load(records + split * record_len, cache_modifier=".cg"))
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    mass = tl.zeros([SETS], tl.float32)
+    splits = tl.arange(0, BLOCK_S)
+    in_split = splits < num_splits
+    records = PARTS + (((b * rows + r) * num_heads + h) * num_splits + splits) * record_len  # [BLOCK_S]
+    m = tl.load(records, mask=in_split, other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(m, 0)
+    factor = tl.math.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # 0 for the padding splits
+    mass = tl.sum(factor[:, None] * tl.load(records[:, None] + 1 + sets[None, :],
+                                            mask=in_split[:, None] & in_set[None, :], other=0.0,
+                                            cache_modifier=".cg"), 0)
     weighted = tl.zeros([SETS, BLOCK_D], tl.float32)
-    for split in range(num_splits):
-        record = records + split * record_len
-        factor = tl.math.exp2(tl.load(record, cache_modifier=".cg") - m_shift)
-        mass += factor * tl.load(record + 1 + sets, mask=in_set, other=0.0, cache_modifier=".cg")
-        weighted += factor * tl.load(record + num_sets + 2 + sets[:, None] * HEAD_DIM + dims[None, :],
-                                     mask=in_set[:, None] & in_dim[None, :], other=0.0, cache_modifier=".cg")
+    for n in range(num_sets + 1):  # one set at a time: [BLOCK_S, BLOCK_D] in registers, not [BLOCK_S, SETS, ...]
+        row = tl.sum(factor[:, None] * tl.load(records[:, None] + num_sets + 2 + n * HEAD_DIM + dims[None, :],
+                                               mask=in_split[:, None] & in_dim[None, :], other=0.0,
+                                               cache_modifier=".cg"), 0)
+        weighted = tl.where(sets[:, None] == n, row[None, :], weighted)
 
     inverse = _inverse(_pick(mass, sets, num_sets))
     mass, weighted = mass * inverse, weighted * inverse
@@ -235,8 +240,8 @@ def column_set_kernel(
     stride_sb, stride_sh, stride_wb, stride_wh, stride_wn, stride_eb, stride_er,
     num_heads, rows, kv_len, column_len, num_sets, chunk, num_splits, record_len, scale, share, rho, min_mass, beta,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr, SETS: tl.constexpr, BLOCK_H: tl.constexpr, EPILOGUE: tl.constexpr,
-    HAS_VISIBLE: tl.constexpr, HAS_SELECTED: tl.constexpr,
+    BLOCK_R: tl.constexpr, SETS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    EPILOGUE: tl.constexpr, HAS_VISIBLE: tl.constexpr, HAS_SELECTED: tl.constexpr,
 ):
     """One program per (batch, block of BLOCK_R query rows, head) and key split folds its keys (`_fold_keys`); the
     last of a program's splits to arrive (ARRIVALS: zeroed counters, one per program, then one per batch row)
@@ -260,7 +265,7 @@ def column_set_kernel(
             _combine(PARTS, OUT, STAT_OUT, MASSES, WEIGHTED, SELECTED, b, row, h,
                      stride_ob, stride_oh, stride_or, stride_tb, stride_th, stride_sb, stride_sh, stride_wb,
                      stride_wh, stride_wn, stride_eb, stride_er, num_heads, rows, num_sets, num_splits, record_len,
-                     share, rho, min_mass, HEAD_DIM, BLOCK_D, SETS, EPILOGUE, HAS_SELECTED)
+                     share, rho, min_mass, HEAD_DIM, BLOCK_D, SETS, BLOCK_S, EPILOGUE, HAS_SELECTED)
         if EPILOGUE == RANK_HEADS:  # one query row per batch row
             tl.debug_barrier()
             row_arrivals = ARRIVALS + tl.num_programs(0) + b
@@ -279,9 +284,9 @@ def _multiprocessors(device: torch.device) -> int:
 
 def key_splits(batch_heads: int, kv_len: int, device: torch.device) -> tuple[int, int]:
     """(chunk, splits): chunks of whole key tiles, as many as it takes to give each multiprocessor
-    `PROGRAMS_PER_SM` programs (one when batch x heads already does)."""
+    `PROGRAMS_PER_SM` programs (one when batch x heads already does), at most `MAX_SPLITS`."""
     wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), batch_heads)
-    splits = max(1, min(triton.cdiv(kv_len, KEYS_BLOCK), wanted))
+    splits = max(1, min(triton.cdiv(kv_len, KEYS_BLOCK), wanted, MAX_SPLITS))
     chunk = max(1, triton.cdiv(triton.cdiv(kv_len, splits), KEYS_BLOCK)) * KEYS_BLOCK
     return chunk, max(1, triton.cdiv(kv_len, chunk))
 
@@ -332,6 +337,7 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
         heads, rows, k.shape[2], columns.shape[1], sets, chunk, splits, record_len, scale, share, rho, min_mass, beta,
         GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_T=KEYS_BLOCK,
         BLOCK_R=block_rows, SETS=SETS_BLOCK if block_rows == 1 else next_power_of_2(sets + 1),
+        BLOCK_S=next_power_of_2(splits),
         BLOCK_H=next_power_of_2(heads, 2) if ranked else 1, EPILOGUE=epilogue.value,
         HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None, num_warps=4,
     )

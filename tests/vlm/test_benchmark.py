@@ -47,3 +47,15 @@ def test_host_overhead_counts_no_sync_added_per_decoding_step() -> None:
     syncs_per_step = {name: float(cells[5]) for name, cells in rows.items()}
     assert syncs_per_step["none"] >= 1
     assert syncs_per_step["VAR"] == syncs_per_step["GIFT"] == syncs_per_step["none"]
+
+
+def test_column_set_benchmark_checks_every_row_against_float64() -> None:
+    """`benchmarks/column_sets.py --quick` (the Triton interpreter): VAR's and GIFT's fused rows and SDPA, each
+    checked against the float64 reference before it would be timed."""
+    result = run_script("benchmarks/column_sets.py", "--quick")
+    lines = result.stdout.splitlines()
+    rows = [line.split("|")[1:4] for line in lines if line.startswith("| ") and "error" not in line]
+    assert [(case.strip(), name.strip()) for case, name, _ in rows] == [
+        ("decode row", "SDPA"), ("decode row", "VAR"), ("decode row", "GIFT"), ("prompt rows", "SDPA"),
+        ("prompt rows", "VAR")]
+    assert all(float(error) < 1e-5 for _, _, error in rows)

@@ -30,6 +30,7 @@ from .launch import (
     TunedKernel,
     backward_delta,
     broadcast_stride,
+    ceil_div,
     dot_precision,
     env_switch,
     head_dim_block,
@@ -460,7 +461,7 @@ def launch_forward(
     lse_rows = torch.empty((batch, heads, q_len, lse_width), device=q.device, dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+        return (ceil_div(q_len, meta["BLOCK_M"]), batch * heads)
 
     launch = launch_args(q, k, q_block, kv_block)
     kernel.launch(
@@ -502,7 +503,7 @@ def backward(
     dq_sums = torch.zeros((batch, heads, q_len, head_dim), device=q.device, dtype=torch.float32) if atomic else dk
 
     def dkdv_grid(meta):
-        return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * kv_heads)
+        return (ceil_div(kv_len, meta["BLOCK_N"]), batch * kv_heads)
 
     (dkdvq_kernel if atomic else dkdv_kernel).launch(
         dkdv_grid, _tune_key(q, launch),
@@ -528,7 +529,7 @@ def launch_dq(
     dq = torch.empty_like(q)
 
     def grid(meta):
-        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+        return (ceil_div(q_len, meta["BLOCK_M"]), batch * heads)
 
     kernel.launch(
         grid, _tune_key(q, launch),

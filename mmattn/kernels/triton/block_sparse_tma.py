@@ -54,7 +54,17 @@ from .block_sparse import (
     prune_configs,
 )
 from .common import LOG2E, backward_lse2, online_softmax_step, program_heads, softmax_output
-from .launch import descriptor_reason, env_switch, hopper, row_strides, set_allocator, size_bucket, tile_configs, tuned
+from .launch import (
+    ceil_div,
+    descriptor_reason,
+    env_switch,
+    hopper,
+    row_strides,
+    set_allocator,
+    size_bucket,
+    tile_configs,
+    tuned,
+)
 
 __all__ = [
     "BWD_SWITCH", "DKDV_CONFIGS", "DQ_CONFIGS", "FWD_CONFIGS", "SWITCH", "backward", "backward_eligible", "eligible",
@@ -326,7 +336,7 @@ def backward(
         dk, dv = (q.new_empty((batch, heads, kv_len, head_dim), dtype=torch.float32) for _ in range(2))
 
     def dkdv_grid(meta):
-        return (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * heads)
+        return (ceil_div(kv_len, meta["BLOCK_N"]), batch * heads)
 
     dkdv_kernel.launch(
         dkdv_grid, _tune_key(q, launch),

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..autograd import inference_op
 from .common import LOG2E, program_heads
-from .launch import head_dim_block, next_power_of_2
+from .launch import ceil_div, head_dim_block, next_power_of_2
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal
 SETS_BLOCK = 16
@@ -285,10 +285,10 @@ def _multiprocessors(device: torch.device) -> int:
 def key_splits(batch_heads: int, kv_len: int, device: torch.device) -> tuple[int, int]:
     """(chunk, splits): chunks of whole key tiles, as many as it takes to give each multiprocessor
     `PROGRAMS_PER_SM` programs (one when batch x heads already does), at most `MAX_SPLITS`."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), batch_heads)
-    splits = max(1, min(triton.cdiv(kv_len, KEYS_BLOCK), wanted, MAX_SPLITS))
-    chunk = max(1, triton.cdiv(triton.cdiv(kv_len, splits), KEYS_BLOCK)) * KEYS_BLOCK
-    return chunk, max(1, triton.cdiv(kv_len, chunk))
+    wanted = ceil_div(PROGRAMS_PER_SM * _multiprocessors(device), batch_heads)
+    splits = max(1, min(ceil_div(kv_len, KEYS_BLOCK), wanted, MAX_SPLITS))
+    chunk = max(1, ceil_div(ceil_div(kv_len, splits), KEYS_BLOCK)) * KEYS_BLOCK
+    return chunk, max(1, ceil_div(kv_len, chunk))
 
 
 def _flags(flags: torch.Tensor | None, dims: int) -> tuple[torch.Tensor | None, tuple[int, ...]]:
@@ -304,7 +304,7 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
     batch, heads, rows, head_dim = q.shape
     sets = columns.shape[2]
     block_rows = 1 if rows == 1 else ROWS_BLOCK
-    programs = batch * triton.cdiv(rows, block_rows) * heads
+    programs = batch * ceil_div(rows, block_rows) * heads
     chunk, splits = key_splits(programs, k.shape[2], q.device)
     record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
     records = batch * rows * heads * splits * record_len

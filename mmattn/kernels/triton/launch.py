@@ -16,9 +16,9 @@ import triton
 from ..backends import INTERPRETED
 from .common import backward_delta_kernel
 
-__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "descriptor_reason", "dot_precision", "env_switch",
-           "head_dim_block", "hopper", "next_power_of_2", "row_strides", "rows_contiguous", "set_allocator",
-           "size_bucket", "tile_configs", "tuned"]
+__all__ = ["TunedKernel", "backward_delta", "broadcast_stride", "ceil_div", "descriptor_reason", "dot_precision",
+           "env_switch", "head_dim_block", "hopper", "next_power_of_2", "row_strides", "rows_contiguous",
+           "set_allocator", "size_bucket", "tile_configs", "tuned"]
 
 
 class TunedKernel:
@@ -107,6 +107,12 @@ def tile_configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
+def ceil_div(n: int, d: int) -> int:
+    """ceil(n / d) for the host's grid and split arithmetic: `triton.cdiv` is a constexpr function whose Python call
+    costs microseconds (several per launch of a host-bound decoding step)."""
+    return -(-n // d)
+
+
 def next_power_of_2(n: int, at_least: int = 1) -> int:
     """The smallest power of two >= `n`, and >= `at_least` (a tile side, a padded head dim, a tuning bucket)."""
     return max(at_least, 1 << max(0, n - 1).bit_length())
@@ -149,7 +155,7 @@ def backward_delta(out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Te
     outputs with unit last stride (shared by every kernel family's backward)."""
     batch, heads, length, head_dim = out.shape
     delta = torch.empty_like(lse)
-    backward_delta_kernel[(triton.cdiv(length, 64), batch * heads)](
+    backward_delta_kernel[(ceil_div(length, 64), batch * heads)](
         out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
         *row_strides(out, grad_out), heads, length,
         HAS_DLSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_M=64,

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ..autograd import inference_op
-from .launch import next_power_of_2
+from .launch import ceil_div, next_power_of_2
 
 ROWS_BLOCK = 4
 """Hidden states per program."""
@@ -48,7 +48,7 @@ def massive_activations_forward(hidden: torch.Tensor, dims: torch.Tensor, thresh
         flat = flat.contiguous()
     flags = torch.empty(flat.shape[0], dtype=torch.bool, device=hidden.device)
     if flat.shape[0]:
-        massive_activation_kernel[(triton.cdiv(flat.shape[0], ROWS_BLOCK),)](
+        massive_activation_kernel[(ceil_div(flat.shape[0], ROWS_BLOCK),)](
             flat, dims, flags, flat.shape[0], width, flat.stride(0), dims.shape[0], threshold,
             BLOCK_R=ROWS_BLOCK, BLOCK_W=min(WIDTH_BLOCK, next_power_of_2(width, 16)),
             BLOCK_N=next_power_of_2(dims.shape[0], 2), num_warps=4,

@@ -37,6 +37,7 @@ from .common import (
 )
 from .launch import (
     backward_delta,
+    ceil_div,
     dot_precision,
     head_dim_block,
     next_power_of_2,
@@ -534,7 +535,7 @@ def _grid(pattern: list[int], tile: str, rows: int):
     shape, dilation = pattern[0:3], pattern[6:9]
 
     def grid(meta):
-        tiles = math.prod(triton.cdiv(triton.cdiv(n, d), meta[f"{tile}{a}"]) * d for a, (n, d) in enumerate(zip(shape, dilation)))
+        tiles = math.prod(ceil_div(ceil_div(n, d), meta[f"{tile}{a}"]) * d for a, (n, d) in enumerate(zip(shape, dilation)))
         return (tiles, rows)
 
     return grid

@@ -37,6 +37,7 @@ from .common import (
 from .launch import (
     backward_delta,
     broadcast_stride,
+    ceil_div,
     dot_precision,
     head_dim_block,
     next_power_of_2,
@@ -289,7 +290,7 @@ def forward(
     n_q_regions = q_len // q_region
 
     def grid(meta):
-        return (n_q_regions * triton.cdiv(q_region, meta["BLOCK_M"]), batch * heads)
+        return (n_q_regions * ceil_div(q_region, meta["BLOCK_M"]), batch * heads)
 
     fwd_kernel.launch(
         grid, _tune_key(q, launch),
@@ -336,7 +337,7 @@ def backward(
     strides = row_strides(q, k, v, grad_out)
 
     def dq_grid(meta):
-        return ((q_len // q_region) * triton.cdiv(q_region, meta["BLOCK_M"]), batch * heads)
+        return ((q_len // q_region) * ceil_div(q_region, meta["BLOCK_M"]), batch * heads)
 
     dq_kernel.launch(
         dq_grid, _tune_key(q, launch),
@@ -350,7 +351,7 @@ def backward(
     starts, counts, query_regions = transpose_routing(indices, n_kv_regions)
 
     def dkdv_grid(meta):
-        return (n_kv_regions * triton.cdiv(kv_region, meta["BLOCK_N"]), batch * kv_heads)
+        return (n_kv_regions * ceil_div(kv_region, meta["BLOCK_N"]), batch * kv_heads)
 
     dkdv_kernel.launch(
         dkdv_grid, _tune_key(q, {**launch, "N_TILE_ROWS": kv_region}),

@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of mmattn's Triton kernels on Hopper, without a GPU.
 
-Compiles the block-sparse, fused neighborhood and routed kernels (forward, dQ, dK/dV; the Hopper forwards) for
+Compiles the block-sparse, fused neighborhood and routed kernels (forward, dQ, dK/dV; the Hopper forwards) and the
+column-set kernel (VAR's and GIFT's fused rows, as a decoding step and a prompt's rows launch it) for
 sm_90a with the local Triton and its bundled ptxas, for every tile config the autotuner would keep on representative
 cases (for neighborhood attention, the cases of benchmarks/neighborhood.py), and reads `ptxas -v`. A build error,
 spills (local memory traffic) or shared memory above the 227 KiB an H100 block may use show before a GPU is at hand.
@@ -37,16 +38,18 @@ from common import RESULTS, command_line, results_target
 from neighborhood import CASES as NEIGHBORHOOD_CASES
 
 from mmattn.kernels import Neighborhood
-from mmattn.kernels.triton import block_sparse, block_sparse_tma, routed
+from mmattn.kernels.triton import block_sparse, block_sparse_tma, column_sets, routed
 from mmattn.kernels.triton import neighborhood as fna
 from mmattn.kernels.triton import neighborhood_tma as na_tma
 from mmattn.kernels.triton.launch import DESCRIPTOR_HEAD_DIMS
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024
-_DATA = {"Q", "K", "V", "Out", "Rpb", "DOut", "DQ", "DK", "DV"}
-_FLOATS = {"Lse", "Delta", "DS"}
-_INDICES = {"KvNum", "KvIdx", "QNum", "QIdx", "Idx", "QStart", "QCount", "QList"}
+_DATA = {"Q", "K", "V", "Out", "OUT", "Rpb", "DOut", "DQ", "DK", "DV"}
+_FLOATS = {"Lse", "Delta", "DS", "COLUMNS", "PARTS", "STAT_OUT", "MASSES", "WEIGHTED"}
+_INDICES = {"KvNum", "KvIdx", "QNum", "QIdx", "Idx", "QStart", "QCount", "QList", "ARRIVALS"}
+_FLAGS = {"VISIBLE", "SELECTED"}
+_SCALARS = {"sm_scale", "scale", "share", "rho", "min_mass", "beta"}
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,25 @@ def _routed_builds() -> list[Build]:
     return builds
 
 
+def _column_set_builds() -> list[Build]:
+    """LLaVA-1.5-7B's fused rows (32 heads of 128, 700 keys): GIFT's and VAR's decoding-step rows and VAR's 75 prompt
+    rows after the image, with the compile-time arguments `column_sets._launch` gives them."""
+    common = {"GROUPS": 1, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_T": column_sets.KEYS_BLOCK, "HAS_VISIBLE": True}
+    cases = (("GIFT decode row", column_sets.RANK_HEADS, 1, 32, False, 16),  # splits padded: 9 and 2 on 132 SMs
+             ("VAR decode row", column_sets.REDISTRIBUTE, 1, 1, True, 16),
+             ("VAR 75 prompt rows", column_sets.REDISTRIBUTE, column_sets.ROWS_BLOCK, 1, True, 2))
+    builds = []
+    for name, epilogue, block_rows, block_h, selected, block_splits in cases:
+        tile = triton.Config({"BLOCK_R": block_rows, "SETS": column_sets.SETS_BLOCK if block_rows == 1 else 4,
+                              "BLOCK_S": block_splits}, num_warps=4, num_stages=3)
+        constants = {**common, "BLOCK_H": block_h, "EPILOGUE": epilogue.value, "HAS_SELECTED": selected}
+        builds.append(Build(f"column sets: {name}", "fwd", column_sets.column_set_kernel, constants, [tile]))
+    return builds
+
+
 def _signature(fn, constants: dict) -> dict[str, str]:
     """Triton types of the kernel's arguments for bf16 tensors: data and fp32 row-statistic pointers, int32 index
-    pointers, the fp32 scale, int32 sizes and strides."""
+    pointers, byte flags, the fp32 scalars, int32 sizes and strides."""
     def kind(name):
         if name in constants:
             return "constexpr"
@@ -131,7 +150,7 @@ def _signature(fn, constants: dict) -> dict[str, str]:
             return "*fp32"
         if name in _INDICES:
             return "*i32"
-        return "*i1" if name == "Valid" else "fp32" if name == "sm_scale" else "i32"
+        return "*i1" if name == "Valid" else "*u8" if name in _FLAGS else "fp32" if name in _SCALARS else "i32"
 
     return {name: kind(name) for name in fn.arg_names}
 
@@ -158,7 +177,9 @@ def ptxas_report(compiled) -> tuple[int, int]:
 
 def tile_name(config: triton.Config) -> str:
     tiles = config.kwargs
-    if "BLOCK_M" in tiles:
+    if "BLOCK_R" in tiles:
+        shape = f"rows {tiles['BLOCK_R']} sets {tiles['SETS']} splits {tiles['BLOCK_S']}"
+    elif "BLOCK_M" in tiles:
         shape = f"M {tiles['BLOCK_M']} N {tiles['BLOCK_N']}"
     else:
         shape = " KV ".join("x".join(str(tiles[f"{p}{a}"]) for a in range(3)) for p in ("TQ", "TK"))
@@ -187,7 +208,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default benchmarks/results/kernel_resources.md, for a run of every case)")
     args = parser.parse_args()
-    builds = _block_sparse_builds() + _neighborhood_builds() + _routed_builds()
+    builds = _block_sparse_builds() + _neighborhood_builds() + _routed_builds() + _column_set_builds()
     cases = list(dict.fromkeys(build.case for build in builds))
     only = args.only.split(",") if args.only else cases
     kernels = args.kernels.split(",")

@@ -33,6 +33,8 @@ KEYS_BLOCK = 32
 """Keys per tile of a split."""
 ROWS_BLOCK = 16
 """Query rows per program when a call has several (a prompt's rows: VAR's rows after the image)."""
+WARPS = 4
+"""Warps per program."""
 PROGRAMS_PER_SM = 2
 """Splits are sized so that batch x heads x splits fills each multiprocessor about this many times."""
 MAX_SPLITS = 64
@@ -339,7 +341,7 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
         BLOCK_R=block_rows, SETS=SETS_BLOCK if block_rows == 1 else next_power_of_2(sets + 1),
         BLOCK_S=next_power_of_2(splits),
         BLOCK_H=next_power_of_2(heads, 2) if ranked else 1, EPILOGUE=epilogue.value,
-        HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None, num_warps=4,
+        HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None, num_warps=WARPS,
     )
 
 

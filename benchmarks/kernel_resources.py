@@ -41,7 +41,7 @@ from mmattn.kernels import Neighborhood
 from mmattn.kernels.triton import block_sparse, block_sparse_tma, column_sets, routed
 from mmattn.kernels.triton import neighborhood as fna
 from mmattn.kernels.triton import neighborhood_tma as na_tma
-from mmattn.kernels.triton.launch import DESCRIPTOR_HEAD_DIMS
+from mmattn.kernels.triton.launch import DESCRIPTOR_HEAD_DIMS, ceil_div
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024
@@ -121,16 +121,19 @@ def _routed_builds() -> list[Build]:
 
 
 def _column_set_builds() -> list[Build]:
-    """LLaVA-1.5-7B's fused rows (32 heads of 128, 700 keys): GIFT's and VAR's decoding-step rows and VAR's 75 prompt
-    rows after the image, with the compile-time arguments `column_sets._launch` gives them."""
-    common = {"GROUPS": 1, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_T": column_sets.KEYS_BLOCK, "HAS_VISIBLE": True}
-    cases = (("GIFT decode row", column_sets.RANK_HEADS, 1, 32, False, 16),  # splits padded: 9 and 2 on 132 SMs
-             ("VAR decode row", column_sets.REDISTRIBUTE, 1, 1, True, 16),
-             ("VAR 75 prompt rows", column_sets.REDISTRIBUTE, column_sets.ROWS_BLOCK, 1, True, 2))
+    """LLaVA-1.5-7B's fused rows (32 heads of 128, 700 keys, 3 column sets) on a 132-SM GPU: GIFT's and VAR's
+    decoding-step rows and VAR's 75 prompt rows after the image, tiled as `column_sets._launch` tiles them."""
+    common = {"GROUPS": 1, "HEAD_DIM": 128, "BLOCK_D": 128, "HAS_VISIBLE": True}
+    cases = (("GIFT decode row", column_sets.RANK_HEADS, column_sets.ONE_ROW, 32, 1, False),
+             ("VAR decode row", column_sets.REDISTRIBUTE, column_sets.ONE_ROW, 1, 1, True),
+             ("VAR 75 prompt rows", column_sets.REDISTRIBUTE, column_sets.ROW_BLOCK, 1, 75, True))
     builds = []
-    for name, epilogue, block_rows, block_h, selected, block_splits in cases:
-        tile = triton.Config({"BLOCK_R": block_rows, "SETS": column_sets.SETS_BLOCK if block_rows == 1 else 4,
-                              "BLOCK_S": block_splits}, num_warps=4, num_stages=3)
+    for name, epilogue, tiling, block_h, rows, selected in cases:
+        programs = ceil_div(rows, tiling.rows) * 32
+        _, splits = column_sets.key_splits(programs, 700, 132, tiling.programs_per_sm)
+        args = tiling.compile_args(sets=3, splits=splits)
+        tile = triton.Config({name: value for name, value in args.items() if name != "num_warps"},
+                             num_warps=args["num_warps"], num_stages=3)
         constants = {**common, "BLOCK_H": block_h, "EPILOGUE": epilogue.value, "HAS_SELECTED": selected}
         builds.append(Build(f"column sets: {name}", "fwd", column_sets.column_set_kernel, constants, [tile]))
     return builds

@@ -10,11 +10,12 @@ A_j <- A_j (1 + sum_n c_n S_jn) are linear in A, so the edited row's output is O
 written. The combine's epilogue (`EPILOGUE`) writes these statistics, or applies the visual attention sink
 redistribution (sets image, receivers, sinks) or the head-ranked enhancement (sets image, boost, query), whose head
 ranking needs every head's masses of the batch row. A prompt's rows (VAR's rows after the image) go in blocks of
-`ROWS_BLOCK` per program, so each block reads the keys once.
+`ROW_BLOCK.rows` per program, so each block reads the keys once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -28,15 +29,31 @@ from .launch import ceil_div, head_dim_block, next_power_of_2
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal
 SETS_BLOCK = 16
 """The padded set count of a one-row program: the (at most 8) column sets and the all-ones set, as tl.dot's smallest
-side (with ROWS_BLOCK rows a program pads them to a power of two only)."""
+side (with a block of rows a program pads them to a power of two only)."""
 KEYS_BLOCK = 32
 """Keys per tile of a split."""
-ROWS_BLOCK = 16
-"""Query rows per program when a call has several (a prompt's rows: VAR's rows after the image)."""
-WARPS = 4
-"""Warps per program."""
-PROGRAMS_PER_SM = 2
-"""Splits are sized so that batch x heads x splits fills each multiprocessor about this many times."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How a call's query rows map onto programs; values from a tile sweep on an H100 (LLaVA-1.5-7B's rows)."""
+
+    rows: int
+    """Query rows per program."""
+    warps: int
+    programs_per_sm: int
+    """Splits are sized so that the programs fill each multiprocessor about this many times."""
+
+    def compile_args(self, sets: int, splits: int) -> dict:
+        """The launch's compile-time arguments for `sets` column sets over `splits` key splits."""
+        return {"BLOCK_T": KEYS_BLOCK, "BLOCK_R": self.rows, "BLOCK_S": next_power_of_2(splits),
+                "SETS": SETS_BLOCK if self.rows == 1 else next_power_of_2(sets + 1), "num_warps": self.warps}
+
+
+ONE_ROW = Tiling(rows=1, warps=2, programs_per_sm=4)
+"""A decoding step's row: few warps and many splits (memory latency-bound)."""
+ROW_BLOCK = Tiling(rows=16, warps=4, programs_per_sm=2)
+"""A prompt's rows (VAR's rows after the image): one tl.dot per key tile for the block's logits."""
 MAX_SPLITS = 64
 """The combine holds one float per split and head dim in registers ([splits, head_dim] per set)."""
 
@@ -284,10 +301,10 @@ def _multiprocessors(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, as on a small GPU
 
 
-def key_splits(batch_heads: int, kv_len: int, device: torch.device) -> tuple[int, int]:
-    """(chunk, splits): chunks of whole key tiles, as many as it takes to give each multiprocessor
-    `PROGRAMS_PER_SM` programs (one when batch x heads already does), at most `MAX_SPLITS`."""
-    wanted = ceil_div(PROGRAMS_PER_SM * _multiprocessors(device), batch_heads)
+def key_splits(programs: int, kv_len: int, multiprocessors: int, programs_per_sm: int) -> tuple[int, int]:
+    """(chunk, splits): chunks of whole key tiles, as many as it takes to give each multiprocessor `programs_per_sm`
+    programs (one when `programs` already does), at most `MAX_SPLITS`."""
+    wanted = ceil_div(programs_per_sm * multiprocessors, programs)
     splits = max(1, min(ceil_div(kv_len, KEYS_BLOCK), wanted, MAX_SPLITS))
     chunk = max(1, ceil_div(ceil_div(kv_len, splits), KEYS_BLOCK)) * KEYS_BLOCK
     return chunk, max(1, ceil_div(kv_len, chunk))
@@ -302,12 +319,12 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
             share=0.0, rho=0.0, min_mass=0.0, beta=0.0) -> None:
     """`column_set_kernel` writing `out` with the `epilogue`'s parameters (STATISTICS: `out` is O and `statistics`
     = (masses, weighted)), over every (batch, query row, head): one row per program in a decoding step, blocks of
-    `ROWS_BLOCK` rows for a prompt's rows."""
+    rows for a prompt's rows."""
     batch, heads, rows, head_dim = q.shape
     sets = columns.shape[2]
-    block_rows = 1 if rows == 1 else ROWS_BLOCK
-    programs = batch * ceil_div(rows, block_rows) * heads
-    chunk, splits = key_splits(programs, k.shape[2], q.device)
+    tiling = ONE_ROW if rows == 1 else ROW_BLOCK
+    programs = batch * ceil_div(rows, tiling.rows) * heads
+    chunk, splits = key_splits(programs, k.shape[2], _multiprocessors(q.device), tiling.programs_per_sm)
     record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
     records = batch * rows * heads * splits * record_len
     ranked = epilogue is RANK_HEADS
@@ -337,11 +354,9 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1), *visible_strides,
         *out.stride()[:3], *statistics_strides, *selected_strides,
         heads, rows, k.shape[2], columns.shape[1], sets, chunk, splits, record_len, scale, share, rho, min_mass, beta,
-        GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), BLOCK_T=KEYS_BLOCK,
-        BLOCK_R=block_rows, SETS=SETS_BLOCK if block_rows == 1 else next_power_of_2(sets + 1),
-        BLOCK_S=next_power_of_2(splits),
+        GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim),
         BLOCK_H=next_power_of_2(heads, 2) if ranked else 1, EPILOGUE=epilogue.value,
-        HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None, num_warps=WARPS,
+        HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None, **tiling.compile_args(sets, splits),
     )
 
 

@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
-    parser.add_argument("--profile", help="cProfile one generate call of this method and print the hot spots")
+    parser.add_argument("--profile", help="cProfile one warm generate call of this method and print the hot spots")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps timings steadier)")
     args = parser.parse_args()
     if args.new_tokens < 2:
@@ -173,9 +173,11 @@ def main() -> None:
     for name, intervention in chosen.items():
         with applied(model, intervention):
             if name == args.profile:
+                generate(model, batch, args.new_tokens)  # warm: kernels compiled, caches filled
                 with torch.no_grad(), cProfile.Profile() as profiler:
                     generate(model, batch, args.new_tokens)
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+                pstats.Stats(profiler).sort_stats("cumtime").print_stats("mmattn|triton", 25)
             rows[name] = measure(model, batch, args.new_tokens, args.repeats, device)
         print(name, rows[name].pop("top_step_ops"), flush=True)
     if device == "cuda":  # after every wall time: a torch.profiler session slows every later launch of the process

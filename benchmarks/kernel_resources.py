@@ -132,7 +132,7 @@ def _column_set_builds() -> list[Build]:
         programs = ceil_div(rows, tiling.rows) * 32
         _, splits = column_sets.key_splits(programs, 700, 132, tiling.programs_per_sm)
         args = tiling.compile_args(sets=3, splits=splits)
-        tile = triton.Config({name: value for name, value in args.items() if name != "num_warps"},
+        tile = triton.Config({key: value for key, value in args.items() if key != "num_warps"},
                              num_warps=args["num_warps"], num_stages=3)
         constants = {**common, "BLOCK_H": block_h, "EPILOGUE": epilogue.value, "HAS_SELECTED": selected}
         builds.append(Build(f"column sets: {name}", "fwd", column_sets.column_set_kernel, constants, [tile]))

@@ -123,14 +123,15 @@ def _routed_builds() -> list[Build]:
 def _column_set_builds() -> list[Build]:
     """LLaVA-1.5-7B's fused rows (32 heads of 128, 700 keys, 3 column sets) on a 132-SM GPU: GIFT's and VAR's
     decoding-step rows and VAR's 75 prompt rows after the image, tiled as `column_sets._launch` tiles them."""
+    heads, keys, multiprocessors = 32, 700, 132
     common = {"GROUPS": 1, "HEAD_DIM": 128, "BLOCK_D": 128, "HAS_VISIBLE": True}
-    cases = (("GIFT decode row", column_sets.RANK_HEADS, column_sets.ONE_ROW, 32, 1, False),
+    cases = (("GIFT decode row", column_sets.RANK_HEADS, column_sets.ONE_ROW, heads, 1, False),
              ("VAR decode row", column_sets.REDISTRIBUTE, column_sets.ONE_ROW, 1, 1, True),
              ("VAR 75 prompt rows", column_sets.REDISTRIBUTE, column_sets.ROW_BLOCK, 1, 75, True))
     builds = []
     for name, epilogue, tiling, block_h, rows, selected in cases:
-        programs = ceil_div(rows, tiling.rows) * 32
-        _, splits = column_sets.key_splits(programs, 700, 132, tiling.programs_per_sm)
+        programs = ceil_div(rows, tiling.rows) * heads
+        _, splits = column_sets.key_splits(programs, keys, multiprocessors, tiling.programs_per_sm)
         args = tiling.compile_args(sets=3, splits=splits)
         tile = triton.Config({key: value for key, value in args.items() if key != "num_warps"},
                              num_warps=args["num_warps"], num_stages=3)

@@ -140,12 +140,12 @@ def test_ranked_head_attention_is_the_gift_edit_of_the_explicit_matrix(heads, kv
 def test_keys_split_into_chunks_combine_to_the_whole_row(dtype):
     """One (batch, head) pair per key head and a long row: the Triton path splits the keys into chunks (one of them
     sees no key) and combines them; statistics and the VAR and GIFT edits as over the whole row."""
-    from mmattn.kernels.triton.column_sets import ONE_ROW, _multiprocessors, key_splits
+    from mmattn.kernels.triton.column_sets import ONE_ROW, multiprocessors, key_splits
 
     q, k, v, visible = inputs(dtype, batch=1, heads=2, kv_heads=1, kv_len=300, head_dim=64, seed=7)
     visible = torch.ones_like(visible)
     visible[:, 96:200] = False
-    chunk, splits = key_splits(2, 300, _multiprocessors(q.device), ONE_ROW.programs_per_sm)
+    chunk, splits = key_splits(2, 300, multiprocessors(q.device), ONE_ROW.programs_per_sm)
     assert splits >= 3 and chunk <= 96  # a chunk inside the invisible keys
     prompt = 260
     image, sinks = token_sets(1, prompt, 300, 7, 0.5, 0.1)

@@ -41,6 +41,7 @@ class Tiling:
     rows: int
     """Query rows per program."""
     warps: int
+    """Warps per program."""
     programs_per_sm: int
     """Splits are sized so that the programs fill each multiprocessor about this many times."""
 
@@ -295,7 +296,8 @@ def column_set_kernel(
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
+    """The multiprocessors the key splits are sized for (4 under the interpreter)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: a few splits, as on a small GPU
@@ -324,7 +326,7 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
     sets = columns.shape[2]
     tiling = ONE_ROW if rows == 1 else ROW_BLOCK
     programs = batch * ceil_div(rows, tiling.rows) * heads
-    chunk, splits = key_splits(programs, k.shape[2], _multiprocessors(q.device), tiling.programs_per_sm)
+    chunk, splits = key_splits(programs, k.shape[2], multiprocessors(q.device), tiling.programs_per_sm)
     record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
     records = batch * rows * heads * splits * record_len
     ranked = epilogue is RANK_HEADS

@@ -77,17 +77,19 @@ def kernel_op(name: str, forward: Callable, backward: Callable, *, save: Save, g
 
 class InferenceOp:
     """A kernel without autograd: calling it runs the launcher directly when eager and the custom op `op` (one opaque
-    call in a full graph, its output shapes from the fake) under torch.compile."""
+    call in a full graph, its output shapes from the fake) under torch.compile. A launcher whose last parameter is
+    `out` (None: a new tensor) writes its result there eagerly; the op never gets it (its result is copied)."""
 
     def __init__(self, name: str, launcher: Callable, fake: Callable) -> None:
         self.launcher = launcher
         self.op = custom_op(name, launcher, mutates_args=())
         self.op.register_fake(fake)
 
-    def __call__(self, *inputs):
+    def __call__(self, *inputs, out: torch.Tensor | None = None):
         if torch.compiler.is_compiling():
-            return self.op(*inputs)
-        return self.launcher(*inputs)
+            result = self.op(*inputs)
+            return result if out is None else out.copy_(result)
+        return self.launcher(*inputs) if out is None else self.launcher(*inputs, out)
 
 
 def inference_op(name: str, launcher: Callable, *, fake: Callable) -> InferenceOp:

@@ -67,6 +67,20 @@ def _check_flags(name: str, flags, shapes: list[tuple[int, ...]], device: torch.
         raise ValueError(f"{name}: expected a bool {' or '.join(map(str, shapes))} tensor on {device}, got {got}")
 
 
+def _check_out(out, query: torch.Tensor) -> None:
+    """`out`: None, or a tensor to write the result into, laid out as the kernels write it (unit last stride)."""
+    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != query.shape
+                            or out.dtype != query.dtype or out.device != query.device or out.stride(-1) != 1):
+        got = (f"{out.dtype} {tuple(out.shape)} on {out.device}, strides {out.stride()}"
+               if isinstance(out, torch.Tensor) else type(out).__name__)
+        raise ValueError(f"out: expected a {query.dtype} {tuple(query.shape)} tensor on {query.device} with a unit "
+                         f"last stride, got {got}")
+
+
+def _written(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
+
+
 def _triton(query, key, value, backend: str) -> bool:
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("query, key, value: expected a unit last stride (rows read contiguously)")
@@ -112,9 +126,11 @@ def sink_redistribution_attention(
     selected: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of R query rows per head with visual attention sink redistribution (VAR), `(B, H, R, D)` in the
-    query's dtype, for query `(B, H, R, D)`.
+    query's dtype, for query `(B, H, R, D)`; written into `out` where given (e.g. a view of the last rows of a
+    model's attention output), which is returned.
 
     `columns` `(B, C, 3)`: the image tokens, the receivers (image tokens that are not sinks) and the sinks. In
     image-centric rows (receiver mass >= rho * image mass, image mass >= min_mass, receiver mass > 0) the sinks keep
@@ -123,14 +139,16 @@ def sink_redistribution_attention(
     `(B, R, T)` per row (a prompt's causal rows). Other arguments as in `column_set_attention`.
     """
     _check(query, key, value, columns, visible, 3, rows=True, selected=selected)
+    _check_out(out, query)
     scale = resolve_scale(scale, query.shape[-1])
     share, rho, min_mass = check_number("share", share), check_number("rho", rho), check_number("min_mass", min_mass)
     if _triton(query, key, value, backend):
         from .triton.column_sets import sink_redistribution_op
 
-        return sink_redistribution_op(query, key, value, columns, visible, selected, scale, share, rho, min_mass)
+        return sink_redistribution_op(query, key, value, columns, visible, selected, scale, share, rho, min_mass,
+                                      out=out)
     sets = reference.column_set_attention(query, key, value, columns, visible, scale)
-    return reference.sink_redistribution(*sets, share, rho, min_mass, selected).to(query.dtype)
+    return _written(reference.sink_redistribution(*sets, share, rho, min_mass, selected).to(query.dtype), out)
 
 
 def ranked_head_attention(
@@ -143,8 +161,10 @@ def ranked_head_attention(
     visible: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One-row attention with GIFT's head-ranked enhancement, `(B, H, 1, D)` in the query's dtype.
+    """One-row attention with GIFT's head-ranked enhancement, `(B, H, 1, D)` in the query's dtype (written into
+    `out` where given, which is returned).
 
     `columns` `(B, C, 3)`: the image tokens, boost = image * (M - 1) for the saliency multipliers M, and the query
     tokens. The top half of heads by image mass ("vision heads") scale image column j by M_j, the top half by query
@@ -152,11 +172,12 @@ def ranked_head_attention(
     Other arguments as in `column_set_attention`.
     """
     _check(query, key, value, columns, visible, 3)
+    _check_out(out, query)
     scale = resolve_scale(scale, query.shape[-1])
     beta = check_number("beta", beta)
     if _triton(query, key, value, backend):
         from .triton.column_sets import ranked_heads_op
 
-        return ranked_heads_op(query, key, value, columns, visible, scale, beta)
+        return ranked_heads_op(query, key, value, columns, visible, scale, beta, out=out)
     sets = reference.column_set_attention(query, key, value, columns, visible, scale)
-    return reference.ranked_head_enhancement(*sets, beta).to(query.dtype)
+    return _written(reference.ranked_head_enhancement(*sets, beta).to(query.dtype), out)

@@ -166,10 +166,10 @@ class InterventionHandle:
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
         if len(users) == 1 and not self.eager_base:
-            fused = self._fused_rows(users[0], selections[0], layer, query, key, value, attention_mask, scaling)
-            if fused is not None:
-                return self._with_last_rows(fused.transpose(1, 2), module, query, key, value, attention_mask,
-                                            scaling, **kwargs)
+            output = self._fused_attention(users[0], selections[0], module, query, key, value, attention_mask,
+                                           scaling, **kwargs)
+            if output is not None:
+                return output, None
         prompt_len = call.prompt_len(layer)
 
         def edit(probs: torch.Tensor) -> None:
@@ -214,20 +214,28 @@ class InterventionHandle:
             self._backends[key] = resolve_backend("column_sets", self.backend, query)
         return self._backends[key]
 
-    def _fused_rows(self, runtime, selection, layer, query, key, value, attention_mask, scaling):
-        """The edited output [B, H, R, D] of the runtime's last R = `selection.tail` query rows through its fused
-        kernel on the handle's backend as the column-set kernels resolve it ("auto": the fastest that runs this query
-        here, Triton on CUDA), or None where that is "torch", the runtime has no fused kernel or the mask is not a
-        boolean one. Under torch.compile (compiled decoding) the kernels are custom ops of the compiled step."""
+    def _fused_attention(self, runtime, selection, module, query, key, value, attention_mask, scaling, **kwargs):
+        """The layer's attention output [B, q, H, D] whose last R = `selection.tail` rows come from the runtime's fused
+        kernel, written over SDPA's output of every row (one kernel and no copy), on the handle's backend as the
+        column-set kernels resolve it ("auto": the fastest that runs this query here, Triton on CUDA); None where
+        that is "torch", the runtime does not fuse this layer or the mask is not a boolean one. Under torch.compile
+        (compiled decoding) the kernels are custom ops of the compiled step."""
+        layer, call = module.layer_idx, self.call
         backend = self._column_sets_backend(query)
-        if backend == "torch" or (attention_mask is not None and attention_mask.dtype != torch.bool):
+        if (backend == "torch" or (attention_mask is not None and attention_mask.dtype != torch.bool)
+                or not runtime.fuses(layer, call)):
             return None
-        tail, batch = selection.tail, query.shape[0]
-        visible = self._tail_mask(attention_mask, tail, query.shape[2], key.shape[2], query.device, tail_visibility)
+        tail, batch, q_len = selection.tail, query.shape[0], query.shape[2]
+        visible = self._tail_mask(attention_mask, tail, q_len, key.shape[2], query.device, tail_visibility)
         if visible is not None:
             visible = visible.expand(batch, -1, -1)
-        return runtime.fused_rows(layer, query[:, :, -tail:], key, value, visible, selection.selected, scaling,
-                                  self.call, backend)
+        output = out = None
+        if tail < q_len:
+            output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            out = output[:, q_len - tail :].transpose(1, 2)
+        rows = runtime.fused_rows(layer, query[:, :, q_len - tail :], key, value, visible, selection.selected,
+                                  scaling, call, backend, out)
+        return rows.transpose(1, 2).contiguous() if output is None else output
 
 
 def _padding_mask(mask: object, input_ids: torch.Tensor) -> torch.Tensor | None:

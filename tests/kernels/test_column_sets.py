@@ -120,6 +120,30 @@ def test_sink_redistribution_of_several_causal_rows_edits_the_selected_ones(layo
             assert_close(ours, expected, OUTPUT_ATOL[dtype])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_takes_the_rows_into_a_models_attention_output(backend):
+    """`out`: the edited rows land in the last rows of a (B, L, H, D) attention output, as the same call returns
+    them, and the rows before keep their values."""
+    rows, kv_len = 5, 45
+    q, k, v = (t.to(DEVICE) for t in random_qkv(2, 8, 2, rows, kv_len, 32, torch.float32, seed=9, layout="blhd"))
+    receivers, visual_sinks, text_sinks = token_sets(2, kv_len, kv_len, 9, 0.3, 0.15, 0.08)
+    image, sinks = receivers | visual_sinks, visual_sinks | text_sinks
+    columns = as_columns(kv_len, image, image & ~sinks, sinks)
+    calls = {
+        "sink_redistribution": lambda **out: sink_redistribution_attention(q, k, v, columns, share=0.6, rho=0.5,
+                                                                           min_mass=0.2, backend=backend, **out),
+        "ranked_heads": lambda **out: ranked_head_attention(q[:, :, -1:], k, v, columns, beta=1.5, backend=backend,
+                                                            **out),
+    }
+    for name, call in calls.items():
+        output = torch.full((2, kv_len, 8, 32), 7.0, device=DEVICE)  # (B, L, H, D), the query rows last
+        expected = call()
+        written = output[:, kv_len - expected.shape[2]:].transpose(1, 2)
+        assert call(out=written) is written, name
+        assert torch.equal(written, expected), name
+        assert (output[:, : kv_len - expected.shape[2]] == 7.0).all(), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "beta"), [(6, 3, 1.0), (5, 1, 1.5)])
 def test_ranked_head_attention_is_the_gift_edit_of_the_explicit_matrix(heads, kv_heads, beta, dtype):
@@ -127,13 +151,14 @@ def test_ranked_head_attention_is_the_gift_edit_of_the_explicit_matrix(heads, kv
     prompt, kv_len = 40, k.shape[2]
     image, query = token_sets(2, prompt, kv_len, 5, 0.4, 0.25)
     multiplier = torch.where(image, torch.exp(3 * torch.rand(2, kv_len, generator=torch.Generator().manual_seed(6))), 1.0)
-    probs = attention_probs(q, k, visible, q.shape[-1] ** -0.5)
-    expected = attention_output(enhance_ranked_heads(probs, image, multiplier, query, beta), v)
     columns = as_columns(prompt, image, image * (multiplier - 1), query)
-    for backend in BACKENDS:
-        ours = ranked_head_attention(q, k, v, columns, beta=beta, visible=visible.to(DEVICE), backend=backend)
-        assert ours.dtype == dtype
-        assert_close(ours, expected, OUTPUT_ATOL[dtype])
+    for seen in (visible, torch.ones_like(visible)):  # batch row 0 sees no key, or every row sees every key
+        probs = attention_probs(q, k, seen, q.shape[-1] ** -0.5)
+        expected = attention_output(enhance_ranked_heads(probs, image, multiplier, query, beta), v)
+        for backend in BACKENDS:
+            ours = ranked_head_attention(q, k, v, columns, beta=beta, visible=seen.to(DEVICE), backend=backend)
+            assert ours.dtype == dtype
+            assert_close(ours, expected, OUTPUT_ATOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -197,5 +222,9 @@ def test_bad_arguments_name_themselves():
         sink_redistribution_attention(q, k, v, columns[..., :2].contiguous(), share=0.5, rho=0.5, min_mass=0.2)
     with pytest.raises(ValueError, match="visible"):
         column_set_attention(q, k, v, columns, visible=visible.float())
+    with pytest.raises(ValueError, match="out"):
+        ranked_head_attention(q, k, v, columns, out=torch.empty_like(q, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out"):
+        sink_redistribution_attention(q, k, v, columns, share=0.5, rho=0.5, min_mass=0.2, out=q.new_empty(2, 4, 2, 32))
     with pytest.raises(ValueError, match="columns"):
         ranked_head_attention(q, k, v, columns[..., :2].contiguous())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -267,8 +268,16 @@ def column_set_kernel(
     last of a program's splits to arrive (ARRIVALS: zeroed counters, one per program, then one per batch row)
     combines their records (`_combine`), and for RANK_HEADS the last head of a batch row to arrive ranks the heads
     (`_rank_heads`, which needs them all). One launch per call: a decoding step is host-bound, and a launch costs
-    tens of microseconds of Python."""
+    tens of microseconds of Python. RANK_HEADS keeps the heads' statistics in PARTS past the records (the host
+    passes PARTS and zero strides for them, as for REDISTRIBUTE, which writes none)."""
     pid, split = tl.program_id(0), tl.program_id(1)
+    if EPILOGUE == RANK_HEADS:  # one row per program: (batch, head) programs, batch * heads * (O, masses, W)
+        STAT_OUT = PARTS + tl.num_programs(0) * num_splits * record_len
+        MASSES = STAT_OUT + tl.num_programs(0) * HEAD_DIM
+        WEIGHTED = MASSES + tl.num_programs(0) * num_sets
+        stride_tb, stride_th = num_heads * HEAD_DIM, HEAD_DIM
+        stride_sb, stride_sh = num_heads * num_sets, num_sets
+        stride_wb, stride_wh, stride_wn = num_heads * num_sets * HEAD_DIM, num_sets * HEAD_DIM, HEAD_DIM
     block, h, kh = program_heads(pid, num_heads, GROUPS)
     row_blocks = tl.cdiv(rows, BLOCK_R)
     b, first_row = block // row_blocks, (block % row_blocks) * BLOCK_R
@@ -312,6 +321,35 @@ def key_splits(programs: int, kv_len: int, multiprocessors: int, programs_per_sm
     return chunk, max(1, ceil_div(kv_len, chunk))
 
 
+class _Plan(NamedTuple):
+    """What a launch's shape decides: the grid, the key chunk, the scratch sizes and the compile-time arguments."""
+
+    grid: tuple[int, int]
+    chunk: int
+    record_len: int
+    scratch: int
+    """Floats of PARTS: the split records (and RANK_HEADS' statistics)."""
+    counters: int
+    constants: dict
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(batch: int, heads: int, kv_heads: int, rows: int, head_dim: int, kv_len: int, sets: int, epilogue: int,
+          device: torch.device) -> _Plan:
+    """The launch plan of a call's shape, worked out once per shape: every edited layer of a step has the same."""
+    tiling = ONE_ROW if rows == 1 else ROW_BLOCK
+    programs = batch * ceil_div(rows, tiling.rows) * heads
+    chunk, splits = key_splits(programs, kv_len, multiprocessors(device), tiling.programs_per_sm)
+    record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
+    ranked = epilogue == RANK_HEADS.value
+    statistics = batch * heads * (sets + 1) * (head_dim + 1) if ranked else 0
+    scratch = batch * rows * heads * splits * record_len + statistics
+    constants = {"GROUPS": heads // kv_heads, "HEAD_DIM": head_dim, "BLOCK_D": head_dim_block(head_dim),
+                 "BLOCK_H": next_power_of_2(heads, 2) if ranked else 1, "EPILOGUE": epilogue,
+                 **tiling.compile_args(sets, splits)}
+    return _Plan((programs, splits), chunk, record_len, scratch, programs + (batch if ranked else 0), constants)
+
+
 def _flags(flags: torch.Tensor | None, dims: int) -> tuple[torch.Tensor | None, tuple[int, ...]]:
     """A bool tensor of `dims` axes as the kernels read it (uint8), and its strides (zeros without one)."""
     return (None, (0,) * dims) if flags is None else (flags.view(torch.uint8), flags.stride())
@@ -323,17 +361,9 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
     = (masses, weighted)), over every (batch, query row, head): one row per program in a decoding step, blocks of
     rows for a prompt's rows."""
     batch, heads, rows, head_dim = q.shape
-    sets = columns.shape[2]
-    tiling = ONE_ROW if rows == 1 else ROW_BLOCK
-    programs = batch * ceil_div(rows, tiling.rows) * heads
-    chunk, splits = key_splits(programs, k.shape[2], multiprocessors(q.device), tiling.programs_per_sm)
-    record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
-    records = batch * rows * heads * splits * record_len
-    ranked = epilogue is RANK_HEADS
-    # RANK_HEADS: the heads' statistics (O, masses, set-weighted outputs) after the records, for the head ranking
-    parts = q.new_empty((records + (batch * heads * (sets + 1) * (head_dim + 1) if ranked else 0),),
-                        dtype=torch.float32)
-    arrivals = torch.zeros((programs + (batch if ranked else 0),), dtype=torch.int32, device=q.device)
+    plan = _plan(batch, heads, k.shape[1], rows, head_dim, k.shape[2], columns.shape[2], epilogue.value, q.device)
+    parts = q.new_empty((plan.scratch,), dtype=torch.float32)
+    arrivals = torch.zeros((plan.counters,), dtype=torch.int32, device=q.device)
     if visible is not None and visible.dim() == 2:  # every row sees the same keys: a row stride of 0
         visible = visible[:, None].expand(-1, rows, -1)
     visible, visible_strides = _flags(visible, 3)
@@ -341,24 +371,17 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
     if statistics:
         stat_out, (masses, weighted) = out, statistics
         statistics_strides = (*out.stride()[:2], *masses.stride()[:2], *weighted.stride()[:3])
-    elif ranked:
-        stat_out = parts[records:]
-        masses = parts[records + batch * heads * head_dim:]
-        weighted = parts[records + batch * heads * (head_dim + sets):]
-        statistics_strides = (heads * head_dim, head_dim, heads * sets, sets, heads * sets * head_dim,
-                              sets * head_dim, head_dim)
     else:
         stat_out = masses = weighted = parts
         statistics_strides = (0,) * 7
-    column_set_kernel[(programs, splits)](
+    column_set_kernel[plan.grid](
         q, k, v, columns, columns if visible is None else visible, parts, arrivals, out, stat_out, masses, weighted,
         parts if selected is None else selected,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], columns.stride(0), columns.stride(1), *visible_strides,
         *out.stride()[:3], *statistics_strides, *selected_strides,
-        heads, rows, k.shape[2], columns.shape[1], sets, chunk, splits, record_len, scale, share, rho, min_mass, beta,
-        GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim),
-        BLOCK_H=next_power_of_2(heads, 2) if ranked else 1, EPILOGUE=epilogue.value,
-        HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None, **tiling.compile_args(sets, splits),
+        heads, rows, k.shape[2], columns.shape[1], columns.shape[2], plan.chunk, plan.grid[1], plan.record_len, scale,
+        share, rho, min_mass, beta, HAS_VISIBLE=visible is not None, HAS_SELECTED=selected is not None,
+        **plan.constants,
     )
 
 
@@ -375,10 +398,11 @@ def column_sets_forward(
 def sink_redistribution_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, visible: torch.Tensor | None,
     selected: torch.Tensor | None, scale: float, share: float, rho: float, min_mass: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The redistributed output [B, H, R, D] in q's dtype (sets image, receivers, sinks) of the rows `selected`
-    [B, R] marks (all without it); the other rows are plain attention."""
-    out = q.new_empty(q.shape)
+    [B, R] marks (all without it), written into `out` where given; the other rows are plain attention."""
+    out = q.new_empty(q.shape) if out is None else out
     _launch(q, k, v, columns, visible, scale, out, REDISTRIBUTE, selected=selected, share=share, rho=rho,
             min_mass=min_mass)
     return out
@@ -386,10 +410,11 @@ def sink_redistribution_forward(
 
 def ranked_heads_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, visible: torch.Tensor | None,
-    scale: float, beta: float,
+    scale: float, beta: float, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The head-ranked enhancement's output [B, H, 1, D] in q's dtype (sets image, boost, query)."""
-    out = q.new_empty(q.shape)
+    """The head-ranked enhancement's output [B, H, 1, D] in q's dtype (sets image, boost, query), written into `out`
+    where given."""
+    out = q.new_empty(q.shape) if out is None else out
     _launch(q, k, v, columns, visible, scale, out, RANK_HEADS, beta=beta)
     return out
 

@@ -169,15 +169,19 @@ class Runtime:
     def on_attention(self, rows: AttentionRows) -> None:
         """Read or edit rows.probs in place (rows.selected marks the rows this intervention asked for)."""
 
+    def fuses(self, layer: int, call: CallState) -> bool:
+        """Whether `fused_rows` computes this layer's edited rows (else the explicit-probabilities path does)."""
+        return False
+
     def fused_rows(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
-        selected: torch.Tensor | None, scale: float, call: CallState, backend: str,
-    ) -> torch.Tensor | None:
+        selected: torch.Tensor | None, scale: float, call: CallState, backend: str, out: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The edited attention output [B, H, R, D] of this intervention's last R query rows `query` [B, H, R, D]
         (`attention_rows`; `selected` [B, R] the rows it edits, None: all) by a fused kernel over the keys (`visible`
-        [B, R, kv] bool or None: every key) on the column-set `backend` the handle resolved, or None to take the
-        explicit-probabilities path."""
-        return None
+        [B, R, kv] bool or None: every key) on the column-set `backend` the handle resolved, written into `out`
+        where given (the last rows of the layer's attention output). Called where `fuses` says so."""
+        raise NotImplementedError
 
     def observes_layers(self) -> bool:
         """Whether the handle hooks the decoder layers for this runtime (`before_layer`, `shorten_layer_inputs`):

@@ -211,10 +211,11 @@ class _GIFTRuntime(Runtime):
         scale_columns(rows, coefficients, moves)
         rows.probs.mul_(before / rows.probs.sum(-1, keepdim=True))
 
-    def fused_rows(self, layer, query, key, value, visible, selected, scale, call, backend):
-        if self._collects_saliency(layer, call):  # reads the probabilities of many rows: the explicit path
-            return None
+    def fuses(self, layer: int, call: CallState) -> bool:
+        return not self._collects_saliency(layer, call)  # the saliency reads many rows' probabilities: explicit
+
+    def fused_rows(self, layer, query, key, value, visible, selected, scale, call, backend, out):
         masses, _ = self._enhance_columns(layer)
         return ranked_head_attention(query, key, value, masses, beta=self.settings.beta, visible=visible, scale=scale,
-                                     backend=backend)
+                                     backend=backend, out=out)
 

@@ -161,11 +161,15 @@ class _VARRuntime(Runtime):
         # coefficients of the moves (-p sinks, p receivers): 1 and sum_sink A / sum_receivers A
         scale_columns(rows, (mass[..., 2:] / mass[..., 2:3]).masked_fill_(other, 0.0), moves)
 
-    def fused_rows(self, layer, query, key, value, visible, selected, scale, call, backend):
+    def fuses(self, layer: int, call: CallState) -> bool:
+        return True
+
+    def fused_rows(self, layer, query, key, value, visible, selected, scale, call, backend, out):
         settings = self.settings
         return sink_redistribution_attention(
             query, key, value, self.fused[layer], share=settings.p, rho=settings.rho,
             min_mass=settings.min_visual_mass, visible=visible, selected=selected, scale=scale, backend=backend,
+            out=out,
         )
 
 

@@ -61,17 +61,21 @@ class LayerColumns:
         self.layers = layers
         self.buffer: torch.Tensor | None = None
         self.widths: dict[int, int] = {}
+        self.views: dict[int, torch.Tensor] = {}  # eager reads: a view per layer, made once (three view ops each)
 
     def put(self, layer: int, columns: torch.Tensor, prompt_len: int) -> None:
         """Store layer `layer`'s columns [B, n, N], n <= `prompt_len` (the prompt tokens entering the decoder)."""
         if self.buffer is None:
             batch, _, sets = columns.shape
             self.buffer = columns.new_zeros((self.layers, batch, prompt_len, sets))
-        self.buffer[layer, :, : columns.shape[1]] = columns
-        self.widths[layer] = columns.shape[1]
+        view = self.buffer[layer, :, : columns.shape[1]]
+        view.copy_(columns)
+        self.widths[layer], self.views[layer] = columns.shape[1], view
 
     def __getitem__(self, layer: int) -> torch.Tensor:
-        return self.buffer[layer, :, : self.widths[layer]]
+        if torch.compiler.is_compiling():
+            return self.buffer[layer, :, : self.widths[layer]]
+        return self.views[layer]
 
     def __contains__(self, layer: int) -> bool:
         """Whether layer `layer`'s columns are stored. A compiled decoding step guards this on the widths (ints),

@@ -44,7 +44,7 @@ class Tiling:
     warps: int
     """Warps per program."""
     programs_per_sm: int
-    """Splits are sized so that the programs fill each multiprocessor about this many times."""
+    """Splits are sized so that each multiprocessor gets at most this many programs (those that fit at once)."""
 
     def compile_args(self, sets: int, splits: int) -> dict:
         """The launch's compile-time arguments for `sets` column sets over `splits` key splits."""

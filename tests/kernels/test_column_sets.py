@@ -144,6 +144,22 @@ def test_out_takes_the_rows_into_a_models_attention_output(backend):
         assert (output[:, : kv_len - expected.shape[2]] == 7.0).all(), name
 
 
+def test_out_under_torch_compile_receives_the_custom_ops_rows():
+    """Compiled (one graph), the custom op's new rows are copied into `out`: the same output as eagerly."""
+    q, k, v = (t.to(DEVICE) for t in random_qkv(2, 8, 2, 5, 45, 32, torch.float32, seed=10, layout="blhd"))
+    columns = as_columns(45, *token_sets(2, 45, 45, 10, 0.3, 0.15, 0.08))
+
+    def layer(q, k, v, columns):
+        output = torch.zeros(2, 45, 8, 32, device=DEVICE)
+        sink_redistribution_attention(q, k, v, columns, share=0.6, rho=0.5, min_mass=0.2, backend="triton",
+                                      out=output[:, 40:].transpose(1, 2))
+        return output
+
+    eager = layer(q, k, v, columns)
+    assert eager[:, 40:].abs().amax() > 0
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(q, k, v, columns), eager, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "beta"), [(6, 3, 1.0), (5, 1, 1.5)])
 def test_ranked_head_attention_is_the_gift_edit_of_the_explicit_matrix(heads, kv_heads, beta, dtype):

@@ -144,7 +144,7 @@ def test_out_takes_the_rows_into_a_models_attention_output(backend):
         assert (output[:, : kv_len - expected.shape[2]] == 7.0).all(), name
 
 
-def test_out_under_torch_compile_receives_the_custom_ops_rows():
+def test_out_under_torch_compile_receives_the_triton_custom_ops_rows():
     """Compiled (one graph), the custom op's new rows are copied into `out`: the same output as eagerly."""
     q, k, v = (t.to(DEVICE) for t in random_qkv(2, 8, 2, 5, 45, 32, torch.float32, seed=10, layout="blhd"))
     columns = as_columns(45, *token_sets(2, 45, 45, 10, 0.3, 0.15, 0.08))

@@ -41,7 +41,7 @@ from mmattn.kernels import Neighborhood
 from mmattn.kernels.triton import block_sparse, block_sparse_tma, column_sets, routed
 from mmattn.kernels.triton import neighborhood as fna
 from mmattn.kernels.triton import neighborhood_tma as na_tma
-from mmattn.kernels.triton.launch import DESCRIPTOR_HEAD_DIMS, ceil_div
+from mmattn.kernels.triton.launch import DESCRIPTOR_HEAD_DIMS
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024
@@ -122,20 +122,17 @@ def _routed_builds() -> list[Build]:
 
 def _column_set_builds() -> list[Build]:
     """LLaVA-1.5-7B's fused rows (32 heads of 128, 700 keys, 3 column sets) on a 132-SM GPU: GIFT's and VAR's
-    decoding-step rows and VAR's 75 prompt rows after the image, tiled as `column_sets._launch` tiles them."""
-    heads, keys, multiprocessors = 32, 700, 132
-    common = {"GROUPS": 1, "HEAD_DIM": 128, "BLOCK_D": 128, "HAS_VISIBLE": True}
-    cases = (("GIFT decode row", column_sets.RANK_HEADS, column_sets.ONE_ROW, heads, 1, False),
-             ("VAR decode row", column_sets.REDISTRIBUTE, column_sets.ONE_ROW, 1, 1, True),
-             ("VAR 75 prompt rows", column_sets.REDISTRIBUTE, column_sets.ROW_BLOCK, 1, 75, True))
+    decoding-step rows and VAR's 75 prompt rows after the image, planned as `column_sets._launch` plans them."""
+    cases = (("GIFT decode row", column_sets.RANK_HEADS, 1, False),
+             ("VAR decode row", column_sets.REDISTRIBUTE, 1, True),
+             ("VAR 75 prompt rows", column_sets.REDISTRIBUTE, 75, True))
     builds = []
-    for name, epilogue, tiling, block_h, rows, selected in cases:
-        programs = ceil_div(rows, tiling.rows) * heads
-        _, splits = column_sets.key_splits(programs, keys, multiprocessors, tiling.programs_per_sm)
-        args = tiling.compile_args(sets=3, splits=splits)
-        tile = triton.Config({key: value for key, value in args.items() if key != "num_warps"},
-                             num_warps=args["num_warps"], num_stages=3)
-        constants = {**common, "BLOCK_H": block_h, "EPILOGUE": epilogue.value, "HAS_SELECTED": selected}
+    for name, epilogue, rows, selected in cases:
+        constants = dict(column_sets.launch_plan(1, 32, 32, rows, 128, 700, 3, epilogue.value, 132).constants)
+        warps = constants.pop("num_warps")
+        tile = triton.Config({key: constants.pop(key) for key in ("BLOCK_T", "BLOCK_R", "BLOCK_S", "SETS")},
+                             num_warps=warps, num_stages=3)
+        constants.update(HAS_VISIBLE=True, HAS_SELECTED=selected)
         builds.append(Build(f"column sets: {name}", "fwd", column_sets.column_set_kernel, constants, [tile]))
     return builds
 

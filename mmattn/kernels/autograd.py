@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.library import custom_op
 
-__all__ = ["InferenceOp", "KernelOp", "inference_op", "kernel_op"]
+__all__ = ["InferenceOp", "KernelOp", "inference_op", "kernel_op", "written_into"]
 
 Save = Callable[[tuple, tuple[bool, ...]], tuple[tuple[torch.Tensor | None, ...], tuple[Any, ...]]]
 
@@ -87,9 +87,13 @@ class InferenceOp:
 
     def __call__(self, *inputs, out: torch.Tensor | None = None):
         if torch.compiler.is_compiling():
-            result = self.op(*inputs)
-            return result if out is None else out.copy_(result)
+            return written_into(self.op(*inputs), out)
         return self.launcher(*inputs) if out is None else self.launcher(*inputs, out)
+
+
+def written_into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`result`, or `out` with `result` copied into it (torch's `out=` convention for a result made elsewhere)."""
+    return result if out is None else out.copy_(result)
 
 
 def inference_op(name: str, launcher: Callable, *, fake: Callable) -> InferenceOp:

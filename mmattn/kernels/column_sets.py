@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
+from .autograd import written_into
 from .backends import resolve_backend
 from .validation import check_number, check_qkv, resolve_scale
 
@@ -75,10 +76,6 @@ def _check_out(out, query: torch.Tensor) -> None:
                if isinstance(out, torch.Tensor) else type(out).__name__)
         raise ValueError(f"out: expected a {query.dtype} {tuple(query.shape)} tensor on {query.device} with a unit "
                          f"last stride, got {got}")
-
-
-def _written(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    return result if out is None else out.copy_(result)
 
 
 def _triton(query, key, value, backend: str) -> bool:
@@ -148,7 +145,7 @@ def sink_redistribution_attention(
         return sink_redistribution_op(query, key, value, columns, visible, selected, scale, share, rho, min_mass,
                                       out=out)
     sets = reference.column_set_attention(query, key, value, columns, visible, scale)
-    return _written(reference.sink_redistribution(*sets, share, rho, min_mass, selected).to(query.dtype), out)
+    return written_into(reference.sink_redistribution(*sets, share, rho, min_mass, selected).to(query.dtype), out)
 
 
 def ranked_head_attention(
@@ -180,4 +177,4 @@ def ranked_head_attention(
 
         return ranked_heads_op(query, key, value, columns, visible, scale, beta, out=out)
     sets = reference.column_set_attention(query, key, value, columns, visible, scale)
-    return _written(reference.ranked_head_enhancement(*sets, beta).to(query.dtype), out)
+    return written_into(reference.ranked_head_enhancement(*sets, beta).to(query.dtype), out)

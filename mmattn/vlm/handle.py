@@ -196,12 +196,18 @@ class InterventionHandle:
         return memo[1]
 
     @staticmethod
-    def _with_last_rows(rows, module, query, key, value, attention_mask, scaling, **kwargs):
+    def _sdpa_rows(module, query, key, value, attention_mask, scaling, tail: int, **kwargs):
+        """SDPA's attention output [B, q, H, D] of every row of the layer, and the view [B, tail, H, D] of its last
+        `tail` rows, which the edited rows overwrite."""
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return output, output[:, output.shape[1] - tail :]
+
+    def _with_last_rows(self, rows, module, query, key, value, attention_mask, scaling, **kwargs):
         """The layer's attention output [B, q, H, D]: SDPA for the rows before the edited last ones."""
         if rows.shape[1] == query.shape[2]:
             return rows.contiguous(), None
-        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        output[:, -rows.shape[1] :] = rows
+        output, last = self._sdpa_rows(module, query, key, value, attention_mask, scaling, rows.shape[1], **kwargs)
+        last.copy_(rows)
         return output, None
 
     def _column_sets_backend(self, query: torch.Tensor) -> str:
@@ -231,8 +237,8 @@ class InterventionHandle:
             visible = visible.expand(batch, -1, -1)
         output = out = None
         if tail < q_len:
-            output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-            out = output[:, q_len - tail :].transpose(1, 2)
+            output, out = self._sdpa_rows(module, query, key, value, attention_mask, scaling, tail, **kwargs)
+            out = out.transpose(1, 2)
         rows = runtime.fused_rows(layer, query[:, :, q_len - tail :], key, value, visible, selection.selected,
                                   scaling, call, backend, out)
         return rows.transpose(1, 2).contiguous() if output is None else output

@@ -335,12 +335,13 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(batch: int, heads: int, kv_heads: int, rows: int, head_dim: int, kv_len: int, sets: int, epilogue: int,
-          device: torch.device) -> _Plan:
-    """The launch plan of a call's shape, worked out once per shape: every edited layer of a step has the same."""
+def launch_plan(batch: int, heads: int, kv_heads: int, rows: int, head_dim: int, kv_len: int, sets: int, epilogue: int,
+                multiprocessors: int) -> _Plan:
+    """The launch plan of a call's shape on a GPU of `multiprocessors` SMs, worked out once per shape: every edited
+    layer of a step has the same."""
     tiling = ONE_ROW if rows == 1 else ROW_BLOCK
     programs = batch * ceil_div(rows, tiling.rows) * heads
-    chunk, splits = key_splits(programs, kv_len, multiprocessors(device), tiling.programs_per_sm)
+    chunk, splits = key_splits(programs, kv_len, multiprocessors, tiling.programs_per_sm)
     record_len = 1 + (sets + 1) * (head_dim + 1)  # max, masses, set-weighted outputs
     ranked = epilogue == RANK_HEADS.value
     statistics = batch * heads * (sets + 1) * (head_dim + 1) if ranked else 0
@@ -362,7 +363,8 @@ def _launch(q, k, v, columns, visible, scale, out, epilogue: tl.constexpr, stati
     = (masses, weighted)), over every (batch, query row, head): one row per program in a decoding step, blocks of
     rows for a prompt's rows."""
     batch, heads, rows, head_dim = q.shape
-    plan = _plan(batch, heads, k.shape[1], rows, head_dim, k.shape[2], columns.shape[2], epilogue.value, q.device)
+    plan = launch_plan(batch, heads, k.shape[1], rows, head_dim, k.shape[2], columns.shape[2], epilogue.value,
+                       multiprocessors(q.device))
     parts = q.new_empty((plan.scratch,), dtype=torch.float32)
     arrivals = torch.zeros((plan.counters,), dtype=torch.int32, device=q.device)
     if visible is not None and visible.dim() == 2:  # every row sees the same keys: a row stride of 0

@@ -128,7 +128,9 @@ def _column_set_builds() -> list[Build]:
              ("VAR 75 prompt rows", column_sets.REDISTRIBUTE, 75, True))
     builds = []
     for name, epilogue, rows, selected in cases:
-        constants = dict(column_sets.launch_plan(1, 32, 32, rows, 128, 700, 3, epilogue.value, 132).constants)
+        plan = column_sets.launch_plan(batch=1, heads=32, kv_heads=32, rows=rows, head_dim=128, kv_len=700, sets=3,
+                                       epilogue=epilogue.value, multiprocessors=132)
+        constants = dict(plan.constants)
         warps = constants.pop("num_warps")
         tile = triton.Config({key: constants.pop(key) for key in ("BLOCK_T", "BLOCK_R", "BLOCK_S", "SETS")},
                              num_warps=warps, num_stages=3)

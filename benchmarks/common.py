@@ -69,7 +69,7 @@ class TimingSettings:
 
     def describe(self, device: str = "cuda") -> str:
         if device != "cuda":
-            return "medians of 3 wall-clock calls after a warm-up call (CPU smoke run: not a measurement)"
+            return "one wall-clock call after a warm-up call (CPU smoke run: not a measurement)"
         return (f"medians of `triton.testing.do_bench` (warm-up {self.warmup_ms} ms, repeats {self.rep_ms} ms, L2 "
                 f"flushed before each call); calls over {SLOW_CALL_MS:.0f} ms: median of 3 synchronized wall-clock "
                 "calls; every number after a warm-up call")
@@ -110,9 +110,11 @@ def wall_median_ms(fn: Callable[[], object], device: str, calls: int = 3) -> flo
 
 def median_ms(fn: Callable[[], object], device: str = "cuda") -> float:
     """Median milliseconds of `fn()` after a warm-up call: `do_bench` on CUDA (or 3 wall-clock calls for calls
-    slower than SLOW_CALL_MS), a wall clock on the CPU (smoke runs)."""
+    slower than SLOW_CALL_MS); on the CPU (smoke runs, where an interpreted kernel call takes seconds) one call."""
     fn()  # warm-up: compiles, autotunes
-    if device != "cuda" or wall_median_ms(fn, device, calls=1) >= SLOW_CALL_MS:
+    if device != "cuda":
+        return wall_median_ms(fn, device, calls=1)
+    if wall_median_ms(fn, device, calls=1) >= SLOW_CALL_MS:
         return wall_median_ms(fn, device)
     import triton
 

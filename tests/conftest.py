@@ -11,7 +11,7 @@ if os.environ.get("MMATTN_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Modules whose every test runs on the GPU where there is one, although none is named for it.
-GPU_MODULES = {"test_column_sets.py", "test_massive_activations.py"}  # the VAR and GIFT kernels, in bf16 too on CUDA
+GPU_MODULES = {"test_column_sets.py", "test_massive_activations.py", "test_rotary.py"}  # VAR, GIFT, Wan kernels
 
 
 def is_gpu_test(item: pytest.Item) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmattn.kernels import rotary_embedding
+
 from .attention import SparseAttention
 
 __all__ = [
@@ -81,7 +83,12 @@ class WanRadialAttnProcessor(RadialProcessor):
 
     Text, and in image-to-video the CLIP image tokens (`add_k_proj` / `add_v_proj`), enter through the
     cross-attention `attn2`, which keeps its stock processor; the stock self-attention has no image branch.
+    On sparse layers the rotary embedding runs as one kernel (`mmattn.kernels.rotary_embedding`, forward and
+    backward) unless `fused_rotary` is False; dense layers stay bitwise stock.
     """
+
+    fused_rotary = True
+    """Sparse layers rotate the queries and keys with `rotary_embedding` (False: the stock elementwise ops)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
@@ -92,7 +99,9 @@ class WanRadialAttnProcessor(RadialProcessor):
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
-            query, key = _rotate_interleaved(query, *rotary_emb), _rotate_interleaved(key, *rotary_emb)
+            fused = self.fused_rotary and not self.radial.is_dense(self.layer_index)
+            rotate = rotary_embedding if fused else _rotate_interleaved
+            query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
         hidden_states = self._attend_video(query, key, value, attention_mask)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](hidden_states))

@@ -1,5 +1,5 @@
 """mmattn's shared kernel layer: block-sparse, neighborhood, routed and column-set attention (and the massive-activation
-test of VAR's sink tokens) with Triton, FlexAttention and exact torch backends (and FlashAttention-4 for block-sparse
+test of VAR's sink tokens and the video DiTs' rotary embedding) with Triton, FlexAttention and exact torch backends (and FlashAttention-4 for block-sparse
 attention where it is installed).
 
 Tensors use the SDPA layout `(batch, heads, tokens, head_dim)`; spatial kernels take
@@ -9,7 +9,7 @@ outputs and gradients are laid out like their inputs: pass a model's `(batch, to
 
 Every kernel family has the same shape, and a new kernel follows it:
 
-- `<family>.py` (`block_sparse.py`, `na.py`, `routed.py`, `column_sets.py`, `massive_activations.py`): the public
+- `<family>.py` (`block_sparse.py`, `na.py`, `routed.py`, `column_sets.py`, `massive_activations.py`, `rotary.py`): the public
   function users call, its argument checks (errors name the argument) and its dispatch on
   `resolve_backend(<family>, backend, q)`; exported here.
 - `triton/<family>.py`: the Triton kernels, their tiles (configs, prune, `tuned`) and their launchers (grid,
@@ -45,6 +45,7 @@ from .mask import BlockSparseMask
 from .massive_activations import massive_activation_tokens
 from .na import neighborhood_attention
 from .neighborhood import Neighborhood
+from .rotary import rotary_embedding
 from .routed import routed_attention
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "neighborhood_attention",
     "ranked_head_attention",
     "reference",
+    "rotary_embedding",
     "routed_attention",
     "sink_redistribution_attention",
     "supported_backends",

@@ -40,9 +40,9 @@ __all__ = [
     "supported_backends",
 ]
 
-FAMILIES = ("block_sparse", "na", "routed", "column_sets", "massive_activations")
+FAMILIES = ("block_sparse", "na", "routed", "column_sets", "massive_activations", "rotary")
 """The kernel families, one public module each (`block_sparse.py`, `na.py`, `routed.py`, `column_sets.py`,
-`massive_activations.py`)."""
+`massive_activations.py`, `rotary.py`)."""
 
 REGISTRY: dict[str, tuple[str, ...]] = {
     "block_sparse": ("fa4", "triton", "flex", "torch"),
@@ -50,6 +50,7 @@ REGISTRY: dict[str, tuple[str, ...]] = {
     "routed": ("triton", "torch"),
     "column_sets": ("triton", "torch"),
     "massive_activations": ("triton", "torch"),
+    "rotary": ("triton", "torch"),
 }
 """Per family, its backends in preference order on a GPU (fastest first); "torch" (the exact reference) runs all."""
 
@@ -69,6 +70,7 @@ _TRITON_HEAD_DIMS = {  # (smallest, largest, multiple): the tiled kernels need m
     "routed": (16, 256, 8),
     "column_sets": (1, 256, 1),  # its one dot (over the keys) pads the head dim: any up to 256
     "massive_activations": (1, 1 << 20, 1),  # the hidden width, read in blocks
+    "rotary": (2, 1 << 12, 2),  # channel pairs, a row per program
 }
 
 _Problem = tuple[type[Exception], str] | None

@@ -21,6 +21,7 @@ __all__ = [
     "massive_activation_scores",
     "neighborhood_attention",
     "ranked_head_enhancement",
+    "rotary_embedding",
     "routed_attention",
     "sink_redistribution",
     "top_half_heads",
@@ -229,6 +230,16 @@ def massive_activation_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
     rms = hidden.pow(2).mean(-1).add(1e-6).sqrt()
     index = dims if isinstance(dims, torch.Tensor) else list(dims)
     return hidden[..., index].abs().amax(-1) / rms
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotary embedding as complex products: channels (2i, 2i+1) of x are the number x[2i] + j x[2i+1],
+    multiplied by cos[..., 2i] + j sin[..., 2i+1] (tables broadcastable to x), in float32 (float64 for float64 x),
+    returned in x's dtype."""
+    real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pairs = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)).contiguous())
+    turn = torch.complex(cos[..., 0::2].to(real), sin[..., 1::2].to(real))
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
 def top_half_heads(mass: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""Rotary position embedding (RoPE; Su et al., "RoFormer", 2021) on interleaved channel pairs, as Wan applies it to
+its queries and keys.
+
+The stock diffusers form runs about eight elementwise ops per tensor forward (and more backward), each a pass over
+the `(batch, tokens, heads, head_dim)` tensor; the Triton kernel (`triton/rotary.py`) reads and writes it once,
+forward and backward. Backends (`backends.REGISTRY["rotary"]`): `"triton"`, `"torch"` (the reference,
+`reference.rotary_embedding`) or `"auto"` (Triton on CUDA, and the reference where the angle tables need a gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op
+
+from . import reference
+from .backends import resolve_backend
+
+__all__ = ["rotary_embedding"]
+
+
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's output: laid out like x (a unit channel stride, which the kernel reads x with too)."""
+    return torch.empty_like(x) if x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@custom_op("mmattn::rotary_embedding", mutates_args=())
+def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    from .triton.rotary import rotary_forward
+
+    return rotary_forward(x, cos, sin, inverse, _output_like(x))
+
+
+@_rotary_op.register_fake
+def _(x, cos, sin, inverse):
+    return _output_like(x)
+
+
+def _save_tables(ctx, inputs, output) -> None:
+    _, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _rotate_back(ctx, grad: torch.Tensor):
+    """The gradient of a rotation is the opposite rotation of the output's gradient (none for the tables)."""
+    cos, sin = ctx.saved_tensors
+    return _rotary_op(grad, cos, sin, not ctx.inverse), None, None, None
+
+
+_rotary_op.register_autograd(_rotate_back, setup_context=_save_tables)
+
+
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.shape[-1] % 2:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a floating-point 4-D tensor with an even last dim (channel pairs), got {got}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+            got = table.dtype if isinstance(table, torch.Tensor) else type(table).__name__
+            raise TypeError(f"{name}: expected a floating-point tensor, got {got}")
+        if table.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {table.device}")
+        try:
+            fits = torch.broadcast_shapes(table.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name}: expected a shape broadcastable to x's {tuple(x.shape)}, got {tuple(table.shape)}")
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """x with each channel pair (2i, 2i+1) rotated by the angle whose cosine is `cos[..., 2i]` and sine
+    `sin[..., 2i+1]` (Wan's tables, which hold each angle at both channels of its pair).
+
+    x: 4-D, e.g. a model's `(batch, tokens, heads, head_dim)` with tables `(1, tokens, 1, head_dim)`, or
+    `(batch, heads, tokens, head_dim)` with `(tokens, head_dim)`: cos/sin broadcast to x. The result has x's dtype
+    (the Triton kernel rotates in float32) and, from the Triton kernel, x's layout. Differentiable in x; the
+    `"triton"` backend gives the tables no gradient (`"auto"` takes `"torch"` when they need one).
+    """
+    _check(x, cos, sin)
+    tables_need_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+    if backend == "auto" and tables_need_grad:
+        backend = "torch"
+    if resolve_backend("rotary", backend, x) == "triton":
+        if tables_need_grad:
+            raise ValueError("cos/sin require grad: backend='triton' differentiates x only; use backend='torch'")
+        return _rotary_op(x, cos, sin, False)
+    return reference.rotary_embedding(x, cos, sin)

@@ -1,6 +1,6 @@
 """mmattn's shared kernel layer: block-sparse, neighborhood, routed and column-set attention (and the massive-activation
-test of VAR's sink tokens and the video DiTs' rotary embedding) with Triton, FlexAttention and exact torch backends (and FlashAttention-4 for block-sparse
-attention where it is installed).
+test of VAR's sink tokens, and Wan's rotary embedding) with Triton, FlexAttention and exact torch backends (and
+FlashAttention-4 for block-sparse attention where it is installed).
 
 Tensors use the SDPA layout `(batch, heads, tokens, head_dim)`; spatial kernels take
 `(batch, heads, *spatial, head_dim)`. Any strides with a unit last one are read as they are, and the fused kernels'
@@ -9,8 +9,8 @@ outputs and gradients are laid out like their inputs: pass a model's `(batch, to
 
 Every kernel family has the same shape, and a new kernel follows it:
 
-- `<family>.py` (`block_sparse.py`, `na.py`, `routed.py`, `column_sets.py`, `massive_activations.py`, `rotary.py`): the public
-  function users call, its argument checks (errors name the argument) and its dispatch on
+- `<family>.py` (`block_sparse.py`, `na.py`, `routed.py`, `column_sets.py`, `massive_activations.py`,
+  `rotary.py`): the public function users call, its argument checks (errors name the argument) and its dispatch on
   `resolve_backend(<family>, backend, q)`; exported here.
 - `triton/<family>.py`: the Triton kernels, their tiles (configs, prune, `tuned`) and their launchers (grid,
   launch arguments, tune key): `forward`, `backward` and `attend`, the differentiable entry point made by

@@ -65,7 +65,9 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         except RuntimeError:
             fits = False
         if not fits:
-            raise ValueError(f"{name}: expected a shape broadcastable to x's {tuple(x.shape)}, got {tuple(table.shape)}")
+            raise ValueError(
+                f"{name}: expected a shape broadcastable to x's {tuple(x.shape)}, got {tuple(table.shape)}"
+            )
 
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

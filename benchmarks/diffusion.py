@@ -317,6 +317,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
     parser.add_argument("--only", choices=SECTIONS, default=None,
                         help="run one section only: the attention table or the transformer steps (a subset: see --out)")
+    parser.add_argument("--match", default=None, help="run only the cases whose name contains this text (a subset)")
     parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
     args = parser.parse_args()
     if not args.quick and not torch.cuda.is_available():
@@ -324,10 +325,11 @@ def main() -> None:
     if importlib.util.find_spec("diffusers") is None:
         parser.error("needs diffusers for the Wan step (pip install 'mmattn[diffusion]'); nothing was measured")
     device = "cpu" if args.quick else "cuda"
-    target = results_target(parser, args.out, DEFAULT_OUT, not args.quick and args.only is None, "--quick or --only")
+    full = not args.quick and args.only is None and args.match is None
+    target = results_target(parser, args.out, DEFAULT_OUT, full, "--quick, --only or --match")
     set_fast(args.fast)
-    attention_cases = QUICK_CASES if args.quick else ATTENTION_CASES
-    step_cases = QUICK_STEP_CASES if args.quick else STEP_CASES
+    attention_cases = [c for c in (QUICK_CASES if args.quick else ATTENTION_CASES) if (args.match or "") in c[0]]
+    step_cases = [c for c in (QUICK_STEP_CASES if args.quick else STEP_CASES) if (args.match or "") in c.name]
     attention, ours, peers = attention_rows(attention_cases if args.only != "steps" else (), device)
     step = [step_row(case, args.quick, device) for case in (step_cases if args.only != "attention" else ())]
     write_results(table(attention, ours, peers, step, device), target)

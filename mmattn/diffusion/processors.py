@@ -83,12 +83,13 @@ class WanRadialAttnProcessor(RadialProcessor):
 
     Text, and in image-to-video the CLIP image tokens (`add_k_proj` / `add_v_proj`), enter through the
     cross-attention `attn2`, which keeps its stock processor; the stock self-attention has no image branch.
-    On sparse layers the rotary embedding runs as one kernel (`mmattn.kernels.rotary_embedding`, forward and
-    backward) unless `fused_rotary` is False; dense layers stay bitwise stock.
+    With `fused_rotary`, sparse layers rotate queries and keys with one kernel (`mmattn.kernels.rotary_embedding`,
+    forward and backward); dense layers stay bitwise stock either way.
     """
 
-    fused_rotary = True
-    """Sparse layers rotate the queries and keys with `rotary_embedding` (False: the stock elementwise ops)."""
+    fused_rotary = False
+    """True: sparse layers rotate the queries and keys with `rotary_embedding` instead of the stock elementwise ops
+    (opt-in: the kernel's speed on a GPU has not been measured yet)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections

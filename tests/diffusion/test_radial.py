@@ -72,6 +72,28 @@ def test_dense_layers_are_bitwise_stock_and_sparse_layers_differ(name):
     assert torch.equal(_run(model, inputs), stock)
 
 
+def test_wan_fused_rotary_runs_the_kernel_on_sparse_layers_only(monkeypatch):
+    """`fused_rotary`: the sparse layers' queries and keys go through `rotary_embedding` (the rotation agrees with
+    the stock ops to float32 rounding), the dense layer's do not."""
+    from mmattn.diffusion import processors
+
+    model, inputs = tiny_models.wan(frames=4)
+    config = RadialConfig(block_size=16, decay_factor=0.1, dense_layers=1)
+    with apply_radial_attention(model, config):
+        stock_rotary = _run(model, inputs)
+        rotated, kernel = [], processors.rotary_embedding
+
+        def counting(x, cos, sin):
+            rotated.append(x.shape)
+            return kernel(x, cos, sin)
+
+        monkeypatch.setattr(processors, "rotary_embedding", counting)
+        monkeypatch.setattr(processors.WanRadialAttnProcessor, "fused_rotary", True)
+        fused = _run(model, inputs)
+    assert len(rotated) == 2  # queries and keys of the one sparse layer (of two)
+    torch.testing.assert_close(fused, stock_rotary, atol=2e-5, rtol=1e-5)
+
+
 def _token_mask(block_mask, block, q_len, kv_len):
     expanded = block_mask.repeat_interleave(block, 0).repeat_interleave(block, 1)
     return expanded[:q_len, :kv_len]

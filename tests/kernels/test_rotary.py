@@ -131,5 +131,13 @@ def test_bad_input_names_the_argument(args, error, match):
     x, cos, sin = (torch.randn(shape) for shape in args)
     with pytest.raises(error, match=match):
         rotary_embedding(x, cos, sin)
+
+
+def test_bad_types_and_devices_name_the_argument():
+    x, table = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
     with pytest.raises(TypeError, match="sin: expected a floating-point tensor"):
-        rotary_embedding(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8), torch.ones(1, 4, 1, 8, dtype=torch.int64))
+        rotary_embedding(x, table, table.long())
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        rotary_embedding(x.long(), table, table)
+    with pytest.raises(ValueError, match="cos: expected a tensor on x's device"):
+        rotary_embedding(x, table.to("meta"), table)

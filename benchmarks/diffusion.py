@@ -204,12 +204,12 @@ def training_step(model: torch.nn.Module, inputs: dict) -> None:
 
 
 @contextlib.contextmanager
-def fused_rotary():
-    """Wan's Radial processors rotate queries and keys with the rotary kernel instead of the stock elementwise ops."""
+def stock_rotary():
+    """Wan's Radial processors rotate queries and keys with the stock elementwise ops instead of the rotary kernel."""
     from mmattn.diffusion.processors import WanRadialAttnProcessor
 
     default = WanRadialAttnProcessor.fused_rotary
-    WanRadialAttnProcessor.fused_rotary = True
+    WanRadialAttnProcessor.fused_rotary = False
     try:
         yield
     finally:
@@ -247,14 +247,14 @@ def step_row(case: StepCase, quick: bool, device: str) -> str:
         dense = median_ms(call, device)
         with apply_radial_attention(model, config):
             radial = median_ms(call, device)
-            with fused_rotary():
-                radial_fused_rotary = median_ms(call, device)
+            with stock_rotary():
+                radial_stock_rotary = median_ms(call, device)
         with apply_radial_attention(model, triton_config):
             radial_triton = median_ms(call, device)
     del call, model
     checked = "; ".join(f"{name} {a.vs_peer:.1e}, {a.ours_err:.1e}/{a.peer_err:.1e}" for name, a in check.items())
-    row = (f"| {case.name}, {case.tokens:,} tokens{where} | {dense:.1f} | {radial:.1f} | {radial_fused_rotary:.1f} | "
-           f"{radial_triton:.1f} | {dense / radial:.2f}x (goal {case.goal:g}x) | {dense / radial_fused_rotary:.2f}x | "
+    row = (f"| {case.name}, {case.tokens:,} tokens{where} | {dense:.1f} | {radial:.1f} | {radial_stock_rotary:.1f} | "
+           f"{radial_triton:.1f} | {dense / radial:.2f}x (goal {case.goal:g}x) | {dense / radial_stock_rotary:.2f}x | "
            f"{dense / radial_triton:.2f}x | {checked} |")
     print(row, flush=True)
     return row
@@ -290,16 +290,16 @@ def table(attention: list[str], ours: list[str], peers: list[str], step: list[st
     step_section = [
         ("One transformer call (one CFG branch), random weights (seed 0), median ms; dense = diffusers' stock "
          "attention; radial = the model's preset (`wan2.1-t2v-1.3b`, `wan2.2-ti2v-5b`) on a sparse step (its dense "
-         "layers dense) with `backend=\"auto\"`, radial fused RoPE the same with its sparse layers' rotary embedding by "
-         "`rotary_embedding` (one kernel forward and backward, `fused_rotary = True`), radial Triton with our Triton "
-         "attention kernel. Denoising steps time "
+         "layers dense) with `backend=\"auto\"` (its sparse layers' rotary embedding by "
+         "`rotary_embedding`: one kernel forward and backward), radial stock RoPE the same with diffusers' elementwise "
+         "rotary embedding (`fused_rotary = False`), radial Triton with our Triton attention kernel. Denoising steps time "
          "the forward; the training step times forward and backward through every weight (full fine-tuning). Check, "
          "before timing: the Radial call's output (and the training step's weight gradients of `(output * g).sum()`, "
          "g ~ N(0, 1), one vector) against the same call with Radial run by FlexAttention, both against that call in "
          f"{precision} (same weights): relative error (Frobenius) ours <= 2 x flex's + 1e-3; where the float32 run "
          "would not fit the GPU, the check runs on fewer latent frames."),
         "",
-        "| case | dense ms | radial ms | radial fused RoPE ms | radial Triton ms | speedup | speedup fused RoPE | "
+        "| case | dense ms | radial ms | radial stock RoPE ms | radial Triton ms | speedup | speedup stock RoPE | "
         "speedup Triton | check: rel. diff ours-flex, rel. error ours/flex |",
         "|---|---|---|---|---|---|---|---|---|",
         *step,

@@ -17,31 +17,29 @@ ELEMENTS_BLOCK = 4096
 def rotary_kernel(
     X, COS, SIN, OUT, rows, size1, size2,
     sx0, sx1, sx2, so0, so1, so2, sc0, sc1, sc2, sc3, ss0, ss1, ss2, ss3,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """OUT row = the pairs (x[2i], x[2i+1]) of X's row (i0, i1, i2) rotated by the angle with cosine COS[.., 2i] and
-    sine SIN[.., 2i+1] (by its negative if INVERSE); X, OUT rows have a unit channel stride, COS/SIN any strides
-    (0 where broadcast)."""
+    sine SIN[.., 2i+1] (by its negative if INVERSE). Rows are loaded whole (X, OUT: unit channel stride; COS/SIN any
+    strides, 0 where broadcast) and split into pairs in registers."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    live = r < rows
     i2 = r % size2
     i1 = (r // size2) % size1
     i0 = (r // size2 // size1).to(tl.int64)
     i1, i2 = i1.to(tl.int64), i2.to(tl.int64)
-    pair = tl.arange(0, BLOCK_HALF)
-    ok = live[:, None] & (pair < HALF)[None, :]
-    channels = (2 * pair)[None, :, None] + tl.arange(0, 2)[None, None, :]
-    x = tl.load(X + (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None, None] + channels, mask=ok[:, :, None])
-    even, odd = tl.split(x.to(tl.float32))
-    cos_row = (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None]
-    cos = tl.load(COS + cos_row + (2 * pair * sc3)[None, :], mask=ok).to(tl.float32)
-    sin_row = (i0 * ss0 + i1 * ss1 + i2 * ss2)[:, None]
-    sin = tl.load(SIN + sin_row + ((2 * pair + 1) * ss3)[None, :], mask=ok).to(tl.float32)
+    channel = tl.arange(0, BLOCK_D)
+    ok = (r < rows)[:, None] & (channel < HEAD_DIM)[None, :]
+    x = tl.load(X + (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None] + channel[None, :], mask=ok)
+    cos = tl.load(COS + (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None] + (channel * sc3)[None, :], mask=ok)
+    sin = tl.load(SIN + (i0 * ss0 + i1 * ss1 + i2 * ss2)[:, None] + (channel * ss3)[None, :], mask=ok)
+    even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_R, BLOCK_D // 2, 2)))
+    cos, _ = tl.split(tl.reshape(cos.to(tl.float32), (BLOCK_R, BLOCK_D // 2, 2)))
+    _, sin = tl.split(tl.reshape(sin.to(tl.float32), (BLOCK_R, BLOCK_D // 2, 2)))
     if INVERSE:
         sin = -sin
-    out = tl.join(even * cos - odd * sin, even * sin + odd * cos)
-    tl.store(OUT + (i0 * so0 + i1 * so1 + i2 * so2)[:, None, None] + channels, out.to(OUT.dtype.element_ty),
-             mask=ok[:, :, None])
+    out = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_R, BLOCK_D))
+    tl.store(OUT + (i0 * so0 + i1 * so1 + i2 * so2)[:, None] + channel[None, :], out.to(OUT.dtype.element_ty),
+             mask=ok)
 
 
 def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
@@ -51,11 +49,11 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, invers
     cos, sin = cos.expand(x.shape), sin.expand(x.shape)
     rows = x.shape[0] * x.shape[1] * x.shape[2]
     head_dim = x.shape[-1]
-    block_half = next_power_of_2(head_dim // 2)
-    block_r = max(1, ELEMENTS_BLOCK // (2 * block_half))
+    block_d = next_power_of_2(head_dim)
+    block_r = max(1, ELEMENTS_BLOCK // block_d)
     if rows:
         rotary_kernel[(ceil_div(rows, block_r),)](
             x, cos, sin, out, rows, x.shape[1], x.shape[2], *x.stride()[:3], *out.stride()[:3], *cos.stride(),
-            *sin.stride(), HALF=head_dim // 2, BLOCK_HALF=block_half, INVERSE=inverse, BLOCK_R=block_r, num_warps=4,
+            *sin.stride(), HEAD_DIM=head_dim, BLOCK_D=block_d, INVERSE=inverse, BLOCK_R=block_r, num_warps=4,
         )
     return out

@@ -73,8 +73,8 @@ def test_dense_layers_are_bitwise_stock_and_sparse_layers_differ(name):
 
 
 def test_wan_fused_rotary_runs_the_kernel_on_sparse_layers_only(monkeypatch):
-    """`fused_rotary` (the default): the sparse layers' queries and keys go through `rotary_embedding` (the rotation agrees with
-    the stock ops to float32 rounding), the dense layer's do not."""
+    """`fused_rotary` (the default): the sparse layers' queries and keys go through `rotary_embedding` (the rotation
+    agrees with the stock ops to float32 rounding), the dense layer's do not."""
     from mmattn.diffusion import processors
 
     model, inputs = tiny_models.wan(frames=4)

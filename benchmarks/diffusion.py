@@ -295,8 +295,8 @@ def table(attention: list[str], ours: list[str], peers: list[str], step: list[st
          "elementwise rotary embedding (`fused_rotary = False`), radial Triton with our Triton attention kernel. "
          "Denoising steps time the forward; the training step times forward and backward through every weight (full "
          "fine-tuning). Check, before timing: the Radial call's output (and the training step's weight gradients "
-         "of `(output * g).sum()`, g ~ N(0, 1), one vector) against the same call with Radial run by FlexAttention, both against that call in "
-         f"{precision} (same weights): relative error (Frobenius) ours <= 2 x flex's + 1e-3; where the float32 run "
+         "of `(output * g).sum()`, g ~ N(0, 1), one vector) against the same call with Radial run by FlexAttention, "
+         f"both against that call in {precision} (same weights): relative error (Frobenius) ours <= 2 x flex's + 1e-3; where the float32 run "
          "would not fit the GPU, the check runs on fewer latent frames."),
         "",
         "| case | dense ms | radial ms | radial stock RoPE ms | radial Triton ms | speedup | speedup stock RoPE | "

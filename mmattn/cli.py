@@ -168,7 +168,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("block_sparse", "neighborhood", "vision", "vlm", "diffusion", "context_parallel")
+BENCHMARKS = ("block_sparse", "neighborhood", "vision", "vlm", "diffusion", "context_parallel", "rotary")
 _LAUNCHERS = {"context_parallel": ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")}
 """Benchmarks that run as several processes: how Python starts them (the rest run as plain scripts)."""
 _WROTE = re.compile(r"^wrote (.+)$")

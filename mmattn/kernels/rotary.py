@@ -51,15 +51,13 @@ _rotary_op.register_autograd(_rotate_back, setup_context=_save_tables)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"x: expected a floating-point tensor, got {got}")
+    for name, tensor in (("x", x), ("cos", cos), ("sin", sin)):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"{name}: expected a floating-point tensor, got {got}")
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"x: expected a 4-D tensor with an even last dim (channel pairs), got {tuple(x.shape)}")
     for name, table in (("cos", cos), ("sin", sin)):
-        if not isinstance(table, torch.Tensor) or not table.is_floating_point():
-            got = table.dtype if isinstance(table, torch.Tensor) else type(table).__name__
-            raise TypeError(f"{name}: expected a floating-point tensor, got {got}")
         if table.device != x.device:
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {table.device}")
         try:

@@ -202,6 +202,12 @@ class _KVSharingState:
         return out
 
 
+class _KVSharingProcessor(CogVideoXRadialAttnProcessor):
+    """CogVideoX's processor with its one attention call sent to the KV-sharing state; the stock rotary embedding."""
+
+    fused_rotary = False
+
+
 class DiTCtrlHandle:
     """KV-sharing processors on a CogVideoX transformer; `remove()` restores the stock ones."""
 
@@ -211,8 +217,7 @@ class DiTCtrlHandle:
         self.state = _KVSharingState(config)
         self._stock = [(block.attn1, block.attn1.processor) for block in transformer.transformer_blocks]
         for layer_index, (attn, stock) in enumerate(self._stock):
-            # The CogVideoX processor's single attention call goes to the KV-sharing state instead of Radial.
-            attn.set_processor(CogVideoXRadialAttnProcessor(self.state, layer_index, stock=stock))
+            attn.set_processor(_KVSharingProcessor(self.state, layer_index, stock=stock))
 
     def remove(self) -> None:
         for attn, stock in self._stock:

@@ -8,6 +8,8 @@ which transformer is said once, in `mmattn.diffusion.models`.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +42,32 @@ class RadialProcessor:
     _attention_backend = None
     _parallel_config = None
 
+    fused_rotary = True
+    """Sparse layers rotate queries and keys with one kernel (`mmattn.kernels.rotary_embedding`, forward and
+    backward) in the models whose RoPE turns interleaved channel pairs by (cos, sin) tables that hold each angle at
+    both channels of its pair (Wan, HunyuanVideo, HunyuanVideo 1.5, CogVideoX, LTX-Video); False: the stock ops
+    everywhere. Dense layers stay bitwise stock either way, and so do float64 models (the kernel rotates in
+    float32)."""
+
     def __init__(self, radial: SparseAttention, layer_index: int, stock=None) -> None:
         self.radial = radial
         self.layer_index = layer_index
         # Keep the backend the user chose for the stock processor: the dense fallback runs on it.
         self._attention_backend = getattr(stock, "_attention_backend", None)
         self._parallel_config = getattr(stock, "_parallel_config", None)
+
+    def _fuses_rotary(self, x: torch.Tensor) -> bool:
+        return self.fused_rotary and x.dtype != torch.float64 and not self.radial.is_dense(self.layer_index)
+
+    def _apply_rotary_emb(self, x, freqs, sequence_dim=2):
+        """diffusers' `apply_rotary_emb(x, freqs, sequence_dim=...)` with real (cos, sin) tables `[S, D]`, or the
+        kernel where `_fuses_rotary(x)`."""
+        if not self._fuses_rotary(x):
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            return apply_rotary_emb(x, freqs, sequence_dim=sequence_dim)
+        cos, sin = (table.unsqueeze(1) if sequence_dim == 1 else table for table in freqs)
+        return rotary_embedding(x, cos, sin)
 
     def _attend_video(self, query, key, value, attention_mask):
         """Sparse attention of a video-only self-attention call; a call with an attention mask runs the stock call."""
@@ -83,13 +105,7 @@ class WanRadialAttnProcessor(RadialProcessor):
 
     Text, and in image-to-video the CLIP image tokens (`add_k_proj` / `add_v_proj`), enter through the
     cross-attention `attn2`, which keeps its stock processor; the stock self-attention has no image branch.
-    With `fused_rotary`, sparse layers rotate queries and keys with one kernel (`mmattn.kernels.rotary_embedding`,
-    forward and backward); dense layers stay bitwise stock either way.
     """
-
-    fused_rotary = True
-    """Sparse layers rotate the queries and keys with `rotary_embedding` instead of the stock elementwise ops
-    (False: the stock ops everywhere)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
@@ -100,8 +116,7 @@ class WanRadialAttnProcessor(RadialProcessor):
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
-            fused = self.fused_rotary and not self.radial.is_dense(self.layer_index)
-            rotate = rotary_embedding if fused else _rotate_interleaved
+            rotate = rotary_embedding if self._fuses_rotary(query) else _rotate_interleaved
             query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
         hidden_states = self._attend_video(query, key, value, attention_mask)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
@@ -136,8 +151,6 @@ class HunyuanVideoRadialAttnProcessor(RadialProcessor):
     """HunyuanVideo double- and single-stream blocks: joint [video | text] sequence, text right-padded."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
         single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
         if single_stream:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
@@ -148,13 +161,12 @@ class HunyuanVideoRadialAttnProcessor(RadialProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if image_rotary_emb is not None:
-            if single_stream:
+            rotate = partial(self._apply_rotary_emb, freqs=image_rotary_emb, sequence_dim=1)
+            if single_stream:  # the video part only
                 text = encoder_hidden_states.shape[1]
-                query = torch.cat([apply_rotary_emb(query[:, :-text], image_rotary_emb, sequence_dim=1), query[:, -text:]], dim=1)
-                key = torch.cat([apply_rotary_emb(key[:, :-text], image_rotary_emb, sequence_dim=1), key[:, -text:]], dim=1)
+                query, key = (torch.cat([rotate(t[:, :-text]), t[:, -text:]], dim=1) for t in (query, key))
             else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+                query, key = rotate(query), rotate(key)
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
             text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
             text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
@@ -181,8 +193,6 @@ class CogVideoXRadialAttnProcessor(RadialProcessor):
     """CogVideoX (2b, 5b, 1.5) joint attention: [text | video], RoPE on the video part (5b, 1.5)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
         text_tokens = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size, sequence_length, _ = hidden_states.shape
@@ -197,9 +207,9 @@ class CogVideoXRadialAttnProcessor(RadialProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if image_rotary_emb is not None:
-            query[:, :, text_tokens:] = apply_rotary_emb(query[:, :, text_tokens:], image_rotary_emb)
+            query[:, :, text_tokens:] = self._apply_rotary_emb(query[:, :, text_tokens:], image_rotary_emb)
             if not attn.is_cross_attention:
-                key[:, :, text_tokens:] = apply_rotary_emb(key[:, :, text_tokens:], image_rotary_emb)
+                key[:, :, text_tokens:] = self._apply_rotary_emb(key[:, :, text_tokens:], image_rotary_emb)
 
         def dense():
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
@@ -276,7 +286,10 @@ class LTXRadialAttnProcessor(RadialProcessor):
             raise ValueError("LTXRadialAttnProcessor serves the self-attention attn1 only (no encoder states or mask)")
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
-        if image_rotary_emb is not None:
+        if image_rotary_emb is not None and self._fuses_rotary(query):  # per head: the kernel rotates 4-D tensors
+            cos, sin = (t.unflatten(2, (attn.heads, -1)) for t in image_rotary_emb)
+            query, key = (rotary_embedding(t.unflatten(2, (attn.heads, -1)), cos, sin).flatten(2) for t in (query, key))
+        elif image_rotary_emb is not None:
             query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         dense = self._dispatch_dense(query, key, value)
@@ -306,14 +319,12 @@ class HunyuanVideo15RadialAttnProcessor(RadialProcessor):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
         query, key, value = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         query, key = attn.norm_q(query), attn.norm_k(key)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query = self._apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = self._apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         text_tokens = 0
         if encoder_hidden_states is not None:
             text_tokens = encoder_hidden_states.shape[1]

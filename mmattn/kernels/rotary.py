@@ -1,5 +1,5 @@
-"""Rotary position embedding (RoPE; Su et al., "RoFormer", 2021) on interleaved channel pairs, as Wan applies it to
-its queries and keys.
+"""Rotary position embedding (RoPE; Su et al., "RoFormer", 2021) on interleaved channel pairs, as Wan, HunyuanVideo,
+CogVideoX and LTX-Video apply it to their queries and keys.
 
 The stock diffusers form runs about eight elementwise ops per tensor forward (and more backward), each a pass over
 the `(batch, tokens, heads, head_dim)` tensor; the Triton kernel (`triton/rotary.py`) reads and writes it once,
@@ -72,7 +72,7 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """x with each channel pair (2i, 2i+1) rotated by the angle whose cosine is `cos[..., 2i]` and sine
-    `sin[..., 2i+1]` (Wan's tables, which hold each angle at both channels of its pair).
+    `sin[..., 2i+1]` (tables like diffusers' real RoPE tables, which hold each angle at both channels of its pair).
 
     x: 4-D, e.g. a model's `(batch, tokens, heads, head_dim)` with tables `(1, tokens, 1, head_dim)`, or
     `(batch, heads, tokens, head_dim)` with `(tokens, head_dim)`: cos/sin broadcast to x. The result has x's dtype

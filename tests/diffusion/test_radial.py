@@ -72,15 +72,27 @@ def test_dense_layers_are_bitwise_stock_and_sparse_layers_differ(name):
     assert torch.equal(_run(model, inputs), stock)
 
 
-def test_wan_fused_rotary_runs_the_kernel_on_sparse_layers_only(monkeypatch):
-    """`fused_rotary` (the default): the sparse layers' queries and keys go through `rotary_embedding` (the rotation
+# Models whose RoPE turns interleaved channel pairs (builder, kwargs): two layers, so one dense and one sparse.
+FUSED_ROTARY_MODELS = {
+    "wan": (tiny_models.wan, {"frames": 4}),
+    "hunyuan": (tiny_models.hunyuan, {}),  # one double-stream and one single-stream block
+    "hunyuan15": (tiny_models.hunyuan15, {}),
+    "cogvideox": (tiny_models.cogvideox, {"frames": 2, "size": 16, "rotary": True}),
+    "ltx": (tiny_models.ltx, {"num_layers": 2}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_ROTARY_MODELS))
+def test_fused_rotary_runs_the_kernel_on_sparse_layers_only(name, monkeypatch):
+    """`fused_rotary` (the default): the sparse layer's queries and keys go through `rotary_embedding` (the rotation
     agrees with the stock ops to float32 rounding), the dense layer's do not."""
     from mmattn.diffusion import processors
 
-    model, inputs = tiny_models.wan(frames=4)
+    builder, kwargs = FUSED_ROTARY_MODELS[name]
+    model, inputs = builder(**kwargs)
     config = RadialConfig(block_size=16, decay_factor=0.1, dense_layers=1)
     with apply_radial_attention(model, config):
-        monkeypatch.setattr(processors.WanRadialAttnProcessor, "fused_rotary", False)
+        monkeypatch.setattr(processors.RadialProcessor, "fused_rotary", False)
         stock_rotary = _run(model, inputs)
         rotated, kernel = [], processors.rotary_embedding
 
@@ -89,7 +101,7 @@ def test_wan_fused_rotary_runs_the_kernel_on_sparse_layers_only(monkeypatch):
             return kernel(x, cos, sin)
 
         monkeypatch.setattr(processors, "rotary_embedding", counting)
-        monkeypatch.setattr(processors.WanRadialAttnProcessor, "fused_rotary", True)
+        monkeypatch.setattr(processors.RadialProcessor, "fused_rotary", True)
         fused = _run(model, inputs)
     assert len(rotated) == 2  # queries and keys of the one sparse layer (of two)
     torch.testing.assert_close(fused, stock_rotary, atol=2e-5, rtol=1e-5)

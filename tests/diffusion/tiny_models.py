@@ -90,11 +90,11 @@ def mochi(frames=2, size=32, batch=2):
     return model, inputs
 
 
-def ltx(frames=2, size=16, batch=2):
+def ltx(frames=2, size=16, batch=2, num_layers=1):
     torch.manual_seed(0)
     model = diffusers.LTXVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
-        num_layers=1, caption_channels=16, qk_norm="rms_norm_across_heads",
+        num_layers=num_layers, caption_channels=16, qk_norm="rms_norm_across_heads",
     ).eval()
     inputs = {
         "hidden_states": torch.randn(batch, frames * size * size, 4),

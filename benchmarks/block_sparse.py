@@ -19,7 +19,6 @@ On the CPU, "ours" is the exact torch reference, or the Triton kernels under TRI
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import sys
@@ -31,8 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (
-    RESULTS, bench, check_agreement, highest_precision, outputs_and_grads, provenance, results_target, set_fast, tflops, upcast, worst,
-    tiles_picked, write_results,
+    RESULTS, bench, benchmark_parser, check_agreement, highest_precision, outputs_and_grads, provenance, results_target,
+    run_device, set_fast, tflops, tiles_picked, upcast, worst, write_results,
 )
 
 from mmattn.kernels import BlockSparseMask, block_sparse_attention, supported_backends
@@ -332,15 +331,10 @@ def table(rows, tiles, ours: list[str], peers: list[str], device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, also on the CPU: a smoke test")
-    parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
+    parser = benchmark_parser(__doc__, DEFAULT_OUT, "tiny shapes, also on the CPU: a smoke test")
     parser.add_argument("--only", default="", help="comma-separated shapes (e.g. 'B1 H24 L32760 D128'): a subset")
-    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not args.quick and device != "cuda":
-        parser.error("needs a CUDA GPU (or --quick for a smoke test on the CPU)")
+    device = run_device(parser, args.quick)
     shapes, densities = (QUICK_SHAPES, QUICK_DENSITIES) if args.quick else (SHAPES, DENSITIES)
     if args.only:
         names = {"B{} H{} L{} D{}".format(*shape): shape for shape in shapes}

@@ -21,6 +21,7 @@ the command line and the source revision, and `write_results` writes it in one p
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import os
@@ -345,6 +346,26 @@ def provenance(device: str | None = None, packages: tuple[str, ...] = (), settin
         "",
         f"Timing: {settings or timing().describe(device)}.",
     ])
+
+
+def benchmark_parser(doc: str, default_out: Path, quick_help: str = "tiny cases, also on the CPU: a smoke test",
+                     ) -> argparse.ArgumentParser:
+    """A benchmark script's parser with the options every script takes: --quick, --fast and --out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
+    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {default_out} for a full run)")
+    return parser
+
+
+def run_device(parser, quick: bool) -> str:
+    """The device to run on: "cuda" where there is a GPU, else the CPU for a --quick smoke run (any other run is
+    refused)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if not quick:
+        parser.error("needs a CUDA GPU (or --quick for a smoke test on the CPU)")
+    return "cpu"
 
 
 def results_target(parser, out: Path | None, default: Path, complete: bool, why: str = "") -> Path | None:

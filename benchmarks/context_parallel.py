@@ -18,7 +18,6 @@ context parallelism (2 GPUs against 1) + 1e-3.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import statistics
@@ -32,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (
-    RESULTS, highest_precision, judge, max_abs_diff, provenance, relative_diff, results_target, set_fast, timing,
+    RESULTS, benchmark_parser, highest_precision, judge, max_abs_diff, provenance, relative_diff, results_target, set_fast, timing,
     write_results,
 )
 from diffusion import QUICK_STEP_CASES, STEP_CASES, sparse_step_config, wan_inputs, wan_model
@@ -198,10 +197,7 @@ def step_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU with gloo")
-    parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
-    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
+    parser = benchmark_parser(__doc__, DEFAULT_OUT, "tiny shapes on the CPU with gloo")
     args = parser.parse_args()
     target = results_target(parser, args.out, DEFAULT_OUT, not args.quick, "--quick")
     set_fast(args.fast)

@@ -16,7 +16,6 @@ FlexAttention in float32 at most 2x FlexAttention's own, plus slack); a disagree
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -30,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from block_sparse import fa4_direct, has_fa4
 from common import (
-    RESULTS, check_agreement, highest_precision, median_ms, outputs_and_grads, provenance, results_target, set_fast, upcast, worst,
+    RESULTS, benchmark_parser, check_agreement, highest_precision, median_ms, outputs_and_grads, provenance, results_target, set_fast, upcast, worst,
     write_results,
 )
 
@@ -205,15 +204,15 @@ def training_step(model: torch.nn.Module, inputs: dict) -> None:
 
 @contextlib.contextmanager
 def stock_rotary():
-    """Wan's Radial processors rotate queries and keys with the stock elementwise ops instead of the rotary kernel."""
-    from mmattn.diffusion.processors import WanRadialAttnProcessor
+    """Radial processors rotate queries and keys with the stock elementwise ops instead of the rotary kernel."""
+    from mmattn.diffusion.processors import RadialProcessor
 
-    default = WanRadialAttnProcessor.fused_rotary
-    WanRadialAttnProcessor.fused_rotary = False
+    default = RadialProcessor.fused_rotary
+    RadialProcessor.fused_rotary = False
     try:
         yield
     finally:
-        WanRadialAttnProcessor.fused_rotary = default
+        RadialProcessor.fused_rotary = default
 
 
 def step_row(case: StepCase, quick: bool, device: str) -> str:
@@ -313,13 +312,10 @@ SECTIONS = ("attention", "steps")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test")
-    parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
+    parser = benchmark_parser(__doc__, DEFAULT_OUT, "tiny shapes on the CPU: a smoke test")
     parser.add_argument("--only", choices=SECTIONS, default=None,
                         help="run one section only: the attention table or the transformer steps (a subset: see --out)")
     parser.add_argument("--match", default=None, help="run only the cases whose name contains this text (a subset)")
-    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
     args = parser.parse_args()
     if not args.quick and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --quick)")

@@ -17,7 +17,6 @@ with the NA mask expanded to tokens (FlexAttention has no CPU backward).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (
-    RESULTS, bench, check_agreement, highest_precision, outputs_and_grads, provenance, results_target, set_fast, tflops, upcast, worst,
-    tiles_picked, write_results,
+    RESULTS, bench, benchmark_parser, check_agreement, highest_precision, outputs_and_grads, provenance, results_target,
+    run_device, set_fast, tflops, tiles_picked, upcast, worst, write_results,
 )
 
 from mmattn.kernels import Neighborhood, neighborhood_attention
@@ -201,15 +200,10 @@ def table(rows, tiles, device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny cases, also on the CPU: a smoke test")
-    parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
+    parser = benchmark_parser(__doc__, DEFAULT_OUT)
     parser.add_argument("--only", default="", help="comma-separated case names (e.g. 'NAT stage 1,video 3D'): a subset")
-    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not args.quick and device != "cuda":
-        parser.error("needs a CUDA GPU (or --quick for a smoke test on the CPU)")
+    device = run_device(parser, args.quick)
     known = QUICK_CASES if args.quick else CASES
     only = [name for name in args.only.split(",") if name]
     if unknown := [name for name in only if name not in {case[0] for case in known}]:

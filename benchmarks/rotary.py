@@ -14,14 +14,16 @@ one read of x and of both tables and one write of the output.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, check_agreement, median_ms, provenance, results_target, set_fast, worst, write_results
+from common import (
+    RESULTS, benchmark_parser, check_agreement, median_ms, provenance, results_target, run_device, set_fast, worst,
+    write_results,
+)
 
 from mmattn.diffusion.processors import _rotate_interleaved
 from mmattn.kernels import reference, rotary_embedding
@@ -118,14 +120,9 @@ def table(rows: list[str], peers: list[str], device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny cases, also on the CPU: a smoke test")
-    parser.add_argument("--fast", action="store_true", help="every case with fewer timing iterations")
-    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT} for a full run)")
+    parser = benchmark_parser(__doc__, DEFAULT_OUT)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not args.quick and device != "cuda":
-        parser.error("needs a CUDA GPU (or --quick for a smoke test on the CPU)")
+    device = run_device(parser, args.quick)
     target = results_target(parser, args.out, DEFAULT_OUT, not args.quick, "--quick")
     set_fast(args.fast)
     rows, peers = run(QUICK_CASES if args.quick else CASES, device)

@@ -1,13 +1,14 @@
 """The timm model API on every family beyond what timm's own tests check (test_timm_model_tests.py): factory
 device/dtype on every variant, `backend` errors, `forward_intermediates`/`prune_intermediate_layers` values,
-torch.fx graphs run at another input size than traced."""
+layer-decay parameter groups, torch.fx graphs run at another input size than traced."""
 
 import copy
+import re
 
 import pytest
 import timm
 import torch
-from timm.models import GraphExtractNet, get_graph_node_names
+from timm.models import GraphExtractNet, get_graph_node_names, group_parameters
 
 import mmattn.vision  # noqa: F401  (registers the models)
 
@@ -83,6 +84,55 @@ def test_pruned_model_ends_at_the_tap_and_trains_every_parameter(case, index):
     pruned.train()(x).sum().backward()
     assert pruned.num_features == pruned.head_hidden_size == model.feature_info[index]["num_chs"]
     assert [n for n, p in pruned.named_parameters() if p.grad is None] == []
+
+
+# Per family: the stem's module, the stage list, a stage's downsampler (its names) and whether it comes first or last.
+DATA_FLOW = {
+    "biformer": ("stem", "stages", "downsample", "first"),
+    "litv2_hilo": ("patch_embed", "stages", "downsample", "first"),
+    "nat": ("patch_embed", "levels", "downsample", "last"),
+    "dinat": ("patch_embed", "levels", "downsample", "last"),
+    "agent_pvt": (None, "stages", "patch_embed|pos_embed", "first"),  # stage 0's patch embedding is the stem
+    "agent_swin": ("patch_embed", "layers", "downsample", "last"),
+}
+
+
+@pytest.mark.parametrize("case", HIERARCHICAL)
+def test_layer_decay_groups_follow_the_data_flow(case):
+    """timm's layer-wise learning-rate decay groups (`group_parameters(model, model.group_matcher())`): the stem,
+    then one group per block in data-flow order, a downsampler with the block beside it, the final norm with the
+    last block, the head last; coarse: the stem, one group per stage, the rest."""
+    model = _tiny(case)
+    stem, stages, downsample, side = DATA_FLOW[case]
+    depths = [len(stage.blocks) for stage in getattr(model, stages)]
+    last_block = (len(depths) - 1, depths[-1] - 1)
+
+    def block_of(name: str) -> tuple[int, int]:
+        parts = name.split(".")
+        if parts[0] == stages and parts[2] == "blocks":
+            return int(parts[1]), int(parts[3])
+        if parts[0] == stages and re.fullmatch(downsample, parts[2]):
+            stage = int(parts[1])
+            if stage == 0 and stem is None:
+                return (-1, 0)
+            return (stage, 0) if side == "first" else (stage, depths[stage] - 1)
+        if parts[0] == stem:
+            return (-1, 0)
+        if parts[0] == "norm":
+            return last_block
+        assert parts[0] == "head", name
+        return (len(depths), 0)
+
+    names = [name for name, _ in model.named_parameters()]
+    rank = {block: i for i, block in enumerate(sorted({block_of(name) for name in names}))}
+    assert group_parameters(model, model.group_matcher(), reverse=True) == {n: rank[block_of(n)] for n in names}
+
+    def stage_of(name: str) -> int:
+        stage = block_of(name)[0]
+        return len(depths) if name.startswith("norm") else stage
+    assert group_parameters(model, model.group_matcher(coarse=True), reverse=True) == {
+        name: stage_of(name) + 1 for name in names
+    }
 
 
 @pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing the model in eval mode")

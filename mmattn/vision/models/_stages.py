@@ -1,25 +1,42 @@
-"""timm's stage-level API, shared by the hierarchical backbones: gradient checkpointing per stage and pruning
-the stages past the last feature map taken."""
+"""timm's stage-level API, shared by the hierarchical backbones: gradient checkpointing per stage, pruning the
+stages past the last feature map taken, and the parameter groups of layer-wise learning-rate decay."""
 
 from __future__ import annotations
 
 import torch
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 
 
 class StagesMixin:
     """Over the stage list named by `stages_attr`; each stage has a `grad_checkpointing` flag. With
     `trailing_downsample` a stage may END in a `downsample` feeding the next stage (NAT, Agent-Swin); without, each
-    stage begins with its own (BiFormer, LITv2, as in timm's ConvNeXt). A final `norm`, where the model has one, is
-    sized for the last stage."""
+    stage begins with its own (BiFormer, LITv2, Agent-PVT's patch embedding; as in timm's ConvNeXt). A final `norm`,
+    where the model has one, is sized for the last stage."""
 
     stages_attr: str = "stages"
     trailing_downsample: bool = True
+    stem_pattern: str = r"^patch_embed"
+    """The parameters before the first stage (a regular expression over parameter names)."""
+    downsample_pattern: str = "downsample"
+    """A stage's downsampler, by its names within the stage."""
 
     @property
     def _stages(self) -> nn.ModuleList | nn.Sequential:
         return getattr(self, self.stages_attr)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then stage by stage (`coarse`) or block
+        by block, each downsampler with the block beside it in the data flow, the final norm with the last block."""
+        stage = rf"^{self.stages_attr}\.(\d+)"
+        if coarse:
+            return {"stem": self.stem_pattern, "blocks": stage}
+        downsample = MATCH_PREV_GROUP if self.trailing_downsample else (0,)  # after its stage's blocks, or before
+        blocks = [(rf"{stage}\.blocks\.(\d+)", None), (rf"{stage}\.{self.downsample_pattern}", downsample),
+                  (r"^norm", MATCH_PREV_GROUP)]
+        return {"stem": self.stem_pattern, "blocks": blocks}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -117,6 +117,10 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
     ``backend``: "auto" (agent attention with fewer launches) or "torch" (the official order).
     """
 
+    trailing_downsample = False
+    stem_pattern = r"^stages\.0\.(?:patch_embed|pos_embed)"
+    downsample_pattern = r"(?:patch_embed|pos_embed)"
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -167,12 +171,6 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i in range(len(self.stages))}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        blocks = r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,))]
-        return {"stem": r"^stages\.0\.(?:patch_embed|pos_embed)", "blocks": blocks}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:

@@ -76,6 +76,7 @@ class BiFormer(StagesMixin, PooledClassifierMixin, nn.Module):
     """BiFormer backbone and classifier (NCHW input of any size; stage maps at strides 4, 8, 16, 32)."""
 
     trailing_downsample = False
+    stem_pattern = r"^stem"
 
     def __init__(
         self,
@@ -123,11 +124,6 @@ class BiFormer(StagesMixin, PooledClassifierMixin, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x)

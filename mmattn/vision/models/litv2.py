@@ -178,11 +178,6 @@ class LITv2(StagesMixin, PooledClassifierMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return {"stem": r"^patch_embed", "blocks": r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))]}
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x)
 

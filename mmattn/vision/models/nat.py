@@ -191,11 +191,6 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        blocks = r"^levels\.(\d+)" if coarse else [(r"^levels\.(\d+)\.blocks\.(\d+)", None), (r"^levels\.(\d+)\.downsample", (0,))]
-        return {"stem": r"^patch_embed", "blocks": blocks}
-
     def forward_intermediates(
         self,
         x: torch.Tensor,

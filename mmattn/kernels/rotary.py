@@ -23,16 +23,27 @@ def _output_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x) if x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@custom_op("mmattn::rotary_embedding", mutates_args=())
-def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     from .triton.rotary import rotary_forward
 
     return rotary_forward(x, cos, sin, inverse, _output_like(x))
 
 
+_rotary_op = custom_op("mmattn::rotary_embedding", _launch, mutates_args=())
+"""The Triton rotation as one opaque call in a torch.compile graph."""
+
+
 @_rotary_op.register_fake
 def _(x, cos, sin, inverse):
     return _output_like(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The Triton rotation with autograd: the custom op under torch.compile, and eagerly `_EagerRotation`, the same
+    launcher and backward without the custom-op dispatcher (which costs more host time than the kernel's launch)."""
+    if torch.compiler.is_compiling():
+        return _rotary_op(x, cos, sin, inverse)
+    return _EagerRotation.apply(x, cos, sin, inverse)
 
 
 def _save_tables(ctx, inputs, output) -> None:
@@ -44,10 +55,22 @@ def _save_tables(ctx, inputs, output) -> None:
 def _rotate_back(ctx, grad: torch.Tensor):
     """The gradient of a rotation is the opposite rotation of the output's gradient (none for the tables)."""
     cos, sin = ctx.saved_tensors
-    return _rotary_op(grad, cos, sin, not ctx.inverse), None, None, None
+    return _rotate(grad, cos, sin, not ctx.inverse), None, None, None
 
 
 _rotary_op.register_autograd(_rotate_back, setup_context=_save_tables)
+
+
+class _EagerRotation(torch.autograd.Function):
+    """`_rotary_op` and its autograd as a plain `autograd.Function` (see `_rotate`)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, inverse):
+        output = _launch(x, cos, sin, inverse)
+        _save_tables(ctx, (x, cos, sin, inverse), output)
+        return output
+
+    backward = staticmethod(_rotate_back)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -60,11 +83,8 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     for name, table in (("cos", cos), ("sin", sin)):
         if table.device != x.device:
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {table.device}")
-        try:
-            fits = torch.broadcast_shapes(table.shape, x.shape) == x.shape
-        except RuntimeError:
-            fits = False
-        if not fits:
+        fits = table.dim() <= x.dim() and all(t in (1, n) for t, n in zip(reversed(table.shape), reversed(x.shape)))
+        if not fits:  # (torch.broadcast_shapes says the same at ten times the host time)
             raise ValueError(
                 f"{name}: expected a shape broadcastable to x's {tuple(x.shape)}, got {tuple(table.shape)}"
             )
@@ -86,5 +106,5 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, b
     if resolve_backend("rotary", backend, x) == "triton":
         if tables_need_grad:
             raise ValueError("cos/sin require grad: backend='triton' differentiates x only; use backend='torch'")
-        return _rotary_op(x, cos, sin, False)
+        return _rotate(x, cos, sin, False)
     return reference.rotary_embedding(x, cos, sin)

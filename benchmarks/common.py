@@ -348,7 +348,7 @@ def provenance(device: str | None = None, packages: tuple[str, ...] = (), settin
     ])
 
 
-def benchmark_parser(doc: str, default_out: Path, quick_help: str = "tiny cases, also on the CPU: a smoke test",
+def benchmark_parser(doc: str, default_out: Path, quick_help: str = "tiny cases, also on the CPU: a smoke test"
                      ) -> argparse.ArgumentParser:
     """A benchmark script's parser with the options every script takes: --quick, --fast and --out."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

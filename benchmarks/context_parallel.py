@@ -31,8 +31,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (
-    RESULTS, benchmark_parser, highest_precision, judge, max_abs_diff, provenance, relative_diff, results_target, set_fast, timing,
-    write_results,
+    RESULTS, benchmark_parser, highest_precision, judge, max_abs_diff, provenance, relative_diff, results_target,
+    set_fast, timing, write_results,
 )
 from diffusion import QUICK_STEP_CASES, STEP_CASES, sparse_step_config, wan_inputs, wan_model
 

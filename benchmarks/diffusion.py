@@ -29,8 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from block_sparse import fa4_direct, has_fa4
 from common import (
-    RESULTS, benchmark_parser, check_agreement, highest_precision, median_ms, outputs_and_grads, provenance, results_target, set_fast, upcast, worst,
-    write_results,
+    RESULTS, benchmark_parser, check_agreement, highest_precision, median_ms, outputs_and_grads, provenance,
+    results_target, set_fast, upcast, worst, write_results,
 )
 
 from mmattn.diffusion import RadialConfig, apply_radial_attention, radial_mask

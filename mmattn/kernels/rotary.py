@@ -9,6 +9,8 @@ forward and backward. Backends (`backends.REGISTRY["rotary"]`): `"triton"`, `"to
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch.library import custom_op
 
@@ -52,13 +54,15 @@ def _save_tables(ctx, inputs, output) -> None:
     ctx.inverse = inverse
 
 
-def _rotate_back(ctx, grad: torch.Tensor):
-    """The gradient of a rotation is the opposite rotation of the output's gradient (none for the tables)."""
+def _rotate_back(rotate, ctx, grad: torch.Tensor):
+    """The gradient of a rotation is the opposite rotation of the output's gradient (none for the tables), through
+    `rotate`: the custom op in the op's autograd (the compiler traces that backward, and older torch does not report
+    compiling there), the eager function in the eager one."""
     cos, sin = ctx.saved_tensors
-    return _rotate(grad, cos, sin, not ctx.inverse), None, None, None
+    return rotate(grad, cos, sin, not ctx.inverse), None, None, None
 
 
-_rotary_op.register_autograd(_rotate_back, setup_context=_save_tables)
+_rotary_op.register_autograd(partial(_rotate_back, _rotary_op), setup_context=_save_tables)
 
 
 class _EagerRotation(torch.autograd.Function):
@@ -70,7 +74,9 @@ class _EagerRotation(torch.autograd.Function):
         _save_tables(ctx, (x, cos, sin, inverse), output)
         return output
 
-    backward = staticmethod(_rotate_back)
+    @staticmethod
+    def backward(ctx, grad):
+        return _rotate_back(_EagerRotation.apply, ctx, grad)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

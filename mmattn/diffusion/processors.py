@@ -45,9 +45,9 @@ class RadialProcessor:
     fused_rotary = True
     """Sparse layers rotate queries and keys with one kernel (`mmattn.kernels.rotary_embedding`, forward and
     backward) in the models whose RoPE turns interleaved channel pairs by (cos, sin) tables that hold each angle at
-    both channels of its pair (Wan, HunyuanVideo, HunyuanVideo 1.5, CogVideoX, LTX-Video); False: the stock ops
-    everywhere. Dense layers stay bitwise stock either way, and so do float64 models (the kernel rotates in
-    float32)."""
+    both channels of its pair (Wan, HunyuanVideo, HunyuanVideo 1.5, CogVideoX, LTX-Video, LTX-2's "interleaved"
+    type); False: the stock ops everywhere. Dense layers stay bitwise stock either way, and so do float64 models
+    (the kernel rotates in float32)."""
 
     def __init__(self, radial: SparseAttention, layer_index: int, stock=None) -> None:
         self.radial = radial
@@ -68,6 +68,14 @@ class RadialProcessor:
             return apply_rotary_emb(x, freqs, sequence_dim=sequence_dim)
         cos, sin = (table.unsqueeze(1) if sequence_dim == 1 else table for table in freqs)
         return rotary_embedding(x, cos, sin)
+
+    def _rotate_heads(self, x, freqs, heads, stock):
+        """RoPE on `[B, S, heads * D]` before the head split, by real tables (cos, sin) over the same channels:
+        `stock(x, freqs)`, the model's own op, or the kernel head by head where `_fuses_rotary(x)`."""
+        if not self._fuses_rotary(x):
+            return stock(x, freqs)
+        cos, sin = (table.unflatten(-1, (heads, -1)) for table in freqs)
+        return rotary_embedding(x.unflatten(-1, (heads, -1)), cos, sin).flatten(-2)
 
     def _attend_video(self, query, key, value, attention_mask):
         """Sparse attention of a video-only self-attention call; a call with an attention mask runs the stock call."""
@@ -286,11 +294,8 @@ class LTXRadialAttnProcessor(RadialProcessor):
             raise ValueError("LTXRadialAttnProcessor serves the self-attention attn1 only (no encoder states or mask)")
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
-        if image_rotary_emb is not None and self._fuses_rotary(query):  # per head: the kernel rotates 4-D tensors
-            cos, sin = (t.unflatten(2, (attn.heads, -1)) for t in image_rotary_emb)
-            query, key = (rotary_embedding(t.unflatten(2, (attn.heads, -1)), cos, sin).flatten(2) for t in (query, key))
-        elif image_rotary_emb is not None:
-            query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
+        if image_rotary_emb is not None:
+            query, key = (self._rotate_heads(t, image_rotary_emb, attn.heads, apply_rotary_emb) for t in (query, key))
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         dense = self._dispatch_dense(query, key, value)
         hidden_states = self.radial.attend(
@@ -393,7 +398,8 @@ class LTX2RadialAttnProcessor(RadialProcessor):
             hidden_states = value
         else:
             query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states))
-            rotate = {"interleaved": apply_interleaved_rotary_emb, "split": apply_split_rotary_emb}.get(attn.rope_type)
+            rotate = {"interleaved": partial(self._rotate_heads, heads=attn.heads, stock=apply_interleaved_rotary_emb),
+                      "split": apply_split_rotary_emb}.get(attn.rope_type)
             if query_rotary_emb is not None and rotate is not None:
                 query = rotate(query, query_rotary_emb)
                 key = rotate(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)

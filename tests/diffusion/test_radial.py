@@ -79,6 +79,7 @@ FUSED_ROTARY_MODELS = {
     "hunyuan15": (tiny_models.hunyuan15, {}),
     "cogvideox": (tiny_models.cogvideox, {"frames": 2, "size": 16, "rotary": True}),
     "ltx": (tiny_models.ltx, {"num_layers": 2}),
+    "ltx2": (tiny_models.ltx2, {}),  # "interleaved" RoPE, the default type
 }
 
 

@@ -44,10 +44,9 @@ class RadialProcessor:
 
     fused_rotary = True
     """Sparse layers rotate queries and keys with one kernel (`mmattn.kernels.rotary_embedding`, forward and
-    backward) in the models whose RoPE turns interleaved channel pairs by (cos, sin) tables that hold each angle at
-    both channels of its pair (Wan, HunyuanVideo, HunyuanVideo 1.5, CogVideoX, LTX-Video, LTX-2's "interleaved"
-    type); False: the stock ops everywhere. Dense layers stay bitwise stock either way, and so do float64 models
-    (the kernel rotates in float32)."""
+    backward) in the models whose RoPE turns interleaved channel pairs by real (cos, sin) tables (Wan, HunyuanVideo,
+    HunyuanVideo 1.5, CogVideoX, LTX-Video, LTX-2's "interleaved" type, Mochi); False: the stock ops everywhere.
+    Dense layers stay bitwise stock either way, and so do float64 models (the kernel rotates in float32)."""
 
     def __init__(self, radial: SparseAttention, layer_index: int, stock=None) -> None:
         self.radial = radial
@@ -261,8 +260,9 @@ class MochiRadialAttnProcessor(RadialProcessor):
             text_q = attn.norm_added_q(text_q)
         if attn.norm_added_k is not None:
             text_k = attn.norm_added_k(text_k)
-        if image_rotary_emb is not None:
-            query, key = _rotate_pairs_fp32(query, *image_rotary_emb), _rotate_pairs_fp32(key, *image_rotary_emb)
+        if image_rotary_emb is not None:  # tables (S, H, D/2): one entry per pair
+            rotate = rotary_embedding if self._fuses_rotary(query) else _rotate_pairs_fp32
+            query, key = rotate(query, *image_rotary_emb), rotate(key, *image_rotary_emb)
 
         video_tokens, text_tokens = query.shape[1], text_q.shape[1]
         outputs = []

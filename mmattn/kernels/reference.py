@@ -234,11 +234,13 @@ def massive_activation_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved rotary embedding as complex products: channels (2i, 2i+1) of x are the number x[2i] + j x[2i+1],
-    multiplied by cos[..., 2i] + j sin[..., 2i+1] (tables broadcastable to x), in float32 (float64 for float64 x),
-    returned in x's dtype."""
+    multiplied by cos[..., 2i] + j sin[..., 2i+1] (tables broadcastable to x), or by cos[..., i] + j sin[..., i]
+    (tables of head_dim / 2 entries), in float32 (float64 for float64 x), returned in x's dtype."""
     real = torch.float64 if x.dtype == torch.float64 else torch.float32
     pairs = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)).contiguous())
-    turn = torch.complex(cos[..., 0::2].to(real), sin[..., 1::2].to(real))
+    half = x.shape[-1] // 2
+    cos, sin = (t if t.shape[-1] == half else t[..., start::2] for t, start in ((cos, 0), (sin, 1)))
+    turn = torch.complex(cos.to(real), sin.to(real))
     return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 

@@ -1,5 +1,5 @@
 """Rotary position embedding (RoPE; Su et al., "RoFormer", 2021) on interleaved channel pairs, as Wan, HunyuanVideo,
-CogVideoX and LTX-Video apply it to their queries and keys.
+CogVideoX, LTX-Video, LTX-2 and Mochi apply it to their queries and keys (Mochi with tables of one entry per pair).
 
 The stock diffusers form runs about eight elementwise ops per tensor forward (and more backward), each a pass over
 the `(batch, tokens, heads, head_dim)` tensor; the Triton kernel (`triton/rotary.py`) reads and writes it once,
@@ -89,16 +89,19 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     for name, table in (("cos", cos), ("sin", sin)):
         if table.device != x.device:
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {table.device}")
-        fits = table.dim() <= x.dim() and all(t in (1, n) for t, n in zip(reversed(table.shape), reversed(x.shape)))
+        pairs = (*x.shape[:-1], table.shape[-1] if table.shape[-1] * 2 == x.shape[-1] else x.shape[-1])
+        fits = table.dim() <= x.dim() and all(t in (1, n) for t, n in zip(reversed(table.shape), reversed(pairs)))
         if not fits:  # (torch.broadcast_shapes says the same at ten times the host time)
             raise ValueError(
-                f"{name}: expected a shape broadcastable to x's {tuple(x.shape)}, got {tuple(table.shape)}"
+                f"{name}: expected a shape broadcastable to x's {tuple(x.shape)}, or to x's with one entry per "
+                f"channel pair, got {tuple(table.shape)}"
             )
 
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """x with each channel pair (2i, 2i+1) rotated by the angle whose cosine is `cos[..., 2i]` and sine
-    `sin[..., 2i+1]` (tables like diffusers' real RoPE tables, which hold each angle at both channels of its pair).
+    `sin[..., 2i+1]` (tables like diffusers' real RoPE tables, which hold each angle at both channels of its pair),
+    or `cos[..., i]` and `sin[..., i]` from tables of head_dim / 2 entries, one per pair (Mochi's).
 
     x: 4-D, e.g. a model's `(batch, tokens, heads, head_dim)` with tables `(1, tokens, 1, head_dim)`, or
     `(batch, heads, tokens, head_dim)` with `(tokens, head_dim)`: cos/sin broadcast to x. The result has x's dtype

@@ -33,7 +33,7 @@ FULL_DENSITY = {
     "hunyuan_padded_text": (tiny_models.hunyuan, {"valid_text": 7, "batch": 2}, (2, 256)),
     "cogvideox": (tiny_models.cogvideox, {}, (1, 16)),
     "cogvideox_rope": (tiny_models.cogvideox, {"rotary": True}, (1, 16)),
-    "mochi": (tiny_models.mochi, {}, (2, 256)),
+    "mochi": (tiny_models.mochi, {"rotary": True}, (2, 256)),
     "ltx": (tiny_models.ltx, {}, (2, 256)),
 }
 
@@ -80,6 +80,7 @@ FUSED_ROTARY_MODELS = {
     "cogvideox": (tiny_models.cogvideox, {"frames": 2, "size": 16, "rotary": True}),
     "ltx": (tiny_models.ltx, {"num_layers": 2}),
     "ltx2": (tiny_models.ltx2, {}),  # "interleaved" RoPE, the default type
+    "mochi": (tiny_models.mochi, {"rotary": True}),  # tables of one entry per pair and head
 }
 
 
@@ -129,7 +130,7 @@ SPARSE_MODELS = {
     "wan": (tiny_models.wan, {"frames": 5, "height": 26, "width": 26, "batch": 2}, "wan", False),
     "hunyuan": (tiny_models.hunyuan, {"frames": 5, "size": 13, "batch": 2, "valid_text": (12, 5)}, "hunyuan", False),
     "cogvideox": (tiny_models.cogvideox, {"frames": 5, "size": 26, "rotary": True}, "hunyuan", True),
-    "mochi": (tiny_models.mochi, {"frames": 5, "size": 26}, "hunyuan", False),
+    "mochi": (tiny_models.mochi, {"frames": 5, "size": 26, "rotary": True}, "hunyuan", False),
     "ltx": (tiny_models.ltx, {"frames": 5, "size": 13}, "wan", False),
 }
 

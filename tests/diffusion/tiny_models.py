@@ -71,13 +71,16 @@ def cogvideox(frames=1, size=8, batch=2, rotary=False, patch_t=None, sample_fram
     return model, inputs
 
 
-def mochi(frames=2, size=32, batch=2):
+def mochi(frames=2, size=32, batch=2, rotary=False):
+    """`rotary`: random RoPE frequencies (the model learns them from zeros, which rotate nothing)."""
     torch.manual_seed(0)
     model = diffusers.MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
         in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
         activation_fn="swiglu", max_sequence_length=16,
     ).eval()
+    if rotary:
+        torch.nn.init.normal_(model.pos_frequencies, std=0.5)
     mask = torch.ones(batch, 16, dtype=torch.bool)
     mask[0, 11:] = False  # sample 0 has a padded prompt
     inputs = {

@@ -15,7 +15,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def rotated64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i+1], out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i], in float64."""
+    """out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i+1], out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i], in float64;
+    tables of head_dim / 2 entries hold pair i's at i."""
+    cos, sin = (t.repeat_interleave(2, -1) if t.shape[-1] * 2 == x.shape[-1] else t for t in (cos, sin))
     x, cos, sin = x.double(), cos.double().expand(x.shape), sin.double().expand(x.shape)
     out = torch.empty_like(x)
     for i in range(0, x.shape[-1], 2):
@@ -42,6 +44,7 @@ LAYOUTS = {
     "(B, H, L, D), tables (L, D)": ((2, 3, 37, 16), (37, 16)),
     "head_dim 12 (6 pairs)": ((1, 5, 2, 12), (1, 5, 1, 12)),
     "per-sample tables": ((2, 7, 3, 8), (2, 7, 1, 8)),
+    "one entry per pair, per head (Mochi: tables (L, H, D/2))": ((2, 7, 3, 8), (7, 3, 4)),
 }
 
 
@@ -56,8 +59,9 @@ def test_rotates_each_channel_pair(backend, dtype, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_is_the_inverse_rotation(backend):
-    x, cos, sin = case((2, 9, 3, 16), (1, 9, 1, 16))
+@pytest.mark.parametrize("table_shape", [(1, 9, 1, 16), (9, 3, 8)], ids=["per channel", "per pair"])
+def test_gradient_is_the_inverse_rotation(backend, table_shape):
+    x, cos, sin = case((2, 9, 3, 16), table_shape)
     leaf = x.clone().requires_grad_()
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     (got,) = torch.autograd.grad(rotary_embedding(leaf, cos, sin, backend=backend), leaf, grad)
@@ -124,6 +128,7 @@ def test_compiled_forward_and_backward_equal_eager():
         (((1, 4, 2, 7), (1, 4, 1, 7), (1, 4, 1, 7)), ValueError, "x: expected .* even last dim"),
         (((1, 4, 2, 8), (1, 5, 1, 8), (1, 4, 1, 8)), ValueError, "cos: expected a shape broadcastable"),
         (((1, 4, 2, 8), (1, 4, 1, 8), (4, 4, 1, 8)), ValueError, "sin: expected a shape broadcastable"),
+        (((1, 4, 2, 8), (1, 4, 1, 6), (1, 4, 1, 8)), ValueError, "cos: expected .* one entry per channel pair"),
         (((4, 2, 8), (4, 1, 8), (4, 1, 8)), ValueError, "x: expected .* 4-D"),
     ],
 )

@@ -18,10 +18,12 @@ def rotary_kernel(
     X, COS, SIN, OUT, rows, size1, size2,
     sx0, sx1, sx2, so0, so1, so2, sc0, sc1, sc2, sc3, ss0, ss1, ss2, ss3,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr,
+    COS_PAIRS: tl.constexpr, SIN_PAIRS: tl.constexpr,
 ):
     """OUT row = the pairs (x[2i], x[2i+1]) of X's row (i0, i1, i2) rotated by the angle with cosine COS[.., 2i] and
-    sine SIN[.., 2i+1] (by its negative if INVERSE). Rows are loaded whole (X, OUT: unit channel stride; COS/SIN any
-    strides, 0 where broadcast) and split into pairs in registers."""
+    sine SIN[.., 2i+1] (COS[.., i], SIN[.., i] where COS_PAIRS / SIN_PAIRS: tables of one entry per pair), by its
+    negative if INVERSE. Rows are loaded whole (X, OUT: unit channel stride; COS/SIN any strides, 0 where
+    broadcast) and split into pairs in registers."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     i2 = r % size2
     i1 = (r // size2) % size1
@@ -30,8 +32,10 @@ def rotary_kernel(
     channel = tl.arange(0, BLOCK_D)
     ok = (r < rows)[:, None] & (channel < HEAD_DIM)[None, :]
     x = tl.load(X + (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None] + channel[None, :], mask=ok)
-    cos = tl.load(COS + (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None] + (channel * sc3)[None, :], mask=ok)
-    sin = tl.load(SIN + (i0 * ss0 + i1 * ss1 + i2 * ss2)[:, None] + (channel * ss3)[None, :], mask=ok)
+    cos_channel = channel // 2 if COS_PAIRS else channel
+    sin_channel = channel // 2 if SIN_PAIRS else channel
+    cos = tl.load(COS + (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None] + (cos_channel * sc3)[None, :], mask=ok)
+    sin = tl.load(SIN + (i0 * ss0 + i1 * ss1 + i2 * ss2)[:, None] + (sin_channel * ss3)[None, :], mask=ok)
     even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_R, BLOCK_D // 2, 2)))
     cos, _ = tl.split(tl.reshape(cos.to(tl.float32), (BLOCK_R, BLOCK_D // 2, 2)))
     _, sin = tl.split(tl.reshape(sin.to(tl.float32), (BLOCK_R, BLOCK_D // 2, 2)))
@@ -44,9 +48,12 @@ def rotary_kernel(
 
 def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
                    out: torch.Tensor) -> torch.Tensor:
-    """x `(d0, d1, d2, head_dim)` rotated by cos/sin (broadcastable to x) into `out` (a unit channel stride)."""
+    """x `(d0, d1, d2, head_dim)` rotated by cos/sin (broadcastable to x, or to x with one entry per channel pair)
+    into `out` (a unit channel stride)."""
     x = rows_contiguous(x)
-    cos, sin = cos.expand(x.shape), sin.expand(x.shape)
+    pairs = [table.shape[-1] * 2 == x.shape[-1] for table in (cos, sin)]
+    cos, sin = (table.expand(*x.shape[:-1], table.shape[-1] if per_pair else x.shape[-1])
+                for table, per_pair in zip((cos, sin), pairs))
     rows = x.shape[0] * x.shape[1] * x.shape[2]
     head_dim = x.shape[-1]
     block_d = next_power_of_2(head_dim)
@@ -54,6 +61,7 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, invers
     if rows:
         rotary_kernel[(ceil_div(rows, block_r),)](
             x, cos, sin, out, rows, x.shape[1], x.shape[2], *x.stride()[:3], *out.stride()[:3], *cos.stride(),
-            *sin.stride(), HEAD_DIM=head_dim, BLOCK_D=block_d, INVERSE=inverse, BLOCK_R=block_r, num_warps=4,
+            *sin.stride(), HEAD_DIM=head_dim, BLOCK_D=block_d, INVERSE=inverse, BLOCK_R=block_r, COS_PAIRS=pairs[0],
+            SIN_PAIRS=pairs[1], num_warps=4,
         )
     return out

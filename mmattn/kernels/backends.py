@@ -73,6 +73,9 @@ _TRITON_HEAD_DIMS = {  # (smallest, largest, multiple): the tiled kernels need m
     "rotary": (2, 1 << 12, 2),  # channel pairs, a row per program
 }
 
+_FLEX_MIN_HEAD_DIM = 16
+"""FlexAttention's CUDA lowering refuses smaller query/key/value head dims (inductor's flex_attention, torch 2.5-2.11)."""
+
 _Problem = tuple[type[Exception], str] | None
 """Why a backend cannot run a case (the error to raise and its text after `backend='name'`), or None."""
 
@@ -107,6 +110,8 @@ def _flex_problem(family: str, q: torch.Tensor) -> _Problem:
         return ValueError, "cannot run here: FlexAttention compiles to Triton on CUDA, and triton is not installed"
     if q.is_cuda and q.dtype not in _TRITON_DTYPES:
         return TypeError, f"takes float16, bfloat16 or float32 inputs on CUDA, got {q.dtype}"
+    if q.is_cuda and q.shape[-1] < _FLEX_MIN_HEAD_DIM:
+        return ValueError, f"takes head_dim >= {_FLEX_MIN_HEAD_DIM} on CUDA (its compiled dots), got {q.shape[-1]}"
     return None
 
 

@@ -102,7 +102,10 @@ def test_on_cuda_auto_prefers_triton_then_flex_then_the_reference(monkeypatch):
     assert supported_backends("block_sparse", cuda_like()) == ("triton", "flex", "torch")
     assert supported_backends("column_sets", cuda_like()) == ("triton", "torch")
     assert resolve_backend("block_sparse", "auto", cuda_like()) == "triton"
-    assert supported_backends("na", cuda_like(head_dim=12)) == ("flex", "torch")  # Triton's dots need multiples of 8
+    assert supported_backends("na", cuda_like(head_dim=20)) == ("flex", "torch")  # Triton's dots need multiples of 8
+    assert supported_backends("block_sparse", cuda_like(head_dim=12)) == ("torch",)  # and flex's compiled ones >= 16
+    with pytest.raises(ValueError, match=r"^backend='flex' takes head_dim >= 16 on CUDA .*, got 12$"):
+        resolve_backend("na", "flex", cuda_like(head_dim=12))
     assert supported_backends("na", cuda_like(torch.float64)) == ("torch",)
     with pytest.raises(TypeError, match=r"^backend='flex' takes float16, bfloat16 or float32 inputs on CUDA"):
         resolve_backend("na", "flex", cuda_like(torch.float64))

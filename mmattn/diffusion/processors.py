@@ -65,7 +65,9 @@ class RadialProcessor:
             from diffusers.models.embeddings import apply_rotary_emb
 
             return apply_rotary_emb(x, freqs, sequence_dim=sequence_dim)
-        cos, sin = (table.unsqueeze(1) if sequence_dim == 1 else table for table in freqs)
+        cos, sin = (table.to(x.device) for table in freqs)  # like the stock op, which takes tables on any device
+        if sequence_dim == 1:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return rotary_embedding(x, cos, sin)
 
     def _rotate_heads(self, x, freqs, heads, stock):

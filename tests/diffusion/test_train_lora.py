@@ -166,6 +166,26 @@ def test_twenty_steps_with_radial_track_dense_masked_training(monkeypatch):
     assert abs(after - oracle_after) <= 0.02 * oracle_after
 
 
+def test_gradient_checkpointing_recomputes_the_same_sparse_attention():
+    """The recipe's --gradient-checkpointing: each block's recomputed forward in the backward runs the same Radial
+    mask as the forward did, so the LoRA gradients equal those of the step without checkpointing."""
+    model, batch = _lora_model(FRAMES, HEIGHT, WIDTH, randomize=True)
+    sigmas = torch.tensor([0.6])
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(3))
+    with apply_radial_attention(model, SPARSE, step_source=lambda: None):
+        loss, plain = _lora_grads(model, batch, sigmas, noise)
+        model.enable_gradient_checkpointing()
+        try:
+            checkpointed_loss, checkpointed = _lora_grads(model, batch, sigmas, noise)
+        finally:
+            model.disable_gradient_checkpointing()
+    _, dense = _lora_grads(model, batch, sigmas, noise)
+    assert any(not torch.allclose(plain[name], dense[name]) for name in dense)  # the mask is sparse
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # command line
 

@@ -63,15 +63,18 @@ class StepCase:
     """One transformer call of a Wan model: `latent` (B, C, F, H, W) with `preset`'s Radial on a sparse step;
     `train`: forward+backward through every weight (a full fine-tuning step) instead of the forward alone;
     `check_frames`: the latent frames of the (smaller) clip the agreement check runs on, when the float32 check
-    at the timed size would not fit the GPU."""
+    at the timed size would not fit the GPU; `checkpointing`: diffusers' gradient checkpointing (each block's
+    forward recomputed in the backward, as `train_lora --gradient-checkpointing` trains); `goal`: None for a row
+    the issues set none for."""
 
     name: str
     config: dict
     latent: tuple[int, ...]
     preset: str
-    goal: float
+    goal: float | None
     train: bool = False
     check_frames: int | None = None
+    checkpointing: bool = False
 
     @property
     def tokens(self) -> int:
@@ -84,10 +87,14 @@ STEP_CASES = [
     StepCase("Wan2.2-TI2V-5B step, 720p 121f", WAN_TI2V_5B, (1, 48, 31, 44, 80), "wan2.2-ti2v-5b", 2.0),
     StepCase("Wan2.1-1.3B training step, 480p 81f", WAN_1_3B, (1, 16, 21, 60, 104), "wan2.1-t2v-1.3b", 1.8,
              train=True, check_frames=5),
+    StepCase("Wan2.1-1.3B training step, 480p 81f, gradient checkpointing", WAN_1_3B, (1, 16, 21, 60, 104),
+             "wan2.1-t2v-1.3b", None, train=True, check_frames=5, checkpointing=True),
 ]
 QUICK_STEP_CASES = [
     StepCase("tiny Wan step", WAN_TINY, (1, 16, 4, 16, 16), "wan2.1-t2v-1.3b", 1.8),
     StepCase("tiny Wan training step", WAN_TINY, (1, 16, 4, 16, 16), "wan2.1-t2v-1.3b", 1.8, train=True, check_frames=2),
+    StepCase("tiny Wan training step, gradient checkpointing", WAN_TINY, (1, 16, 4, 16, 16), "wan2.1-t2v-1.3b", None,
+             train=True, check_frames=2, checkpointing=True),
 ]
 
 
@@ -97,7 +104,10 @@ def wan_model(case: StepCase, device, dtype) -> torch.nn.Module:
 
     torch.manual_seed(0)
     with torch.device(device):
-        return WanTransformer3DModel(**case.config).to(dtype).eval()
+        model = WanTransformer3DModel(**case.config).to(dtype).eval()
+    if case.checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
 
 
 def wan_inputs(case: StepCase, frames: int, device, dtype) -> dict:
@@ -252,8 +262,9 @@ def step_row(case: StepCase, quick: bool, device: str) -> str:
             radial_triton = median_ms(call, device)
     del call, model
     checked = "; ".join(f"{name} {a.vs_peer:.1e}, {a.ours_err:.1e}/{a.peer_err:.1e}" for name, a in check.items())
+    goal = "" if case.goal is None else f" (goal {case.goal:g}x)"
     row = (f"| {case.name}, {case.tokens:,} tokens{where} | {dense:.1f} | {radial:.1f} | {radial_stock_rotary:.1f} | "
-           f"{radial_triton:.1f} | {dense / radial:.2f}x (goal {case.goal:g}x) | {dense / radial_stock_rotary:.2f}x | "
+           f"{radial_triton:.1f} | {dense / radial:.2f}x{goal} | {dense / radial_stock_rotary:.2f}x | "
            f"{dense / radial_triton:.2f}x | {checked} |")
     print(row, flush=True)
     return row
@@ -292,9 +303,11 @@ def table(attention: list[str], ours: list[str], peers: list[str], step: list[st
          "layers dense) with `backend=\"auto\"` (its sparse layers' rotary embedding by "
          "`rotary_embedding`: one kernel forward and backward), radial stock RoPE the same with diffusers' "
          "elementwise rotary embedding (`fused_rotary = False`), radial Triton with our Triton attention kernel. "
-         "Denoising steps time the forward; the training step times forward and backward through every weight (full "
-         "fine-tuning). Check, before timing: the Radial call's output (and the training step's weight gradients "
-         "of `(output * g).sum()`, g ~ N(0, 1), one vector) against the same call with Radial run by FlexAttention, "
+         "Denoising steps time the forward; the training steps time forward and backward through every weight (full "
+         "fine-tuning), the gradient-checkpointing one with each block's forward recomputed in the backward "
+         "(`train_lora --gradient-checkpointing`; no goal). Check, before timing: the Radial call's output (and the "
+         "training step's weight gradients of `(output * g).sum()`, g ~ N(0, 1), one vector) against the same call "
+         "with Radial run by FlexAttention, "
          f"both against that call in {precision} (same weights): relative error (Frobenius) ours <= 2 x flex's + 1e-3; where the float32 run "
          "would not fit the GPU, the check runs on fewer latent frames."),
         "",

@@ -74,7 +74,8 @@ _TRITON_HEAD_DIMS = {  # (smallest, largest, multiple): the tiled kernels need m
 }
 
 _FLEX_MIN_HEAD_DIM = 16
-"""FlexAttention's CUDA lowering refuses smaller query/key/value head dims (inductor's flex_attention, torch 2.5-2.11)."""
+"""FlexAttention's CUDA lowering refuses smaller query/key/value head dims (inductor's flex_attention, torch 2.11 to
+2.15)."""
 
 _Problem = tuple[type[Exception], str] | None
 """Why a backend cannot run a case (the error to raise and its text after `backend='name'`), or None."""

@@ -25,10 +25,15 @@ def _output_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x) if x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _per_pair(table: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `table` holds one angle per channel pair of x (head_dim / 2 entries, Mochi's), not one per channel."""
+    return table.shape[-1] * 2 == x.shape[-1]
+
+
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     from .triton.rotary import rotary_forward
 
-    return rotary_forward(x, cos, sin, inverse, _output_like(x))
+    return rotary_forward(x, cos, sin, inverse, _output_like(x), _per_pair(cos, x), _per_pair(sin, x))
 
 
 _rotary_op = custom_op("mmattn::rotary_embedding", _launch, mutates_args=())
@@ -89,7 +94,7 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     for name, table in (("cos", cos), ("sin", sin)):
         if table.device != x.device:
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {table.device}")
-        pairs = (*x.shape[:-1], table.shape[-1] if table.shape[-1] * 2 == x.shape[-1] else x.shape[-1])
+        pairs = (*x.shape[:-1], table.shape[-1] if _per_pair(table, x) else x.shape[-1])
         fits = table.dim() <= x.dim() and all(t in (1, n) for t, n in zip(reversed(table.shape), reversed(pairs)))
         if not fits:  # (torch.broadcast_shapes says the same at ten times the host time)
             raise ValueError(

@@ -46,14 +46,13 @@ def rotary_kernel(
              mask=ok)
 
 
-def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
-                   out: torch.Tensor) -> torch.Tensor:
-    """x `(d0, d1, d2, head_dim)` rotated by cos/sin (broadcastable to x, or to x with one entry per channel pair)
-    into `out` (a unit channel stride)."""
+def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, out: torch.Tensor,
+                   cos_pairs: bool, sin_pairs: bool) -> torch.Tensor:
+    """x `(d0, d1, d2, head_dim)` rotated by cos/sin (broadcastable to x, or where `cos_pairs` / `sin_pairs` to x
+    with one entry per channel pair) into `out` (a unit channel stride)."""
     x = rows_contiguous(x)
-    pairs = [table.shape[-1] * 2 == x.shape[-1] for table in (cos, sin)]
     cos, sin = (table.expand(*x.shape[:-1], table.shape[-1] if per_pair else x.shape[-1])
-                for table, per_pair in zip((cos, sin), pairs))
+                for table, per_pair in ((cos, cos_pairs), (sin, sin_pairs)))
     rows = x.shape[0] * x.shape[1] * x.shape[2]
     head_dim = x.shape[-1]
     block_d = next_power_of_2(head_dim)
@@ -61,7 +60,7 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, invers
     if rows:
         rotary_kernel[(ceil_div(rows, block_r),)](
             x, cos, sin, out, rows, x.shape[1], x.shape[2], *x.stride()[:3], *out.stride()[:3], *cos.stride(),
-            *sin.stride(), HEAD_DIM=head_dim, BLOCK_D=block_d, INVERSE=inverse, BLOCK_R=block_r, COS_PAIRS=pairs[0],
-            SIN_PAIRS=pairs[1], num_warps=4,
+            *sin.stride(), HEAD_DIM=head_dim, BLOCK_D=block_d, INVERSE=inverse, BLOCK_R=block_r, COS_PAIRS=cos_pairs,
+            SIN_PAIRS=sin_pairs, num_warps=4,
         )
     return out

@@ -44,8 +44,8 @@ class RadialProcessor:
 
     fused_rotary = True
     """Sparse layers rotate queries and keys with one kernel (`mmattn.kernels.rotary_embedding`, forward and
-    backward) in the models whose RoPE turns interleaved channel pairs by real (cos, sin) tables (Wan, HunyuanVideo,
-    HunyuanVideo 1.5, CogVideoX, LTX-Video, LTX-2's "interleaved" type, Mochi); False: the stock ops everywhere.
+    backward) in the models whose RoPE turns channel pairs by real (cos, sin) tables (Wan, HunyuanVideo, HunyuanVideo
+    1.5, CogVideoX, LTX-Video, LTX-2's "interleaved" and "split" types, Mochi); False: the stock ops everywhere.
     Dense layers stay bitwise stock either way, and so do float64 models (the kernel rotates in float32)."""
 
     def __init__(self, radial: SparseAttention, layer_index: int, stock=None) -> None:
@@ -77,6 +77,14 @@ class RadialProcessor:
             return stock(x, freqs)
         cos, sin = (table.unflatten(-1, (heads, -1)) for table in freqs)
         return rotary_embedding(x.unflatten(-1, (heads, -1)), cos, sin).flatten(-2)
+
+    def _rotate_split(self, x, freqs, heads, stock):
+        """LTX-2's split RoPE on `[B, S, heads * D]`: each head's halves paired, tables `(B, heads, S, D / 2)`:
+        `stock(x, freqs)` or the kernel (`pairing="halves"`) where `_fuses_rotary(x)`."""
+        if not self._fuses_rotary(x) or x.dim() != 3 or freqs[0].dim() != 4:
+            return stock(x, freqs)
+        cos, sin = (table.transpose(1, 2) for table in freqs)
+        return rotary_embedding(x.unflatten(-1, (heads, -1)), cos, sin, pairing="halves").flatten(-2)
 
     def _attend_video(self, query, key, value, attention_mask):
         """Sparse attention of a video-only self-attention call; a call with an attention mask runs the stock call."""
@@ -400,8 +408,10 @@ class LTX2RadialAttnProcessor(RadialProcessor):
             hidden_states = value
         else:
             query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states))
-            rotate = {"interleaved": partial(self._rotate_heads, heads=attn.heads, stock=apply_interleaved_rotary_emb),
-                      "split": apply_split_rotary_emb}.get(attn.rope_type)
+            rotate = {
+                "interleaved": partial(self._rotate_heads, heads=attn.heads, stock=apply_interleaved_rotary_emb),
+                "split": partial(self._rotate_split, heads=attn.heads, stock=apply_split_rotary_emb),
+            }.get(attn.rope_type)
             if query_rotary_emb is not None and rotate is not None:
                 query = rotate(query, query_rotary_emb)
                 key = rotate(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)

@@ -232,16 +232,23 @@ def massive_activation_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
     return hidden[..., index].abs().amax(-1) / rms
 
 
-def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved rotary embedding as complex products: channels (2i, 2i+1) of x are the number x[2i] + j x[2i+1],
-    multiplied by cos[..., 2i] + j sin[..., 2i+1] (tables broadcastable to x), or by cos[..., i] + j sin[..., i]
-    (tables of head_dim / 2 entries), in float32 (float64 for float64 x), returned in x's dtype."""
+def rotary_embedding(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, pairing: str = "interleaved"
+) -> torch.Tensor:
+    """Rotary embedding as complex products, in float32 (float64 for float64 x), returned in x's dtype. Interleaved:
+    channels (2i, 2i+1) of x are the number x[2i] + j x[2i+1], multiplied by cos[..., 2i] + j sin[..., 2i+1] (tables
+    broadcastable to x), or by cos[..., i] + j sin[..., i] (tables of head_dim / 2 entries). `pairing="halves"`:
+    the number x[i] + j x[i + head_dim / 2], multiplied by cos[..., i] + j sin[..., i]."""
     real = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pairs = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)).contiguous())
     half = x.shape[-1] // 2
-    cos, sin = (t if t.shape[-1] == half else t[..., start::2] for t, start in ((cos, 0), (sin, 1)))
-    turn = torch.complex(cos.to(real), sin.to(real))
-    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
+    if pairing == "halves":
+        pairs = torch.view_as_complex(torch.stack(x.to(real).split(half, dim=-1), dim=-1).contiguous())
+        cos, sin = (t[..., :half] for t in (cos, sin))
+    else:
+        pairs = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)).contiguous())
+        cos, sin = (t if t.shape[-1] == half else t[..., start::2] for t, start in ((cos, 0), (sin, 1)))
+    turned = torch.view_as_real(pairs * torch.complex(cos.to(real), sin.to(real)))
+    return (turned.transpose(-1, -2) if pairing == "halves" else turned).flatten(-2).to(x.dtype)
 
 
 def top_half_heads(mass: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ def test_dense_layers_are_bitwise_stock_and_sparse_layers_differ(name):
     assert torch.equal(_run(model, inputs), stock)
 
 
-# Models whose RoPE turns interleaved channel pairs (builder, kwargs): two layers, so one dense and one sparse.
+# Models whose RoPE turns channel pairs by real tables (builder, kwargs): two layers, so one dense and one sparse.
 FUSED_ROTARY_MODELS = {
     "wan": (tiny_models.wan, {"frames": 4}),
     "hunyuan": (tiny_models.hunyuan, {}),  # one double-stream and one single-stream block
@@ -80,6 +80,7 @@ FUSED_ROTARY_MODELS = {
     "cogvideox": (tiny_models.cogvideox, {"frames": 2, "size": 16, "rotary": True}),
     "ltx": (tiny_models.ltx, {"num_layers": 2}),
     "ltx2": (tiny_models.ltx2, {}),  # "interleaved" RoPE, the default type
+    "ltx2_split": (tiny_models.ltx2, {"rope_type": "split"}),  # halves paired, tables of one entry per pair
     "mochi": (tiny_models.mochi, {"rotary": True}),  # tables of one entry per pair and head
 }
 
@@ -98,9 +99,9 @@ def test_fused_rotary_runs_the_kernel_on_sparse_layers_only(name, monkeypatch):
         stock_rotary = _run(model, inputs)
         rotated, kernel = [], processors.rotary_embedding
 
-        def counting(x, cos, sin):
+        def counting(x, cos, sin, **kwargs):
             rotated.append(x.shape)
-            return kernel(x, cos, sin)
+            return kernel(x, cos, sin, **kwargs)
 
         monkeypatch.setattr(processors, "rotary_embedding", counting)
         monkeypatch.setattr(processors.RadialProcessor, "fused_rotary", True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mmattn.kernels import backend_info, reference, rotary_embedding
+from mmattn.kernels.rotary import PAIRINGS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not backend_info(DEVICE)["triton"][0],
@@ -14,16 +15,21 @@ BACKENDS = ("triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def rotated64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i+1], out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i], in float64;
-    tables of head_dim / 2 entries hold pair i's at i."""
-    cos, sin = (t.repeat_interleave(2, -1) if t.shape[-1] * 2 == x.shape[-1] else t for t in (cos, sin))
-    x, cos, sin = x.double(), cos.double().expand(x.shape), sin.double().expand(x.shape)
+def rotated64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
+    """Interleaved: out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i+1], out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i];
+    halves: out[i] = x[i] cos[i] - x[i+h] sin[i], out[i+h] = x[i] sin[i] + x[i+h] cos[i] (h = head_dim / 2); in
+    float64. Tables of head_dim / 2 entries hold pair i's at i."""
+    half = x.shape[-1] // 2
+    x = x.double()
+    cos, sin = (t.double().expand(*x.shape[:-1], t.shape[-1]) for t in (cos, sin))
     out = torch.empty_like(x)
-    for i in range(0, x.shape[-1], 2):
-        c, s = cos[..., i], sin[..., i + 1]
-        out[..., i] = x[..., i] * c - x[..., i + 1] * s
-        out[..., i + 1] = x[..., i] * s + x[..., i + 1] * c
+    for i in range(half):
+        a, b = (2 * i, 2 * i + 1) if pairing == "interleaved" else (i, i + half)
+        by_pair = pairing == "halves"
+        c = cos[..., i if by_pair or cos.shape[-1] == half else a]
+        s = sin[..., i if by_pair or sin.shape[-1] == half else b]
+        out[..., a] = x[..., a] * c - x[..., b] * s
+        out[..., b] = x[..., a] * s + x[..., b] * c
     return out
 
 
@@ -48,25 +54,27 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("pairing", PAIRINGS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_rotates_each_channel_pair(backend, dtype, layout):
+def test_rotates_each_channel_pair(backend, dtype, layout, pairing):
     x, cos, sin = case(*LAYOUTS[layout], dtype=dtype)
-    out = rotary_embedding(x, cos, sin, backend=backend)
+    out = rotary_embedding(x, cos, sin, pairing=pairing, backend=backend)
     assert out.dtype == dtype and out.shape == x.shape
-    assert_rounded_from(out, rotated64(x, cos, sin))
+    assert_rounded_from(out, rotated64(x, cos, sin, pairing))
 
 
+@pytest.mark.parametrize("pairing", PAIRINGS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("table_shape", [(1, 9, 1, 16), (9, 3, 8)], ids=["per channel", "per pair"])
-def test_gradient_is_the_inverse_rotation(backend, table_shape):
+def test_gradient_is_the_inverse_rotation(backend, table_shape, pairing):
     x, cos, sin = case((2, 9, 3, 16), table_shape)
     leaf = x.clone().requires_grad_()
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    (got,) = torch.autograd.grad(rotary_embedding(leaf, cos, sin, backend=backend), leaf, grad)
+    (got,) = torch.autograd.grad(rotary_embedding(leaf, cos, sin, pairing=pairing, backend=backend), leaf, grad)
     leaf64 = x.double().requires_grad_()
-    (expected,) = torch.autograd.grad(rotated64(leaf64, cos, sin), leaf64, grad.double())
+    (expected,) = torch.autograd.grad(rotated64(leaf64, cos, sin, pairing), leaf64, grad.double())
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -110,11 +118,25 @@ def test_reference_is_the_stock_wan_rotation():
     torch.testing.assert_close(reference.rotary_embedding(x, cos, sin), stock, rtol=1e-15, atol=1e-15)
 
 
-def test_compiled_forward_and_backward_equal_eager():
+def test_reference_halves_is_the_stock_rotate_half():
+    """transformers' Qwen vision towers (and LLaMA-style RoPE): x * cos + rotate_half(x) * sin, with tables that
+    repeat one angle per pair in both halves; and diffusers' LTX-2 split form with tables of one entry per pair."""
+    x, angles = case((2, 7, 3, 8), (1, 7, 1, 4), dtype=torch.float64, table_dtype=torch.float64)[:2]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    x1, x2 = x.chunk(2, -1)
+    stock = x * cos + torch.cat([-x2, x1], -1) * sin
+    for tables in ((cos, sin), (angles.cos(), angles.sin())):
+        torch.testing.assert_close(reference.rotary_embedding(x, *tables, pairing="halves"), stock,
+                                   rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_compiled_forward_and_backward_equal_eager(pairing):
     x, cos, sin = case((1, 9, 2, 16), (1, 9, 1, 16))
 
     def loss(t):
-        return (rotary_embedding(t, cos, sin, backend="triton") ** 2 * torch.arange(16.0, device=DEVICE)).sum()
+        out = rotary_embedding(t, cos, sin, pairing=pairing, backend="triton")
+        return (out**2 * torch.arange(16.0, device=DEVICE)).sum()
 
     eager, compiled = (x.clone().requires_grad_() for _ in range(2))
     loss(eager).backward()
@@ -140,6 +162,8 @@ def test_bad_input_names_the_argument(args, error, match):
 
 def test_bad_types_and_devices_name_the_argument():
     x, table = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="pairing: expected one of"):
+        rotary_embedding(x, table, table, pairing="split")
     with pytest.raises(TypeError, match="sin: expected a floating-point tensor"):
         rotary_embedding(x, table, table.long())
     with pytest.raises(TypeError, match="x: expected a floating-point tensor"):

@@ -13,5 +13,6 @@ def assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Te
     """Each parameter's gradient in `got` (cast to the dtype of `want`'s) is close to its gradient in `want`."""
     assert got.keys() == want.keys()
     for name, expected in want.items():
-        torch.testing.assert_close(got[name].to(expected.dtype), expected, msg=lambda text, name=name: f"{name}: {text}",
-                                   **tolerance)
+        torch.testing.assert_close(
+            got[name].to(expected.dtype), expected, msg=lambda text, name=name: f"{name}: {text}", **tolerance
+        )

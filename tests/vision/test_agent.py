@@ -118,8 +118,9 @@ def test_deit_tokens_at_224_and_448():
             model = timm.create_model("agent_deit_small", img_size=size)
             assert model.forward_features(torch.empty(1, 3, size, size)).shape == (1, 1 + (size // 16) ** 2, 384)
             assert model.blocks[0].attn.grid_size == (size // 16, size // 16)
-    assert isinstance(timm.create_model("agent_deit_base", depth=6, embed_dim=48, num_heads=2).blocks[3].attn, AgentAttention)
-    assert not isinstance(timm.create_model("agent_deit_base", depth=6, embed_dim=48, num_heads=2).blocks[4].attn, AgentAttention)
+    blocks = timm.create_model("agent_deit_base", depth=6, embed_dim=48, num_heads=2).blocks
+    assert isinstance(blocks[3].attn, AgentAttention)
+    assert not isinstance(blocks[4].attn, AgentAttention)
 
 
 def window_attention_oracle(attn: WindowAttention, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -198,8 +199,8 @@ def test_inference_bias_follows_a_state_dict_loaded_with_assign():
 TINY = {
     "agent_deit_tiny": {"depth": 2, "embed_dim": 48, "num_heads": 2, "img_size": 64, "agent_num": 4},
     "agent_pvt_tiny": {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 2, 4)},
-    "agent_swin_tiny": {"depths": (2, 2, 2, 2), "agent_depths": (2, 1, 0, 0), "embed_dim": 16, "num_heads": (1, 2, 2, 4),
-                        "img_size": 96, "window_size": 3},
+    "agent_swin_tiny": {"depths": (2, 2, 2, 2), "agent_depths": (2, 1, 0, 0), "embed_dim": 16,
+                        "num_heads": (1, 2, 2, 4), "img_size": 96, "window_size": 3},
 }  # fmt: skip
 TINY_INPUT = {"agent_deit_tiny": (64, 64), "agent_pvt_tiny": (70, 90), "agent_swin_tiny": (92, 100)}
 
@@ -265,7 +266,8 @@ def _to_official_swin(state):
     out = dict(state)
     for key in state:
         if key.endswith("relative_position_bias_table"):
-            out[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(9, 9, dtype=torch.long)
+            index = key.replace("relative_position_bias_table", "relative_position_index")
+            out[index] = torch.zeros(9, 9, dtype=torch.long)
     return out
 
 
@@ -280,15 +282,18 @@ def test_official_checkpoint_round_trip_loads_strict(name, tmp_path):
     if name == "agent_pvt_tiny":
         assert "block1.0.attn.q.weight" in official and "patch_embed1.proj.weight" in official
     torch.save({"model": official}, tmp_path / "ckpt.pth")
-    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "ckpt.pth")}, **TINY[name]).eval()
+    overlay = {"file": str(tmp_path / "ckpt.pth")}
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **TINY[name]).eval()
     x = torch.randn(1, 3, *TINY_INPUT[name])
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 def test_checkpoint_at_another_resolution_resizes_pos_embed_and_agent_biases(tmp_path):
     args = dict(TINY["agent_pvt_tiny"])
-    torch.save({"model": _to_official_pvt(timm.create_model("agent_pvt_tiny", **args).state_dict())}, tmp_path / "c.pth")
-    model = timm.create_model("agent_pvt_tiny", img_size=256, pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "c.pth")}, **args)
+    official = _to_official_pvt(timm.create_model("agent_pvt_tiny", **args).state_dict())
+    torch.save({"model": official}, tmp_path / "c.pth")
+    overlay = {"file": str(tmp_path / "c.pth")}
+    model = timm.create_model("agent_pvt_tiny", img_size=256, pretrained=True, pretrained_cfg_overlay=overlay, **args)
     assert model.stages[0].pos_embed.shape == (1, 64 * 64, 16) and model.stages[0].blocks[0].attn.ah_bias.shape[3] == 64
 
 

@@ -168,7 +168,9 @@ def test_ddp_step_matches_one_process(ddp_run, key):
     expected = _train_single_process(cases[key], batches)
     assert params[0].keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(params[0][name], value, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            params[0][name], value, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}"
+        )
     init = cases[key]["init"]
     moved = sum(not torch.equal(value, init[name]) for name, value in params[0].items())
     assert moved > len(params[0]) // 2, f"only {moved} of {len(params[0])} parameters changed"

@@ -89,7 +89,8 @@ def test_feature_maps_at_224_and_at_a_non_square_size(name):
         features = timm.create_model(name, features_only=True)
         for size in ((224, 224), (160, 288)):
             shapes = [tuple(f.shape) for f in features(torch.empty(1, 3, *size))]
-            want = [(1, c, -(-size[0] // r), -(-size[1] // r)) for c, r in zip(features.feature_info.channels(), features.feature_info.reduction())]
+            info = features.feature_info
+            want = [(1, c, -(-size[0] // r), -(-size[1] // r)) for c, r in zip(info.channels(), info.reduction())]
             assert shapes == want
 
 
@@ -99,7 +100,9 @@ def test_trains_and_loads_a_checkpoint_with_the_de_facto_key_names(name, tmp_pat
     model = timm.create_model(name)
     model(torch.randn(2, 3, 64, 80)).logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
-    de_facto = {k.replace(".se.conv.", ".se.con1.").replace(".se.norm.", ".se.GN."): v for k, v in model.state_dict().items()}
+    de_facto = {
+        k.replace(".se.conv.", ".se.con1.").replace(".se.norm.", ".se.GN."): v for k, v in model.state_dict().items()
+    }
     assert any(".se.GN." in k for k in de_facto)
     torch.save({"state_dict": de_facto}, tmp_path / "ela.pth")
     loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "ela.pth")})

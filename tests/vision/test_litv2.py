@@ -10,6 +10,8 @@ from mmattn.kernels import backend_info
 from mmattn.vision.layers import HiLoAttention
 from mmattn.vision.models.litv2 import DeformableTokenMerging
 
+from .gradients import assert_same_gradients
+
 TINY = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 4)}
 
 
@@ -83,12 +85,10 @@ def test_training_step_through_the_triton_kernel_matches_the_reference_path():
     ref = timm.create_model("litv2_small", num_classes=5, backend="torch", **TINY)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 3, 52, 60)  # stage 3 is 3x3 (padded Hi-Fi windows), DTM inputs odd
-    grads = []
     for model in (fast, ref):
         torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 3])).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    for name, grad in grads[1].items():
-        torch.testing.assert_close(grads[0][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    grads = ({n: p.grad for n, p in model.named_parameters()} for model in (fast, ref))
+    assert_same_gradients(*grads, rtol=1e-3, atol=1e-5)
 
 
 def test_stage_shapes_at_224_and_at_an_odd_size():

@@ -45,7 +45,9 @@ def na_oracle(module: NeighborhoodAttention, x: torch.Tensor) -> torch.Tensor:
 )
 def test_layer_equals_the_natten_neighborhoods_with_masked_padding(spatial, kernel, dilation):
     torch.manual_seed(0)
-    module = NeighborhoodAttention(16, 2, kernel, dilation=dilation, spatial_dims=len(spatial), backend="torch").double()
+    module = NeighborhoodAttention(
+        16, 2, kernel, dilation=dilation, spatial_dims=len(spatial), backend="torch"
+    ).double()
     x = torch.randn(2, *spatial, 16, dtype=torch.float64)
     torch.testing.assert_close(module(x), na_oracle(module, x))
 
@@ -141,7 +143,8 @@ def test_official_raw_state_dict_loads_strict(tmp_path):
             "levels.0.downsample.reduction.weight", "norm.weight", "head.weight"} <= set(state)  # fmt: skip
     assert state["levels.0.blocks.0.attn.rpb"].shape == (2, 5, 5)
     torch.save(state, tmp_path / "nat.pth")
-    loaded = timm.create_model("nat_small", pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "nat.pth")}, **TINY)
+    overlay = {"file": str(tmp_path / "nat.pth")}
+    loaded = timm.create_model("nat_small", pretrained=True, pretrained_cfg_overlay=overlay, **TINY)
     x = torch.randn(1, 3, 48, 48)
     torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
 

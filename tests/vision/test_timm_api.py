@@ -28,7 +28,8 @@ def _tiny(case: str, **kwargs) -> torch.nn.Module:
 def test_factory_device_and_dtype_reach_every_parameter_and_buffer(name):
     model = timm.create_model(name, device="meta", dtype=torch.float64)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    assert [n for n, t in tensors.items() if t.device.type != "meta" or t.dtype not in (torch.float64, torch.long)] == []
+    misplaced = [n for n, t in tensors.items() if t.device.type != "meta" or t.dtype not in (torch.float64, torch.long)]
+    assert misplaced == []
 
 
 @pytest.mark.parametrize("name, kwargs", [

@@ -16,8 +16,7 @@ from timm.layers import DropPath, Mlp, register_notrace_module
 from torch import nn
 from torch.nn.init import trunc_normal_
 
-from mmattn.kernels.backends import check_backend
-
+from .checked_backend import CheckedBackend
 from .inference_cache import InferenceCache
 
 __all__ = ["AGENT_BACKENDS", "AgentAttention", "AgentBlock", "resize_grid_bias"]
@@ -70,6 +69,8 @@ class AgentAttention(nn.Module):
     order: the scale applied to the n queries, the biases rebuilt every forward).
     """
 
+    backend = CheckedBackend(AGENT_BACKENDS)
+
     def __init__(
         self,
         dim: int,
@@ -119,14 +120,6 @@ class AgentAttention(nn.Module):
         for table in self._bias_tables():
             trunc_normal_(table, std=0.02)
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend(value, AGENT_BACKENDS)
-
     def _agent_biases(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """PB (heads, agents, P + h*w) and AB (heads, P + h*w, agents) for an h x w grid."""
         m, a = self.num_heads, self.agent_num
@@ -174,7 +167,9 @@ class AgentAttention(nn.Module):
         """x ``(B, P + h*w, C)``; ``hw`` is the grid (default: square). ``attn_mask``/``is_causal`` (timm's Block
         passes them) must be unset: agent attention is neither masked nor causal."""
         if attn_mask is not None or is_causal:
-            raise ValueError(f"agent attention takes no attn_mask/is_causal, got {type(attn_mask).__name__}/{is_causal}")
+            raise ValueError(
+                f"agent attention takes no attn_mask/is_causal, got {type(attn_mask).__name__}/{is_causal}"
+            )
         b, n, c = x.shape
         h, w = self._grid(n, hw)
         m, p = self.num_heads, self.num_prefix_tokens

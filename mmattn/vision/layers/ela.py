@@ -55,7 +55,8 @@ class ELA(nn.Module):
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         if channels % spec.norm_groups:
             raise ValueError(
-                f"channels must be divisible by the {spec.norm_groups} GroupNorm groups of ELA-{variant}, got {channels}"
+                f"channels must be divisible by the {spec.norm_groups} GroupNorm groups of ELA-{variant}, "
+                f"got {channels}"
             )
         per_group = spec.channels_per_conv_group or 1
         if channels % per_group:

@@ -18,7 +18,6 @@ from torch import nn
 from mmattn.kernels import reference, routed_attention
 from mmattn.kernels.backends import backend_choices, check_backend
 
-
 __all__ = ["HiLoAttention", "dense_attention"]
 
 

@@ -17,7 +17,9 @@ from torch import nn
 from torch.nn.init import trunc_normal_
 
 from mmattn.kernels import Neighborhood, neighborhood_attention
-from mmattn.kernels.backends import backend_choices, check_backend
+from mmattn.kernels.backends import backend_choices
+
+from .checked_backend import CheckedBackend
 
 __all__ = ["NeighborhoodAttention", "padded_neighborhood_bias"]
 
@@ -80,6 +82,8 @@ class NeighborhoodAttention(nn.Module):
     Parameter names (``qkv``, ``rpb``, ``proj``) are NATTEN's, so official NAT/DiNAT weights load unchanged.
     """
 
+    backend = CheckedBackend(backend_choices("na"))
+
     def __init__(
         self,
         dim: int,
@@ -120,14 +124,6 @@ class NeighborhoodAttention(nn.Module):
             self.register_parameter("rpb", None)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend(value, backend_choices("na"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[-1] != self.qkv.in_features:

@@ -7,8 +7,7 @@ biases (``ac_bias`` agent->cls, ``ca_bias`` cls->agents) and no DWC; agents are 
 from __future__ import annotations
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer import (
     checkpoint_filter_fn as vit_checkpoint_filter_fn,
@@ -17,6 +16,7 @@ from timm.models.vision_transformer import (
 from mmattn.kernels.backends import check_backend
 
 from ..layers.agent import AGENT_BACKENDS, AgentAttention, resize_grid_bias
+from ._factory import agent_attention_cfg, build_getter_model
 
 __all__ = ["AgentVisionTransformer", "checkpoint_filter_fn"]
 
@@ -73,45 +73,20 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentVision
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    out_indices = kwargs.pop("out_indices", 3)
     kwargs.setdefault("dynamic_img_size", True)  # square inputs of any size; agent biases follow the grid
-    return build_model_with_cfg(
-        AgentVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
-        **kwargs,
-    )
+    return build_getter_model(AgentVisionTransformer, variant, pretrained, checkpoint_filter_fn, 3, **kwargs)
 
 
-def _cfg(url: str, **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
-
-
-def _tsinghua(file_id: str) -> str:
-    return f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1"
+def _cfg(file_id: str, **kwargs) -> dict:
+    return agent_attention_cfg(file_id, pool_size=None, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
     {
-        "agent_deit_tiny.in1k": _cfg(_tsinghua("57e0904221824ee7b7af")),
-        "agent_deit_small.in1k": _cfg(_tsinghua("fdd43304372541db8ea7")),
-        "agent_deit_small.in1k_448": _cfg(_tsinghua("a228f86241c445f1969b"), input_size=(3, 448, 448), crop_pct=1.0),
-        "agent_deit_base.in1k": _cfg(_tsinghua("5115f15fdd7e4ab58fbc")),
+        "agent_deit_tiny.in1k": _cfg("57e0904221824ee7b7af"),
+        "agent_deit_small.in1k": _cfg("fdd43304372541db8ea7"),
+        "agent_deit_small.in1k_448": _cfg("a228f86241c445f1969b", input_size=(3, 448, 448), crop_pct=1.0),
+        "agent_deit_base.in1k": _cfg("5115f15fdd7e4ab58fbc"),
     }
 )
 
@@ -124,13 +99,13 @@ def agent_deit_tiny(pretrained: bool = False, **kwargs) -> AgentVisionTransforme
 
 @register_model
 def agent_deit_small(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    model_args = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "agent_num": 49, "drop_path_rate": 0.1}
+    model_args = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6, "agent_num": 49,
+                  "drop_path_rate": 0.1}  # fmt: skip
     return _create_agent_deit("agent_deit_small", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_deit_base(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    model_args = {
-        "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "agent_num": 81, "agent_layers": 4, "drop_path_rate": 0.3
-    }
+    model_args = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "agent_num": 81, "agent_layers": 4,
+                  "drop_path_rate": 0.3}  # fmt: skip
     return _create_agent_deit("agent_deit_base", pretrained, **dict(model_args, **kwargs))

@@ -12,9 +12,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function, resample_abs_pos_embed
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from torch import nn
 from torch.nn.init import trunc_normal_
@@ -23,7 +22,8 @@ from mmattn.kernels.backends import check_backend
 
 from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
 from ._classifier import PooledClassifierMixin
-from ._stages import StagesMixin
+from ._factory import agent_attention_cfg, build_getter_model
+from ._stages import StagesMixin, stage_drop_path_rates
 
 __all__ = ["AgentPVT", "checkpoint_filter_fn"]
 
@@ -142,40 +142,29 @@ class AgentPVT(StagesMixin, PooledClassifierMixin, nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         check_backend(backend, AGENT_BACKENDS)
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self._init_classifier(in_chans, num_classes, global_pool, embed_dims[-1])
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        rates = stage_drop_path_rates(drop_path_rate, depths)
         self.stages = nn.ModuleList()
-        self.feature_info = []
         in_chs, reduction = in_chans, 1
         for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
             patch_size = 4 if i == 0 else 2
             reduction *= patch_size
             grid = (-(-img_size[0] // reduction), -(-img_size[1] // reduction))
-            start = sum(depths[:i])
             self.stages.append(
                 AgentPVTStage(
-                    in_chs, dim, depth, num_heads[i], agent_nums[i], mlp_ratios[i], patch_size, grid,
-                    rates[start : start + depth], qkv_bias, drop_rate, backend, **dd,
+                    in_chs, dim, depth, num_heads[i], agent_nums[i], mlp_ratios[i], patch_size, grid, rates[i],
+                    qkv_bias, drop_rate, backend, **dd,
                 )
             )  # fmt: skip
-            self.feature_info.append({"num_chs": dim, "reduction": reduction, "module": f"stages.{i}"})
             in_chs = dim
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.feature_info = self._stage_feature_info(embed_dims)
+        self._init_head(drop_rate, **dd)
         self.apply(self._init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i in range(len(self.stages))}
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages:
-            x = stage(x)
-        return x
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentPVT) -> dict[str, torch.Tensor]:
@@ -214,32 +203,11 @@ def _square_grid(num_tokens: int) -> tuple[int, int]:
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPVT:
-    out_indices = kwargs.pop("out_indices", 4)
-    return build_model_with_cfg(
-        AgentPVT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg={"flatten_sequential": True, "out_indices": out_indices, "feature_cls": "getter"},
-        **kwargs,
-    )
+    return build_getter_model(AgentPVT, variant, pretrained, checkpoint_filter_fn, 4, **kwargs)
 
 
 def _cfg(file_id: str, **kwargs) -> dict:
-    return {
-        "url": f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stages.0.patch_embed.proj",
-        "classifier": "head",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
+    return agent_attention_cfg(file_id, first_conv="stages.0.patch_embed.proj", **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from torch import nn
 from torch.nn.init import trunc_normal_
@@ -22,9 +20,11 @@ from torch.nn.init import trunc_normal_
 from mmattn.kernels.backends import check_backend
 
 from ..layers.agent import AGENT_BACKENDS, AgentBlock, resize_grid_bias
+from ..layers.checked_backend import CheckedBackend
 from ..layers.inference_cache import InferenceCache
 from ._classifier import PooledClassifierMixin
-from ._stages import StagesMixin
+from ._factory import agent_attention_cfg, build_getter_model
+from ._stages import StagesMixin, stage_drop_path_rates
 
 __all__ = ["AgentSwinTransformer", "checkpoint_filter_fn"]
 
@@ -47,6 +47,8 @@ class WindowAttention(nn.Module):
     SDPA's bias gradient on 49-token windows) or "torch" (explicit softmax, the official path).
     """
 
+    backend = CheckedBackend(AGENT_BACKENDS)
+
     def __init__(
         self,
         dim: int,
@@ -68,14 +70,6 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.backend = backend
         self._bias_cache = InferenceCache()
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend(value, AGENT_BACKENDS)
 
     def _relative_bias(self, wh: int, ww: int, device: torch.device) -> torch.Tensor:
         """(heads, wh*ww, wh*ww) bias from the table of the trained window (smaller windows use its centre)."""
@@ -167,7 +161,8 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Swin-v1 merging: concat the 2x2 neighbours (order (0,0), (1,0), (0,1), (1,1)), LN(4C), Linear(4C, 2C)."""
+    """Swin-v1 merging: concat the 2x2 neighbours (order (0,0), (1,0), (0,1), (1,1)), LN(4C), Linear(4C, 2C); NHWC in
+    and out."""
 
     def __init__(self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -175,17 +170,15 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim, **dd)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False, **dd)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-        b, _, c = x.shape
-        h, w = hw
-        x = F.pad(x.reshape(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        hw = (x.shape[1], x.shape[2])
-        return self.reduction(self.norm(x.reshape(b, -1, 4 * c))), hw
+        return self.reduction(self.norm(x))
 
 
 class AgentSwinStage(nn.Module):
-    """``agent_depth`` agent blocks, then Swin blocks (shift on odd block indices), then (optionally) merging."""
+    """``agent_depth`` agent blocks, then Swin blocks (shift on odd block indices), then (optionally) merging. NHWC
+    maps: ``forward`` returns (the map before merging, the stage output)."""
 
     def __init__(
         self,
@@ -221,13 +214,13 @@ class AgentSwinStage(nn.Module):
         self.downsample = PatchMerging(dim, **dd) if downsample else None
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """Returns (stage map before merging, stage output, output grid)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, w, c = x.shape
+        x, hw = x.reshape(b, h * w, c), (h, w)
         for block in self.blocks:
             x = checkpoint(block, x, hw) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x, hw)
-        if self.downsample is None:
-            return x, x, hw
-        return (x, *self.downsample(x, hw))
+        x = x.reshape(b, h, w, c)
+        return x, (x if self.downsample is None else self.downsample(x))
 
 
 class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
@@ -264,33 +257,26 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         check_backend(backend, AGENT_BACKENDS)
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        dims = [embed_dim * 2**i for i in range(len(depths))]
+        self._init_classifier(in_chans, num_classes, global_pool, dims[-1])
         if any(a > d for a, d in zip(agent_depths, depths)):
             raise ValueError(f"agent_depths must not exceed depths {depths}, got {agent_depths}")
-        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
-        self.num_features = self.head_hidden_size = embed_dim * 2 ** (len(depths) - 1)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, 4, stride=4, **dd)
         self.patch_embed.norm = nn.LayerNorm(embed_dim, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
-        self.layers = nn.ModuleList()
-        self.feature_info = []
-        for i, depth in enumerate(depths):
-            grid = -(-img_size // (4 * 2**i))
-            start = sum(depths[:i])
-            self.layers.append(
-                AgentSwinStage(
-                    embed_dim * 2**i, depth, agent_depths[i], num_heads[i], agent_nums[i], (grid, grid), window_size,
-                    mlp_ratio, rates[start : start + depth], downsample=i < len(depths) - 1, backend=backend,
-                    **dd,
-                )
-            )  # fmt: skip
-            self.feature_info.append({"num_chs": embed_dim * 2**i, "reduction": 4 * 2**i, "module": f"layers.{i}"})
+        rates = stage_drop_path_rates(drop_path_rate, depths)
+        grids = [-(-img_size // (4 * 2**i)) for i in range(len(depths))]
+        self.layers = nn.ModuleList(
+            AgentSwinStage(
+                dims[i], depths[i], agent_depths[i], num_heads[i], agent_nums[i], (grids[i], grids[i]), window_size,
+                mlp_ratio, rates[i], downsample=i < len(depths) - 1, backend=backend, **dd,
+            )
+            for i in range(len(depths))
+        )  # fmt: skip
+        self.feature_info = self._stage_feature_info(dims)
         self.norm = nn.LayerNorm(self.num_features, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(drop_rate, **dd)
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -301,44 +287,12 @@ class AgentSwinTransformer(StagesMixin, PooledClassifierMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(F.pad(x, (0, -x.shape[-1] % 4, 0, -x.shape[-2] % 4)))
-        hw = (x.shape[-2], x.shape[-1])
-        return self.pos_drop(self.patch_embed.norm(x.flatten(2).transpose(1, 2))), hw
+        return self.pos_drop(self.patch_embed.norm(x.permute(0, 2, 3, 1)))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Each stage's map before merging (``C * 2**i`` channels, stride ``4 * 2**i``) at ``indices``."""
-        self._check_output_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        layers = self.layers if not stop_early else self.layers[: max_index + 1]
-        last = len(self.layers) - 1
-        x, hw = self._embed(x)
-        intermediates = []
-        for i, layer in enumerate(layers):
-            feature, x, next_hw = layer(x, hw)
-            if i in take_indices:
-                if norm and i == last:
-                    feature = self.norm(feature)
-                feature = feature.reshape(x.shape[0], *hw, -1)
-                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
-            hw = next_hw
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if len(layers) - 1 == last else x).reshape(x.shape[0], *hw, -1), intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, hw = self._embed(x)
-        for layer in self.layers:
-            _, x, hw = layer(x, hw)
-        return self.norm(x).reshape(x.shape[0], *hw, -1)
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTransformer) -> dict[str, torch.Tensor]:
@@ -359,32 +313,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AgentSwinTr
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        AgentSwinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
-        **kwargs,
-    )
+    return build_getter_model(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
-def _cfg(file_id: str, **kwargs) -> dict:
-    return {
-        "url": f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
+def _cfg(file_id: str) -> dict:
+    return agent_attention_cfg(file_id, crop_pct=0.9)
 
 
 default_cfgs = generate_default_cfgs(

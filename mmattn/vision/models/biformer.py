@@ -21,7 +21,8 @@ from torch import nn
 
 from ..layers.bra import BiLevelRoutingAttention, GlobalAttentionLePE
 from ._classifier import PooledClassifierMixin
-from ._stages import StagesMixin
+from ._factory import imagenet_cfg
+from ._stages import StagesMixin, stage_drop_path_rates
 
 __all__ = ["BiFormer", "checkpoint_filter_fn"]
 
@@ -97,28 +98,21 @@ class BiFormer(StagesMixin, PooledClassifierMixin, nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
-        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self._init_classifier(in_chans, num_classes, global_pool, embed_dims[-1])
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, **dd),
             nn.BatchNorm2d(embed_dims[0] // 2, **dd), nn.GELU(),
             nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1, **dd),
             nn.BatchNorm2d(embed_dims[0], **dd),
         )
-        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # stochastic depth decay
-        stages, in_dim = [], embed_dims[0]
-        self.feature_info = []
-        for i, depth in enumerate(depths):
-            stages.append(BiFormerStage(in_dim, embed_dims[i], depth, num_heads[i], n_win, topks[i], mlp_ratio,
-                                        rates[sum(depths[:i]):sum(depths[:i + 1])], backend, **dd))
-            self.feature_info.append({"num_chs": embed_dims[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"})
-            in_dim = embed_dims[i]
-        self.stages = nn.Sequential(*stages)
+        rates = stage_drop_path_rates(drop_path_rate, depths)
+        self.stages = nn.Sequential(*(
+            BiFormerStage(embed_dims[max(0, i - 1)], embed_dims[i], depths[i], num_heads[i], n_win, topks[i],
+                          mlp_ratio, rates[i], backend, **dd)
+            for i in range(len(depths))))
+        self.feature_info = self._stage_feature_info(embed_dims)
         self.norm = nn.BatchNorm2d(self.num_features, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(drop_rate, **dd)
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -130,9 +124,6 @@ class BiFormer(StagesMixin, PooledClassifierMixin, nn.Module):
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.stem(x)))
 
 
 _OFFICIAL_RENAMES = (
@@ -164,12 +155,8 @@ def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiForm
         feature_cfg={"out_indices": (0, 1, 2, 3), "flatten_sequential": True}, **kwargs)
 
 
-def _cfg(url: str, **kwargs) -> dict:
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "stem.0", "classifier": "head", "license": "mit", "paper_ids": "arXiv:2303.08810", **kwargs,
-    }
+def _cfg(url: str) -> dict:
+    return imagenet_cfg(url, first_conv="stem.0", license="mit", paper_ids="arXiv:2303.08810")
 
 
 _ONEDRIVE = "https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvCh{}/root/content"

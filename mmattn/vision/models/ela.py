@@ -17,7 +17,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._efficientnet_builder import (
     decode_arch_def,
@@ -29,6 +28,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..layers.ela import ELA
+from ._factory import imagenet_cfg
 
 __all__ = ["checkpoint_filter_fn", "ela_gate"]
 
@@ -87,18 +87,7 @@ def _create_ela_mobilenetv2(variant: str, pretrained: bool, ela_variant: str, **
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "license": "apache-2.0",
-        **kwargs,
-    }
+    return imagenet_cfg(interpolation="bilinear", license="apache-2.0", **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

@@ -24,7 +24,8 @@ from torchvision.ops import deform_conv2d
 
 from ..layers.hilo import HiLoAttention
 from ._classifier import PooledClassifierMixin
-from ._stages import StagesMixin
+from ._factory import imagenet_cfg
+from ._stages import StagesMixin, stage_drop_path_rates
 
 __all__ = ["DeformableTokenMerging", "LITv2", "checkpoint_filter_fn"]
 
@@ -156,22 +157,17 @@ class LITv2(StagesMixin, PooledClassifierMixin, nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
-        self.num_features = self.head_hidden_size = dims[-1]
+        self._init_classifier(in_chans, num_classes, global_pool, dims[-1])
         self.patch_embed = PatchEmbed(in_chans, embed_dim, **dd)
-        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # stochastic depth decay
-        stages, self.feature_info = [], []
-        for i, depth in enumerate(depths):
-            stages.append(LITv2Stage(dims[max(0, i - 1)], dims[i], depth, num_heads[i], window_sizes[i], alpha,
-                                     mlp_ratio, rates[sum(depths[:i]):sum(depths[:i + 1])], backend, **dd))
-            self.feature_info.append({"num_chs": dims[i], "reduction": 4 * 2 ** i, "module": f"stages.{i}"})
-        self.stages = nn.Sequential(*stages)
+        rates = stage_drop_path_rates(drop_path_rate, depths)
+        self.stages = nn.Sequential(*(
+            LITv2Stage(dims[max(0, i - 1)], dims[i], depths[i], num_heads[i], window_sizes[i], alpha, mlp_ratio,
+                       rates[i], backend, **dd)
+            for i in range(len(depths))))
+        self.feature_info = self._stage_feature_info(dims)
         self.norm = nn.LayerNorm(self.num_features, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(drop_rate, **dd)
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -183,10 +179,6 @@ class LITv2(StagesMixin, PooledClassifierMixin, nn.Module):
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The final LayerNorm-ed map, NCHW."""
-        return self._final_norm(self.stages(self.patch_embed(x)))
 
 
 def _official_rename(key: str) -> str:
@@ -216,12 +208,7 @@ def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
 
 
 def _cfg(url: str, **kwargs) -> dict:
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
-        "paper_ids": "arXiv:2205.13213", **kwargs,
-    }
+    return imagenet_cfg(url, license="apache-2.0", paper_ids="arXiv:2205.13213", **kwargs)
 
 
 _RELEASES = "https://github.com/ziplab/LITv2/releases/download/v1.0/"

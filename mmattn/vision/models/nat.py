@@ -10,10 +10,8 @@ official ones, so the official (raw) state dicts load as they are.
 from __future__ import annotations
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from torch import nn
 
@@ -21,7 +19,8 @@ from mmattn.kernels.backends import backend_choices, check_backend
 
 from ..layers.neighborhood import NeighborhoodAttention
 from ._classifier import PooledClassifierMixin
-from ._stages import StagesMixin
+from ._factory import build_getter_model, imagenet_cfg
+from ._stages import StagesMixin, stage_drop_path_rates
 
 __all__ = ["NAT", "checkpoint_filter_fn"]
 
@@ -157,30 +156,24 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         check_backend(backend, backend_choices("na"))
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        dims = [embed_dim * 2**i for i in range(len(depths))]
+        self._init_classifier(in_chans, num_classes, global_pool, dims[-1])
         dilations = [[1] * depth for depth in depths] if dilations is None else [list(d) for d in dilations]
         if [len(d) for d in dilations] != list(depths):
             raise ValueError(f"dilations must hold one list of {list(depths)} dilations per level, got {dilations}")
-        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
-        self.num_features = self.head_hidden_size = embed_dim * 2 ** (len(depths) - 1)
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
-        self.levels = nn.ModuleList()
-        self.feature_info = []
-        for i, depth in enumerate(depths):
-            dim, start = embed_dim * 2**i, sum(depths[:i])
-            self.levels.append(
-                NATLevel(
-                    dim, num_heads[i], kernel_size, dilations[i], mlp_ratio, rates[start : start + depth],
-                    layer_scale, downsample=i < len(depths) - 1, backend=backend, **dd,
-                )
-            )  # fmt: skip
-            self.feature_info.append({"num_chs": dim, "reduction": 4 * 2**i, "module": f"levels.{i}"})
+        rates = stage_drop_path_rates(drop_path_rate, depths)
+        self.levels = nn.ModuleList(
+            NATLevel(
+                dims[i], num_heads[i], kernel_size, dilations[i], mlp_ratio, rates[i], layer_scale,
+                downsample=i < len(depths) - 1, backend=backend, **dd,
+            )
+            for i in range(len(depths))
+        )  # fmt: skip
+        self.feature_info = self._stage_feature_info(dims)
         self.norm = nn.LayerNorm(self.num_features, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(drop_rate, **dd)
         self.apply(self._init_weights)
 
     @torch.jit.ignore
@@ -191,37 +184,10 @@ class NAT(StagesMixin, PooledClassifierMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Each level's map before its downsampler (``C * 2**i`` channels, stride ``4 * 2**i``) at ``indices``;
-        ``norm`` applies the final norm to the last level's map."""
-        self._check_output_fmt(output_fmt)
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        levels = self.levels if not stop_early else self.levels[: max_index + 1]
-        last = len(self.levels) - 1
-        x = self.pos_drop(self.patch_embed(x))
-        intermediates = []
-        for i, level in enumerate(levels):
-            feature, x = level(x)
-            if i in take_indices:
-                if norm and i == last:
-                    feature = self.norm(feature)
-                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if len(levels) - 1 == last else x), intermediates
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.patch_embed(x))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(self.patch_embed(x))
-        for level in self.levels:
-            _, x = level(x)
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
 
@@ -232,44 +198,24 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NAT) -> dic
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        NAT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
-        **kwargs,
-    )
+    return build_getter_model(NAT, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
-def _cfg(url: str, **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0",
-        "classifier": "head",
-        "license": "mit",
-        **kwargs,
-    }
+def _cfg(url: str) -> dict:
+    return imagenet_cfg(url, first_conv="patch_embed.proj.0", license="mit")
 
 
 _NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth"
 _DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth"
+_SIZES = ("mini", "tiny", "small", "base")
 # DiNAT at 224: dilated blocks alternate with plain ones, the dilation covering the level's map (56/7, 28/7, 14/7).
 _DINAT_DILATIONS_224 = ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5)
 _DINAT_MINI_DILATIONS_224 = ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5)
 
 default_cfgs = generate_default_cfgs(
     {
-        **{f"nat_{size}.in1k": _cfg(_NAT_URL.format(f"nat_{size}")) for size in ("mini", "tiny", "small", "base")},
-        **{f"dinat_{size}.in1k": _cfg(_DINAT_URL.format(f"dinat_{size}")) for size in ("mini", "tiny", "small", "base")},
+        **{f"nat_{size}.in1k": _cfg(_NAT_URL.format(f"nat_{size}")) for size in _SIZES},
+        **{f"dinat_{size}.in1k": _cfg(_DINAT_URL.format(f"dinat_{size}")) for size in _SIZES},
     }
 )
 

@@ -14,7 +14,10 @@ OLDEST_PINS := torch==2.11.0 torchvision==0.26.0 transformers==5.17.0
 # The targets choose the releases themselves (the lock, the newest, the oldest): a machine-wide pip constraint file
 # (the CPU machines cap torch at 2.14.1 in /etc/xdg/pip) would silently hold test-latest back, so none applies here.
 export PIP_CONSTRAINT := /dev/null
-PYTEST := -m pytest -q -ra tests
+# A pytest-xdist worker per core, each taking whole test files, so that a module-scoped fixture (timm's own test
+# run, an installed wheel, a trained LoRA) is built once. (--dist loadgroup does not group under pytest 9.2, whose
+# node ids no longer read the `_nodeid` that xdist 3.8 suffixes with the group.)
+PYTEST := -m pytest -q -ra -n auto --dist loadfile tests
 FREEZE := -m pip freeze --all --exclude-editable
 
 .PHONY: venv test test-gpu test-latest test-oldest lock demo bench clean

@@ -39,7 +39,7 @@ from mmattn.kernels.backends import INTERPRETED
 
 SHAPES = [(1, 24, 32760, 128), (1, 12, 16384, 64), (8, 16, 4096, 128)]
 DENSITIES = [1.0, 0.5, 0.25, 0.1, 0.05]
-QUICK_SHAPES = [(1, 2, 700, 64)]
+QUICK_SHAPES = [(1, 2, 300, 64)]
 QUICK_DENSITIES = [1.0, 0.5]
 BLOCK = 128
 DEFAULT_OUT = RESULTS / "block_sparse.md"

@@ -9,6 +9,10 @@ import pytest
 # compiled on a real GPU instead.
 if os.environ.get("MMATTN_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# make test runs a pytest-xdist worker per core: one thread each (torch, and the subprocesses some tests start), so
+# that the workers' thread pools do not oversubscribe the cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Modules whose every test runs on the GPU where there is one, although none is named for it.
 GPU_MODULES = {"test_column_sets.py", "test_massive_activations.py", "test_rotary.py"}  # VAR, GIFT, Wan kernels

@@ -14,11 +14,12 @@ from mmattn.kernels import (
     block_sparse_attention,
     neighborhood_attention,
 )
-from mmattn.kernels.backends import backend_choices
+from mmattn.kernels.backends import INTERPRETED, backend_choices
 
 __all__ = ["HEADERS", "time_backends"]
 
 HEADERS = ["kernel", "shape", "backend", "median ms", "note"]
+INTERPRETED_NOTE = "interpreted (TRITON_INTERPRET=1), no kernel runs"
 
 
 def _median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
@@ -58,9 +59,11 @@ def time_backends(tokens: int = 1024, head_dim: int = 64, heads: int = 4, repeat
             if backend not in backend_choices(family):
                 continue  # e.g. FlashAttention-4 runs block-sparse attention only
             shape = f"{heads}x{tokens}x{head_dim} {str(dtype).removeprefix('torch.')}"
-            if usable:
+            if not usable:
+                rows.append([kernel, shape, backend, None, f"not usable: {detail}"])
+            elif backend == "triton" and INTERPRETED:
+                rows.append([kernel, shape, backend, None, f"not timed: {INTERPRETED_NOTE}"])
+            else:
                 timed = _median_ms(lambda run=run, backend=backend: run(backend), repeats)
                 rows.append([kernel, shape, backend, round(timed, 2), detail])
-            else:
-                rows.append([kernel, shape, backend, None, f"not usable: {detail}"])
     return rows

@@ -110,7 +110,7 @@ def wall_median_ms(fn: Callable[[], object], device: str, calls: int = 3) -> flo
 
 
 def median_ms(fn: Callable[[], object], device: str = "cuda") -> float:
-    """Median milliseconds of `fn()` after a warm-up call: `do_bench` on CUDA (or 3 wall-clock calls for calls
+    """Median milliseconds of `fn()`: on CUDA after a warm-up call, `do_bench` (or 3 wall-clock calls for calls
     slower than SLOW_CALL_MS); on the CPU (smoke runs, where an interpreted kernel call takes seconds and compiles
     nothing) one call, with no warm-up."""
     if device != "cuda":

@@ -37,7 +37,8 @@ def _median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
 @torch.no_grad()
 def time_backends(tokens: int = 1024, head_dim: int = 64, heads: int = 4, repeats: int = 3) -> list[list]:
     """Rows of `HEADERS`: block-sparse attention at density 1/2 and 2-D neighborhood attention (7x7 window)
-    on each backend that can run here; the others are listed with the reason."""
+    on each backend that can run here; the others, and Triton under its interpreter (which would time Python, not a
+    kernel), are listed untimed with the reason."""
     if tokens < 64 or int(tokens ** 0.5) ** 2 != tokens:
         raise ValueError(f"tokens must be a square number >= 64, got {tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
